@@ -1,0 +1,1 @@
+"""The Callboard daemon: configuration, device registry, admin API and the service tree."""

@@ -1,0 +1,1 @@
+"""An emulated Cisco IP phone that boots, activates and registers like real hardware."""

@@ -1,0 +1,111 @@
+"""The read-only file tree that TFTP and HTTP both serve.
+
+The provisioning tree (rendered configs, trust lists, firmware on disk) lives in the
+daemon; the transports only need to turn a requested name into bytes. Both transports
+normalise names the same way here, so that a name refused over TFTP is refused over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class FileSourceError(Exception):
+    """A request the file source refuses; the transport maps it to its own error."""
+
+
+class FileNotFound(FileSourceError):
+    """No such file (TFTP error 1, HTTP 404)."""
+
+
+class AccessViolation(FileSourceError):
+    """A name that may never be served: traversal, control bytes (TFTP error 2, HTTP 403)."""
+
+
+class FileBody(Protocol):
+    """An open file: its size is known up front (for tsize and Content-Length)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Return up to ``length`` bytes from ``offset``; fewer only at the end."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asked, for logging and per-client naming."""
+
+    host: str
+    port: int
+    transport: str  # "tftp" or "http"
+
+
+class FileSource(Protocol):
+    """What TFTP and HTTP need from the daemon."""
+
+    def open(self, name: str, requester: Requester) -> FileBody:
+        """Open a normalised name (see :func:`normalise_name`).
+
+        Raises :class:`FileNotFound` or :class:`AccessViolation`.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class MemoryBody:
+    """A file already rendered to bytes (configs, trust lists)."""
+
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+class DiskBody:
+    """A file on disk read lazily with ``pread``, never wholly into memory."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._size = os.fstat(self._fd).st_size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def normalise_name(raw: str) -> str:
+    """Turn a requested name into a relative path under the served root.
+
+    Phones send both ``\\`` and a leading ``/``; both are normalised first. Empty
+    components and ``.`` are dropped. ``..``, NUL and other control characters are
+    refused with :class:`AccessViolation`, so no caller ever sees an escaping path.
+    """
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
+        raise AccessViolation("control character in file name")
+    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise AccessViolation("parent directory in file name")
+    if not parts:
+        raise FileNotFound("empty file name")
+    return "/".join(parts)
