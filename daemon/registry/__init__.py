@@ -1,0 +1,1 @@
+"""The device registry: records and rules, durable storage, and the live in-memory view."""

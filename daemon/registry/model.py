@@ -1,0 +1,224 @@
+"""Plain records of the device registry and the pure rules over them.
+
+Nothing here touches storage or time sources: callers pass ``now`` in. The rules follow
+CUCM's: a device is named ``SEP<MAC>`` when its MAC is known and ``BAT<12 hex>`` while it is
+a placeholder; a code issued to a ``SEP`` record is bound to that MAC, one issued to a ``BAT``
+record to the model.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+CODE_DIGITS = 16
+DEFAULT_CODE_TTL_HOURS = 168
+
+
+class RegistryError(Exception):
+    """A request the registry refuses; the message is safe to show an admin."""
+
+
+class NotFound(RegistryError):
+    """No such device or code."""
+
+
+class Conflict(RegistryError):
+    """The change would break a uniqueness rule (MAC, device name, directory number)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A supported phone model: its product name and Cisco model ID."""
+
+    name: str  # "8841"
+    model_id: str  # "683", as in loadInformation<ID> and +u.sip!model.ccm.cisco.com
+
+    @property
+    def product(self) -> str:
+        return f"Cisco {self.name}"
+
+
+# Cisco model IDs (shared/reference/cisco-protocols.md, section 3). The NR ("no radio")
+# variants have no published ID; they share the base model's ID here, which is what the
+# phone's load and SIP model parameter are matched against.
+MODELS: dict[str, ModelInfo] = {
+    m.name: m
+    for m in (
+        ModelInfo("7811", "36213"),
+        ModelInfo("7821", "621"),
+        ModelInfo("7832", "36247"),
+        ModelInfo("7841", "622"),
+        ModelInfo("7861", "623"),
+        ModelInfo("8811", "36217"),
+        ModelInfo("8832", "36258"),
+        ModelInfo("8832NR", "36258"),
+        ModelInfo("8841", "683"),
+        ModelInfo("8845", "36224"),
+        ModelInfo("8851", "684"),
+        ModelInfo("8851NR", "684"),
+        ModelInfo("8861", "685"),
+        ModelInfo("8865", "36225"),
+        ModelInfo("8865NR", "36225"),
+    )
+}
+
+
+def model_info(name: str) -> ModelInfo:
+    """Look a model up by name, accepting ``CP-8841`` and ``Cisco 8841`` spellings."""
+    key = name.strip().upper().removeprefix("CISCO ").removeprefix("CP-").strip()
+    try:
+        return MODELS[key]
+    except KeyError:
+        supported = ", ".join(MODELS)
+        raise RegistryError(f"unsupported model {name!r} (supported: {supported})") from None
+
+
+class Onboarding(StrEnum):
+    """Per-model default onboarding method (CUCM's Device Defaults)."""
+
+    ACTIVATION_CODE = "activation-code"
+    AUTOREGISTRATION = "autoregistration"
+
+
+class DeviceState(StrEnum):
+    PROVISIONED = "provisioned"  # configured, no code required: may fetch config and register
+    AWAITING_ACTIVATION = "awaiting-activation"
+    ACTIVE = "active"  # a code was redeemed (or autoregistered)
+
+
+class CodeState(StrEnum):
+    ISSUED = "issued"
+    USED = "used"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+_MAC_RE = re.compile(r"^[0-9A-F]{12}$")
+_NAME_RE = re.compile(r"^(SEP|BAT)([0-9A-F]{12})$")
+_DN_RE = re.compile(r"^[0-9A-Za-z*#+._-]{1,32}$")
+
+
+def normalise_mac(raw: str) -> str:
+    """Accept ``00:aa:bb:cc:dd:ee``, ``00-AA-…``, ``00aa.bbcc.ddee`` and return 12 upper hex."""
+    mac = re.sub(r"[\s:.\-]", "", raw).upper()
+    if not _MAC_RE.match(mac):
+        raise RegistryError(f"invalid MAC address {raw!r}: expected 12 hex digits")
+    return mac
+
+
+def parse_device_name(name: str) -> tuple[str, str]:
+    """Split ``SEP001122334455`` into (``SEP``, MAC); refuse anything else."""
+    m = _NAME_RE.match(name.strip().upper())
+    if not m:
+        raise RegistryError(f"invalid device name {name!r}: expected SEP or BAT + 12 hex digits")
+    return m.group(1), m.group(2)
+
+
+def sep_name(mac: str) -> str:
+    return "SEP" + normalise_mac(mac)
+
+
+def new_bat_name() -> str:
+    """A dummy name as CUCM's Bulk Administration makes them: BAT + 12 random hex digits."""
+    return "BAT" + secrets.token_hex(6).upper()
+
+
+def new_code() -> str:
+    """A 16-digit single-use activation code from the OS CSPRNG."""
+    return "".join(secrets.choice("0123456789") for _ in range(CODE_DIGITS))
+
+
+def normalise_code(raw: str) -> str:
+    """Accept a code with the dashes or spaces used to show it; return the 16 digits."""
+    code = re.sub(r"[\s\-]", "", raw)
+    if len(code) != CODE_DIGITS or not code.isdigit():
+        raise RegistryError("an activation code is 16 digits")
+    return code
+
+
+def group_code(code: str) -> str:
+    """Show a code as ``1234-5678-9012-3456`` (spreadsheets keep all digits of that form)."""
+    return "-".join(code[i : i + 4] for i in range(0, len(code), 4))
+
+
+def check_directory_number(dn: str) -> str:
+    dn = dn.strip()
+    if not _DN_RE.match(dn):
+        raise RegistryError(f"invalid directory number {dn!r}")
+    return dn
+
+
+@dataclass(frozen=True)
+class Line:
+    """A directory number on a device, with the SIP credentials the phone registers with."""
+
+    directory_number: str
+    display_name: str = ""
+    auth_name: str = ""
+    auth_password: str = ""
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str  # stable across renames; codes refer to it
+    name: str  # SEP<MAC> or BAT<12 hex>
+    model: str
+    description: str = ""
+    owner_user: str = ""
+    lines: tuple[Line, ...] = ()
+    requires_activation: bool = False
+    state: DeviceState = DeviceState.PROVISIONED
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    activated_at: float | None = None
+    mic_sha256: str | None = None
+    version: int = 1  # bumped on every change; drives the config versionStamp
+
+    @property
+    def mac(self) -> str | None:
+        prefix, mac = parse_device_name(self.name)
+        return mac if prefix == "SEP" else None
+
+    @property
+    def is_placeholder(self) -> bool:
+        return self.name.startswith("BAT")
+
+    @property
+    def may_fetch_config(self) -> bool:
+        """Only a SEP record that is active or needs no code gets its own config file."""
+        return not self.is_placeholder and self.state in (
+            DeviceState.PROVISIONED,
+            DeviceState.ACTIVE,
+        )
+
+    def changed(self, now: float, **changes: object) -> Device:
+        return replace(self, updated_at=now, version=self.version + 1, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ActivationCode:
+    id: str
+    device_id: str
+    code: str = field(repr=False)
+    issued_at: float
+    expires_at: float
+    state: CodeState = CodeState.ISSUED
+    used_at: float | None = None
+
+    def effective_state(self, now: float) -> CodeState:
+        """Expiry is computed, not stored: an issued code past its time is expired."""
+        if self.state is CodeState.ISSUED and now >= self.expires_at:
+            return CodeState.EXPIRED
+        return self.state
+
+    def is_outstanding(self, now: float) -> bool:
+        return self.effective_state(now) is CodeState.ISSUED
+
+
+def binding_of(device: Device) -> str:
+    """What a device's code is bound to: ``mac:<MAC>`` or ``model:<name>``."""
+    mac = device.mac
+    return f"mac:{mac}" if mac else f"model:{device.model}"
