@@ -7,7 +7,9 @@ normalise names the same way here, so that a name refused over TFTP is refused o
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -81,6 +83,14 @@ class DiskBody:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._size = os.fstat(self._fd).st_size
 
+    @classmethod
+    def from_fd(cls, fd: int) -> DiskBody:
+        """Adopt an already opened (and checked) descriptor; the body closes it."""
+        body = cls.__new__(cls)
+        body._fd = fd
+        body._size = os.fstat(fd).st_size
+        return body
+
     @property
     def size(self) -> int:
         return self._size
@@ -109,3 +119,41 @@ def normalise_name(raw: str) -> str:
     if not parts:
         raise FileNotFound("empty file name")
     return "/".join(parts)
+
+
+class DirectorySource:
+    """Serve regular files under ``root`` (firmware, static files), read lazily from disk.
+
+    Names are resolved component-wise under the root: symlinks are followed only while they
+    stay inside it, and directories, special files and unreadable files are refused, so a
+    string prefix check can never be fooled (the tftpy #110 lesson).
+    """
+
+    def __init__(self, root: str) -> None:
+        self._root = os.path.realpath(root)
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    def open(self, name: str, requester: Requester) -> FileBody:
+        relative = normalise_name(name)
+        path = os.path.realpath(os.path.join(self._root, *relative.split("/")))
+        if os.path.commonpath([self._root, path]) != self._root or path == self._root:
+            raise AccessViolation("name resolves outside the served root")
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FileNotFound(relative) from None
+            raise AccessViolation(f"cannot open: {exc.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise AccessViolation("not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return DiskBody.from_fd(fd)

@@ -1,0 +1,432 @@
+"""The read-only TFTP service: thin Twisted adapters around :mod:`.codec` and :mod:`.transfer`.
+
+Wiring (the daemon)::
+
+    service = TFTPService(
+        source,                      # a FileSource; names arrive normalised
+        addresses=["192.0.2.10"],    # one listening socket per address, never a wildcard
+        port=69,
+        settings=TFTPSettings(),     # every knob, with defaults
+        reactor=reactor,             # IReactorUDP + IReactorTime; the global one if omitted
+    )
+    service.setServiceParent(parent)
+    service.ports                    # the bound IListeningPorts (tests listen on port 0)
+
+Each RRQ gets its own ephemeral UDP socket (its TID) bound to the address the request arrived
+on, so replies always come from the address the phone asked. The listener only decodes RRQs,
+applies limits and opens the file; the per-block path is one state-machine call, direct
+``sendto`` calls and, at most, a lazy move of the transfer's single ``DelayedCall``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from callboard.protocols.filesource import (
+    AccessViolation,
+    FileBody,
+    FileNotFound,
+    FileSource,
+    Requester,
+    normalise_name,
+)
+from callboard.protocols.tftp import codec
+from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IReactorUDP
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+__all__ = ["TFTPService", "TFTPSettings"]
+
+log = Logger(namespace="callboard.tftp")
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class TFTPSettings:
+    """Every TFTP knob. Defaults suit Ethernet phones and a boot storm of a few thousand."""
+
+    max_blksize: int = 1468  # cap on the negotiated blksize (RFC 2348 allows up to 65464)
+    max_windowsize: int = 64  # cap on the negotiated windowsize (RFC 7440)
+    initial_timeout: float = 1.0  # first retransmit interval unless the client negotiates one
+    max_retries: int = 5  # retransmits without progress before giving up
+    transfer_deadline: float = 600.0  # whole-transfer limit, seconds
+    max_transfers: int = 4096  # live transfers, all clients
+    max_transfers_per_client: int = 64  # live transfers per client IP address
+    receive_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF on each listening socket
+
+    def __post_init__(self) -> None:
+        if not codec.MIN_BLKSIZE <= self.max_blksize <= codec.MAX_BLKSIZE:
+            raise ValueError("max_blksize must be within 8..65464")
+        if not 1 <= self.max_windowsize <= 32768:
+            raise ValueError("max_windowsize must be within 1..32768")
+        if self.initial_timeout <= 0 or self.transfer_deadline <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_retries < 0 or self.max_transfers < 1 or self.max_transfers_per_client < 1:
+            raise ValueError("limits must be positive")
+
+
+def _printable(name: str) -> str:
+    """A client-supplied name made safe for logs (no control bytes, bounded length)."""
+    safe = name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    safe = "".join(ch if 0x20 <= ord(ch) < 0x7F else f"\\x{ord(ch):02x}" for ch in safe)
+    return safe[:200]
+
+
+class _TransferProtocol(DatagramProtocol):
+    """One transfer's socket: the client's TID in, the state machine's datagrams out."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        service: TFTPService,
+        key: tuple[str, str, int],
+        transfer: Transfer,
+        body: FileBody,
+        name: str,
+    ) -> None:
+        self._service = service
+        self.key = key
+        self.client: Address = (key[1], key[2])
+        self.transfer = transfer
+        self._body = body
+        self.name = name
+        self._clock = service.clock
+        self._send: Callable[[bytes, Address], Any] | None = None
+        self._timer: IDelayedCall | None = None
+        self.port: IListeningPort | None = None
+        self._closed = False
+
+    def startProtocol(self) -> None:
+        assert self.transport is not None
+        self._send = self.transport.getHandle().sendto  # type: ignore[attr-defined]
+
+    def begin(self, now: float) -> None:
+        self._emit(self.transfer.start(now))
+        self._settle()
+
+    def _emit(self, datagrams: Sequence[bytes]) -> None:
+        send = self._send
+        assert send is not None
+        client = self.client
+        for datagram in datagrams:
+            try:
+                send(datagram, client)
+            except OSError:
+                # A full buffer or an unreachable client is a lost packet; the timer retries.
+                break
+
+    def _settle(self) -> None:
+        """Finish, or keep the one DelayedCall no later than the state machine's timer."""
+        transfer = self.transfer
+        if transfer.outcome is not None:
+            self.close()
+            return
+        at = transfer.timer_at
+        timer = self._timer
+        if timer is None:
+            self._timer = self._clock.callLater(
+                max(0.0, at - self._clock.seconds()), self._timer_fired
+            )
+        elif at < timer.getTime():
+            timer.reset(max(0.0, at - self._clock.seconds()))
+        # A later timer_at is handled lazily: the early firing finds nothing due and re-arms.
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._emit(self.transfer.timer_fired(self._clock.seconds()))
+        self._settle()
+
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:
+        if addr != self.client:
+            self._stray(datagram, addr)
+            return
+        transfer = self.transfer
+        self._emit(transfer.datagram_received(datagram, self._clock.seconds()))
+        if transfer.outcome is not None:
+            self.close()
+        elif self._timer is None or transfer.timer_at < self._timer.getTime():
+            self._settle()
+
+    def _stray(self, datagram: bytes, addr: Address) -> None:
+        """RFC 1350: a packet from another TID gets error 5; the transfer goes on."""
+        if datagram[:2] == b"\x00\x05" or self._send is None:
+            return  # never answer an error with an error
+        with contextlib.suppress(OSError):
+            self._send(codec.encode_error(codec.ErrorCode.UNKNOWN_TID, "unknown transfer ID"), addr)
+
+    def rrq_repeated(self) -> None:
+        self._emit(self.transfer.rrq_repeated(self._clock.seconds()))
+        self._settle()
+
+    def close(self, reason: str | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if reason is not None:
+            self.transfer.abort(self._clock.seconds(), reason)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        try:
+            self._body.close()
+        finally:
+            if self.port is not None:
+                self.port.stopListening()
+            self._service._transfer_done(self)
+
+
+class _ListenProtocol(DatagramProtocol):
+    """The well-known port on one address: RRQs in, refusals out, transfers started."""
+
+    noisy = False
+
+    def __init__(self, service: TFTPService, address: str) -> None:
+        self._service = service
+        self._address = address
+
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:
+        try:
+            self._service._request(self._address, datagram, addr, self._reply)
+        except Exception:
+            log.failure("tftp: unexpected error handling a request from {host}", host=addr[0])
+            self._reply(codec.encode_error(codec.ErrorCode.NOT_DEFINED, "internal error"), addr)
+
+    def _reply(self, datagram: bytes, addr: Address) -> None:
+        if self.transport is None:
+            return
+        with contextlib.suppress(OSError):
+            self.transport.getHandle().sendto(datagram, addr)  # type: ignore[attr-defined]
+
+
+class TFTPService(Service):
+    """Read-only TFTP on ``port`` at each of ``addresses`` over a :class:`FileSource`."""
+
+    def __init__(
+        self,
+        source: FileSource,
+        addresses: Sequence[str],
+        port: int = 69,
+        settings: TFTPSettings | None = None,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        if not addresses:
+            raise ValueError("TFTPService needs at least one listen address")
+        self.source = source
+        self.addresses = list(addresses)
+        self.port = port
+        self.settings = settings or TFTPSettings()
+        self.reactor: IReactorUDP = reactor
+        self.clock: IReactorTime = reactor
+        self.ports: list[IListeningPort] = []
+        self._transfers: dict[tuple[str, str, int], _TransferProtocol] = {}
+        self._per_client: dict[str, int] = {}
+
+    @property
+    def live_transfers(self) -> int:
+        return len(self._transfers)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        try:
+            for address in self.addresses:
+                port = self.reactor.listenUDP(
+                    self.port,
+                    _ListenProtocol(self, address),
+                    interface=address,
+                    maxPacketSize=65536,
+                )
+                try:
+                    handle = port.getHandle()  # type: ignore[attr-defined]
+                    handle.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_RCVBUF, self.settings.receive_buffer
+                    )
+                except OSError:
+                    log.warn("tftp: could not enlarge SO_RCVBUF on {address}", address=address)
+                self.ports.append(port)
+        except BaseException:
+            self._close_ports()
+            super().stopService()  # type: ignore[no-untyped-call]
+            raise
+
+    def stopService(self) -> Any:
+        super().stopService()  # type: ignore[no-untyped-call]
+        for transfer in list(self._transfers.values()):
+            transfer.close("shutdown")
+        return self._close_ports()
+
+    def _close_ports(self) -> Any:
+        from twisted.internet.defer import gatherResults, maybeDeferred
+
+        ports, self.ports = self.ports, []
+        return gatherResults([maybeDeferred(p.stopListening) for p in ports])
+
+    # -- the listener's work --------------------------------------------------------------
+
+    def _request(
+        self,
+        local: str,
+        datagram: bytes,
+        addr: Address,
+        reply: Callable[[bytes, Address], None],
+    ) -> None:
+        key = (local, addr[0], addr[1])
+        live = self._transfers.get(key)
+        if live is not None:
+            if datagram[:2] == b"\x00\x01":
+                live.rrq_repeated()
+            return
+        started = time.monotonic()
+        try:
+            packet = codec.decode(datagram)
+        except codec.MalformedPacket as exc:
+            if datagram[:2] in (b"\x00\x01", b"\x00\x02"):
+                reply(codec.encode_error(exc.code, exc.message), addr)
+                self._log_refusal(addr, "", exc.code, exc.message, started)
+            return  # stray DATA/ACK/ERROR junk on the well-known port: ignore
+        if isinstance(packet, codec.WriteRequest):
+            self._refuse(
+                reply,
+                addr,
+                packet.filename,
+                codec.ErrorCode.ACCESS_VIOLATION,
+                "write requests are not accepted",
+                started,
+            )
+            return
+        if not isinstance(packet, codec.ReadRequest):
+            return
+        name = packet.filename
+        if packet.mode == "mail":
+            self._refuse(
+                reply,
+                addr,
+                name,
+                codec.ErrorCode.ILLEGAL_OPERATION,
+                "mail mode is not supported",
+                started,
+            )
+            return
+        settings = self.settings
+        host = addr[0]
+        if (
+            len(self._transfers) >= settings.max_transfers
+            or self._per_client.get(host, 0) >= settings.max_transfers_per_client
+        ):
+            self._refuse(reply, addr, name, codec.ErrorCode.NOT_DEFINED, "server busy", started)
+            return
+        try:
+            normalised = normalise_name(name)
+            body: FileBody = self.source.open(normalised, Requester(host, addr[1], "tftp"))
+        except FileNotFound:
+            self._refuse(
+                reply, addr, name, codec.ErrorCode.FILE_NOT_FOUND, "file not found", started
+            )
+            return
+        except AccessViolation:
+            self._refuse(
+                reply, addr, name, codec.ErrorCode.ACCESS_VIOLATION, "access violation", started
+            )
+            return
+        netascii = packet.mode == "netascii"
+        try:
+            agreed = codec.negotiate(
+                packet.options,
+                size=None if netascii else body.size,
+                max_blksize=settings.max_blksize,
+                max_windowsize=settings.max_windowsize,
+            )
+        except codec.OptionError as exc:
+            body.close()
+            self._refuse(reply, addr, name, codec.ErrorCode.OPTION_REFUSED, str(exc), started)
+            return
+        if netascii:
+            body = NetasciiBody(body)
+        now = self.clock.seconds()
+        transfer = Transfer(
+            body,
+            now=now,
+            blksize=agreed.blksize,
+            windowsize=agreed.windowsize,
+            timeout=agreed.timeout or settings.initial_timeout,
+            fixed_timeout=agreed.timeout is not None,
+            max_retries=settings.max_retries,
+            deadline=settings.transfer_deadline,
+            oack=codec.encode_oack(agreed.oack) if agreed.oack else None,
+        )
+        protocol = _TransferProtocol(self, key, transfer, body, name)
+        try:
+            protocol.port = self.reactor.listenUDP(0, protocol, interface=local, maxPacketSize=8192)
+        except Exception:
+            body.close()
+            self._refuse(reply, addr, name, codec.ErrorCode.NOT_DEFINED, "server busy", started)
+            return
+        self._transfers[key] = protocol
+        self._per_client[host] = self._per_client.get(host, 0) + 1
+        protocol.begin(now)
+
+    def _refuse(
+        self,
+        reply: Callable[[bytes, Address], None],
+        addr: Address,
+        name: str,
+        code: int,
+        message: str,
+        started: float,
+    ) -> None:
+        reply(codec.encode_error(code, message), addr)
+        self._log_refusal(addr, name, code, message, started)
+
+    def _log_refusal(
+        self, addr: Address, name: str, code: int, message: str, started: float
+    ) -> None:
+        log.info(
+            "tftp {client_host}:{client_port} {file} refused: error {error_code} ({reason})",
+            client_host=addr[0],
+            client_port=addr[1],
+            file=_printable(name),
+            outcome=f"error {code}",
+            error_code=code,
+            reason=message,
+            bytes=0,
+            duration=time.monotonic() - started,
+            blksize=None,
+            windowsize=None,
+        )
+
+    def _transfer_done(self, protocol: _TransferProtocol) -> None:
+        if self._transfers.get(protocol.key) is protocol:
+            del self._transfers[protocol.key]
+            host = protocol.client[0]
+            left = self._per_client.get(host, 1) - 1
+            if left > 0:
+                self._per_client[host] = left
+            else:
+                self._per_client.pop(host, None)
+        outcome: Outcome | None = protocol.transfer.outcome
+        if outcome is None:
+            return
+        log.info(
+            "tftp {client_host}:{client_port} {file} {outcome} {bytes} bytes in {duration:.3f}s",
+            client_host=protocol.client[0],
+            client_port=protocol.client[1],
+            file=_printable(protocol.name),
+            outcome="ok" if outcome.ok else outcome.reason,
+            error_code=outcome.error_code,
+            bytes=outcome.bytes,
+            duration=outcome.duration,
+            blksize=protocol.transfer.blksize,
+            windowsize=protocol.transfer.windowsize,
+        )

@@ -1,0 +1,295 @@
+"""One read transfer as a sans-I/O state machine.
+
+Events come in as method calls with the current time injected (a datagram from the client's
+TID, the timer firing, a repeated RRQ); each call returns the datagrams to send, and leaves
+:attr:`Transfer.timer_at` (when the adapter should call :meth:`Transfer.timer_fired` next)
+and :attr:`Transfer.outcome` (set once the transfer is over). No sockets, no reactor, so
+every retransmit and window rule is tested with plain numbers.
+
+Rules (RFC 1350, 2347, 7440, and the Sorcerer's Apprentice lesson): DATA is only ever sent
+when an ACK moves the window forward or when the retransmit timer fires, never for a
+duplicate ACK. An ACK for a block inside the window that was sent restarts the window just
+after it (RFC 7440 gap signal); an ACK for the block before the window is a duplicate and is
+ignored. Block numbers wrap from 65535 to 0; internally blocks are counted without wrapping.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from callboard.protocols.filesource import FileBody
+from callboard.protocols.tftp import codec
+
+__all__ = ["NetasciiBody", "Outcome", "Transfer"]
+
+_DATA = struct.Struct("!HH")
+_ACK_OPCODE = b"\x00\x04"
+_ERROR_OPCODE = b"\x00\x05"
+_NOTHING: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a transfer ended: ``ok`` or why not, with bytes the client acknowledged."""
+
+    ok: bool
+    reason: str  # "ok", "timeout", "deadline", "client error N", "read error"
+    error_code: int | None  # TFTP error code we or the client sent, if any
+    bytes: int
+    duration: float
+
+
+class NetasciiBody:
+    """A lazy netascii view of a body (LF -> CR LF, CR -> CR NUL), without reading it all.
+
+    The conversion is byte-local, so the source is converted in fixed chunks; an index of
+    where each converted chunk starts lets ``read_at`` seek, and only the last chunk is kept.
+    The converted size is unknown until the end, so tsize is not offered in netascii.
+    """
+
+    CHUNK = 65536
+
+    def __init__(self, inner: FileBody) -> None:
+        self._inner = inner
+        self._starts = [0]  # converted offset of source chunk i
+        self._cache_index = -1
+        self._cache = b""
+
+    @property
+    def size(self) -> int:
+        raise NotImplementedError("netascii size is only known after conversion")
+
+    def _chunk(self, index: int) -> bytes:
+        if index != self._cache_index:
+            raw = self._inner.read_at(index * self.CHUNK, self.CHUNK)
+            self._cache = raw.replace(b"\r", b"\r\x00").replace(b"\n", b"\r\n")
+            self._cache_index = index
+            if index == len(self._starts) - 1 and raw:
+                self._starts.append(self._starts[index] + len(self._cache))
+        return self._cache
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        # Extend the index until it covers offset (transfers read forward, so this is cheap).
+        while self._starts[-1] <= offset:
+            before = len(self._starts)
+            self._chunk(before - 1)
+            if len(self._starts) == before:  # end of source
+                return b""
+        index = bisect.bisect_right(self._starts, offset) - 1
+        out = []
+        want = length
+        pos = offset
+        while want > 0:
+            chunk = self._chunk(index)
+            start = pos - self._starts[index]
+            piece = chunk[start : start + want]
+            if not piece:
+                break
+            out.append(piece)
+            want -= len(piece)
+            pos += len(piece)
+            index += 1
+            if index >= len(self._starts):
+                break
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class Transfer:
+    """Serve one file to one client TID.
+
+    ``oack`` is the option acknowledgement to send first (then no DATA until ACK 0), or None
+    for a plain RFC 1350 transfer that starts with block 1. ``timeout`` is the first
+    retransmit interval; it doubles per retry up to ``max(timeout, 8)`` s unless the client
+    negotiated it (RFC 2349), in which case it is used as is. After ``max_retries``
+    retransmits without progress, or past ``deadline`` seconds in all, the transfer ends.
+    """
+
+    __slots__ = (
+        "_base",
+        "_blksize",
+        "_body",
+        "_deadline",
+        "_fixed_timeout",
+        "_last",
+        "_max_retries",
+        "_oack",
+        "_retries",
+        "_sent",
+        "_started",
+        "_timeout",
+        "_windowsize",
+        "outcome",
+        "timer_at",
+    )
+
+    def __init__(
+        self,
+        body: FileBody,
+        *,
+        now: float,
+        blksize: int = codec.DEFAULT_BLKSIZE,
+        windowsize: int = 1,
+        timeout: float = 1.0,
+        fixed_timeout: bool = False,
+        max_retries: int = 5,
+        deadline: float = 600.0,
+        oack: bytes | None = None,
+    ) -> None:
+        self._body = body
+        self._blksize = blksize
+        self._windowsize = windowsize
+        self._timeout = timeout
+        self._fixed_timeout = fixed_timeout
+        self._max_retries = max_retries
+        self._started = now
+        self._deadline = now + deadline
+        self._oack = oack
+        self._base = 1  # first block not yet acknowledged
+        self._sent = 0  # highest block sent so far
+        self._last: int | None = None  # the final (short) block, once read
+        self._retries = 0
+        self.timer_at: float = now
+        self.outcome: Outcome | None = None
+
+    @property
+    def blksize(self) -> int:
+        return self._blksize
+
+    @property
+    def windowsize(self) -> int:
+        return self._windowsize
+
+    def start(self, now: float) -> Sequence[bytes]:
+        """The first reply: the OACK, or the first window of DATA."""
+        self._arm(now)
+        if self._oack is not None:
+            return (self._oack,)
+        return self._window(now)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, now: float) -> Sequence[bytes]:
+        """A datagram from the client's TID."""
+        if self.outcome is not None:
+            return _NOTHING
+        if len(data) == 4 and data[:2] == _ACK_OPCODE:
+            return self._ack((data[2] << 8) | data[3], now)
+        if data[:2] == _ERROR_OPCODE:
+            code = (data[2] << 8) | data[3] if len(data) >= 4 else 0
+            self._finish(now, False, f"client error {code}", code)
+            return _NOTHING
+        # Anything else from the client's own TID is a protocol violation: end cleanly.
+        self._finish(now, False, "illegal operation", codec.ErrorCode.ILLEGAL_OPERATION)
+        return (codec.encode_error(codec.ErrorCode.ILLEGAL_OPERATION, "expected ACK"),)
+
+    def timer_fired(self, now: float) -> Sequence[bytes]:
+        """The adapter's timer: retransmit if the last send went unanswered."""
+        if self.outcome is not None:
+            return _NOTHING
+        if now >= self._deadline:
+            self._finish(now, False, "deadline", codec.ErrorCode.NOT_DEFINED)
+            return (codec.encode_error(codec.ErrorCode.NOT_DEFINED, "transfer took too long"),)
+        if now < self.timer_at:  # progress since the timer was armed: nothing to do yet
+            return _NOTHING
+        return self._retransmit(now)
+
+    def rrq_repeated(self, now: float) -> Sequence[bytes]:
+        """The same client TID sent its RRQ again: it missed our first reply.
+
+        Counted as a retry so that a flood of repeated RRQs stays bounded; once the client
+        has acknowledged anything it clearly got the reply, so the RRQ is ignored.
+        """
+        if self.outcome is not None or self._base > 1:
+            return _NOTHING
+        return self._retransmit(now)
+
+    def abort(self, now: float, reason: str) -> None:
+        """The adapter gives up (shutdown, socket failure)."""
+        if self.outcome is None:
+            self._finish(now, False, reason, None)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _arm(self, now: float) -> None:
+        if self._fixed_timeout:
+            interval = self._timeout
+        else:
+            interval = min(self._timeout * (1 << min(self._retries, 8)), max(self._timeout, 8.0))
+        self.timer_at = min(now + interval, self._deadline)
+
+    def _retransmit(self, now: float) -> Sequence[bytes]:
+        self._retries += 1
+        if self._retries > self._max_retries:
+            self._finish(now, False, "timeout", None)
+            return _NOTHING
+        self._arm(now)
+        if self._oack is not None:
+            return (self._oack,)
+        return self._window(now)
+
+    def _ack(self, number: int, now: float) -> Sequence[bytes]:
+        if self._oack is not None:
+            if number != 0:
+                return _NOTHING
+            self._oack = None
+            self._retries = 0
+            self._arm(now)
+            return self._window(now)
+        # Map the 16-bit number onto the blocks sent: the newest block with that number.
+        block = self._sent - ((self._sent - number) & 0xFFFF)
+        if block < self._base:  # duplicate or stale ACK: never answer it (Sorcerer's Apprentice)
+            return _NOTHING
+        self._base = block + 1
+        self._retries = 0
+        if self._last is not None and block >= self._last:
+            self._finish(now, True, "ok", None)
+            return _NOTHING
+        self._arm(now)
+        return self._window(now)
+
+    def _window(self, now: float) -> list[bytes]:
+        """Send blocks from the window base: a fresh window, or a restart after a gap."""
+        out: list[bytes] = []
+        block = self._base
+        end = self._base + self._windowsize
+        if self._last is not None:
+            end = min(end, self._last + 1)
+        size = self._blksize
+        read_at = self._body.read_at
+        pack = _DATA.pack
+        while block < end:
+            try:
+                payload = read_at((block - 1) * size, size)
+            except OSError:
+                self._finish(now, False, "read error", codec.ErrorCode.NOT_DEFINED)
+                return [codec.encode_error(codec.ErrorCode.NOT_DEFINED, "read error")]
+            out.append(pack(3, block & 0xFFFF) + payload)
+            if len(payload) < size:
+                self._last = block
+                end = block + 1
+            block += 1
+        if block - 1 > self._sent:
+            self._sent = block - 1
+        return out
+
+    def _finish(self, now: float, ok: bool, reason: str, code: int | None) -> None:
+        acked = (self._base - 1) * self._blksize
+        if ok:
+            acked = self._acked_bytes()
+        self.outcome = Outcome(ok, reason, code, acked, now - self._started)
+
+    def _acked_bytes(self) -> int:
+        # Only called once the last block is acknowledged; ask the body for the tail size.
+        last = self._last if self._last is not None else self._base - 1
+        full = (last - 1) * self._blksize
+        try:
+            tail = len(self._body.read_at(full, self._blksize))
+        except OSError:
+            tail = 0
+        return full + tail
