@@ -1,0 +1,758 @@
+"""SIP message codec (RFC 3261 §7, §20, §25): bytes to messages and back, no I/O.
+
+The registrar and the emulated phone both speak through this module, so it is lenient where
+real phones are sloppy (bare LF line ends, compact header names, header folding) and strict
+where leniency would be ambiguous (a start line, a Content-Length that lies). Every failure
+surfaces as :class:`SIPParseError` (or its subclass :class:`MessageTooLarge`), never as some
+other exception: the fuzz tests hold it to that.
+
+- :func:`parse_message` turns one datagram, or one framed stream message, into a
+  :class:`Request` or :class:`Response`.
+- :class:`StreamFramer` cuts a TCP/TLS byte stream into whole messages using Content-Length
+  (RFC 3261 §18.3) and skips CRLF keep-alives (RFC 5626 §3.5.1).
+- :func:`parse_via`, :func:`parse_name_addr`, :func:`parse_contact_list` and :func:`parse_uri`
+  read the structured headers the registrar needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_MESSAGE = 64 * 1024
+
+#: RFC 3261 §7.3.3 compact forms (plus a few extension ones phones use).
+COMPACT_FORMS: dict[str, str] = {
+    "v": "via",
+    "f": "from",
+    "t": "to",
+    "i": "call-id",
+    "m": "contact",
+    "l": "content-length",
+    "c": "content-type",
+    "e": "content-encoding",
+    "k": "supported",
+    "s": "subject",
+    "o": "event",
+    "r": "refer-to",
+    "u": "allow-events",
+    "x": "session-expires",
+}
+
+#: How a header is written when we serialize it (lower-case key → canonical spelling).
+CANONICAL_NAMES: dict[str, str] = {
+    "via": "Via",
+    "from": "From",
+    "to": "To",
+    "call-id": "Call-ID",
+    "cseq": "CSeq",
+    "contact": "Contact",
+    "content-length": "Content-Length",
+    "content-type": "Content-Type",
+    "max-forwards": "Max-Forwards",
+    "expires": "Expires",
+    "min-expires": "Min-Expires",
+    "www-authenticate": "WWW-Authenticate",
+    "authorization": "Authorization",
+    "user-agent": "User-Agent",
+    "server": "Server",
+    "date": "Date",
+    "warning": "Warning",
+    "allow": "Allow",
+    "accept": "Accept",
+    "supported": "Supported",
+    "require": "Require",
+    "unsupported": "Unsupported",
+    "record-route": "Record-Route",
+    "route": "Route",
+    "session-id": "Session-ID",
+}
+
+#: Headers whose comma-separated values are separate header values (RFC 3261 §7.3.1).
+#: Authorization-style headers, Date and Warning-with-dates are not in this list on purpose.
+LIST_HEADERS = frozenset(
+    {
+        "via",
+        "contact",
+        "route",
+        "record-route",
+        "allow",
+        "accept",
+        "supported",
+        "require",
+        "unsupported",
+        "proxy-require",
+        "accept-encoding",
+        "accept-language",
+        "allow-events",
+        "path",
+    }
+)
+
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+
+REASONS: dict[int, str] = {
+    100: "Trying",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    415: "Unsupported Media Type",
+    420: "Bad Extension",
+    423: "Interval Too Brief",
+    481: "Call/Transaction Does Not Exist",
+    483: "Too Many Hops",
+    500: "Server Internal Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "Version Not Supported",
+    513: "Message Too Large",
+}
+
+
+class SIPParseError(ValueError):
+    """Bytes that are not a usable SIP message.
+
+    ``partial`` is the request as far as it could be read (start line and headers) when a
+    400 can still be formed from it; ``None`` means the input can only be dropped.
+    """
+
+    def __init__(self, reason: str, partial: Request | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.partial = partial
+
+
+class MessageTooLarge(SIPParseError):
+    """Larger than the configured limit: answered 513 (datagram) or closed (stream)."""
+
+
+def canonical_key(name: str) -> str:
+    """Lower-case header key with compact forms expanded."""
+    key = name.lower()
+    return COMPACT_FORMS.get(key, key)
+
+
+def canonical_name(key: str) -> str:
+    name = CANONICAL_NAMES.get(key)
+    if name is not None:
+        return name
+    return "-".join(part.capitalize() for part in key.split("-"))
+
+
+class Headers:
+    """Ordered, case-insensitive multi-map of header fields.
+
+    Stored as (key, value) pairs in arrival order with ``key`` canonical (lower-case,
+    compact forms expanded). :meth:`values` splits the comma lists of list headers, so a
+    ``Contact: <a>, <b>`` line and two ``Contact`` lines read the same.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: list[tuple[str, str]] = [(canonical_key(k), v) for k, v in items]
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append((canonical_key(name), value))
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every field of that name with one value, at the first one's place."""
+        key = canonical_key(name)
+        out: list[tuple[str, str]] = []
+        placed = False
+        for k, v in self._items:
+            if k == key:
+                if not placed:
+                    out.append((k, value))
+                    placed = True
+            else:
+                out.append((k, v))
+        if not placed:
+            out.append((key, value))
+        self._items = out
+
+    def remove(self, name: str) -> None:
+        key = canonical_key(name)
+        self._items = [(k, v) for k, v in self._items if k != key]
+
+    def get(self, name: str) -> str | None:
+        """The first raw field value (no comma splitting)."""
+        key = canonical_key(name)
+        for k, v in self._items:
+            if k == key:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every raw field value of that name (no comma splitting)."""
+        key = canonical_key(name)
+        return [v for k, v in self._items if k == key]
+
+    def values(self, name: str) -> list[str]:
+        """Every value, with comma-separated lists split for list headers."""
+        key = canonical_key(name)
+        raw = [v for k, v in self._items if k == key]
+        if key not in LIST_HEADERS:
+            return raw
+        out: list[str] = []
+        for v in raw:
+            out.extend(p.strip() for p in split_unquoted(v, ",") if p.strip())
+        return out
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def copy(self) -> Headers:
+        h = Headers()
+        h._items = list(self._items)
+        return h
+
+
+@dataclass
+class Request:
+    method: str
+    uri: str
+    headers: Headers = field(default_factory=Headers)
+    body: bytes = b""
+    version: str = "SIP/2.0"
+
+    def to_bytes(self) -> bytes:
+        return _serialize(f"{self.method} {self.uri} {self.version}", self.headers, self.body)
+
+
+@dataclass
+class Response:
+    status: int
+    reason: str = ""
+    headers: Headers = field(default_factory=Headers)
+    body: bytes = b""
+    version: str = "SIP/2.0"
+
+    def to_bytes(self) -> bytes:
+        reason = self.reason or REASONS.get(self.status, "Unknown")
+        return _serialize(f"{self.version} {self.status} {reason}", self.headers, self.body)
+
+
+Message = Request | Response
+
+
+def _serialize(start: str, headers: Headers, body: bytes) -> bytes:
+    lines = [start]
+    for key, value in headers:
+        if key == "content-length":
+            continue
+        lines.append(f"{canonical_name(key)}: {value}")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+
+
+def _split_head(data: bytes) -> tuple[bytes, bytes]:
+    """Split at the blank line ending the header section (CRLF or bare LF)."""
+    idx = data.find(b"\r\n\r\n")
+    lf = data.find(b"\n\n")
+    if idx >= 0 and (lf < 0 or idx <= lf):
+        return data[:idx], data[idx + 4 :]
+    if lf >= 0:
+        return data[:lf], data[lf + 2 :]
+    return data, b""
+
+
+def _is_token(s: str) -> bool:
+    return bool(s) and all(ch in _TOKEN_CHARS for ch in s)
+
+
+def parse_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Message:
+    """Parse one whole SIP message.
+
+    Without a Content-Length (datagrams only) the body is the rest of the data; with one, the
+    body is cut to it and a shorter remainder is an error (RFC 3261 §18.3).
+    """
+    if len(data) > max_size:
+        partial = None
+        try:
+            head_msg = parse_message(_split_head(data[:max_size])[0] + b"\r\n\r\n", max_size)
+            if isinstance(head_msg, Request):
+                partial = head_msg
+        except SIPParseError as exc:
+            partial = exc.partial
+        raise MessageTooLarge(f"message of {len(data)} bytes exceeds {max_size}", partial)
+    # Leading CRLFs before a start line are allowed (RFC 3261 §7.5).
+    data = data.lstrip(b"\r\n")
+    head, body = _split_head(data)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SIPParseError("header section is not UTF-8") from None
+    lines = text.replace("\r\n", "\n").split("\n")
+    start = lines[0].strip()
+    request: Request | None = None
+    response: Response | None = None
+    parts = start.split(" ", 2)
+    if len(parts) == 3 and parts[0].upper().startswith("SIP/"):
+        if parts[0].upper() != "SIP/2.0" or not (len(parts[1]) == 3 and parts[1].isdigit()):
+            raise SIPParseError("bad status line")
+        response = Response(int(parts[1]), parts[2])
+    elif len(parts) == 3 and parts[2].upper().startswith("SIP/"):
+        method, uri, version = parts
+        if not _is_token(method) or not uri or any(ch.isspace() for ch in uri):
+            raise SIPParseError("bad request line")
+        request = Request(method, uri, version=version)
+        if version.upper() != "SIP/2.0":
+            raise SIPParseError("unsupported SIP version", request)
+    else:
+        raise SIPParseError("bad start line")
+    headers = request.headers if request is not None else response.headers  # type: ignore[union-attr]
+    current_name: str | None = None
+    current_value: list[str] = []
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            if current_name is None:
+                raise SIPParseError("continuation line before any header", request)
+            current_value.append(line.strip())
+            continue
+        if current_name is not None:
+            headers.add(current_name, " ".join(current_value))
+        line = line.rstrip("\r")
+        if not line:
+            current_name = None
+            continue
+        name, sep, value = line.partition(":")
+        name = name.strip()
+        if not sep or not _is_token(name):
+            raise SIPParseError(f"malformed header line {line[:40]!r}", request)
+        if any(ord(ch) < 0x20 and ch != "\t" for ch in value):
+            raise SIPParseError("control character in header value", request)
+        current_name = name
+        current_value = [value.strip()]
+    if current_name is not None:
+        headers.add(current_name, " ".join(current_value))
+    length_values = headers.get_all("content-length")
+    if length_values:
+        if len(length_values) > 1 and len(set(length_values)) > 1:
+            raise SIPParseError("conflicting Content-Length", request)
+        raw_len = length_values[0].strip()
+        if not raw_len.isdigit() or len(raw_len) > 9:
+            raise SIPParseError("bad Content-Length", request)
+        length = int(raw_len)
+        if length > len(body):
+            raise SIPParseError("body shorter than Content-Length", request)
+        body = body[:length]
+    if request is not None:
+        request.body = body
+        return request
+    assert response is not None
+    response.body = body
+    return response
+
+
+class StreamFramer:
+    """Cut a TCP/TLS byte stream into whole messages (RFC 3261 §18.3).
+
+    ``feed`` returns complete message bytes, in order. CRLFs between messages (RFC 5626
+    keep-alive pings) are skipped. A header section or declared body over ``max_size`` raises
+    :class:`MessageTooLarge`; an unreadable Content-Length raises :class:`SIPParseError`. After
+    either, the stream cannot be resynchronised and the caller should close it.
+    """
+
+    __slots__ = ("_buf", "_max", "keepalives")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE) -> None:
+        self._buf = bytearray()
+        self._max = max_size
+        self.keepalives = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        while True:
+            start = 0
+            while start < len(self._buf) and self._buf[start] in (0x0D, 0x0A):
+                start += 1
+            if start:
+                self.keepalives += 1
+                del self._buf[:start]
+            if not self._buf:
+                return out
+            end = self._buf.find(b"\r\n\r\n")
+            sep = 4
+            if end < 0:
+                end = self._buf.find(b"\n\n")
+                sep = 2
+            if end < 0:
+                if len(self._buf) > self._max:
+                    raise MessageTooLarge("header section exceeds the size limit")
+                return out
+            length = _content_length(bytes(self._buf[:end]))
+            total = end + sep + length
+            if total > self._max:
+                raise MessageTooLarge(
+                    f"message of {total} bytes exceeds {self._max}",
+                    _partial_request(bytes(self._buf[:end])),
+                )
+            if len(self._buf) < total:
+                return out
+            out.append(bytes(self._buf[:total]))
+            del self._buf[:total]
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+def _partial_request(head: bytes) -> Request | None:
+    try:
+        msg = parse_message(head + b"\r\n\r\n")
+    except SIPParseError as exc:
+        return exc.partial
+    return msg if isinstance(msg, Request) else None
+
+
+def _content_length(head: bytes) -> int:
+    """Content-Length from a raw header section; 0 when absent (lenient, as most stacks)."""
+    for raw in head.split(b"\n"):
+        name, sep, value = raw.partition(b":")
+        if not sep:
+            continue
+        key = name.strip().lower()
+        if key in (b"content-length", b"l"):
+            v = value.strip()
+            if not v.isdigit() or len(v) > 9:
+                raise SIPParseError("bad Content-Length on a stream", _partial_request(head))
+            return int(v)
+    return 0
+
+
+# --- structured header values -------------------------------------------------------------
+
+
+def split_unquoted(s: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside double quotes (with backslash escapes) and ``<...>``."""
+    out: list[str] = []
+    buf: list[str] = []
+    in_quote = False
+    in_angle = False
+    escaped = False
+    for ch in s:
+        if escaped:
+            buf.append(ch)
+            escaped = False
+            continue
+        if in_quote:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_quote = False
+            buf.append(ch)
+            continue
+        if ch == '"':
+            in_quote = True
+        elif ch == "<":
+            in_angle = True
+        elif ch == ">":
+            in_angle = False
+        elif ch == sep and not in_angle:
+            out.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    if in_quote:
+        raise SIPParseError("unterminated quoted string")
+    out.append("".join(buf))
+    return out
+
+
+Params = list[tuple[str, str | None]]
+
+
+def parse_params(s: str) -> Params:
+    """``;a=1;b;c="x;y"`` (leading ';' optional) → ordered (name, value) pairs."""
+    out: Params = []
+    for piece in split_unquoted(s, ";"):
+        piece = piece.strip()
+        if not piece:
+            continue
+        name, sep, value = piece.partition("=")
+        name = name.strip()
+        if not name or any(ch.isspace() or ch in "<>" for ch in name):
+            raise SIPParseError(f"bad parameter {piece[:40]!r}")
+        out.append((name, value.strip() if sep else None))
+    return out
+
+
+def format_params(params: Params) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
+
+
+def param(params: Params, name: str) -> str | None:
+    """The value of a parameter (case-insensitive name), unquoted; '' for a flag."""
+    lname = name.lower()
+    for k, v in params:
+        if k.lower() == lname:
+            return "" if v is None else unquote(v)
+    return None
+
+
+def has_param(params: Params, name: str) -> bool:
+    lname = name.lower()
+    return any(k.lower() == lname for k, _ in params)
+
+
+def unquote(v: str) -> str:
+    if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+        inner = v[1:-1]
+        out: list[str] = []
+        escaped = False
+        for ch in inner:
+            if escaped:
+                out.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            else:
+                out.append(ch)
+        return "".join(out)
+    return v
+
+
+def quote(v: str) -> str:
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class Via:
+    transport: str  # upper case: UDP, TCP, TLS
+    host: str
+    port: int | None
+    params: tuple[tuple[str, str | None], ...]
+
+    @property
+    def branch(self) -> str | None:
+        return param(list(self.params), "branch")
+
+    def with_params(self, params: Params) -> Via:
+        return Via(self.transport, self.host, self.port, tuple(params))
+
+    def __str__(self) -> str:
+        hostport = self.host if self.port is None else f"{self.host}:{self.port}"
+        return f"SIP/2.0/{self.transport} {hostport}{format_params(list(self.params))}"
+
+
+def parse_via(value: str) -> Via:
+    """One Via value: ``SIP/2.0/UDP host[:port];params``."""
+    proto, _, rest = value.strip().partition(" ")
+    bits = proto.split("/")
+    if len(bits) != 3 or bits[0].strip().upper() != "SIP" or not bits[2].strip():
+        raise SIPParseError("bad Via protocol")
+    rest = rest.strip()
+    hostport, _, params = rest.partition(";")
+    host, port = _split_hostport(hostport.strip())
+    return Via(bits[2].strip().upper(), host, port, tuple(parse_params(params)))
+
+
+def _split_hostport(hp: str) -> tuple[str, int | None]:
+    if not hp:
+        raise SIPParseError("empty host")
+    if hp.startswith("["):
+        end = hp.find("]")
+        if end < 0:
+            raise SIPParseError("bad IPv6 reference")
+        host, rest = hp[: end + 1], hp[end + 1 :]
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise SIPParseError("bad host:port")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = hp.partition(":")
+        if not sep:
+            port_s = ""
+        if not host:
+            raise SIPParseError("empty host")
+        if sep and not port_s:
+            raise SIPParseError("empty port")
+    if any(ch.isspace() or ch in '<>"@;,' for ch in host):
+        raise SIPParseError("bad host")
+    if not port_s:
+        return host, None
+    if not port_s.isdigit() or len(port_s) > 5 or not 0 < int(port_s) < 65536:
+        raise SIPParseError("bad port")
+    return host, int(port_s)
+
+
+@dataclass(frozen=True)
+class SipURI:
+    scheme: str  # "sip" or "sips", lower case
+    user: str | None
+    host: str  # lower case
+    port: int | None
+    params: tuple[tuple[str, str | None], ...] = ()
+
+    @property
+    def aor(self) -> str:
+        """The address-of-record form: ``sip:user@host`` without port or parameters."""
+        return (
+            f"{self.scheme}:{self.user}@{self.host}" if self.user else f"{self.scheme}:{self.host}"
+        )
+
+    def __str__(self) -> str:
+        userinfo = f"{self.user}@" if self.user else ""
+        port = "" if self.port is None else f":{self.port}"
+        return f"{self.scheme}:{userinfo}{self.host}{port}{format_params(list(self.params))}"
+
+
+def parse_uri(value: str) -> SipURI:
+    """A sip: or sips: URI (RFC 3261 §19.1); password and ?headers are dropped."""
+    v = value.strip()
+    scheme, sep, rest = v.partition(":")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("sip", "sips"):
+        raise SIPParseError("not a sip: or sips: URI")
+    rest = rest.split("?", 1)[0]
+    user: str | None = None
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user = _pct_decode(userinfo.split(":", 1)[0])
+        if not user:
+            raise SIPParseError("empty user part")
+    hostport, _, params = rest.partition(";")
+    host, port = _split_hostport(hostport)
+    return SipURI(scheme, user, host.lower(), port, tuple(parse_params(params)))
+
+
+def _pct_decode(s: str) -> str:
+    if "%" not in s:
+        return s
+    out = bytearray()
+    i = 0
+    raw = s.encode("utf-8")
+    while i < len(raw):
+        if raw[i] == 0x25 and _ishex(raw[i + 1 : i + 3]):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SIPParseError("bad escape in user part") from None
+
+
+def _ishex(b: bytes) -> bool:
+    return len(b) == 2 and all(c in b"0123456789abcdefABCDEF" for c in b)
+
+
+@dataclass(frozen=True)
+class NameAddr:
+    """``"Display" <uri>;params`` or ``uri;params`` (From, To, Contact)."""
+
+    display: str | None
+    uri: str
+    params: tuple[tuple[str, str | None], ...] = ()
+
+    def param(self, name: str) -> str | None:
+        return param(list(self.params), name)
+
+    def with_params(self, params: Params) -> NameAddr:
+        return NameAddr(self.display, self.uri, tuple(params))
+
+    def __str__(self) -> str:
+        display = f"{self.display} " if self.display else ""
+        return f"{display}<{self.uri}>{format_params(list(self.params))}"
+
+
+def parse_name_addr(value: str) -> NameAddr:
+    v = value.strip()
+    if not v:
+        raise SIPParseError("empty address")
+    lt = _find_unquoted(v, "<")
+    if lt >= 0:
+        gt = v.find(">", lt)
+        if gt < 0:
+            raise SIPParseError("unterminated <uri>")
+        display = v[:lt].strip() or None
+        uri = v[lt + 1 : gt].strip()
+        params = v[gt + 1 :].strip()
+        if params and not params.startswith(";"):
+            raise SIPParseError("junk after <uri>")
+    else:
+        # addr-spec form: parameters after the URI belong to the header, not the URI.
+        uri, _, params = v.partition(";")
+        uri = uri.strip()
+        display = None
+        if any(ch.isspace() for ch in uri):
+            raise SIPParseError("bad addr-spec")
+    if not uri or ":" not in uri:
+        raise SIPParseError("address without a URI scheme")
+    return NameAddr(display, uri, tuple(parse_params(params)))
+
+
+def _find_unquoted(s: str, ch: str) -> int:
+    in_quote = False
+    escaped = False
+    for i, c in enumerate(s):
+        if escaped:
+            escaped = False
+        elif in_quote and c == "\\":
+            escaped = True
+        elif c == '"':
+            in_quote = not in_quote
+        elif c == ch and not in_quote:
+            return i
+    return -1
+
+
+WILDCARD = "*"
+
+
+def parse_contact_list(headers: Headers) -> list[NameAddr] | str:
+    """All Contact values: a list of addresses, or the string ``"*"`` for the lone wildcard.
+
+    ``*`` mixed with anything else raises :class:`SIPParseError` (RFC 3261 §10.2.2).
+    """
+    values = headers.values("contact")
+    if any(v.strip() == WILDCARD for v in values):
+        if len(values) != 1:
+            raise SIPParseError("Contact: * must be the only contact")
+        return WILDCARD
+    return [parse_name_addr(v) for v in values]
+
+
+@dataclass(frozen=True)
+class CSeq:
+    number: int
+    method: str
+
+
+def parse_cseq(value: str) -> CSeq:
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10:
+        raise SIPParseError("bad CSeq")
+    number = int(parts[0])
+    if number >= 2**31:
+        raise SIPParseError("CSeq out of range")
+    return CSeq(number, parts[1])
+
+
+def response_to(
+    request: Request, status: int, reason: str = "", to_tag: str | None = None
+) -> Response:
+    """A response skeleton copying Via, From, To, Call-ID and CSeq (RFC 3261 §8.2.6.2)."""
+    headers = Headers()
+    for key, value in request.headers:
+        if key in ("via", "from", "call-id", "cseq"):
+            headers._items.append((key, value))
+        elif key == "to":
+            if to_tag is not None and ";tag=" not in value.replace(" ", "").lower():
+                value = f"{value};tag={to_tag}"
+            headers._items.append((key, value))
+    return Response(status, reason or REASONS.get(status, ""), headers)
