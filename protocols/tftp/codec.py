@@ -134,6 +134,9 @@ def _request(opcode: int, body: bytes) -> ReadRequest | WriteRequest:
     filename = _text(fields[0])
     mode = _text(fields[1]).lower()
     if mode not in _MODES:
+        if any(_text(f).lower() in _MODES for f in fields[2:]):
+            # "name\0more\0octet\0": a NUL inside the file name, not a strange mode.
+            raise MalformedPacket(ErrorCode.ACCESS_VIOLATION, "NUL in file name")
         raise MalformedPacket(ErrorCode.ILLEGAL_OPERATION, "unknown transfer mode")
     options: dict[str, str] = {}
     # A dangling option name without a value is ignored rather than refused.

@@ -1,0 +1,211 @@
+"""HTTP provisioning (TCP 6970) over the same :class:`FileSource` as TFTP.
+
+Phones try HTTP on 6970 before falling back to TFTP, so the two must agree on every name:
+both go through :func:`normalise_name` and map the same errors (not found -> 404, access
+violation -> 403). Files are streamed from ``read_at`` by a pull producer, never read whole.
+
+Wiring (the daemon)::
+
+    site = provisioning_site(source)          # a twisted.web Site, access log off
+    endpoint = serverFromString(reactor, "tcp:6970:interface=127.0.0.1")
+    StreamServerEndpointService(endpoint, site).setServiceParent(parent)
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+import time
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from callboard.protocols.filesource import (
+    AccessViolation,
+    FileBody,
+    FileNotFound,
+    FileSource,
+    Requester,
+    normalise_name,
+)
+from twisted.internet.interfaces import IPullProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from zope.interface import implementer
+
+__all__ = ["ProvisioningResource", "provisioning_site"]
+
+log = Logger(namespace="callboard.http")
+
+CHUNK = 64 * 1024
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
+    """One ``bytes=`` range as (first, last) inclusive.
+
+    Returns None when the header should be ignored (malformed, several ranges: RFC 9110
+    lets a server send the whole file), False when it is unsatisfiable (416).
+    """
+    match = _RANGE.match(header.strip().replace(" ", ""))
+    if match is None:
+        return None
+    first_text, last_text = match.groups()
+    if not first_text and not last_text:
+        return None
+    if not first_text:  # suffix: the last N bytes
+        suffix = int(last_text)
+        if suffix == 0 or size == 0:
+            return False
+        return max(0, size - suffix), size - 1
+    first = int(first_text)
+    last = int(last_text) if last_text else size - 1
+    if last < first:
+        return None
+    if first >= size:
+        return False
+    return first, min(last, size - 1)
+
+
+def _client(request: server.Request) -> tuple[str, int]:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", "?"), getattr(peer, "port", 0)
+
+
+def _printable(name: str) -> str:
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else f"\\x{ord(ch):02x}" for ch in name)[:200]
+
+
+@implementer(IPullProducer)
+class _BodyProducer:
+    """Writes ``[offset, end)`` of a body in chunks as the transport asks for more."""
+
+    def __init__(
+        self, request: server.Request, body: FileBody, offset: int, end: int, done: Any
+    ) -> None:
+        self._request = request
+        self._body = body
+        self._offset = offset
+        self._end = end
+        self._done = done
+        self.sent = 0
+        self._stopped = False
+
+    def resumeProducing(self) -> None:
+        if self._stopped:
+            return
+        want = min(CHUNK, self._end - self._offset)
+        data = self._body.read_at(self._offset, want) if want > 0 else b""
+        if not data:
+            self._stopped = True
+            self._request.unregisterProducer()
+            self._done(None)
+            return
+        self._offset += len(data)
+        self.sent += len(data)
+        self._request.write(data)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+
+
+class ProvisioningResource(resource.Resource):
+    """Serve every path from the file source: GET and HEAD, single byte ranges."""
+
+    isLeaf = True
+
+    def __init__(self, source: FileSource) -> None:
+        super().__init__()
+        self._source = source
+
+    def render(self, request: server.Request) -> bytes | int:
+        started = time.monotonic()
+        host, port = _client(request)
+        raw_path = request.path or b"/"
+        name = unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode("utf-8", "surrogateescape")
+
+        def finish(status: int, sent: int) -> None:
+            log.info(
+                "http {client_host}:{client_port} {method} {file} {status} {bytes} bytes",
+                client_host=host,
+                client_port=port,
+                method=(request.method or b"").decode("ascii", "replace"),
+                file=_printable(name),
+                status=status,
+                bytes=sent,
+                duration=time.monotonic() - started,
+            )
+
+        def plain(status: int, text: bytes) -> bytes:
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            request.setHeader(b"Content-Length", str(len(text)).encode())
+            finish(status, 0)
+            return b"" if request.method == b"HEAD" else text
+
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return plain(http.NOT_ALLOWED, b"method not allowed\n")
+        try:
+            normalised = normalise_name(name)
+            body = self._source.open(normalised, Requester(host, port, "http"))
+        except FileNotFound:
+            return plain(http.NOT_FOUND, b"not found\n")
+        except AccessViolation:
+            return plain(http.FORBIDDEN, b"forbidden\n")
+        except Exception:
+            log.failure("http: file source failed for {file}", file=_printable(name))
+            return plain(http.INTERNAL_SERVER_ERROR, b"internal error\n")
+
+        size = body.size
+        first, last = 0, size - 1
+        status = http.OK
+        range_header = request.getHeader(b"Range")
+        if range_header is not None:
+            wanted = parse_range(range_header.decode("latin-1"), size)
+            if wanted is False:
+                body.close()
+                request.setHeader(b"Content-Range", f"bytes */{size}".encode())
+                return plain(http.REQUESTED_RANGE_NOT_SATISFIABLE, b"range not satisfiable\n")
+            if isinstance(wanted, tuple):
+                first, last = wanted
+                status = http.PARTIAL_CONTENT
+                request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
+        length = last - first + 1
+        request.setResponseCode(status)
+        content_type = mimetypes.guess_type(normalised)[0] or "application/octet-stream"
+        request.setHeader(b"Content-Type", content_type.encode())
+        request.setHeader(b"Content-Length", str(length).encode())
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        if request.method == b"HEAD" or length == 0:
+            body.close()
+            finish(status, 0)
+            return b""
+
+        producer = _BodyProducer(request, body, first, last + 1, None)
+
+        def done(result: Failure | None) -> None:
+            body.close()
+            finish(status if result is None else 499, producer.sent)
+            if result is None:
+                request.finish()
+
+        producer._done = done
+        request.notifyFinish().addErrback(lambda f: (producer.stopProducing(), done(f)))
+        request.registerProducer(producer, False)
+        return server.NOT_DONE_YET
+
+
+class _QuietSite(server.Site):
+    """A Site without the combined access log: the resource logs each request itself."""
+
+    def log(self, request: server.Request) -> None:
+        pass
+
+
+def provisioning_site(source: FileSource, timeout: float = 60.0) -> server.Site:
+    """The Site to listen on TCP 6970 with (``timeout`` closes idle connections)."""
+    site = _QuietSite(ProvisioningResource(source), timeout=timeout)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
