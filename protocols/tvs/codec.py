@@ -142,7 +142,7 @@ def decode_header(data: bytes | bytearray | memoryview, max_frame: int = 65536) 
 def decode_elements(body: bytes | bytearray | memoryview) -> tuple[tuple[int, bytes], ...]:
     """Walk the TLV body; every byte must belong to exactly one element."""
     out: list[tuple[int, bytes]] = []
-    view = memoryview(body)
+    view = bytes(body)  # a copy: no buffer export may outlive the call (callers resize theirs)
     i = 0
     n = len(view)
     while i < n:
@@ -152,7 +152,7 @@ def decode_elements(body: bytes | bytearray | memoryview) -> tuple[tuple[int, by
         i += 3
         if n - i < length:
             raise BadElements(f"element {tag:#x} overruns the body")
-        out.append((tag, bytes(view[i : i + length])))
+        out.append((tag, view[i : i + length]))
         i += length
     return tuple(out)
 
@@ -167,7 +167,7 @@ def decode_frame(data: bytes | bytearray | memoryview, max_frame: int = 65536) -
     end = HEADER_LENGTH + header.length
     if len(data) < end:
         raise IncompleteFrame(f"need {end} bytes")
-    elements = decode_elements(memoryview(data)[HEADER_LENGTH:end])
+    elements = decode_elements(data[HEADER_LENGTH:end])
     return Frame(header.command, header.session_id, elements), end
 
 

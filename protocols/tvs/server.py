@@ -129,7 +129,7 @@ class TVSProtocol(Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        self._buffer.clear()
+        self._buffer = bytearray()
         if self.transport is not None:
             self.transport.loseConnection()
 

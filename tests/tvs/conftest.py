@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from twisted.internet import endpoints
-from twisted.internet import reactor as _reactor
-
 from callboard.daemon import certs
 from callboard.protocols.tvs.activation import ManufacturingTrust, Redemption, TVSSettings
 from callboard.protocols.tvs.codec import DeviceName
 from callboard.protocols.tvs.server import TVSTLSFactory, make_tvs_factory
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import endpoints
+from twisted.internet import reactor as _reactor
 
 reactor: Any = _reactor
 
