@@ -1,3 +1,5 @@
+# mypy: allow-untyped-calls
+# (twisted.web.server and twisted.web.http are not annotated upstream.)
 """HTTP provisioning (TCP 6970) over the same :class:`FileSource` as TFTP.
 
 Phones try HTTP on 6970 before falling back to TFTP, so the two must agree on every name:
@@ -16,7 +18,7 @@ from __future__ import annotations
 import mimetypes
 import re
 import time
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from callboard.protocols.filesource import (
@@ -59,11 +61,11 @@ def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
             return False
         return max(0, size - suffix), size - 1
     first = int(first_text)
+    if first >= size:
+        return False
     last = int(last_text) if last_text else size - 1
     if last < first:
         return None
-    if first >= size:
-        return False
     return first, min(last, size - 1)
 
 
@@ -81,7 +83,12 @@ class _BodyProducer:
     """Writes ``[offset, end)`` of a body in chunks as the transport asks for more."""
 
     def __init__(
-        self, request: server.Request, body: FileBody, offset: int, end: int, done: Any
+        self,
+        request: server.Request,
+        body: FileBody,
+        offset: int,
+        end: int,
+        done: Callable[[Failure | None], None],
     ) -> None:
         self._request = request
         self._body = body
@@ -182,16 +189,18 @@ class ProvisioningResource(resource.Resource):
             finish(status, 0)
             return b""
 
-        producer = _BodyProducer(request, body, first, last + 1, None)
-
         def done(result: Failure | None) -> None:
             body.close()
-            finish(status if result is None else 499, producer.sent)
+            finish(status if result is None else 499, producer.sent)  # 499: client went away
             if result is None:
                 request.finish()
 
-        producer._done = done
-        request.notifyFinish().addErrback(lambda f: (producer.stopProducing(), done(f)))
+        def lost(reason: Failure) -> None:
+            producer.stopProducing()
+            done(reason)
+
+        producer = _BodyProducer(request, body, first, last + 1, done)
+        request.notifyFinish().addErrback(lost)
         request.registerProducer(producer, False)
         return server.NOT_DONE_YET
 
@@ -199,7 +208,7 @@ class ProvisioningResource(resource.Resource):
 class _QuietSite(server.Site):
     """A Site without the combined access log: the resource logs each request itself."""
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
