@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import overload
 
 DEFAULT_MAX_MESSAGE = 64 * 1024
 
@@ -178,13 +179,17 @@ class Headers:
         key = canonical_key(name)
         self._items = [(k, v) for k, v in self._items if k != key]
 
-    def get(self, name: str) -> str | None:
+    @overload
+    def get(self, name: str) -> str | None: ...
+    @overload
+    def get(self, name: str, default: str) -> str: ...
+    def get(self, name: str, default: str | None = None) -> str | None:
         """The first raw field value (no comma splitting)."""
         key = canonical_key(name)
         for k, v in self._items:
             if k == key:
                 return v
-        return None
+        return default
 
     def get_all(self, name: str) -> list[str]:
         """Every raw field value of that name (no comma splitting)."""
@@ -277,14 +282,12 @@ def parse_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Message:
     body is cut to it and a shorter remainder is an error (RFC 3261 §18.3).
     """
     if len(data) > max_size:
-        partial = None
-        try:
-            head_msg = parse_message(_split_head(data[:max_size])[0] + b"\r\n\r\n", max_size)
-            if isinstance(head_msg, Request):
-                partial = head_msg
-        except SIPParseError as exc:
-            partial = exc.partial
-        raise MessageTooLarge(f"message of {len(data)} bytes exceeds {max_size}", partial)
+        head = _split_head(data[:max_size])[0]
+        if len(head) >= max_size - 4:
+            head = head[: max(0, head.rfind(b"\n"))]  # the last line may be cut short
+        raise MessageTooLarge(
+            f"message of {len(data)} bytes exceeds {max_size}", _partial_request(head)
+        )
     # Leading CRLFs before a start line are allowed (RFC 3261 §7.5).
     data = data.lstrip(b"\r\n")
     head, body = _split_head(data)
@@ -409,8 +412,9 @@ class StreamFramer:
 
 
 def _partial_request(head: bytes) -> Request | None:
+    """The request in a header section, when readable (to answer 400/513)."""
     try:
-        msg = parse_message(head + b"\r\n\r\n")
+        msg = parse_message(head + b"\r\n\r\n", len(head) + 4)
     except SIPParseError as exc:
         return exc.partial
     return msg if isinstance(msg, Request) else None
