@@ -48,8 +48,9 @@ class RegistryConfig:
 class TFTPConfig:
     max_blksize: int = 1468
     max_windowsize: int = 64
-    timeout: float = 1.0
-    retries: int = 5
+    initial_timeout: float = 1.0
+    max_retries: int = 5
+    transfer_deadline: float = 600.0
     max_transfers: int = 4096
     max_transfers_per_client: int = 64
 
@@ -149,9 +150,7 @@ def _from_mapping(raw: dict[str, Any], source: str) -> Config:
             for sub, subvalue in value.items():
                 config = _override(config, f"{key}.{sub}", subvalue, source)
         elif key == "loads":
-            if not isinstance(value, dict) or not all(
-                isinstance(v, str) for v in value.values()
-            ):
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise ConfigError(f"{source}: [loads] maps model names to load-name strings")
             for model in value:
                 if model not in MODELS:
@@ -228,8 +227,7 @@ def _validate(config: Config) -> None:
         advertised = ipaddress.ip_address(config.advertise_address)
     except ValueError:
         raise ConfigError(
-            f"{where}: network.advertise_address: {config.advertise_address!r} "
-            "is not an IP address"
+            f"{where}: network.advertise_address: {config.advertise_address!r} is not an IP address"
         ) from None
     if advertised.is_unspecified:
         raise ConfigError(
@@ -243,9 +241,10 @@ def _validate(config: Config) -> None:
                 raise ConfigError(f"{where}: network.{f.name}: {port} is not a port number")
     _check_range(where, "registry.code_ttl_hours", config.registry.code_ttl_hours, 0.01, 24 * 3650)
     _check_range(where, "tftp.max_blksize", config.tftp.max_blksize, 8, 65464)
-    _check_range(where, "tftp.max_windowsize", config.tftp.max_windowsize, 1, 65535)
-    _check_range(where, "tftp.timeout", config.tftp.timeout, 0.05, 255)
-    _check_range(where, "tftp.retries", config.tftp.retries, 1, 100)
+    _check_range(where, "tftp.max_windowsize", config.tftp.max_windowsize, 1, 32768)
+    _check_range(where, "tftp.initial_timeout", config.tftp.initial_timeout, 0.05, 255)
+    _check_range(where, "tftp.max_retries", config.tftp.max_retries, 1, 100)
+    _check_range(where, "tftp.transfer_deadline", config.tftp.transfer_deadline, 1, 86400)
     _check_range(where, "tftp.max_transfers", config.tftp.max_transfers, 1, 1_000_000)
     _check_range(
         where, "tftp.max_transfers_per_client", config.tftp.max_transfers_per_client, 1, 1_000_000
@@ -259,8 +258,9 @@ def _validate(config: Config) -> None:
     sip = config.sip
     _check_range(where, "sip.min_expires", sip.min_expires, 1, 86400)
     _check_range(where, "sip.max_expires", sip.max_expires, sip.min_expires, 7 * 86400)
-    _check_range(where, "sip.default_expires", sip.default_expires, sip.min_expires,
-                 sip.max_expires)  # fmt: skip
+    _check_range(
+        where, "sip.default_expires", sip.default_expires, sip.min_expires, sip.max_expires
+    )
     _check_range(where, "sip.keepalive_expires", sip.keepalive_expires, 1, 86400)
     _check_range(where, "sip.register_expires", sip.register_expires, 1, 7 * 86400)
     _choice(where, "sip.transport", sip.transport, ("tcp", "udp", "tls"))
@@ -269,8 +269,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"{where}: sip.autoregistration_first and sip.autoregistration_last go together"
         )
-    if first and not (first.isdigit() and last.isdigit() and len(first) == len(last)
-                      and int(first) <= int(last)):  # fmt: skip
+    if first and not (
+        first.isdigit() and last.isdigit() and len(first) == len(last) and int(first) <= int(last)
+    ):
         raise ConfigError(
             f"{where}: sip.autoregistration_first..last must be a range of equal-length numbers"
         )

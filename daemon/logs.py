@@ -59,8 +59,9 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(
-        "warn" if level == "warning" else level))  # fmt: skip
+    predicate = LogLevelFilterPredicate(
+        defaultLogLevel=LogLevel.levelWithName("warn" if level == "warning" else level)
+    )
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(twisted_to_structlog, [predicate])],
         discardBuffer=True,
@@ -75,7 +76,8 @@ def twisted_to_structlog(event: dict[str, Any]) -> None:
     fields: dict[str, Any] = {
         key: value
         for key, value in event.items()
-        if not key.startswith("log_") and key not in ("format", "message", "isError", "system")
+        if not key.startswith("log_")
+        and key not in ("format", "message", "isError", "system", "time")
     }
     namespace = event.get("log_namespace")
     if namespace:
@@ -88,4 +90,4 @@ def twisted_to_structlog(event: dict[str, Any]) -> None:
 
 
 def get_logger(name: str) -> Any:
-    return structlog.get_logger(logger=name)
+    return structlog.get_logger(logger_name=name)

@@ -155,8 +155,11 @@ class Registry:
     def add_device(self, spec: DeviceSpec) -> Device:
         return self.add_devices([spec])[0]
 
-    def add_devices(self, specs: Sequence[DeviceSpec]) -> list[Device]:
-        """Insert devices in one transaction: all of them, or none and a :class:`BulkError`."""
+    def add_devices(self, specs: Sequence[DeviceSpec], *, dry_run: bool = False) -> list[Device]:
+        """Insert devices in one transaction: all of them, or none and a :class:`BulkError`.
+
+        ``dry_run`` checks every spec against the registry and each other, writing nothing.
+        """
         now = self._clock()
         problems: list[tuple[int, str]] = []
         changes: list[Change] = []
@@ -184,7 +187,8 @@ class Registry:
                 changes.append(PutCode(self._issue(device, now)))
         if problems:
             raise BulkError(problems)
-        self._commit(changes)
+        if not dry_run:
+            self._commit(changes)
         return created
 
     def set_mac(self, name: str, mac: str | None) -> Device:
@@ -448,4 +452,3 @@ class Registry:
                 owners.discard(device.id)
                 if not owners:
                     del self._dn_owners[ln.directory_number]
-

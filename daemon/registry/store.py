@@ -99,7 +99,7 @@ def _v0_to_v1(db: sqlite3.Connection) -> None:
         );
         CREATE INDEX codes_by_device ON codes(device_id);
         CREATE TABLE model_defaults (model TEXT PRIMARY KEY, onboarding TEXT NOT NULL);
-        """
+        """,
     )
 
 
@@ -110,7 +110,7 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
         """
         ALTER TABLE devices ADD COLUMN activated_at REAL;
         ALTER TABLE devices ADD COLUMN mic_sha256 TEXT;
-        """
+        """,
     )
 
 
@@ -226,8 +226,15 @@ class SQLiteStore:
                         "INSERT OR REPLACE INTO codes"
                         " (id, device_id, code, issued_at, expires_at, state, used_at)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (c.id, c.device_id, c.code, c.issued_at, c.expires_at, c.state.value,
-                         c.used_at),
+                        (
+                            c.id,
+                            c.device_id,
+                            c.code,
+                            c.issued_at,
+                            c.expires_at,
+                            c.state.value,
+                            c.used_at,
+                        ),
                     )
                 else:
                     db.execute(
@@ -260,9 +267,21 @@ def _device_row(d: Device) -> DeviceRow:
             for ln in d.lines
         ]
     )
-    return (d.id, d.name, d.model, d.description, d.owner_user, lines,
-            int(d.requires_activation), d.state.value, d.created_at, d.updated_at, d.version,
-            d.activated_at, d.mic_sha256)  # fmt: skip
+    return (
+        d.id,
+        d.name,
+        d.model,
+        d.description,
+        d.owner_user,
+        lines,
+        int(d.requires_activation),
+        d.state.value,
+        d.created_at,
+        d.updated_at,
+        d.version,
+        d.activated_at,
+        d.mic_sha256,
+    )
 
 
 def _put_devices(db: sqlite3.Connection, rows: list[DeviceRow]) -> None:

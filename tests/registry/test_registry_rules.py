@@ -6,7 +6,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from callboard.daemon.registry.model import (
     CodeState,
     Conflict,
@@ -191,7 +190,9 @@ def test_model_default_decides_when_the_flag_is_not_given(registry: Registry) ->
     assert registry.onboarding("8841") is Onboarding.ACTIVATION_CODE
     registry.set_default("8841", Onboarding.AUTOREGISTRATION)
     assert not registry.add_device(DeviceSpec(model="8841")).requires_activation
-    assert registry.add_device(DeviceSpec(model="8841", requires_activation=True)).requires_activation
+    assert registry.add_device(
+        DeviceSpec(model="8841", requires_activation=True)
+    ).requires_activation
     assert registry.add_device(DeviceSpec(model="8851")).requires_activation
 
 

@@ -1,0 +1,1 @@
+"""Packaged phone-config templates (installed as callboard.daemon.templates)."""

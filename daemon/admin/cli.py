@@ -1,0 +1,404 @@
+"""The admin commands of the ``callboard`` CLI: a client of the daemon's admin API.
+
+Each command prints a readable table by default and JSON with ``--json``; on failure it
+prints one line saying why on stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import http.client
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from .csvio import CSVFormatError, read_import_rows, write_codes_csv
+
+DEFAULT_STATE_DIR = Path("/var/lib/callboard")
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A failure to report in one line."""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class AdminClient:
+    """Synchronous JSON calls to the admin socket (the CLI needs no reactor)."""
+
+    def __init__(self, socket_path: Path, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        conn = _UnixHTTPConnection(str(self.socket_path), self.timeout)
+        headers = {"Content-Type": "application/json", "X-Callboard-User": _whoami()}
+        payload = json.dumps(body).encode() if body is not None else None
+        try:
+            conn.request(method, "/v1/" + path, body=payload, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except FileNotFoundError:
+            raise CLIError(
+                f"no admin socket at {self.socket_path}: is the daemon running? "
+                "(set --admin-socket or CALLBOARD_ADMIN_SOCKET)"
+            ) from None
+        except PermissionError:
+            raise CLIError(f"permission denied on {self.socket_path}") from None
+        except (ConnectionError, OSError) as exc:
+            raise CLIError(f"cannot reach the daemon at {self.socket_path}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            result = json.loads(raw) if raw else None
+        except ValueError:
+            raise CLIError(f"the daemon answered {response.status} with non-JSON") from None
+        if response.status >= 400:
+            message = result.get("error") if isinstance(result, dict) else None
+            error = CLIError(message or f"the daemon answered {response.status}")
+            error.problems = result.get("problems", []) if isinstance(result, dict) else []  # type: ignore[attr-defined]
+            raise error
+        return result
+
+
+def _whoami() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def admin_socket_path(args: argparse.Namespace) -> Path:
+    """``--admin-socket``, else ``CALLBOARD_ADMIN_SOCKET``, else ``<state-dir>/admin.sock``."""
+    if args.admin_socket:
+        return Path(args.admin_socket)
+    env = os.environ.get("CALLBOARD_ADMIN_SOCKET")
+    if env:
+        return Path(env)
+    return Path(args.state_dir or DEFAULT_STATE_DIR) / "admin.sock"
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[_text(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(_text(v) for v in value) or "-"
+    return str(value)
+
+
+def _device_rows(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for d in devices:
+        code = d.get("activation_code") or {}
+        rows.append(
+            {
+                **d,
+                "lines": [ln["directory_number"] for ln in d.get("lines", [])],
+                "code": code.get("state"),
+                "registered": len(d.get("registrations", []) or []) or None,
+            }
+        )
+    return rows
+
+
+def _show_device(d: dict[str, Any]) -> str:
+    code = d.get("activation_code") or {}
+    out = [
+        f"name:                {d['name']}",
+        f"model:               {d['model']}",
+        f"state:               {d['state']}",
+        f"requires activation: {_text(d['requires_activation'])}",
+        f"description:         {d.get('description') or '-'}",
+        f"user:                {d.get('user') or '-'}",
+    ]
+    for key in ("bound_to", "created", "updated", "activated", "mic_sha256"):
+        if key in d:
+            out.append(f"{key.replace('_', ' ') + ':':21}{_text(d[key])}")
+    if code:
+        shown = code.get("code", "(hidden: use 'callboard code show')")
+        out.append(f"activation code:     {shown} ({code['state']}, expires {code['expires']})")
+    for ln in d.get("lines", []):
+        out.append(
+            f"line:                {ln['directory_number']} {ln.get('display_name') or ''}"
+            f" (auth {ln.get('auth_name') or '-'}"
+            f"{', password set' if ln.get('has_password') else ''})"
+        )
+    regs = d.get("registrations")
+    if regs is not None:
+        if not regs:
+            out.append("registrations:       none")
+        for r in regs:
+            out.append(
+                "registration:        "
+                + " ".join(f"{k}={_text(v)}" for k, v in r.items() if v not in (None, ""))
+            )
+    return "\n".join(out)
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def _parse_line(spec: str) -> dict[str, str]:
+    dn, _, display = spec.partition(":")
+    return {"directory_number": dn, "display_name": display}
+
+
+def cmd_device_add(client: AdminClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {
+        "model": args.model,
+        "mac": args.mac,
+        "description": args.description,
+        "user": args.user,
+        "lines": [_parse_line(spec) for spec in args.line],
+        "requires_activation": args.require_activation,
+    }
+    if args.password:
+        for line in body["lines"]:
+            line["auth_password"] = args.password
+    return client.call("POST", "devices", body)
+
+
+def cmd_device_list(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("GET", "devices")
+
+
+def cmd_device_show(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("GET", f"devices/{args.name}")
+
+
+def cmd_device_set_mac(client: AdminClient, args: argparse.Namespace) -> Any:
+    if args.blank == bool(args.mac):
+        raise CLIError("give a MAC address or --blank")
+    return client.call(
+        "POST", f"devices/{args.name}/mac", {"mac": None if args.blank else args.mac}
+    )
+
+
+def cmd_device_delete(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("DELETE", f"devices/{args.name}")
+
+
+def cmd_device_require(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call(
+        "POST", f"devices/{args.name}/require-activation", {"required": not args.off}
+    )
+
+
+def cmd_code_show(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("GET", f"devices/{args.name}/code")
+
+
+def cmd_code_release(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("POST", f"devices/{args.name}/code/release")
+
+
+def cmd_code_generate(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("POST", f"devices/{args.name}/code/generate")
+
+
+def cmd_codes_export(client: AdminClient, args: argparse.Namespace) -> Any:
+    rows = client.call("GET", "codes")
+    text = write_codes_csv(rows)
+    target = Path(args.file)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise CLIError(f"cannot write {target}: {exc.strerror}") from None
+    return {"exported": len(rows), "file": str(target)}
+
+
+def cmd_import(client: AdminClient, args: argparse.Namespace) -> Any:
+    try:
+        text = Path(args.file).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise CLIError(f"cannot read {args.file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{args.file} is not UTF-8 text") from None
+    try:
+        rows = read_import_rows(text)
+    except CSVFormatError as exc:
+        raise CLIError(f"{args.file}: {exc}") from None
+    body = {"rows": [{"line": r.line, "cells": r.cells} for r in rows], "dummy_mac": args.dummy_mac}
+    try:
+        return client.call("POST", "import", body)
+    except CLIError as exc:
+        problems = getattr(exc, "problems", [])
+        for p in problems:
+            print(f"{args.file}: line {p['line']}: {p['message']}", file=sys.stderr)
+        raise
+
+
+def cmd_defaults_show(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("GET", "defaults")
+
+
+def cmd_defaults_set(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("PUT", f"defaults/{args.model}", {"onboarding": args.onboarding})
+
+
+def _render(command: str, result: Any) -> str:
+    if command in ("device list",):
+        cols = ["name", "model", "state", "lines", "user", "code", "description"]
+        return _table(_device_rows(result), cols)
+    if command in (
+        "device show",
+        "device add",
+        "device set-mac",
+        "device delete",
+        "device require-activation",
+    ):
+        return _show_device(result)
+    if command in ("code show", "code generate", "code release"):
+        return _table([result], [k for k in ("device", "code", "state", "expires") if k in result])
+    if command == "defaults show":
+        return _table(result, ["model", "model_id", "onboarding"])
+    if command == "defaults set":
+        return f"{result['model']}: {result['onboarding']}"
+    if command == "codes export":
+        return f"wrote {result['exported']} outstanding code(s) to {result['file']}"
+    if command == "import":
+        return f"imported {result['imported']} device(s)"
+    return json.dumps(result, indent=2)
+
+
+def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the admin commands to the top-level parser's subcommands."""
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    def leaf(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        func: Any,
+        command: str,
+        help: str,
+    ) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, parents=[output], help=help, description=help)
+        parser.set_defaults(func=_run_admin, admin_func=func, command=command)
+        return parser
+
+    device = sub.add_parser("device", help="provision and inspect phones").add_subparsers(
+        dest="device_command", required=True, metavar="COMMAND"
+    )
+    p = leaf(
+        device, "add", cmd_device_add, "device add", "add a phone (BAT placeholder without --mac)"
+    )
+    p.add_argument("--model", required=True, help="e.g. 8841")
+    p.add_argument("--mac", help="the phone's MAC; omit for a BAT placeholder")
+    p.add_argument("--line", action="append", default=[], metavar="DN[:DISPLAY NAME]")
+    p.add_argument("--user", default="", help="owner user id")
+    p.add_argument("--description", default="")
+    p.add_argument("--password", help="SIP digest password for the lines")
+    req = p.add_mutually_exclusive_group()
+    req.add_argument(
+        "--require-activation",
+        dest="require_activation",
+        action="store_const",
+        const=True,
+        default=None,
+        help="issue an activation code",
+    )
+    req.add_argument(
+        "--no-require-activation",
+        dest="require_activation",
+        action="store_const",
+        const=False,
+        help="no code; the phone may fetch its config at once",
+    )
+    leaf(device, "list", cmd_device_list, "device list", "list phones")
+    leaf(device, "show", cmd_device_show, "device show", "show one phone").add_argument("name")
+    p = leaf(
+        device,
+        "set-mac",
+        cmd_device_set_mac,
+        "device set-mac",
+        "set the real MAC (BAT→SEP) or --blank it (SEP→BAT)",
+    )
+    p.add_argument("name")
+    p.add_argument("mac", nargs="?")
+    p.add_argument("--blank", action="store_true")
+    leaf(device, "delete", cmd_device_delete, "device delete", "delete a phone").add_argument(
+        "name"
+    )
+    p = leaf(
+        device,
+        "require-activation",
+        cmd_device_require,
+        "device require-activation",
+        "require an activation code (issues one), or --off",
+    )
+    p.add_argument("name")
+    p.add_argument("--off", action="store_true")
+
+    code = sub.add_parser("code", help="a phone's activation code").add_subparsers(
+        dest="code_command", required=True, metavar="COMMAND"
+    )
+    leaf(code, "show", cmd_code_show, "code show", "show the code").add_argument("name")
+    leaf(code, "release", cmd_code_release, "code release", "void the code").add_argument("name")
+    leaf(
+        code, "generate", cmd_code_generate, "code generate", "issue a new code, voiding the old"
+    ).add_argument("name")
+
+    codes = sub.add_parser("codes", help="all outstanding codes").add_subparsers(
+        dest="codes_command", required=True, metavar="COMMAND"
+    )
+    leaf(
+        codes, "export", cmd_codes_export, "codes export", "write outstanding codes to a CSV file"
+    ).add_argument("file")
+
+    p = sub.add_parser("import", parents=[output], help="bulk-add phones from a CSV file")
+    p.set_defaults(func=_run_admin, admin_func=cmd_import, command="import")
+    p.add_argument("file")
+    p.add_argument("--dummy-mac", action="store_true", help="rows without a MAC become BAT…")
+
+    defaults = sub.add_parser("defaults", help="per-model onboarding defaults").add_subparsers(
+        dest="defaults_command", required=True, metavar="COMMAND"
+    )
+    leaf(defaults, "show", cmd_defaults_show, "defaults show", "show per-model defaults")
+    p = leaf(defaults, "set", cmd_defaults_set, "defaults set", "set a model's onboarding method")
+    p.add_argument("model")
+    p.add_argument("--onboarding", required=True, choices=["activation-code", "autoregistration"])
+
+
+def _run_admin(args: argparse.Namespace) -> int:
+    client = AdminClient(admin_socket_path(args))
+    try:
+        result = args.admin_func(client, args)
+    except CLIError as exc:
+        print(f"callboard {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(result, indent=2) if args.json else _render(args.command, result))
+    return 0

@@ -1,0 +1,80 @@
+"""``callboard serve --demo``: a phone to onboard on a fresh machine, and how to do it.
+
+When the registry is empty it adds a BAT placeholder for an 8841 with one line, makes a lab
+manufacturing CA (trusted by this daemon only) and a MIC for a demo MAC, and prints the
+activation code and the command that onboards the phone. The code goes to the terminal,
+never to the log: that is why this is a demo switch and not a production one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from typing import TYPE_CHECKING, TextIO
+
+from . import certs
+from .logs import get_logger
+from .registry.model import Line, group_code
+from .registry.registry import DeviceSpec
+
+if TYPE_CHECKING:
+    from .service import CallboardService
+
+log = get_logger("callboard.demo")
+
+DEMO_MODEL = "8841"
+DEMO_MAC = "00000C0FFEE1"
+
+
+def provision_demo(service: CallboardService, out: TextIO) -> None:
+    registry = service.registry
+    where = service.listening()
+    state_dir = service.config.state_dir
+    print("\nCallboard is running (demo mode):", file=out)
+    for host, port in where.tftp:
+        print(f"  tftp   udp {host}:{port}", file=out)
+    for label, places in where.streams.items():
+        for place in places:
+            print(f"  {label:<6} {place}", file=out)
+    if len(registry):
+        print("\nThe registry is not empty, so no demo phone was added.", file=out)
+        print("  callboard --state-dir", state_dir, "device list", file=out)
+        return
+    lab_dir = state_dir / "lab-ca"
+    if not (lab_dir / "lab-root.pem").exists():
+        certs.write_lab_ca(lab_dir, certs.make_lab_ca())
+    lab = certs.load_lab_ca(lab_dir)
+    trust_dir = service.config.manufacturing_trust_path
+    trust_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in ("lab-root.pem", "lab-ca.pem"):
+        shutil.copyfile(lab_dir / name, trust_dir / name)
+    service.reload()
+    mic_cert, mic_key = certs.write_mic(
+        state_dir / "demo-phone", certs.issue_mic(lab, model=DEMO_MODEL, mac=DEMO_MAC)
+    )
+    device = registry.add_device(
+        DeviceSpec(
+            model=DEMO_MODEL,
+            description="Callboard demo phone",
+            lines=(Line("1001", "Demo Phone", "1001", secrets.token_urlsafe(12)),),
+            requires_activation=True,
+        )
+    )
+    code = registry.outstanding_code(device)
+    assert code is not None
+    log.info("demo phone provisioned", device=device.name, model=DEMO_MODEL)
+    tftp_host, tftp_port = where.tftp[0]
+    http = where.streams["http"][0].rsplit(":", 1)[1]
+    print(
+        f"""
+Demo phone: {device.name} (Cisco {DEMO_MODEL}, line 1001), activation code {group_code(code.code)}
+A lab manufacturing CA in {lab_dir} is trusted by this daemon; the demo phone's MIC is
+{mic_cert}. Onboard it with the emulated phone:
+
+  callboard phone boot --server {tftp_host} --tftp-port {tftp_port} --http-port {http} \\
+      --model {DEMO_MODEL} --mac {DEMO_MAC} --mic {mic_cert} --mic-key {mic_key} \\
+      --code {group_code(code.code)}
+""",
+        file=out,
+        flush=True,
+    )

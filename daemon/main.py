@@ -1,0 +1,140 @@
+"""``callboard``: argv → Config → service tree → reactor, the ``twist`` pattern.
+
+``callboard serve`` runs the daemon; every other command is a short-lived client (admin
+commands talk to the daemon's admin socket; ``certs`` works on files; ``phone`` runs the
+emulated phone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .admin import cli as admin_cli
+from .config import Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def package_version() -> str:
+    try:
+        return version("callboard")
+    except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+        return "0+unknown"
+
+
+SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--state-dir", "state_dir", {"help": "where the database, keys and sockets live"}),
+    (
+        "--listen-address",
+        "network.listen_addresses",
+        {"action": "append", "help": "an address to listen on (repeatable)"},
+    ),
+    (
+        "--advertise-address",
+        "network.advertise_address",
+        {"help": "the address written into phone configs"},
+    ),
+    ("--tftp-port", "network.tftp_port", {"type": int}),
+    ("--http-port", "network.http_port", {"type": int}),
+    ("--tvs-port", "network.tvs_port", {"type": int}),
+    ("--sip-port", "network.sip_port", {"type": int}),
+    ("--sip-tls-port", "network.sip_tls_port", {"type": int}),
+    ("--tftp-root", "tftp_root", {"help": "firmware and other served files"}),
+    ("--admin-socket", "admin_socket", {"help": "the admin API's UNIX socket"}),
+    (
+        "--manufacturing-trust",
+        "tvs.manufacturing_trust",
+        {"help": "directory of manufacturing root/intermediate PEM files"},
+    ),
+    ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error"]}),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="callboard",
+        description="Onboard IP phones with activation codes: provisioning, TVS and registrar.",
+    )
+    parser.add_argument("--version", action="version", version=f"callboard {package_version()}")
+    parser.add_argument(
+        "--admin-socket",
+        dest="admin_socket",
+        metavar="PATH",
+        help="the daemon's admin socket (else $CALLBOARD_ADMIN_SOCKET, "
+        "else <state-dir>/admin.sock)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        dest="state_dir",
+        metavar="DIR",
+        help="the daemon's state directory, to find its admin socket",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon", description="Run the daemon.")
+    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    for flag, key, extra in SERVE_FLAGS:
+        serve.add_argument(flag, dest="serve." + key, default=None, **extra)
+    serve.add_argument(
+        "--demo",
+        dest="serve.demo",
+        action="store_const",
+        const=True,
+        default=None,
+        help="provision a demo phone when the registry is empty "
+        "and print its activation code (never in production)",
+    )
+    serve.set_defaults(func=run_serve)
+
+    admin_cli.register_cli(sub)
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Commands from other modules: certificate tooling and the emulated phone."""
+    from . import certs
+
+    certs.register_cli(sub)
+
+
+def serve_config(args: argparse.Namespace) -> Config:
+    overrides = {
+        key.removeprefix("serve."): value
+        for key, value in vars(args).items()
+        if key.startswith("serve.") and value is not None
+    }
+    return load_config(args.config, overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        config = serve_config(args)
+    except ConfigError as exc:
+        print(f"callboard serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from .runner import run_daemon
+
+    return run_daemon(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        # Short-lived clients die quietly when piped into `head`; the daemon must not.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

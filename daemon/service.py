@@ -1,0 +1,285 @@
+"""The service tree: one registry shared by every listener, under one ``MultiService``.
+
+Stream listeners are built from endpoint strings (``tcp:…``, ``unix:…``, or ``systemd:…``
+for socket activation); TFTP opens one UDP socket per listen address so that replies leave
+from the address a phone asked.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from callboard.protocols.filesource import DirectorySource
+from callboard.protocols.http.resource import provisioning_site
+from callboard.protocols.tftp.server import TFTPService, TFTPSettings
+from callboard.protocols.tvs.activation import ManufacturingTrust, Redemption, TVSSettings
+from callboard.protocols.tvs.itl import HashAlgorithm
+from callboard.protocols.tvs.server import make_tvs_factory
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.web.server import Site
+
+from . import certs
+from .admin.api import AdminAPI
+from .config import Config
+from .logs import get_logger
+from .provisioning import ProvisioningSettings, ProvisioningTree
+from .registry.registry import Registry, RegistrySettings
+from .registry.store import SQLiteStore
+
+log = get_logger("callboard.service")
+
+DATABASE_NAME = "callboard.sqlite3"
+
+
+def tcp_endpoint(address: str, port: int) -> str:
+    return f"tcp:{port}:interface={quoteStringArgument(address)}"
+
+
+class ListenerService(Service):
+    """Listen on one endpoint string with one factory; remember the bound port."""
+
+    def __init__(
+        self, label: str, description: str, factory: IProtocolFactory, reactor: Any
+    ) -> None:
+        self.label = label
+        self.description = description
+        self.factory = factory
+        self._reactor = reactor
+        self.port: IListeningPort | None = None
+        self.ready: Deferred[IListeningPort] | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        endpoint = serverFromString(self._reactor, self.description)
+        self.ready = endpoint.listen(self.factory)
+
+        def bound(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            return port
+
+        self.ready.addCallback(bound)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+    def where(self) -> str:
+        if self.port is None:
+            return self.description
+        host: Any = self.port.getHost()
+        if hasattr(host, "port"):
+            return f"{host.host}:{host.port}"
+        name = getattr(host, "name", host)
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@dataclass
+class Listening:
+    """Where each listener ended up, for the start-up banner and tests."""
+
+    tftp: list[tuple[str, int]] = field(default_factory=list)
+    streams: dict[str, list[str]] = field(default_factory=dict)
+
+
+class CallboardService(MultiService):
+    """The root of the tree; holds the shared parts for wiring and for tests."""
+
+    def __init__(
+        self, config: Config, reactor: Any, clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self.reactor = reactor
+        state_dir = config.state_dir
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        config.tftp_root_path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.store = SQLiteStore(state_dir / DATABASE_NAME)
+        self.registry = Registry(
+            self.store,
+            clock,
+            RegistrySettings(
+                code_ttl_hours=config.registry.code_ttl_hours,
+                unique_directory_numbers=config.registry.unique_directory_numbers,
+            ),
+        )
+        net = config.network
+        self.tree = ProvisioningTree(
+            self.registry,
+            ProvisioningSettings(
+                address=config.advertise_address,
+                sip_port=net.advertise_sip_port or net.sip_port,
+                sip_tls_port=net.advertise_sip_tls_port or net.sip_tls_port,
+                tvs_port=net.advertise_tvs_port or net.tvs_port,
+                register_expires=config.sip.register_expires,
+                keepalive_expires=config.sip.keepalive_expires,
+                transport=config.sip.transport,
+                loads=dict(config.loads),
+            ),
+            DirectorySource(str(config.tftp_root_path)),
+            trust_list=self.trust_list,
+            template_dir=state_dir / "templates",
+        )
+        self.listeners: list[ListenerService] = []
+        if not certs.certs_present(state_dir):
+            log.info("creating server certificates", directory=str(state_dir / "certs"))
+            certs.init_certs(state_dir, key_type=config.tvs.key_type)
+        self.server_certs = certs.load_server_certs(state_dir)
+        self._trust_list: bytes | None = self.server_certs.build_itl(
+            timestamp=int(clock()),
+            hash_algorithm=HashAlgorithm.SHA1
+            if config.tvs.itl_hash == "sha1"
+            else HashAlgorithm.SHA512,
+        )
+        t = config.tftp
+        self.tftp = TFTPService(
+            self.tree,
+            addresses=list(net.listen_addresses),
+            port=net.tftp_port,
+            settings=TFTPSettings(
+                max_blksize=t.max_blksize,
+                max_windowsize=t.max_windowsize,
+                initial_timeout=t.initial_timeout,
+                max_retries=t.max_retries,
+                transfer_deadline=t.transfer_deadline,
+                max_transfers=t.max_transfers,
+                max_transfers_per_client=t.max_transfers_per_client,
+            ),
+            reactor=reactor,
+        )
+        self.tftp.setServiceParent(self)  # type: ignore[no-untyped-call]
+        site = provisioning_site(self.tree)
+        for address in net.listen_addresses:
+            self.add_listener("http", tcp_endpoint(address, net.http_port), site)
+        v = config.tvs
+        self.tvs = make_tvs_factory(
+            self.server_certs.tvs.cert,
+            self.server_certs.tvs.key,
+            self._load_trust(),
+            RegistryAuthority(self.registry),
+            self.server_certs.itl_records(),
+            TVSSettings(
+                idle_timeout=v.idle_timeout,
+                max_connections=v.max_connections,
+                allow_sha1_mic=v.allow_sha1_mic,
+                throttle_budget=v.failure_budget,
+                throttle_window=v.failure_window_seconds,
+            ),
+            reactor,
+            clock=clock,
+        )
+        for address in net.listen_addresses:
+            self.add_listener("tvs", tcp_endpoint(address, net.tvs_port), self.tvs)
+        self.admin_api = AdminAPI(self.registry, self.registrations, self.status)
+        self.add_listener("admin", unix_endpoint(config.admin_socket_path), Site(self.admin_api))
+
+    # -- wiring helpers ------------------------------------------------------------------
+
+    def add_listener(self, label: str, description: str, factory: IProtocolFactory) -> None:
+        factory.noisy = False  # type: ignore[attr-defined]
+        listener = ListenerService(label, description, factory, self.reactor)
+        listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.listeners.append(listener)
+
+    def _load_trust(self) -> ManufacturingTrust:
+        directory = self.config.manufacturing_trust_path
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        trust = certs.load_trust_store(directory)
+        if not len(trust):
+            log.warning(
+                "the manufacturing trust store is empty: no phone can activate",
+                directory=str(directory),
+            )
+        return trust
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the manufacturing trust store (a bad store keeps the old one)."""
+        try:
+            trust = self._load_trust()
+        except Exception as exc:
+            log.error("trust store reload failed; keeping the old one", error=str(exc))
+            return
+        self.tvs.set_trust(trust)
+        log.info("manufacturing trust store reloaded", certificates=len(trust))
+
+    def trust_list(self) -> bytes | None:
+        return self._trust_list
+
+    def registrations(self, device_name: str) -> list[dict[str, Any]]:
+        return []
+
+    def status(self) -> dict[str, Any]:
+        where = self.listening()
+        return {"tftp": [f"{h}:{p}" for h, p in where.tftp], **where.streams}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def ready(self) -> Deferred[Any]:
+        """Fires when every listener is bound; fails with the first listener that is not."""
+        waits = [ls.ready for ls in self.listeners if ls.ready is not None]
+        if not waits:
+            return succeed(None)
+        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+
+    def listening(self) -> Listening:
+        result = Listening()
+        for port in self.tftp.ports:
+            host = port.getHost()
+            result.tftp.append((host.host, host.port))  # type: ignore[attr-defined]
+        for ls in self.listeners:
+            result.streams.setdefault(ls.label, []).append(ls.where())
+        return result
+
+    def stopService(self) -> Deferred[None] | None:
+        d: Deferred[None] | None = super().stopService()  # type: ignore[no-untyped-call]
+
+        def close(result: object) -> object:
+            self.store.close()
+            return result
+
+        if d is None:
+            self.store.close()
+            return None
+        d.addBoth(close)
+        return d
+
+
+class RegistryAuthority:
+    """The TVS activation authority, backed by the registry's durable ``redeem``.
+
+    The detailed reason goes to the log; the phone hears one neutral sentence for every
+    refusal, so that a guesser learns nothing from it.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Redemption:
+        result = self._registry.redeem(mac=mac, model=model, code=code, mic_sha256=mic_sha256)
+        if result.ok and result.device is not None:
+            log.info(
+                "device activated", device=result.device.name, model=model, mic_sha256=mic_sha256
+            )
+            return Redemption(True, result.device.name, "activated")
+        log.info("activation refused", mac=mac, model=model, reason=result.reason)
+        return Redemption(False, None, "activation code not accepted")
+
+
+def unix_endpoint(path: Path) -> str:
+    """An owner-only UNIX socket; ``lockfile`` lets a restart replace a stale socket."""
+    return f"unix:address={quoteStringArgument(str(path))}:mode=600:lockfile=1"
+
+
+def build_service(config: Config, reactor: IReactorCore) -> CallboardService:
+    return CallboardService(config, reactor)
