@@ -153,11 +153,11 @@ def connect(
     ``pinned_der=None`` disables pinning (trust on first use); callers must opt in explicitly.
     """
     options = context if context is not None else make_client_context(mic, extra_chain)
-    endpoint = endpoints.SSL4ClientEndpoint(  # type: ignore[no-untyped-call]
+    endpoint = endpoints.SSL4ClientEndpoint(
         reactor, host, port, options, timeout=int(timeout)
     )
     proto = TVSClientProtocol(pinned_der)
-    connected: defer.Deferred[Any] = endpoint.connect(  # type: ignore[no-untyped-call]
+    connected: defer.Deferred[Any] = endpoint.connect(
         Factory.forProtocol(lambda: proto)
     )
 
