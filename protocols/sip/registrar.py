@@ -712,7 +712,11 @@ class Registrar:
         self, req: Request | None, status: int, source: Source, why: str
     ) -> Reply | None:
         """400/513 when the request is readable enough to answer, else drop."""
-        if req is None or not req.headers.values("via") or req.method.upper() == "ACK":
+        try:
+            has_via = req is not None and bool(req.headers.values("via"))
+        except SIPParseError:
+            has_via = False
+        if req is None or not has_via or req.method.upper() == "ACK":
             self.counters.malformed_dropped += 1
             self.log.debug("SIP dropped unreadable message: {why}", why=why, source=source.address)
             return None

@@ -14,17 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from callboard.protocols.sip.registrar import (
     PolicyDecision,
     Registrar,
     RegistrarSettings,
     RegistrationRequest,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 ACTIVE = "SEP001122334455"
 ACTIVE_MAC = "001122334455"
@@ -72,7 +71,9 @@ class MemoryPolicy:
 def policy() -> MemoryPolicy:
     return MemoryPolicy(
         {
-            ACTIVE: Device(ACTIVE, ACTIVE_MAC, "683", True, {"1001": None, "1002": ("a1002", "pw")}),
+            ACTIVE: Device(
+                ACTIVE, ACTIVE_MAC, "683", True, {"1001": None, "1002": ("a1002", "pw")}
+            ),
             INACTIVE: Device(INACTIVE, INACTIVE_MAC, "683", False, {"2001": None}),
         }
     )
@@ -110,9 +111,7 @@ def build_register(
             params += f';+u.sip!devicename.ccm.cisco.com="{device}"'
         if model is not None:
             params += f';+u.sip!model.ccm.cisco.com="{model}"'
-        contacts = [
-            f"<sip:{contact_user}@{contact_host};transport={transport.lower()}>{params}"
-        ]
+        contacts = [f"<sip:{contact_user}@{contact_host};transport={transport.lower()}>{params}"]
     branch = branch or f"z9hG4bK{next(_counter):08x}{os.urandom(3).hex()}"
     lines = [
         f"{method} sip:{host} SIP/2.0",
@@ -153,9 +152,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make_registrar(
-    policy: MemoryPolicy, clock: FakeClock
-) -> Callable[..., Registrar]:
+def make_registrar(policy: MemoryPolicy, clock: FakeClock) -> Callable[..., Registrar]:
     def make(**settings: Any) -> Registrar:
         return Registrar(
             policy,

@@ -7,15 +7,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from OpenSSL import crypto
-from twisted.internet import defer, reactor, ssl
-from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import DatagramProtocol, Protocol
-
 from callboard.protocols.sip.digest import build_authorization, parse_challenge
 from callboard.protocols.sip.message import Response, StreamFramer, parse_message
 from callboard.protocols.sip.registrar import Registrar, RegistrarSettings
 from callboard.protocols.sip.transports import SIPRegistrarService, make_tls_server_options
+from OpenSSL import crypto
+from twisted.internet import defer, reactor, ssl
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import DatagramProtocol, Protocol
 
 TIMEOUT = 5
 
@@ -108,7 +107,9 @@ async def server(
     policy: Any, server_cert: tuple[bytes, bytes]
 ) -> AsyncIterator[SIPRegistrarService]:
     registrar = Registrar(
-        policy, RegistrarSettings(max_message_size=4096), clock=reactor.seconds  # type: ignore[attr-defined]
+        policy,
+        RegistrarSettings(max_message_size=4096),
+        clock=reactor.seconds,  # type: ignore[attr-defined]
     )
     svc = SIPRegistrarService(
         registrar,
@@ -164,7 +165,9 @@ async def test_register_rules(
         auth = build_authorization(
             ch, method="REGISTER", uri="sip:192.0.2.10", username="a1002", password="pw"
         )
-        r = await peer.request(reg(user="1002", call_id="l2", cseq=2, extra=(f"Authorization: {auth}",)))
+        r = await peer.request(
+            reg(user="1002", call_id="l2", cseq=2, extra=(f"Authorization: {auth}",))
+        )
         assert r.status == 200 and "x-cisco-newreg" not in r.headers.values("contact")[0]
         assert len(server.registrar.bindings_for_device("SEP001122334455")) == 2
         assert (await peer.request(reg(max_forwards=0))).status == 483
@@ -177,7 +180,9 @@ async def test_register_rules(
         r = await peer.request(reg(contacts=["*"], expires=0, cseq=20))
         assert r.status == 200 and r.headers.values("contact") == []
         assert len(server.registrar.bindings_for_device("SEP001122334455")) == 1
-        r = await peer.request(reg(user="1002", call_id="l2", cseq=3, expires=0, extra=(f"Authorization: {auth}",)))
+        r = await peer.request(
+            reg(user="1002", call_id="l2", cseq=3, expires=0, extra=(f"Authorization: {auth}",))
+        )
         assert r.status == 200
         assert server.registrar.bindings_for_device("SEP001122334455") == []
     finally:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from callboard.protocols.sip.digest import (
     DigestAuthenticator,
     Verdict,
@@ -30,6 +27,8 @@ from callboard.protocols.sip.message import (
     parse_via,
 )
 from callboard.protocols.sip.registrar import PolicyDecision, Registrar, RegistrationRequest, Source
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 CISCO = (
     b"REGISTER sip:192.168.20.172 SIP/2.0\r\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from callboard.protocols.sip.digest import build_authorization, parse_challenge
@@ -256,5 +255,3 @@ def test_malformed_gets_400_or_drop(make_registrar: Any, make_register: Any) -> 
     assert send(reg, data).status == 400
     big = make_register(extra=("X-Pad: " + "a" * 70000,))
     assert send(reg, big).status == 513
-
-
