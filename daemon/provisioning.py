@@ -97,6 +97,16 @@ class ProvisioningTree:
         except (KeyError, ValueError, ET.ParseError) as exc:
             raise ValueError(f"phone-config template is broken: {exc!r}") from None
 
+    def advertise(self, settings: ProvisioningSettings) -> None:
+        """Change what configs advertise (the daemon learns bound ports after listening)."""
+        self._settings = settings
+        self._device_cache.clear()
+        self._default_cache = None
+
+    @property
+    def settings(self) -> ProvisioningSettings:
+        return self._settings
+
     def open(self, name: str, requester: Requester) -> FileBody:
         lowered = name.lower()
         if lowered == "xmldefault.cnf.xml":

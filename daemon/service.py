@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -228,9 +228,33 @@ class CallboardService(MultiService):
     def ready(self) -> Deferred[Any]:
         """Fires when every listener is bound; fails with the first listener that is not."""
         waits = [ls.ready for ls in self.listeners if ls.ready is not None]
-        if not waits:
-            return succeed(None)
-        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+        d: Deferred[Any] = (
+            DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+            if waits
+            else succeed(None)
+        )
+        d.addCallback(self._advertise_bound_ports)
+        return d
+
+    def _advertise_bound_ports(self, result: object) -> object:
+        """Configs name the ports actually listened on (port 0 becomes the real one)."""
+        net = self.config.network
+
+        def bound(label: str, configured: int) -> int:
+            for ls in self.listeners:
+                if ls.label == label and ls.port is not None:
+                    return int(getattr(ls.port.getHost(), "port", configured))
+            return configured
+
+        self.tree.advertise(
+            replace(
+                self.tree.settings,
+                sip_port=net.advertise_sip_port or bound("sip", net.sip_port),
+                sip_tls_port=net.advertise_sip_tls_port or bound("sip-tls", net.sip_tls_port),
+                tvs_port=net.advertise_tvs_port or bound("tvs", net.tvs_port),
+            )
+        )
+        return result
 
     def listening(self) -> Listening:
         result = Listening()

@@ -261,6 +261,10 @@ def cmd_import(client: AdminClient, args: argparse.Namespace) -> Any:
         raise
 
 
+def cmd_status(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("GET", "status")
+
+
 def cmd_defaults_show(client: AdminClient, args: argparse.Namespace) -> Any:
     return client.call("GET", "defaults")
 
@@ -283,6 +287,14 @@ def _render(command: str, result: Any) -> str:
         return _show_device(result)
     if command in ("code show", "code generate", "code release"):
         return _table([result], [k for k in ("device", "code", "state", "expires") if k in result])
+    if command == "status":
+        rows = [
+            {"listener": label, "address": place}
+            for label, places in result.items()
+            if isinstance(places, list)
+            for place in places
+        ]
+        return f"devices: {result.get('devices', 0)}\n" + _table(rows, ["listener", "address"])
     if command == "defaults show":
         return _table(result, ["model", "model_id", "onboarding"])
     if command == "defaults set":
@@ -298,6 +310,9 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     """Add the admin commands to the top-level parser's subcommands."""
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("status", parents=[output], help="where the daemon listens")
+    p.set_defaults(func=_run_admin, admin_func=cmd_status, command="status")
 
     def leaf(
         parent: argparse._SubParsersAction[argparse.ArgumentParser],

@@ -70,8 +70,9 @@ class Redeemed:
 class BulkError(RegistryError):
     """Some rows of a bulk insert are bad; nothing was written."""
 
-    def __init__(self, problems: list[tuple[int, str]]) -> None:
-        self.problems = problems
+    def __init__(self, problems: list[tuple[int, RegistryError]]) -> None:
+        self.errors = problems
+        self.problems = [(index, str(error)) for index, error in problems]
         super().__init__(f"{len(problems)} bad row(s); nothing was imported")
 
 
@@ -153,7 +154,10 @@ class Registry:
     # -- admin changes -----------------------------------------------------------------
 
     def add_device(self, spec: DeviceSpec) -> Device:
-        return self.add_devices([spec])[0]
+        try:
+            return self.add_devices([spec])[0]
+        except BulkError as exc:
+            raise exc.errors[0][1] from None
 
     def add_devices(self, specs: Sequence[DeviceSpec], *, dry_run: bool = False) -> list[Device]:
         """Insert devices in one transaction: all of them, or none and a :class:`BulkError`.
@@ -161,7 +165,7 @@ class Registry:
         ``dry_run`` checks every spec against the registry and each other, writing nothing.
         """
         now = self._clock()
-        problems: list[tuple[int, str]] = []
+        problems: list[tuple[int, RegistryError]] = []
         changes: list[Change] = []
         created: list[Device] = []
         claimed_names: set[str] = set()
@@ -177,7 +181,7 @@ class Registry:
                     if taken:
                         raise Conflict(f"directory number {taken[0]} is already in use")
             except RegistryError as exc:
-                problems.append((index, str(exc)))
+                problems.append((index, exc))
                 continue
             claimed_names.add(device.name)
             claimed_dns |= dns

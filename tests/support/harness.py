@@ -1,0 +1,81 @@
+"""A real ``callboard serve`` subprocess for end-to-end tests, and the CLI runner."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CALLBOARD = [sys.executable, "-m", "callboard.daemon.main"]
+
+
+def run_cli(
+    *args: str, timeout: float = 60, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``callboard`` CLI as a user would; never raises on a non-zero exit."""
+    result = subprocess.run(
+        [*CALLBOARD, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"callboard {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+class Daemon:
+    """A ``callboard serve`` subprocess with its own state dir."""
+
+    def __init__(self, state_dir: Path, *extra: str) -> None:
+        self.state_dir = state_dir
+        self.extra = list(extra)
+        self.socket = state_dir / "admin.sock"
+        self.proc: subprocess.Popen[str] | None = None
+        self.log_path = state_dir.parent / f"{state_dir.name}-daemon.log"
+        self.status: dict[str, Any] = {}
+
+    def start(self, timeout: float = 30) -> Daemon:
+        args = [
+            *CALLBOARD, "serve", "--state-dir", str(self.state_dir),
+            "--listen-address", "127.0.0.1", "--tftp-port", "0", "--http-port", "0",
+            "--tvs-port", "0", "--sip-port", "0", "--sip-tls-port", "0", *self.extra,
+        ]  # fmt: skip
+        log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
+            if self.socket.exists():
+                status = run_cli("--admin-socket", str(self.socket), "status", "--json")
+                if status.returncode == 0:
+                    self.status = json.loads(status.stdout)
+                    return self
+            time.sleep(0.05)
+        raise AssertionError(f"daemon did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return run_cli("--admin-socket", str(self.socket), *args, timeout=timeout)
+
+    def json(self, *args: str) -> Any:
+        result = self.cli(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def port(self, label: str) -> int:
+        places = self.status["tftp"] if label == "tftp" else self.status[label]
+        return int(places[0].rsplit(":", 1)[1])
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        self.proc = None
+        return code
