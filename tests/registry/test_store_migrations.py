@@ -1,0 +1,67 @@
+"""Schema migrations run forward on an old database file and keep its data."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from callboard.daemon.registry.registry import Registry
+from callboard.daemon.registry.store import SCHEMA_VERSION, SQLiteStore, StoreError
+
+V1_SCHEMA = """
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, model TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '', owner_user TEXT NOT NULL DEFAULT '',
+    lines TEXT NOT NULL DEFAULT '[]', requires_activation INTEGER NOT NULL,
+    state TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    version INTEGER NOT NULL);
+CREATE TABLE codes (
+    id TEXT PRIMARY KEY, device_id TEXT NOT NULL, code TEXT NOT NULL,
+    issued_at REAL NOT NULL, expires_at REAL NOT NULL, state TEXT NOT NULL, used_at REAL);
+CREATE INDEX codes_by_device ON codes(device_id);
+CREATE TABLE model_defaults (model TEXT PRIMARY KEY, onboarding TEXT NOT NULL);
+PRAGMA user_version = 1;
+"""
+
+
+def make_v1_file(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.execute(
+        "INSERT INTO devices VALUES ('d1', 'BAT0123456789AB', '8841', 'lobby', 'al',"
+        ' \'[{"directory_number": "1001", "display_name": "Lobby", "auth_name": "1001",'
+        ' "auth_password": ""}]\', 1, \'awaiting-activation\', 100.0, 100.0, 1)'
+    )
+    db.execute(
+        "INSERT INTO codes VALUES ('c1', 'd1', '1234567812345678', 100.0, 9e12, 'issued', NULL)"
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    make_v1_file(path)
+    store = SQLiteStore(path)
+    assert store.schema_version == SCHEMA_VERSION == 2
+    registry = Registry(store, lambda: 200.0)
+    device = registry.get("BAT0123456789AB")
+    assert device.description == "lobby" and device.lines[0].display_name == "Lobby"
+    assert device.activated_at is None and device.mic_sha256 is None
+    result = registry.redeem(
+        mac="001122334455", model="8841", code="1234567812345678", mic_sha256="f" * 64
+    )
+    assert result.ok
+    store.close()
+    reopened = Registry(SQLiteStore(path), lambda: 300.0)
+    assert reopened.get("SEP001122334455").mic_sha256 == "f" * 64
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(StoreError, match="newer"):
+        SQLiteStore(path)
