@@ -153,13 +153,9 @@ def connect(
     ``pinned_der=None`` disables pinning (trust on first use); callers must opt in explicitly.
     """
     options = context if context is not None else make_client_context(mic, extra_chain)
-    endpoint = endpoints.SSL4ClientEndpoint(
-        reactor, host, port, options, timeout=int(timeout)
-    )
+    endpoint = endpoints.SSL4ClientEndpoint(reactor, host, port, options, timeout=int(timeout))
     proto = TVSClientProtocol(pinned_der)
-    connected: defer.Deferred[Any] = endpoint.connect(
-        Factory.forProtocol(lambda: proto)
-    )
+    connected: defer.Deferred[Any] = endpoint.connect(Factory.forProtocol(lambda: proto))
 
     def wait_ready(_: object) -> defer.Deferred[TVSClientProtocol]:
         return proto.ready
