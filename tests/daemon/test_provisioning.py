@@ -1,0 +1,170 @@
+"""The virtual file tree: what each phone gets, rendered from the registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from callboard.daemon.provisioning import ProvisioningSettings, ProvisioningTree
+from callboard.daemon.registry.model import Line, Onboarding
+from callboard.daemon.registry.registry import DeviceSpec, Registry
+from callboard.daemon.registry.store import SQLiteStore
+from callboard.protocols.filesource import (
+    AccessViolation,
+    DirectorySource,
+    FileNotFound,
+    Requester,
+)
+
+PHONE = Requester("127.0.0.1", 50000, "tftp")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(SQLiteStore(tmp_path / "db.sqlite3"), lambda: 1_800_000_000.0)
+
+
+@pytest.fixture
+def tree(tmp_path: Path, registry: Registry) -> ProvisioningTree:
+    root = tmp_path / "tftp"
+    root.mkdir()
+    (root / "sip88xx.14-2-1.loads").write_bytes(b"firmware")
+    settings = ProvisioningSettings(
+        address="192.0.2.10", sip_port=5060, sip_tls_port=5061, tvs_port=2445,
+        loads={"8841": "sip88xx.14-2-1", "8851": "sip88xx.14-2-1"},
+    )  # fmt: skip
+    return ProvisioningTree(
+        registry, settings, DirectorySource(str(root)), trust_list=lambda: b"ITL-BYTES"
+    )
+
+
+def fetch(tree: ProvisioningTree, name: str) -> bytes:
+    body = tree.open(name, PHONE)
+    return body.read_at(0, body.size)
+
+
+def test_xml_default_names_servers_loads_and_activation_models(
+    tree: ProvisioningTree, registry: Registry
+) -> None:
+    root = ET.fromstring(fetch(tree, "XMLDefault.cnf.xml"))
+    assert root.tag == "Default"
+    member = root.find("callManagerGroup/members/member/callManager")
+    assert member is not None
+    assert member.findtext("processNodeName") == "192.0.2.10"
+    assert member.findtext("ports/sipPort") == "5060"
+    assert root.findtext("TVS/members/member/port") == "2445"
+    assert root.findtext("TVS/members/member/address") == "192.0.2.10"
+    load = root.find("loadInformation683")
+    assert load is not None and load.get("model") == "Cisco 8841"
+    assert load.text == "sip88xx.14-2-1"
+    ids = {m.get("id") for m in root.iterfind("activationCodeOnboarding/model")}
+    assert {"683", "684", "621"} <= ids
+    registry.set_default("7821", Onboarding.AUTOREGISTRATION)
+    root = ET.fromstring(fetch(tree, "xmldefault.cnf.xml"))
+    names = {m.get("name") for m in root.iterfind("activationCodeOnboarding/model")}
+    assert "Cisco 7821" not in names and "Cisco 8841" in names
+
+
+def test_sep_config_only_once_active_and_never_for_bat(
+    tree: ProvisioningTree, registry: Registry
+) -> None:
+    device = registry.add_device(
+        DeviceSpec(model="8841", mac="001122334455", lines=(Line("1001", "Al & <Bo>", "al", "p<w"),),
+                   description='"quoted" & <tagged>')
+    )  # fmt: skip
+    with pytest.raises(FileNotFound):
+        fetch(tree, "SEP001122334455.cnf.xml")
+    code = registry.outstanding_code(device)
+    assert code is not None
+    assert registry.redeem(mac="001122334455", model="8841", code=code.code, mic_sha256="").ok
+    xml = fetch(tree, "sep001122334455.cnf.xml")  # MAC matched case-insensitively
+    root = ET.fromstring(xml)
+    line = root.find("sipProfile/sipLines/line")
+    assert line is not None
+    assert line.findtext("displayName") == "Al & <Bo>"
+    assert line.findtext("authName") == "al" and line.findtext("authPassword") == "p<w"
+    assert line.findtext("proxy") == "192.0.2.10"
+    assert root.findtext("description") == '"quoted" & <tagged>'
+    assert root.findtext("sipProfile/sipStack/timerRegisterExpires") == "3600"
+    assert root.findtext("loadInformation") == "sip88xx.14-2-1"
+    stamp = root.findtext("versionStamp")
+    registry.generate_code(device.name)
+    with pytest.raises(FileNotFound):  # back to awaiting activation: no longer served
+        fetch(tree, "SEP001122334455.cnf.xml")
+    registry.set_requires_activation(device.name, False)
+    again = ET.fromstring(fetch(tree, "SEP001122334455.cnf.xml"))
+    assert again.findtext("versionStamp") != stamp
+
+    bat = registry.add_device(DeviceSpec(model="8841", requires_activation=False))
+    with pytest.raises(FileNotFound):
+        fetch(tree, f"{bat.name}.cnf.xml")
+
+
+def test_trust_lists_and_files_from_the_root(tree: ProvisioningTree) -> None:
+    assert fetch(tree, "ITLFile.tlv") == b"ITL-BYTES"
+    assert fetch(tree, "ITLSEP001122334455.tlv") == b"ITL-BYTES"
+    for name in ("CTLSEP001122334455.tlv", "CTLFile.tlv", "SEP001122334455.cnf.xml.sgn"):
+        with pytest.raises(FileNotFound):
+            fetch(tree, name)
+    assert fetch(tree, "/sip88xx.14-2-1.loads") == b"firmware"
+    assert fetch(tree, "\\sip88xx.14-2-1.loads") == b"firmware"
+    with pytest.raises(AccessViolation):
+        fetch(tree, "../etc/passwd")
+    with pytest.raises(FileNotFound):
+        fetch(tree, "missing.bin")
+
+
+def test_a_broken_template_override_stops_start_up(tmp_path: Path, registry: Registry) -> None:
+    overrides = tmp_path / "templates"
+    overrides.mkdir()
+    (overrides / "XMLDefault.cnf.xml").write_text("<Default>$unknown_placeholder</Default>")
+    settings = ProvisioningSettings(address="192.0.2.10", sip_port=1, sip_tls_port=2, tvs_port=3)
+    with pytest.raises(ValueError, match="template"):
+        ProvisioningTree(registry, settings, DirectorySource(str(tmp_path)), template_dir=overrides)
+
+
+def test_daemon_serves_the_tree_over_tftp_and_http(daemon: Any) -> None:
+    """curl (HTTP and tftp://) and tftp-hpa against the running daemon."""
+    http, tftp = daemon.port("http"), daemon.port("tftp")
+    xml = subprocess.run(
+        ["curl", "-sf", f"http://127.0.0.1:{http}/XMLDefault.cnf.xml"],
+        capture_output=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    root = ET.fromstring(xml)
+    assert root.findtext("TVS/members/member/port") == str(daemon.port("tvs"))
+    via_tftp = subprocess.run(
+        ["curl", "-sf", f"tftp://127.0.0.1:{tftp}/XMLDefault.cnf.xml"],
+        capture_output=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    assert via_tftp == xml
+    missing = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+         f"http://127.0.0.1:{http}/SEP001122334455.cnf.xml"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert missing.stdout == "404"
+    added = daemon.json("device", "add", "--model", "8841", "--mac", "001122334455",
+                        "--line", "1001:Desk", "--no-require-activation")  # fmt: skip
+    assert added["state"] == "provisioned"
+    out = daemon.state_dir.parent / "SEP001122334455.cnf.xml"
+    hpa = subprocess.run(
+        ["tftp", "-m", "binary", "127.0.0.1", str(tftp), "-c", "get",
+         "SEP001122334455.cnf.xml", str(out)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert hpa.returncode == 0, hpa.stderr
+    assert ET.parse(out).getroot().findtext("sipProfile/sipLines/line/name") == "1001"
+    itl = subprocess.run(
+        ["curl", "-sf", f"http://127.0.0.1:{http}/ITLSEP001122334455.tlv"],
+        capture_output=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    assert itl[:1] == b"\x01"  # VERSION tag first
+    served = [
+        json.loads(line) for line in daemon.log().splitlines() if '"config served"' in line
+    ]
+    assert [(e["device"], e["transport"]) for e in served] == [("SEP001122334455", "tftp")]
