@@ -17,6 +17,7 @@ other exception: the fuzz tests hold it to that.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+import re
 from dataclasses import dataclass, field
 from typing import overload
 
@@ -90,7 +91,6 @@ LIST_HEADERS = frozenset(
     }
 )
 
-_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 
 REASONS: dict[int, str] = {
     100: "Trying",
@@ -130,10 +130,18 @@ class MessageTooLarge(SIPParseError):
     """Larger than the configured limit: answered 513 (datagram) or closed (stream)."""
 
 
+_KEY_CACHE: dict[str, str] = {}
+
+
 def canonical_key(name: str) -> str:
     """Lower-case header key with compact forms expanded."""
-    key = name.lower()
-    return COMPACT_FORMS.get(key, key)
+    key = _KEY_CACHE.get(name)
+    if key is None:
+        key = name.lower()
+        key = COMPACT_FORMS.get(key, key)
+        if len(_KEY_CACHE) < 4096:
+            _KEY_CACHE[name] = key
+    return key
 
 
 def canonical_name(key: str) -> str:
@@ -271,8 +279,14 @@ def _split_head(data: bytes) -> tuple[bytes, bytes]:
     return data, b""
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f]")
+_BAD_HOST_RE = re.compile(r'[\s<>"@;,]')
+_BAD_PARAM_RE = re.compile(r"[\s<>]")
+
+
 def _is_token(s: str) -> bool:
-    return bool(s) and all(ch in _TOKEN_CHARS for ch in s)
+    return _TOKEN_RE.fullmatch(s) is not None
 
 
 def parse_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Message:
@@ -332,7 +346,7 @@ def parse_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Message:
         name = name.strip()
         if not sep or not _is_token(name):
             raise SIPParseError(f"malformed header line {line[:40]!r}", request)
-        if any(ord(ch) < 0x20 and ch != "\t" for ch in value):
+        if _CTL_RE.search(value):
             raise SIPParseError("control character in header value", request)
         current_name = name
         current_value = [value.strip()]
@@ -440,6 +454,8 @@ def _content_length(head: bytes) -> int:
 
 def split_unquoted(s: str, sep: str) -> list[str]:
     """Split on ``sep`` outside double quotes (with backslash escapes) and ``<...>``."""
+    if '"' not in s and "<" not in s:
+        return s.split(sep)  # the common case (Via, plain params): no quoting to honour
     out: list[str] = []
     buf: list[str] = []
     in_quote = False
@@ -486,7 +502,7 @@ def parse_params(s: str) -> Params:
             continue
         name, sep, value = piece.partition("=")
         name = name.strip()
-        if not name or any(ch.isspace() or ch in "<>" for ch in name):
+        if not name or _BAD_PARAM_RE.search(name):
             raise SIPParseError(f"bad parameter {piece[:40]!r}")
         out.append((name, value.strip() if sep else None))
     return out
@@ -583,7 +599,7 @@ def _split_hostport(hp: str) -> tuple[str, int | None]:
             raise SIPParseError("empty host")
         if sep and not port_s:
             raise SIPParseError("empty port")
-    if any(ch.isspace() or ch in '<>"@;,' for ch in host):
+    if _BAD_HOST_RE.search(host):
         raise SIPParseError("bad host")
     if not port_s:
         return host, None

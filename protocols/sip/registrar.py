@@ -51,6 +51,7 @@ from callboard.protocols.sip.message import (
     Request,
     Response,
     SIPParseError,
+    Via,
     parse_contact_list,
     parse_cseq,
     parse_message,
@@ -332,7 +333,7 @@ class Registrar:
                 response = self._response(req, exc.status, exc.reason)
                 for k, v in exc.headers.items():
                     response.headers.add(k.replace("_", "-"), v)
-            reply = self._route(req, response, source)
+            reply = self._route(req, response, source, via)
         if tkey is not None:
             self._transactions[tkey] = (self.clock() + TRANSACTION_LINGER, reply)
         return reply
@@ -730,10 +731,11 @@ class Registrar:
             return Reply(resp.to_bytes(), source.host, source.port, close=status == 513)
         return replace(reply, close=status == 513)
 
-    def _route(self, req: Request, resp: Response, source: Source) -> Reply:
+    def _route(self, req: Request, resp: Response, source: Source, top: Via | None = None) -> Reply:
         """RFC 3261 §18.2.2 + RFC 3581: stamp received/rport on the top Via and pick the port."""
         vias = req.headers.values("via")
-        top = parse_via(vias[0])
+        if top is None:
+            top = parse_via(vias[0])
         params = list(top.params)
         has_rport = False
         out: list[tuple[str, str | None]] = []
