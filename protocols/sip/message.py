@@ -16,8 +16,8 @@ other exception: the fuzz tests hold it to that.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import overload
 
