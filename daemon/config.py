@@ -74,6 +74,7 @@ class SIPConfig:
     min_expires: int = 60
     max_expires: int = 7200
     realm: str = "callboard"
+    digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")  # offered in this order
     register_expires: int = 3600  # timerRegisterExpires written into phone configs
     transport: str = "tcp"  # the transport phones are told to use: tcp, udp or tls
     autoregistration_first: str = ""  # directory-number range for auto-registration
@@ -264,6 +265,10 @@ def _validate(config: Config) -> None:
     _check_range(where, "sip.keepalive_expires", sip.keepalive_expires, 1, 86400)
     _check_range(where, "sip.register_expires", sip.register_expires, 1, 7 * 86400)
     _choice(where, "sip.transport", sip.transport, ("tcp", "udp", "tls"))
+    if not sip.digest_algorithms:
+        raise ConfigError(f"{where}: sip.digest_algorithms: at least one algorithm is needed")
+    for algorithm in sip.digest_algorithms:
+        _choice(where, "sip.digest_algorithms", algorithm, ("SHA-256", "MD5"))
     first, last = sip.autoregistration_first, sip.autoregistration_last
     if bool(first) != bool(last):
         raise ConfigError(

@@ -16,23 +16,34 @@ from typing import Any
 
 from callboard.protocols.filesource import DirectorySource
 from callboard.protocols.http.resource import provisioning_site
+from callboard.protocols.sip.registrar import Registrar, RegistrarSettings
+from callboard.protocols.sip.transports import (
+    make_stream_factory,
+    make_tls_server_options,
+    make_udp_protocol,
+    start_sweeper,
+)
 from callboard.protocols.tftp.server import TFTPService, TFTPSettings
 from callboard.protocols.tvs.activation import ManufacturingTrust, Redemption, TVSSettings
 from callboard.protocols.tvs.itl import HashAlgorithm
 from callboard.protocols.tvs.server import make_tvs_factory
+from cryptography.hazmat.primitives import serialization
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from . import certs
-from .admin.api import AdminAPI
+from .admin.api import AdminAPI, iso
 from .config import Config
 from .logs import get_logger
 from .provisioning import ProvisioningSettings, ProvisioningTree
+from .registry.model import Device, DeviceState
 from .registry.registry import Registry, RegistrySettings
 from .registry.store import SQLiteStore
+from .sip_policy import AutoRegistration, RegistryPolicy
 
 log = get_logger("callboard.service")
 
@@ -181,8 +192,61 @@ class CallboardService(MultiService):
         )
         for address in net.listen_addresses:
             self.add_listener("tvs", tcp_endpoint(address, net.tvs_port), self.tvs)
+        self._build_registrar(config, clock)
         self.admin_api = AdminAPI(self.registry, self.registrations, self.status)
         self.add_listener("admin", unix_endpoint(config.admin_socket_path), Site(self.admin_api))
+
+    def _build_registrar(self, config: Config, clock: Callable[[], float]) -> None:
+        sip = config.sip
+        auto = (
+            AutoRegistration(sip.autoregistration_first, sip.autoregistration_last)
+            if sip.autoregistration_first
+            else None
+        )
+        self.registrar = Registrar(
+            RegistryPolicy(self.registry, auto),
+            RegistrarSettings(
+                default_expires=sip.default_expires,
+                min_expires=sip.min_expires,
+                max_expires=sip.max_expires,
+                keepalive_expires=sip.keepalive_expires,
+                realm=sip.realm,
+                digest_algorithms=sip.digest_algorithms,
+            ),
+            wallclock=clock,
+        )
+        self.registry.subscribe(self._drop_registrations)
+        tcp = make_stream_factory(self.registrar, "tcp")
+        ccm = self.server_certs.ccm_tftp
+        tls = TLSMemoryBIOFactory(
+            make_tls_server_options(
+                ccm.cert.public_bytes(serialization.Encoding.PEM),
+                ccm.key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+            ),
+            False,
+            make_stream_factory(self.registrar, "tls"),
+        )
+        net = config.network
+        for address in net.listen_addresses:
+            self.add_listener("sip", tcp_endpoint(address, net.sip_port), tcp)
+            SIPDatagramService(self, address, net.sip_port).setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.add_listener("sip-tls", tcp_endpoint(address, net.sip_tls_port), tls)
+
+    def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
+        """A device deleted, renamed or back to awaiting activation loses its bindings."""
+        if old is None:
+            return
+        stays = (
+            new is not None
+            and new.name == old.name
+            and new.state is not DeviceState.AWAITING_ACTIVATION
+        )
+        if not stays and self.registrar.drop_device(old.name):
+            log.info("registrations dropped", device=old.name)
 
     # -- wiring helpers ------------------------------------------------------------------
 
@@ -217,7 +281,19 @@ class CallboardService(MultiService):
         return self._trust_list
 
     def registrations(self, device_name: str) -> list[dict[str, Any]]:
-        return []
+        return [
+            {
+                "aor": b.aor,
+                "contact": b.contact,
+                "transport": b.transport,
+                "source": b.source,
+                "user_agent": b.user_agent,
+                "expires_in": b.expires_in,
+                "registered": iso(b.registered_at),
+                "client_cert_sha256": b.client_cert_fingerprint,
+            }
+            for b in self.registrar.bindings_for_device(device_name)
+        ]
 
     def status(self) -> dict[str, Any]:
         where = self.listening()
@@ -261,6 +337,10 @@ class CallboardService(MultiService):
         for port in self.tftp.ports:
             host = port.getHost()
             result.tftp.append((host.host, host.port))  # type: ignore[attr-defined]
+        for service in self:
+            if isinstance(service, SIPDatagramService) and service.port is not None:
+                udp = service.port.getHost()
+                result.streams.setdefault("sip-udp", []).append(f"{udp.host}:{udp.port}")
         for ls in self.listeners:
             result.streams.setdefault(ls.label, []).append(ls.where())
         return result
@@ -298,6 +378,45 @@ class RegistryAuthority:
             return Redemption(True, result.device.name, "activated")
         log.info("activation refused", mac=mac, model=model, reason=result.reason)
         return Redemption(False, None, "activation code not accepted")
+
+
+class SIPDatagramService(Service):
+    """SIP over UDP on one address; with port 0 it takes the port SIP/TCP was given.
+
+    It also runs the registrar's one expiry sweep (started once, by the first address).
+    """
+
+    def __init__(self, parent: CallboardService, address: str, port: int) -> None:
+        self._root = parent
+        self._address = address
+        self._port = port
+        self.port: Any = None
+        self._sweeper: Any = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        port = self._port
+        if port == 0:
+            for ls in self._root.listeners:
+                if ls.label == "sip" and ls.port is not None:
+                    host: Any = ls.port.getHost()
+                    if host.host == self._address:
+                        port = host.port
+        registrar = self._root.registrar
+        self.port = self._root.reactor.listenUDP(
+            port, make_udp_protocol(registrar), interface=self._address
+        )
+        if not any(
+            isinstance(s, SIPDatagramService) and s._sweeper is not None for s in self._root
+        ):
+            self._sweeper = start_sweeper(registrar, self._root.reactor)
+
+    def stopService(self) -> Any:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
 
 
 def unix_endpoint(path: Path) -> str:

@@ -183,9 +183,11 @@ def cmd_device_add(client: AdminClient, args: argparse.Namespace) -> Any:
         "lines": [_parse_line(spec) for spec in args.line],
         "requires_activation": args.require_activation,
     }
-    if args.password:
-        for line in body["lines"]:
+    for line in body["lines"]:
+        if args.password:
             line["auth_password"] = args.password
+        if args.auth_name:
+            line["auth_name"] = args.auth_name
     return client.call("POST", "devices", body)
 
 
@@ -337,6 +339,7 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--user", default="", help="owner user id")
     p.add_argument("--description", default="")
     p.add_argument("--password", help="SIP digest password for the lines")
+    p.add_argument("--auth-name", help="SIP digest user name (default: the directory number)")
     req = p.add_mutually_exclusive_group()
     req.add_argument(
         "--require-activation",

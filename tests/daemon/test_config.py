@@ -19,8 +19,12 @@ def test_defaults_are_the_real_ports() -> None:
     config = load_config(None)
     net = config.network
     assert (net.tftp_port, net.http_port, net.tvs_port, net.sip_port, net.sip_tls_port) == (
-        69, 6970, 2445, 5060, 5061,
-    )  # fmt: skip
+        69,
+        6970,
+        2445,
+        5060,
+        5061,
+    )
     assert config.registry.code_ttl_hours == 168
     assert config.tftp_root_path == config.state_dir / "tftp"
     assert config.admin_socket_path == config.state_dir / "admin.sock"
@@ -85,9 +89,22 @@ def test_serve_exits_non_zero_when_a_port_is_taken(tmp_path: Path, daemon_factor
     first = daemon_factory()
     taken = first.port("tvs")
     result = run_cli(
-        "serve", "--state-dir", str(tmp_path / "second"), "--listen-address", "127.0.0.1",
-        "--tftp-port", "0", "--http-port", "0", "--tvs-port", str(taken), "--sip-port", "0",
-        "--sip-tls-port", "0", timeout=30,
-    )  # fmt: skip
+        "serve",
+        "--state-dir",
+        str(tmp_path / "second"),
+        "--listen-address",
+        "127.0.0.1",
+        "--tftp-port",
+        "0",
+        "--http-port",
+        "0",
+        "--tvs-port",
+        str(taken),
+        "--sip-port",
+        "0",
+        "--sip-tls-port",
+        "0",
+        timeout=30,
+    )
     assert result.returncode == 1
     assert "cannot listen" in result.stderr

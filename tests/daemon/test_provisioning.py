@@ -9,7 +9,6 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
-
 from callboard.daemon.provisioning import ProvisioningSettings, ProvisioningTree
 from callboard.daemon.registry.model import Line, Onboarding
 from callboard.daemon.registry.registry import DeviceSpec, Registry
@@ -35,9 +34,12 @@ def tree(tmp_path: Path, registry: Registry) -> ProvisioningTree:
     root.mkdir()
     (root / "sip88xx.14-2-1.loads").write_bytes(b"firmware")
     settings = ProvisioningSettings(
-        address="192.0.2.10", sip_port=5060, sip_tls_port=5061, tvs_port=2445,
+        address="192.0.2.10",
+        sip_port=5060,
+        sip_tls_port=5061,
+        tvs_port=2445,
         loads={"8841": "sip88xx.14-2-1", "8851": "sip88xx.14-2-1"},
-    )  # fmt: skip
+    )
     return ProvisioningTree(
         registry, settings, DirectorySource(str(root)), trust_list=lambda: b"ITL-BYTES"
     )
@@ -74,9 +76,13 @@ def test_sep_config_only_once_active_and_never_for_bat(
     tree: ProvisioningTree, registry: Registry
 ) -> None:
     device = registry.add_device(
-        DeviceSpec(model="8841", mac="001122334455", lines=(Line("1001", "Al & <Bo>", "al", "p<w"),),
-                   description='"quoted" & <tagged>')
-    )  # fmt: skip
+        DeviceSpec(
+            model="8841",
+            mac="001122334455",
+            lines=(Line("1001", "Al & <Bo>", "al", "p<w"),),
+            description='"quoted" & <tagged>',
+        )
+    )
     with pytest.raises(FileNotFound):
         fetch(tree, "SEP001122334455.cnf.xml")
     code = registry.outstanding_code(device)
@@ -133,38 +139,71 @@ def test_daemon_serves_the_tree_over_tftp_and_http(daemon: Any) -> None:
     http, tftp = daemon.port("http"), daemon.port("tftp")
     xml = subprocess.run(
         ["curl", "-sf", f"http://127.0.0.1:{http}/XMLDefault.cnf.xml"],
-        capture_output=True, check=True, timeout=30,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
     root = ET.fromstring(xml)
     assert root.findtext("TVS/members/member/port") == str(daemon.port("tvs"))
     via_tftp = subprocess.run(
         ["curl", "-sf", f"tftp://127.0.0.1:{tftp}/XMLDefault.cnf.xml"],
-        capture_output=True, check=True, timeout=30,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
     assert via_tftp == xml
     missing = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-         f"http://127.0.0.1:{http}/SEP001122334455.cnf.xml"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            f"http://127.0.0.1:{http}/SEP001122334455.cnf.xml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert missing.stdout == "404"
-    added = daemon.json("device", "add", "--model", "8841", "--mac", "001122334455",
-                        "--line", "1001:Desk", "--no-require-activation")  # fmt: skip
+    added = daemon.json(
+        "device",
+        "add",
+        "--model",
+        "8841",
+        "--mac",
+        "001122334455",
+        "--line",
+        "1001:Desk",
+        "--no-require-activation",
+    )
     assert added["state"] == "provisioned"
     out = daemon.state_dir.parent / "SEP001122334455.cnf.xml"
     hpa = subprocess.run(
-        ["tftp", "-m", "binary", "127.0.0.1", str(tftp), "-c", "get",
-         "SEP001122334455.cnf.xml", str(out)],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [
+            "tftp",
+            "-m",
+            "binary",
+            "127.0.0.1",
+            str(tftp),
+            "-c",
+            "get",
+            "SEP001122334455.cnf.xml",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert hpa.returncode == 0, hpa.stderr
     assert ET.parse(out).getroot().findtext("sipProfile/sipLines/line/name") == "1001"
     itl = subprocess.run(
         ["curl", "-sf", f"http://127.0.0.1:{http}/ITLSEP001122334455.tlv"],
-        capture_output=True, check=True, timeout=30,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
     assert itl[:1] == b"\x01"  # VERSION tag first
-    served = [
-        json.loads(line) for line in daemon.log().splitlines() if '"config served"' in line
-    ]
+    served = [json.loads(line) for line in daemon.log().splitlines() if '"config served"' in line]
     assert [(e["device"], e["transport"]) for e in served] == [("SEP001122334455", "tftp")]

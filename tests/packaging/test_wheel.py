@@ -15,8 +15,10 @@ def test_wheel_installs_in_a_clean_venv_and_reports_its_version(tmp_path: Path) 
     dist = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(ROOT)],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = dist.glob("callboard-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         top = {name.split("/")[0] for name in zf.namelist()}
@@ -31,11 +33,16 @@ def test_wheel_installs_in_a_clean_venv_and_reports_its_version(tmp_path: Path) 
     python = env_dir / "bin" / "python"
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", str(wheel)],
-        check=True, capture_output=True, timeout=900,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     result = subprocess.run(
         [str(env_dir / "bin" / "callboard"), "--version"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "callboard 0.1.0"

@@ -38,10 +38,24 @@ class Daemon:
 
     def start(self, timeout: float = 30) -> Daemon:
         args = [
-            *CALLBOARD, "serve", "--state-dir", str(self.state_dir),
-            "--listen-address", "127.0.0.1", "--tftp-port", "0", "--http-port", "0",
-            "--tvs-port", "0", "--sip-port", "0", "--sip-tls-port", "0", *self.extra,
-        ]  # fmt: skip
+            *CALLBOARD,
+            "serve",
+            "--state-dir",
+            str(self.state_dir),
+            "--listen-address",
+            "127.0.0.1",
+            "--tftp-port",
+            "0",
+            "--http-port",
+            "0",
+            "--tvs-port",
+            "0",
+            "--sip-port",
+            "0",
+            "--sip-tls-port",
+            "0",
+            *self.extra,
+        ]
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
         log.close()

@@ -1,0 +1,107 @@
+"""Who may register: the registrar's policy, answered from the device registry.
+
+A phone registers only as a device that exists and is active (activated, or needing no
+code), with the MAC in ``+sip.instance`` and the model ID agreeing with the record, and for
+an address-of-record that is one of the device's directory numbers. Unknown phones of a
+model whose default onboarding method is auto-registration are created on the spot with
+the next free number of the configured range, as CUCM does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from callboard.protocols.sip.registrar import PolicyDecision, RegistrationRequest
+
+from .logs import get_logger
+from .registry.model import MODELS, Device, DeviceState, Line, Onboarding, RegistryError
+from .registry.registry import Registry
+
+log = get_logger("callboard.sip.policy")
+
+_BY_MODEL_ID: dict[str, list[str]] = {}
+for _name, _info in MODELS.items():
+    _BY_MODEL_ID.setdefault(_info.model_id, []).append(_name)
+
+
+@dataclass(frozen=True)
+class AutoRegistration:
+    """The directory-number range auto-registered phones draw from (inclusive)."""
+
+    first: str
+    last: str
+
+    def numbers(self) -> list[str]:
+        width = len(self.first)
+        return [str(n).zfill(width) for n in range(int(self.first), int(self.last) + 1)]
+
+
+class RegistryPolicy:
+    """:class:`~callboard.protocols.sip.registrar.RegistrationPolicy` over the registry."""
+
+    def __init__(self, registry: Registry, autoregistration: AutoRegistration | None) -> None:
+        self._registry = registry
+        self._autoregistration = autoregistration
+
+    def decide(self, request: RegistrationRequest) -> PolicyDecision:
+        name = request.device_name
+        if name is None:
+            if request.is_removal and request.bound_devices:
+                # `Contact: *` carries no Cisco parameters: the bound device answers for it.
+                name = request.bound_devices[0]
+            else:
+                return PolicyDecision.refuse(404, "no +u.sip!devicename.ccm.cisco.com parameter")
+        device = self._registry.find(name)
+        if device is None:
+            return self._unknown(name, request)
+        return self._known(device, request)
+
+    def _known(self, device: Device, request: RegistrationRequest) -> PolicyDecision:
+        if device.state is DeviceState.AWAITING_ACTIVATION or device.is_placeholder:
+            return PolicyDecision.refuse(403, f"{device.name} is awaiting activation")
+        if request.device_name is not None:
+            if request.mac is None or request.mac.upper() != device.mac:
+                return PolicyDecision.refuse(403, f"+sip.instance MAC does not match {device.name}")
+            if request.model_id != MODELS[device.model].model_id:
+                return PolicyDecision.refuse(
+                    403, f"model {request.model_id} does not match {device.name} ({device.model})"
+                )
+        for line in device.lines:
+            if line.directory_number == request.aor_user:
+                credentials = (
+                    (line.auth_name or line.directory_number, line.auth_password)
+                    if line.auth_password
+                    else None
+                )
+                return PolicyDecision.allow(device.name, credentials)
+        return PolicyDecision.refuse(
+            403, f"{request.aor_user} is not a directory number of {device.name}"
+        )
+
+    def _unknown(self, name: str, request: RegistrationRequest) -> PolicyDecision:
+        models = _BY_MODEL_ID.get(request.model_id or "", [])
+        auto = [m for m in models if self._registry.onboarding(m) is Onboarding.AUTOREGISTRATION]
+        if not auto or self._autoregistration is None:
+            return PolicyDecision.refuse(404, f"{name} is not a known device")
+        if request.mac is None or name.upper() != "SEP" + request.mac.upper():
+            return PolicyDecision.refuse(403, "auto-registration needs matching devicename and MAC")
+        number = next(
+            (
+                n
+                for n in self._autoregistration.numbers()
+                if not self._registry.directory_number_in_use(n)
+            ),
+            None,
+        )
+        if number is None:
+            log.warning("auto-registration range exhausted", device=name, source=request.source)
+            return PolicyDecision.refuse(403, "auto-registration range exhausted")
+        try:
+            device = self._registry.autoregister(
+                mac=request.mac, model=auto[0], line=Line(number, f"Auto {number}")
+            )
+        except RegistryError as exc:
+            return PolicyDecision.refuse(403, str(exc))
+        log.info("device auto-registered", device=device.name, model=device.model,
+                 directory_number=number, source=request.source)  # fmt: skip
+        return PolicyDecision.allow(device.name)
