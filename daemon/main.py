@@ -105,6 +105,12 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
     certs.register_cli(sub)
 
+    # The emulated phone is a client, not part of the daemon: the one entry point lends it a
+    # subcommand. Imported lazily so `callboard serve` never loads it.
+    from callboard.phone import cli as phone_cli
+
+    phone_cli.register_cli(sub)
+
 
 def serve_config(args: argparse.Namespace) -> Config:
     overrides = {

@@ -1,0 +1,96 @@
+"""HTTP provisioning fetches (port 6970) for the emulated phone, with ``twisted.web`` Agent.
+
+Current Cisco firmware tries HTTP on 6970 before TFTP. A 404 means "no such file" (the phone
+moves on), so it resolves to ``None``; any other status or a connection failure raises, which
+the boot driver reads as "this server/transport is not answering". One :class:`HttpFetcher`
+(one persistent connection pool) serves every phone of a storm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from twisted.internet import defer
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+DEFAULT_MAX_SIZE = 16 * 1024 * 1024
+
+
+class HTTPStatusError(Exception):
+    """The server answered, but with a status other than 200 or 404."""
+
+    def __init__(self, status: int, url: str) -> None:
+        super().__init__(f"HTTP {status} for {url}")
+        self.status = status
+        self.url = url
+
+
+class HttpFetcher:
+    """GET files from provisioning servers; 200 → bytes, 404 → None, anything else raises."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        connect_timeout: float = 5.0,
+        persistent: bool = True,
+        max_per_host: int = 64,
+        user_agent: str = "Cisco-CP8841/emulated",
+        max_size: int = DEFAULT_MAX_SIZE,
+    ) -> None:
+        self.reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=persistent)
+        self.pool.maxPersistentPerHost = max_per_host
+        self.pool.retryAutomatically = True
+        self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        self.user_agent = user_agent
+        self.max_size = max_size
+
+    @staticmethod
+    def url(host: str, port: int, name: str) -> str:
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}/{quote(name.lstrip('/'))}"
+
+    def fetch(
+        self, host: str, port: int, name: str, *, timeout: float = 10.0
+    ) -> defer.Deferred[bytes | None]:
+        """Fetch ``name``; the whole exchange (connect, headers, body) is bounded by ``timeout``."""
+        url = self.url(host, port, name)
+
+        async def run() -> bytes | None:
+            headers = Headers({b"User-Agent": [self.user_agent.encode("ascii")]})
+            response: IResponse = await self.agent.request(b"GET", url.encode("ascii"), headers)
+            if isinstance(response.length, int) and response.length > self.max_size:
+                response.deliverBody(_Discard())
+                raise HTTPStatusError(413, url)
+            body: bytes = await readBody(response)
+            if response.code == 404:
+                return None
+            if response.code != 200:
+                raise HTTPStatusError(response.code, url)
+            return body
+
+        d = defer.Deferred.fromCoroutine(run())
+        d.addTimeout(timeout, self.reactor)
+        return d
+
+    def close(self) -> defer.Deferred[Any]:
+        """Close the pooled connections (tests and the CLI call it before the reactor stops)."""
+        d: defer.Deferred[Any] = self.pool.closeCachedConnections()
+        return d
+
+
+class _Discard:
+    """A body consumer that drops everything (for answers we refuse to read)."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
