@@ -165,3 +165,17 @@ def test_socket_lookup_order(daemon: Any) -> None:
     assert via_state_dir.returncode == 0
     missing = run_cli("--admin-socket", "/nonexistent/admin.sock", "device", "list")
     assert missing.returncode != 0 and "is the daemon running" in missing.stderr
+
+
+def test_registry_survives_a_daemon_restart(daemon_factory: Any, tmp_path: Path) -> None:
+    first = daemon_factory()
+    added = first.json("device", "add", "--model", "8841", "--line", "1001:Keep Me")
+    code = first.json("code", "show", added["name"])["code"]
+    first.json("defaults", "set", "7821", "--onboarding", "autoregistration")
+    assert first.stop() == 0
+    second = daemon_factory(state_dir=first.state_dir)
+    shown = second.json("device", "show", added["name"])
+    assert shown["lines"][0]["display_name"] == "Keep Me"
+    assert second.json("code", "show", added["name"])["code"] == code
+    defaults = {row["model"]: row["onboarding"] for row in second.json("defaults", "show")}
+    assert defaults["7821"] == "autoregistration"

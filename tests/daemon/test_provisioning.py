@@ -207,3 +207,60 @@ def test_daemon_serves_the_tree_over_tftp_and_http(daemon: Any) -> None:
     assert itl[:1] == b"\x01"  # VERSION tag first
     served = [json.loads(line) for line in daemon.log().splitlines() if '"config served"' in line]
     assert [(e["device"], e["transport"]) for e in served] == [("SEP001122334455", "tftp")]
+
+
+def test_daemon_serves_firmware_to_atftp_curl_and_tftp_hpa(daemon: Any, tmp_path: Path) -> None:
+    """A multi-megabyte binary from the TFTP root, with blksize and windowsize options."""
+    firmware = bytes(range(256)) * (3 * 4096 + 17)  # ~3 MB, not block-aligned
+    (daemon.state_dir / "tftp" / "sip88xx.14-2-1.loads").write_bytes(firmware)
+    port = str(daemon.port("tftp"))
+    for i, window in enumerate(("1", "16")):
+        out = tmp_path / f"atftp-{i}.bin"
+        subprocess.run(
+            [
+                "atftp",
+                "--get",
+                "-r",
+                "sip88xx.14-2-1.loads",
+                "-l",
+                str(out),
+                "--option",
+                "blksize 1468",
+                "--option",
+                f"windowsize {window}",
+                "127.0.0.1",
+                port,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        assert out.read_bytes() == firmware
+    via_curl = subprocess.run(
+        ["curl", "-sf", "--tftp-blksize", "1468", f"tftp://127.0.0.1:{port}/sip88xx.14-2-1.loads"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
+    assert via_curl == firmware
+    out = tmp_path / "hpa.bin"
+    subprocess.run(
+        ["tftp", "-m", "binary", "127.0.0.1", port, "-c", "get", "sip88xx.14-2-1.loads", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.read_bytes() == firmware
+    http = subprocess.run(
+        [
+            "curl",
+            "-sf",
+            "-r",
+            "1000-1999",
+            f"http://127.0.0.1:{daemon.port('http')}/sip88xx.14-2-1.loads",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
+    assert http == firmware[1000:2000]
