@@ -23,6 +23,7 @@ the message dropped, so one bad packet never takes a listener down.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from callboard.protocols.sip.message import MessageTooLarge, SIPParseError, StreamFramer
@@ -190,6 +191,20 @@ def make_tls_server_options(
     )
 
 
+def set_receive_buffer(port: Any, size: int) -> None:
+    """Ask for a larger UDP receive buffer so a burst (a boot storm) queues instead of dropping.
+
+    The kernel caps it at ``net.core.rmem_max``; failure is harmless.
+    """
+    sock = getattr(port, "socket", None)
+    if sock is None or size <= 0:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError as exc:
+        log.warn("SIP/UDP receive buffer not enlarged: {err}", err=exc)
+
+
 def start_sweeper(registrar: Registrar, reactor: IReactorTime) -> LoopingCall:
     """One periodic sweep for every binding (not a timer per binding)."""
     loop = LoopingCall(registrar.sweep)
@@ -216,7 +231,9 @@ class SIPRegistrarService(Service):
         tls_port: int | None = 5061,
         interface: str = "",
         tls_options: ssl.CertificateOptions | None = None,
+        udp_receive_buffer: int = 4 * 1024 * 1024,
     ) -> None:
+        self.udp_receive_buffer = udp_receive_buffer
         self.registrar = registrar
         self.reactor = reactor
         self.interface = interface
@@ -232,6 +249,7 @@ class SIPRegistrarService(Service):
         r = self.reactor
         if self.udp_port is not None:
             p = r.listenUDP(self.udp_port, make_udp_protocol(self.registrar), self.interface)
+            set_receive_buffer(p, self.udp_receive_buffer)
             self._listeners.append(p)
             self.udp_port = p.getHost().port
         if self.tcp_port is not None:
