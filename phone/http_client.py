@@ -12,7 +12,10 @@ from typing import Any
 from urllib.parse import quote
 
 from twisted.internet import defer
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -64,9 +67,11 @@ class HttpFetcher:
             headers = Headers({b"User-Agent": [self.user_agent.encode("ascii")]})
             response: IResponse = await self.agent.request(b"GET", url.encode("ascii"), headers)
             if isinstance(response.length, int) and response.length > self.max_size:
-                response.deliverBody(_Discard())
+                response.deliverBody(_Collector(0))
                 raise HTTPStatusError(413, url)
-            body: bytes = await readBody(response)
+            collector = _Collector(self.max_size)
+            response.deliverBody(collector)
+            body = await collector.done
             if response.code == 404:
                 return None
             if response.code != 200:
@@ -83,14 +88,29 @@ class HttpFetcher:
         return d
 
 
-class _Discard:
-    """A body consumer that drops everything (for answers we refuse to read)."""
+class _Collector(Protocol):
+    """Collect a body up to ``limit`` bytes; beyond it, stop reading and fail."""
 
-    def makeConnection(self, transport: Any) -> None:
-        transport.stopProducing()
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done: defer.Deferred[bytes] = defer.Deferred()
 
     def dataReceived(self, data: bytes) -> None:
-        pass
+        self.size += len(data)
+        if self.size > self.limit:
+            if self.transport is not None:
+                self.transport.stopProducing()  # type: ignore[attr-defined]
+            if not self.done.called:
+                self.done.errback(HTTPStatusError(413, "body larger than allowed"))
+            return
+        self.chunks.append(data)
 
-    def connectionLost(self, reason: Any) -> None:
-        pass
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
