@@ -106,7 +106,7 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     certs.register_cli(sub)
 
     # The emulated phone is a client, not part of the daemon: the one entry point lends it a
-    # subcommand. Imported lazily so `callboard serve` never loads it.
+    # subcommand. Imported here rather than at the top so no daemon module depends on it.
     from callboard.phone import cli as phone_cli
 
     phone_cli.register_cli(sub)

@@ -62,6 +62,10 @@ def test_bat_record_code_and_mic_onboard_over_http(
     assert device(served, bat) is None
     assert served.json("code", "show", f"SEP{BAT_MAC}")["state"] == "used"
     assert http_get(served, f"SEP{BAT_MAC}.cnf.xml") == 200
+    # The last step: REGISTER the line the config named, with its digest credentials.
+    assert "[sip] REGISTER to tcp:127.0.0.1:" in out and "2001=200" in out
+    shown = served.json("device", "show", f"SEP{BAT_MAC}")
+    assert shown["registrations"], shown
 
 
 def test_bat_onboarding_over_tftp_only(served: Daemon, lab: certs.LabCA, tmp_path: Path) -> None:
