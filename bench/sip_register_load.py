@@ -5,7 +5,8 @@ REGISTERs, ``tests/sipp/register_load.xml``: a fresh AoR per call, no retransmis
 answer timeout) and keeps the highest *achieved* rate at which every REGISTER got its 200 and
 no retransmission was seen. It stops at the first failing step. Callboard runs in its own
 process (allow-all policy, no auth, logging discarded); Kamailio runs ``bench/kamailio/
-kamailio.cfg`` (registrar + usrloc in memory, no auth). Everything listens on 127.0.0.1 only.
+kamailio.cfg`` (registrar + usrloc in memory, no auth, 1 GiB shared memory: the 64 MiB default fills
+up at about 65 000 bindings and then every REGISTER fails). Everything listens on 127.0.0.1 only.
 
     python bench/sip_register_load.py [--rates 500,1000,...] [--seconds 3] [--runs 1]
 
@@ -31,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "tests" / "sipp" / "register_load.xml"
 KAMAILIO_CFG = ROOT / "bench" / "kamailio" / "kamailio.cfg"
-DEFAULT_RATES = [500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 16000, 20000]
+DEFAULT_RATES = [2000, 4000, 6000, 8000, 10000, 12000, 16000, 20000, 25000, 30000]
 
 
 def free_udp_port() -> int:
@@ -171,7 +172,7 @@ def measure_callboard(rates: list[int], seconds: float, workdir: Path) -> float:
 def measure_kamailio(rates: list[int], seconds: float, workdir: Path) -> float:
     port = free_udp_port()
     proc = subprocess.Popen(
-        ["/usr/sbin/kamailio", "-f", str(KAMAILIO_CFG), "-DD", "-E",
+        ["/usr/sbin/kamailio", "-f", str(KAMAILIO_CFG), "-DD", "-E", "-m", "1024",
          "-l", f"udp:127.0.0.1:{port}", "-w", str(workdir), "-P", str(workdir / "kam.pid")],
         start_new_session=True,
         stdout=subprocess.DEVNULL,

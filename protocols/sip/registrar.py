@@ -344,7 +344,6 @@ class Registrar:
             resp = self._response(req, 200)
             resp.headers.add("Allow", ALLOW)
             resp.headers.add("Accept", "application/sdp")
-            resp.headers.add("Supported", "path")
             return resp
         mf = req.headers.get("max-forwards")
         if mf is not None:
