@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .registry.model import MODELS
+from callboard.protocols.models import MODELS
 
 
 class ConfigError(Exception):

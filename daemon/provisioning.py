@@ -25,9 +25,10 @@ from callboard.protocols.filesource import (
     MemoryBody,
     Requester,
 )
+from callboard.protocols.models import MODELS
 
 from .logs import get_logger
-from .registry.model import MODELS, Device, Line, Onboarding
+from .registry.model import Device, Line, Onboarding
 from .registry.registry import Registry
 
 log = get_logger("callboard.provisioning")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from callboard.protocols.models import MODELS
 from callboard.protocols.sip.registrar import PolicyDecision, RegistrationRequest
 
 from .logs import get_logger
-from .registry.model import MODELS, Device, DeviceState, Line, Onboarding, RegistryError
+from .registry.model import Device, DeviceState, Line, Onboarding, RegistryError
 from .registry.registry import Registry
 
 log = get_logger("callboard.sip.policy")

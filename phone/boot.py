@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any, Literal
 from xml.etree import ElementTree as ET
 
+from callboard.protocols.models import MODEL_IDS, model_key
 from callboard.protocols.tvs import client as tvs_client
 from callboard.protocols.tvs.codec import ActivateResponse, ActivateStatus, DeviceName
 from callboard.protocols.tvs.itl import ITLError, Role, parse_itl
@@ -35,13 +36,6 @@ from .http_client import HttpFetcher
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 Transport = Literal["auto", "http", "tftp"]
-
-#: Cisco model IDs (public facts, cisco-protocols.md §3); the phone sends its own in SIP.
-MODEL_IDS: dict[str, str] = {
-    "7811": "36213", "7821": "621", "7832": "36247", "7841": "622", "7861": "623",
-    "8811": "36217", "8832": "36258", "8832NR": "36258", "8841": "683", "8845": "36224",
-    "8851": "684", "8851NR": "684", "8861": "685", "8865": "36225", "8865NR": "36225",
-}  # fmt: skip
 
 DEFAULT_LOADS: dict[str, str] = {"78": "sip78xx.14-2-1", "88": "sip88xx.14-2-1"}
 
@@ -59,7 +53,7 @@ def normalise_mac(raw: str) -> str:
 
 def normalise_model(raw: str) -> str:
     """``CP-8841``, ``Cisco 8841``, ``8841`` → ``8841``."""
-    model = raw.strip().upper().removeprefix("CISCO ").removeprefix("CP-").strip()
+    model = model_key(raw)
     if not _MODEL_RE.match(model):
         raise ValueError(f"model {raw!r} is not like 8841 or 8865NR")
     return model

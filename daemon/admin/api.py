@@ -16,12 +16,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from callboard.protocols.models import MODELS
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ..logs import get_logger
 from ..registry.model import (
-    MODELS,
     ActivationCode,
     Conflict,
     Device,

@@ -13,6 +13,8 @@ import secrets
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from callboard.protocols.models import MODELS, ModelInfo, model_key
+
 CODE_DIGITS = 16
 DEFAULT_CODE_TTL_HOURS = 168
 
@@ -29,48 +31,10 @@ class Conflict(RegistryError):
     """The change would break a uniqueness rule (MAC, device name, directory number)."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """A supported phone model: its product name and Cisco model ID."""
-
-    name: str  # "8841"
-    model_id: str  # "683", as in loadInformation<ID> and +u.sip!model.ccm.cisco.com
-
-    @property
-    def product(self) -> str:
-        return f"Cisco {self.name}"
-
-
-# Cisco model IDs (shared/reference/cisco-protocols.md, section 3). The NR ("no radio")
-# variants have no published ID; they share the base model's ID here, which is what the
-# phone's load and SIP model parameter are matched against.
-MODELS: dict[str, ModelInfo] = {
-    m.name: m
-    for m in (
-        ModelInfo("7811", "36213"),
-        ModelInfo("7821", "621"),
-        ModelInfo("7832", "36247"),
-        ModelInfo("7841", "622"),
-        ModelInfo("7861", "623"),
-        ModelInfo("8811", "36217"),
-        ModelInfo("8832", "36258"),
-        ModelInfo("8832NR", "36258"),
-        ModelInfo("8841", "683"),
-        ModelInfo("8845", "36224"),
-        ModelInfo("8851", "684"),
-        ModelInfo("8851NR", "684"),
-        ModelInfo("8861", "685"),
-        ModelInfo("8865", "36225"),
-        ModelInfo("8865NR", "36225"),
-    )
-}
-
-
 def model_info(name: str) -> ModelInfo:
     """Look a model up by name, accepting ``CP-8841`` and ``Cisco 8841`` spellings."""
-    key = name.strip().upper().removeprefix("CISCO ").removeprefix("CP-").strip()
     try:
-        return MODELS[key]
+        return MODELS[model_key(name)]
     except KeyError:
         supported = ", ".join(MODELS)
         raise RegistryError(f"unsupported model {name!r} (supported: {supported})") from None

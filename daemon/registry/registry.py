@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from callboard.protocols.models import MODELS
+
 from .model import (
-    MODELS,
     ActivationCode,
     CodeState,
     Conflict,
