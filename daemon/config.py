@@ -39,6 +39,21 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class EndpointsConfig:
+    """Twisted endpoint strings replacing the listeners built from address and port.
+
+    For example ``systemd:domain=INET:index=0`` takes a socket from systemd's socket
+    activation. Empty: one ``tcp:`` listener per listen address (``unix:`` for admin).
+    """
+
+    http: str = ""
+    tvs: str = ""
+    sip: str = ""  # SIP over TCP; SIP over UDP stays on the listen addresses
+    sip_tls: str = ""
+    admin: str = ""
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     code_ttl_hours: float = 168.0
     unique_directory_numbers: bool = False
@@ -90,6 +105,7 @@ class Config:
     log_level: str = "info"
     source: str = "<defaults>"  # the file this came from, for messages
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tftp: TFTPConfig = field(default_factory=TFTPConfig)
     tvs: TVSConfig = field(default_factory=TVSConfig)
@@ -115,6 +131,7 @@ class Config:
 
 _SECTIONS: dict[str, type[Any]] = {
     "network": NetworkConfig,
+    "endpoints": EndpointsConfig,
     "registry": RegistryConfig,
     "tftp": TFTPConfig,
     "tvs": TVSConfig,

@@ -171,8 +171,8 @@ class CallboardService(MultiService):
         )
         self.tftp.setServiceParent(self)  # type: ignore[no-untyped-call]
         site = provisioning_site(self.tree)
-        for address in net.listen_addresses:
-            self.add_listener("http", tcp_endpoint(address, net.http_port), site)
+        for description in self._streams("http", net.http_port):
+            self.add_listener("http", description, site)
         v = config.tvs
         self.tvs = make_tvs_factory(
             self.server_certs.tvs.cert,
@@ -190,11 +190,15 @@ class CallboardService(MultiService):
             reactor,
             clock=clock,
         )
-        for address in net.listen_addresses:
-            self.add_listener("tvs", tcp_endpoint(address, net.tvs_port), self.tvs)
+        for description in self._streams("tvs", net.tvs_port):
+            self.add_listener("tvs", description, self.tvs)
         self._build_registrar(config, clock)
         self.admin_api = AdminAPI(self.registry, self.registrations, self.status)
-        self.add_listener("admin", unix_endpoint(config.admin_socket_path), Site(self.admin_api))
+        self.add_listener(
+            "admin",
+            config.endpoints.admin or unix_endpoint(config.admin_socket_path),
+            Site(self.admin_api),
+        )
 
     def _build_registrar(self, config: Config, clock: Callable[[], float]) -> None:
         sip = config.sip
@@ -231,10 +235,13 @@ class CallboardService(MultiService):
             make_stream_factory(self.registrar, "tls"),
         )
         net = config.network
+        for description in self._streams("sip", net.sip_port):
+            self.add_listener("sip", description, tcp)
+        # After SIP/TCP: with port 0, UDP takes the number TCP was given.
         for address in net.listen_addresses:
-            self.add_listener("sip", tcp_endpoint(address, net.sip_port), tcp)
             SIPDatagramService(self, address, net.sip_port).setServiceParent(self)  # type: ignore[no-untyped-call]
-            self.add_listener("sip-tls", tcp_endpoint(address, net.sip_tls_port), tls)
+        for description in self._streams("sip_tls", net.sip_tls_port):
+            self.add_listener("sip-tls", description, tls)
 
     def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
         """A device deleted, renamed or back to awaiting activation loses its bindings."""
@@ -249,6 +256,13 @@ class CallboardService(MultiService):
             log.info("registrations dropped", device=old.name)
 
     # -- wiring helpers ------------------------------------------------------------------
+
+    def _streams(self, key: str, port: int) -> list[str]:
+        """The configured endpoint string, else one TCP listener per listen address."""
+        override: str = getattr(self.config.endpoints, key)
+        if override:
+            return [override]
+        return [tcp_endpoint(address, port) for address in self.config.network.listen_addresses]
 
     def add_listener(self, label: str, description: str, factory: IProtocolFactory) -> None:
         factory.noisy = False  # type: ignore[attr-defined]

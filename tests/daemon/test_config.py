@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from callboard.daemon.config import ConfigError, load_config
@@ -108,3 +109,11 @@ def test_serve_exits_non_zero_when_a_port_is_taken(tmp_path: Path, daemon_factor
     )
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
+
+
+def test_endpoint_strings_replace_the_built_listeners(daemon_factory: Any, tmp_path: Path) -> None:
+    admin = tmp_path / "elsewhere.sock"
+    config = write(tmp_path, f'[endpoints]\nadmin = "unix:address={admin}:mode=600:lockfile=1"\n')
+    daemon = daemon_factory("--config", str(config), socket=admin)
+    assert admin.exists() and not (daemon.state_dir / "admin.sock").exists()
+    assert daemon.json("device", "list") == []

@@ -28,10 +28,10 @@ def run_cli(
 class Daemon:
     """A ``callboard serve`` subprocess with its own state dir."""
 
-    def __init__(self, state_dir: Path, *extra: str) -> None:
+    def __init__(self, state_dir: Path, *extra: str, socket: Path | None = None) -> None:
         self.state_dir = state_dir
         self.extra = list(extra)
-        self.socket = state_dir / "admin.sock"
+        self.socket = socket or state_dir / "admin.sock"
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = state_dir.parent / f"{state_dir.name}-daemon.log"
         self.status: dict[str, Any] = {}
