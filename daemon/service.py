@@ -24,7 +24,7 @@ from callboard.protocols.sip.transports import (
     start_sweeper,
 )
 from callboard.protocols.tftp.server import TFTPService, TFTPSettings
-from callboard.protocols.tvs.activation import ManufacturingTrust, Redemption, TVSSettings
+from callboard.protocols.tvs.activation import ManufacturingTrust, TVSSettings
 from callboard.protocols.tvs.itl import HashAlgorithm
 from callboard.protocols.tvs.server import make_tvs_factory
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +36,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from . import certs
+from .activation import RegistryAuthority
 from .admin.api import AdminAPI, iso
 from .config import Config
 from .logs import get_logger
@@ -125,7 +126,30 @@ class CallboardService(MultiService):
                 unique_directory_numbers=config.registry.unique_directory_numbers,
             ),
         )
+        self.listeners: list[ListenerService] = []
+        if not certs.certs_present(state_dir):
+            log.info("creating server certificates", directory=str(state_dir / "certs"))
+            certs.init_certs(state_dir, key_type=config.tvs.key_type)
+        self.server_certs = certs.load_server_certs(state_dir)
+        self._build_file_service(config, clock)
+        self._build_tvs(config, clock)
+        self._build_registrar(config, clock)
+        self.admin_api = AdminAPI(self.registry, self.registrations, self.status)
+        self.add_listener(
+            "admin",
+            config.endpoints.admin or unix_endpoint(config.admin_socket_path),
+            Site(self.admin_api),
+        )
+
+    def _build_file_service(self, config: Config, clock: Callable[[], float]) -> None:
+        """TFTP and HTTP over one provisioning tree, with the signed ITL in it."""
         net = config.network
+        itl = self.server_certs.build_itl(
+            timestamp=int(clock()),
+            hash_algorithm=HashAlgorithm.SHA1
+            if config.tvs.itl_hash == "sha1"
+            else HashAlgorithm.SHA512,
+        )
         self.tree = ProvisioningTree(
             self.registry,
             ProvisioningSettings(
@@ -139,19 +163,8 @@ class CallboardService(MultiService):
                 loads=dict(config.loads),
             ),
             DirectorySource(str(config.tftp_root_path)),
-            trust_list=self.trust_list,
-            template_dir=state_dir / "templates",
-        )
-        self.listeners: list[ListenerService] = []
-        if not certs.certs_present(state_dir):
-            log.info("creating server certificates", directory=str(state_dir / "certs"))
-            certs.init_certs(state_dir, key_type=config.tvs.key_type)
-        self.server_certs = certs.load_server_certs(state_dir)
-        self._trust_list: bytes | None = self.server_certs.build_itl(
-            timestamp=int(clock()),
-            hash_algorithm=HashAlgorithm.SHA1
-            if config.tvs.itl_hash == "sha1"
-            else HashAlgorithm.SHA512,
+            trust_list=lambda: itl,
+            template_dir=config.state_dir / "templates",
         )
         t = config.tftp
         self.tftp = TFTPService(
@@ -167,12 +180,14 @@ class CallboardService(MultiService):
                 max_transfers=t.max_transfers,
                 max_transfers_per_client=t.max_transfers_per_client,
             ),
-            reactor=reactor,
+            reactor=self.reactor,
         )
         self.tftp.setServiceParent(self)  # type: ignore[no-untyped-call]
         site = provisioning_site(self.tree)
         for description in self._streams("http", net.http_port):
             self.add_listener("http", description, site)
+
+    def _build_tvs(self, config: Config, clock: Callable[[], float]) -> None:
         v = config.tvs
         self.tvs = make_tvs_factory(
             self.server_certs.tvs.cert,
@@ -187,18 +202,11 @@ class CallboardService(MultiService):
                 throttle_budget=v.failure_budget,
                 throttle_window=v.failure_window_seconds,
             ),
-            reactor,
+            self.reactor,
             clock=clock,
         )
-        for description in self._streams("tvs", net.tvs_port):
+        for description in self._streams("tvs", config.network.tvs_port):
             self.add_listener("tvs", description, self.tvs)
-        self._build_registrar(config, clock)
-        self.admin_api = AdminAPI(self.registry, self.registrations, self.status)
-        self.add_listener(
-            "admin",
-            config.endpoints.admin or unix_endpoint(config.admin_socket_path),
-            Site(self.admin_api),
-        )
 
     def _build_registrar(self, config: Config, clock: Callable[[], float]) -> None:
         sip = config.sip
@@ -291,9 +299,6 @@ class CallboardService(MultiService):
         self.tvs.set_trust(trust)
         log.info("manufacturing trust store reloaded", certificates=len(trust))
 
-    def trust_list(self) -> bytes | None:
-        return self._trust_list
-
     def registrations(self, device_name: str) -> list[dict[str, Any]]:
         return [
             {
@@ -371,27 +376,6 @@ class CallboardService(MultiService):
             return None
         d.addBoth(close)
         return d
-
-
-class RegistryAuthority:
-    """The TVS activation authority, backed by the registry's durable ``redeem``.
-
-    The detailed reason goes to the log; the phone hears one neutral sentence for every
-    refusal, so that a guesser learns nothing from it.
-    """
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-
-    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Redemption:
-        result = self._registry.redeem(mac=mac, model=model, code=code, mic_sha256=mic_sha256)
-        if result.ok and result.device is not None:
-            log.info(
-                "device activated", device=result.device.name, model=model, mic_sha256=mic_sha256
-            )
-            return Redemption(True, result.device.name, "activated")
-        log.info("activation refused", mac=mac, model=model, reason=result.reason)
-        return Redemption(False, None, "activation code not accepted")
 
 
 class SIPDatagramService(Service):

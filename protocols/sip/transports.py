@@ -74,6 +74,12 @@ class SIPStreamProtocol(Protocol):
         self.framer = StreamFramer(registrar.settings.max_message_size)
         self._source: Source | None = None
 
+    def connectionMade(self) -> None:
+        # Each reply is one write the phone waits for: do not let Nagle hold it back.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
     def _get_source(self) -> Source:
         if self._source is None:
             assert self.transport is not None

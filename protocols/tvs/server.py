@@ -66,6 +66,11 @@ class TVSProtocol(Protocol):
         self._closing = False
 
     def connectionMade(self) -> None:
+        # Request/response over TLS: without TCP_NODELAY the answer can sit behind Nagle
+        # until the phone ACKs the TLS 1.3 session tickets sent just before it.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self._arm_idle()
 
     def _arm_idle(self) -> None:
