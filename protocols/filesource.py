@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Protocol
@@ -104,6 +105,9 @@ class DiskBody:
             self._fd = -1
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def normalise_name(raw: str) -> str:
     """Turn a requested name into a relative path under the served root.
 
@@ -111,10 +115,10 @@ def normalise_name(raw: str) -> str:
     components and ``.`` are dropped. ``..``, NUL and other control characters are
     refused with :class:`AccessViolation`, so no caller ever sees an escaping path.
     """
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
+    if _CONTROL.search(raw):
         raise AccessViolation("control character in file name")
     parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts):
+    if ".." in parts:
         raise AccessViolation("parent directory in file name")
     if not parts:
         raise FileNotFound("empty file name")

@@ -7,7 +7,7 @@ Wiring (the daemon)::
         addresses=["192.0.2.10"],    # one listening socket per address, never a wildcard
         port=69,
         settings=TFTPSettings(),     # every knob, with defaults
-        reactor=reactor,             # IReactorUDP + IReactorTime; the global one if omitted
+        reactor=reactor,             # UDP, FD set and time; the global one if omitted
     )
     service.setServiceParent(parent)
     service.ports                    # the bound IListeningPorts (tests listen on port 0)
@@ -38,9 +38,18 @@ from callboard.protocols.filesource import (
 from callboard.protocols.tftp import codec
 from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
 from twisted.application.service import Service
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IReactorUDP
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IReactorFDSet,
+    IReactorTime,
+    IReactorUDP,
+    IReadDescriptor,
+)
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 __all__ = ["TFTPService", "TFTPSettings"]
 
@@ -80,10 +89,60 @@ def _printable(name: str) -> str:
     return safe[:200]
 
 
-class _TransferProtocol(DatagramProtocol):
-    """One transfer's socket: the client's TID in, the state machine's datagrams out."""
+@implementer(IReadDescriptor)
+class _TransferSocket:
+    """One transfer's UDP socket (its TID), read straight from the reactor.
 
-    noisy = False
+    Twisted's ``udp.Port`` logs a line when it opens and another when it closes; a boot storm
+    opens thousands of transfer sockets a second, so each is a bare read descriptor instead.
+    """
+
+    def __init__(self, reactor: IReactorFDSet, local: str, protocol: _TransferProtocol) -> None:
+        family = socket.AF_INET6 if ":" in local else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((local, 0))
+        except BaseException:
+            sock.close()
+            raise
+        self._sock: socket.socket | None = sock
+        self._reactor = reactor
+        self._protocol = protocol
+        self.sendto = sock.sendto
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def logPrefix(self) -> str:
+        return "tftp-transfer"
+
+    def doRead(self) -> None:
+        for _ in range(64):  # drain a window's worth of ACKs, then let others run
+            sock = self._sock
+            if sock is None:
+                return
+            try:
+                datagram, addr = sock.recvfrom(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue  # an ICMP error surfaced on the socket: the timer copes
+            self._protocol.datagramReceived(datagram, (addr[0], addr[1]))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._reactor.removeReader(self)
+            self._sock.close()
+            self._sock = None
+
+
+class _TransferProtocol:
+    """One transfer: the client's TID in, the state machine's datagrams out."""
 
     def __init__(
         self,
@@ -102,12 +161,12 @@ class _TransferProtocol(DatagramProtocol):
         self._clock = service.clock
         self._send: Callable[[bytes, Address], Any] | None = None
         self._timer: IDelayedCall | None = None
-        self.port: IListeningPort | None = None
+        self.socket: _TransferSocket | None = None
         self._closed = False
 
-    def startProtocol(self) -> None:
-        assert self.transport is not None
-        self._send = self.transport.getHandle().sendto  # type: ignore[attr-defined]
+    def attach(self, sock: _TransferSocket) -> None:
+        self.socket = sock
+        self._send = sock.sendto
 
     def begin(self, now: float) -> None:
         self._emit(self.transfer.start(now))
@@ -179,8 +238,8 @@ class _TransferProtocol(DatagramProtocol):
         try:
             self._body.close()
         finally:
-            if self.port is not None:
-                self.port.stopListening()
+            if self.socket is not None:
+                self.socket.close()
             self._service._transfer_done(self)
 
 
@@ -230,6 +289,7 @@ class TFTPService(Service):
         self.settings = settings or TFTPSettings()
         self.reactor: IReactorUDP = reactor
         self.clock: IReactorTime = reactor
+        self.descriptors: IReactorFDSet = reactor  # transfer sockets are bare read descriptors
         self.ports: list[IListeningPort] = []
         self._transfers: dict[tuple[str, str, int], _TransferProtocol] = {}
         self._per_client: dict[str, int] = {}
@@ -368,8 +428,8 @@ class TFTPService(Service):
         )
         protocol = _TransferProtocol(self, key, transfer, body, name)
         try:
-            protocol.port = self.reactor.listenUDP(0, protocol, interface=local, maxPacketSize=8192)
-        except Exception:
+            protocol.attach(_TransferSocket(self.descriptors, local, protocol))
+        except OSError:
             body.close()
             self._refuse(reply, addr, name, codec.ErrorCode.NOT_DEFINED, "server busy", started)
             return
