@@ -8,7 +8,6 @@ Keys that could carry a secret are redacted on the way out, whatever logged them
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -70,16 +69,9 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     )
 
 
-# Twisted's own per-port chatter: every TFTP transfer opens and closes a UDP port, and the
-# transfer itself is already logged once with its outcome.
-_PORT_CHATTER = re.compile(r"starting on \d+$|^\(UDP Port \d+ Closed\)$")
-
-
 @provider(ILogObserver)
 def twisted_to_structlog(event: dict[str, Any]) -> None:
     """Re-emit one ``twisted.logger`` event through structlog, keeping its fields."""
-    if event.get("log_namespace") == "log_legacy" and _PORT_CHATTER.search(formatEvent(event)):
-        return
     level = _LEVELS.get(event.get("log_level", LogLevel.info), "info")
     fields: dict[str, Any] = {
         key: value
