@@ -121,3 +121,24 @@ def test_re_onboarding_drops_registrations(sip_daemon: Any, tmp_path: Path) -> N
     assert shown["state"] == "awaiting-activation" and shown["registrations"] == []
     # And it cannot register again until a code is redeemed.
     sipp(sip_daemon, tmp_path, "register_inactive_403.xml", "1001", "001122334455", "t1")
+
+
+def test_autoregistration_creates_phones_until_the_range_runs_out(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    config = tmp_path / "auto.toml"
+    config.write_text('[sip]\nautoregistration_first = "2000"\nautoregistration_last = "2001"\n')
+    daemon = daemon_factory("--config", str(config))
+    daemon.json("defaults", "set", "8841", "--onboarding", "autoregistration")
+    for mac in ("0000000000a1", "0000000000a2"):
+        sipp(daemon, tmp_path, "register_ok.xml", "9999", mac, "t1")
+    devices = {d["name"]: d for d in daemon.json("device", "list")}
+    assert set(devices) == {"SEP0000000000A1", "SEP0000000000A2"}
+    assert sorted(d["lines"][0]["directory_number"] for d in devices.values()) == ["2000", "2001"]
+    assert all(d["state"] == "active" for d in devices.values())
+    # The range is exhausted: a clear 403 and a log line, not a crash.
+    sipp(daemon, tmp_path, "register_inactive_403.xml", "9999", "0000000000a3", "t1")
+    assert "auto-registration range exhausted" in daemon.log()
+    # A model still on activation codes is not auto-registered: unknown stays 404.
+    daemon.json("defaults", "set", "8841", "--onboarding", "activation-code")
+    sipp(daemon, tmp_path, "register_unknown_404.xml", "9999", "0000000000a4", "t1")
