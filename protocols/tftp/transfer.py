@@ -261,14 +261,17 @@ class Transfer:
         if self._last is not None:
             end = min(end, self._last + 1)
         size = self._blksize
-        read_at = self._body.read_at
         pack = _DATA.pack
+        try:
+            # One read for the whole window, sliced per block.
+            chunk = memoryview(self._body.read_at((block - 1) * size, (end - block) * size))
+        except OSError:
+            self._finish(now, False, "read error", codec.ErrorCode.NOT_DEFINED)
+            return [codec.encode_error(codec.ErrorCode.NOT_DEFINED, "read error")]
+        offset = 0
         while block < end:
-            try:
-                payload = read_at((block - 1) * size, size)
-            except OSError:
-                self._finish(now, False, "read error", codec.ErrorCode.NOT_DEFINED)
-                return [codec.encode_error(codec.ErrorCode.NOT_DEFINED, "read error")]
+            payload = chunk[offset : offset + size]
+            offset += size
             out.append(pack(3, block & 0xFFFF) + payload)
             if len(payload) < size:
                 self._last = block
