@@ -452,42 +452,36 @@ def _content_length(head: bytes) -> int:
 # --- structured header values -------------------------------------------------------------
 
 
+_SPLITTERS: dict[str, re.Pattern[str]] = {}
+
+
+def _splitter(sep: str) -> re.Pattern[str]:
+    """A run of quoted strings, ``<...>`` and plain characters, up to the next ``sep``."""
+    rx = _SPLITTERS.get(sep)
+    if rx is None:
+        plain = re.escape(sep)
+        quoted = r'"(?:[^"\\]|\\.)*"'
+        angle = r"<(?:" + quoted + r'|[^">])*>?'
+        rx = re.compile(r"(?:" + quoted + "|" + angle + r'|[^"<' + plain + r"])*", re.DOTALL)
+        _SPLITTERS[sep] = rx
+    return rx
+
+
 def split_unquoted(s: str, sep: str) -> list[str]:
     """Split on ``sep`` outside double quotes (with backslash escapes) and ``<...>``."""
     if '"' not in s and "<" not in s:
         return s.split(sep)  # the common case (Via, plain params): no quoting to honour
+    match = _splitter(sep).match
     out: list[str] = []
-    buf: list[str] = []
-    in_quote = False
-    in_angle = False
-    escaped = False
-    for ch in s:
-        if escaped:
-            buf.append(ch)
-            escaped = False
-            continue
-        if in_quote:
-            if ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_quote = False
-            buf.append(ch)
-            continue
-        if ch == '"':
-            in_quote = True
-        elif ch == "<":
-            in_angle = True
-        elif ch == ">":
-            in_angle = False
-        elif ch == sep and not in_angle:
-            out.append("".join(buf))
-            buf = []
-            continue
-        buf.append(ch)
-    if in_quote:
-        raise SIPParseError("unterminated quoted string")
-    out.append("".join(buf))
-    return out
+    pos, end_of_text = 0, len(s)
+    while True:
+        end = match(s, pos).end()  # type: ignore[union-attr]  # a * pattern always matches
+        out.append(s[pos:end])
+        if end >= end_of_text:
+            return out
+        if s[end] != sep:  # only an opening quote with no closing one stops the run
+            raise SIPParseError("unterminated quoted string")
+        pos = end + 1
 
 
 Params = list[tuple[str, str | None]]
@@ -529,6 +523,8 @@ def has_param(params: Params, name: str) -> bool:
 def unquote(v: str) -> str:
     if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
         inner = v[1:-1]
+        if "\\" not in inner:
+            return inner
         out: list[str] = []
         escaped = False
         for ch in inner:
