@@ -47,7 +47,8 @@ class NetasciiBody:
 
     The conversion is byte-local, so the source is converted in fixed chunks; an index of
     where each converted chunk starts lets ``read_at`` seek, and only the last chunk is kept.
-    The converted size is unknown until the end, so tsize is not offered in netascii.
+    The converted size costs a pass over the source, so the server does not offer tsize in
+    netascii; ``size`` computes it when asked, chunk by chunk.
     """
 
     CHUNK = 65536
@@ -57,10 +58,17 @@ class NetasciiBody:
         self._starts = [0]  # converted offset of source chunk i
         self._cache_index = -1
         self._cache = b""
+        self._size: int | None = None
 
     @property
     def size(self) -> int:
-        raise NotImplementedError("netascii size is only known after conversion")
+        if self._size is None:
+            total, offset = 0, 0
+            while raw := self._inner.read_at(offset, self.CHUNK):
+                total += len(raw) + raw.count(b"\r") + raw.count(b"\n")
+                offset += len(raw)
+            self._size = total
+        return self._size
 
     def _chunk(self, index: int) -> bytes:
         if index != self._cache_index:
