@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from hypothesis import given
-from hypothesis import strategies as st
-
 from callboard.protocols.filesource import MemoryBody
 from callboard.protocols.tftp.transfer import NetasciiBody
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 @given(st.binary(max_size=3 * NetasciiBody.CHUNK + 17).map(lambda b: b.replace(b"x", b"\n")))
