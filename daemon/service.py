@@ -315,8 +315,16 @@ class CallboardService(MultiService):
         ]
 
     def status(self) -> dict[str, Any]:
+        """Where each listener is, plus live counters (for `callboard status`)."""
         where = self.listening()
-        return {"tftp": [f"{h}:{p}" for h, p in where.tftp], **where.streams}
+        return {
+            "tftp": [f"{h}:{p}" for h, p in where.tftp],
+            **where.streams,
+            "counters": {
+                "tftp_live_transfers": self.tftp.live_transfers,
+                **{f"sip_{k}": v for k, v in self.registrar.counters_snapshot().items()},
+            },
+        }
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -296,7 +296,13 @@ def _render(command: str, result: Any) -> str:
             if isinstance(places, list)
             for place in places
         ]
-        return f"devices: {result.get('devices', 0)}\n" + _table(rows, ["listener", "address"])
+        counters = result.get("counters", {})
+        live = ", ".join(f"{k}={v}" for k, v in counters.items() if v)
+        return (
+            f"devices: {result.get('devices', 0)}\n"
+            + _table(rows, ["listener", "address"])
+            + (f"\ncounters: {live}" if live else "")
+        )
     if command == "defaults show":
         return _table(result, ["model", "model_id", "onboarding"])
     if command == "defaults set":

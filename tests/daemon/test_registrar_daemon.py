@@ -111,6 +111,9 @@ def test_sipp_against_the_daemon(sip_daemon: Any, tmp_path: Path, transport: str
     sipp(sip_daemon, tmp_path, "register_digest.xml", "1002", "001122334466", transport)
     sipp(sip_daemon, tmp_path, "unregister.xml", "1001", "001122334455", transport)
     assert sip_daemon.json("device", "show", "SEP001122334455")["registrations"] == []
+    counters = sip_daemon.json("status")["counters"]
+    assert counters["sip_registrations"] >= 2 and counters["sip_refused_404"] == 1
+    assert counters["sip_refused_403"] == 1 and counters["sip_bindings"] == 1  # the 1002 line
 
 
 def test_re_onboarding_drops_registrations(sip_daemon: Any, tmp_path: Path) -> None:
