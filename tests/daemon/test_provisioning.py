@@ -264,3 +264,32 @@ def test_daemon_serves_firmware_to_atftp_curl_and_tftp_hpa(daemon: Any, tmp_path
         timeout=60,
     ).stdout
     assert http == firmware[1000:2000]
+
+
+def test_daemon_listens_on_ipv4_and_ipv6_loopback(daemon_factory: Any, tmp_path: Path) -> None:
+    """Two listen addresses (the harness's 127.0.0.1 and ::1): a socket on each."""
+    daemon = daemon_factory("--listen-address", "::1", state_dir=tmp_path / "v6")
+    v6 = {
+        label: [p for p in daemon.status[label] if p.startswith("::1:")]
+        for label in ("tftp", "http")
+    }
+    assert all(len(places) == 1 for places in v6.values()), daemon.status
+    tftp_port, http_port = (int(v6[k][0].rsplit(":", 1)[1]) for k in ("tftp", "http"))
+    tftp = subprocess.run(
+        ["curl", "-sf", f"tftp://[::1]:{tftp_port}/XMLDefault.cnf.xml"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    ).stdout
+    root = ET.fromstring(tftp)
+    # Configs advertise the first listen address.
+    assert root.findtext("callManagerGroup/members/member/callManager/processNodeName") == (
+        "127.0.0.1"
+    )
+    http = subprocess.run(
+        ["curl", "-sfg", f"http://[::1]:{http_port}/XMLDefault.cnf.xml"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    ).stdout
+    assert http == tftp
