@@ -28,7 +28,7 @@ from callboard.protocols.filesource import (
 from callboard.protocols.models import MODELS
 
 from .logs import get_logger
-from .registry.model import Device, Line, Onboarding
+from .registry.model import Device, DeviceState, Line, Onboarding
 from .registry.registry import Registry
 
 log = get_logger("callboard.provisioning")
@@ -133,9 +133,17 @@ class ProvisioningTree:
         if self._default_cache and self._default_cache[0] == defaults:
             return self._default_cache[1]
         activation_models = "\n".join(
-            f"    <model id={quoteattr(MODELS[m].model_id)} name={quoteattr(MODELS[m].product)}/>"
-            for m, method in defaults
-            if method is Onboarding.ACTIVATION_CODE
+            [
+                f"    <model id={quoteattr(info.model_id)} name={quoteattr(info.product)}/>"
+                for info, method in ((MODELS[m], method) for m, method in defaults)
+                if method is Onboarding.ACTIVATION_CODE
+            ]
+            + [
+                # A code required of one phone whose model auto-registers: name the phone.
+                f"    <device name={quoteattr(d.name)}/>"
+                for d in self._registry.devices()
+                if self._listed_individually(d)
+            ]
         )
         data = self._default_template.substitute(
             call_manager_members=self._call_manager_members("      "),
@@ -231,7 +239,16 @@ class ProvisioningTree:
             )
         return "\n".join(out)
 
+    def _listed_individually(self, device: Device) -> bool:
+        return (
+            device.state is DeviceState.AWAITING_ACTIVATION
+            and not device.is_placeholder
+            and self._registry.onboarding(device.model) is not Onboarding.ACTIVATION_CODE
+        )
+
     def _forget(self, old: Device | None, new: Device | None) -> None:
         for device in (old, new):
             if device is not None:
                 self._device_cache.pop(device.id, None)
+                if self._listed_individually(device):
+                    self._default_cache = None

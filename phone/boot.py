@@ -154,8 +154,12 @@ class DefaultConfig:
     call_managers: tuple[CallManager, ...]
     tvs_members: tuple[TVSMember, ...]
     activation_models: tuple[tuple[str, str], ...]  # (model id, "Cisco 8841")
+    activation_devices: frozenset[str] = frozenset()  # "SEP<MAC>" asked for a code one by one
 
-    def requires_code(self, product: str) -> bool:
+    def requires_code(self, product: str, device_name: str = "") -> bool:
+        """My model is listed, or I am (a per-device requirement on an auto-registering model)."""
+        if device_name.upper() in self.activation_devices:
+            return True
         wanted = product.casefold()
         return any(name.casefold() == wanted for _id, name in self.activation_models)
 
@@ -232,10 +236,14 @@ def parse_default_config(data: bytes) -> DefaultConfig:
     models = tuple(
         (m.get("id", ""), m.get("name", "")) for m in root.findall("activationCodeOnboarding/model")
     )
+    devices = frozenset(
+        d.get("name", "").upper() for d in root.findall("activationCodeOnboarding/device")
+    )
     return DefaultConfig(
         call_managers=_call_managers(root.findall("callManagerGroup/members/member")),
         tvs_members=_tvs_members(root),
         activation_models=models,
+        activation_devices=devices,
     )
 
 
@@ -483,7 +491,7 @@ class BootSequence:
                 default = parse_default_config(dflt.data)
             except ConfigError as exc:
                 return self._done(Outcome.ERROR, f"XMLDefault.cnf.xml unusable: {exc}")
-            needs = default.requires_code(me.product)
+            needs = default.requires_code(me.product, me.sep_name)
             self.note(
                 dflt.via,
                 f"{dflt.name}: {len(dflt.data)} bytes, {me.product} "

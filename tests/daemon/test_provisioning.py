@@ -293,3 +293,23 @@ def test_daemon_listens_on_ipv4_and_ipv6_loopback(daemon_factory: Any, tmp_path:
         timeout=30,
     ).stdout
     assert http == tftp
+
+
+def test_a_code_required_of_one_phone_of_an_auto_registering_model(
+    tree: ProvisioningTree, registry: Registry
+) -> None:
+    registry.set_default("7821", Onboarding.AUTOREGISTRATION)
+    one = registry.add_device(
+        DeviceSpec(model="7821", mac="0011223344AA", requires_activation=True)
+    )
+    registry.add_device(DeviceSpec(model="7821", mac="0011223344BB"))  # follows the default
+    root = ET.fromstring(fetch(tree, "XMLDefault.cnf.xml"))
+    assert [d.get("name") for d in root.iterfind("activationCodeOnboarding/device")] == [one.name]
+    assert "Cisco 7821" not in {
+        m.get("name") for m in root.iterfind("activationCodeOnboarding/model")
+    }
+    code = registry.outstanding_code(one)
+    assert code is not None
+    assert registry.redeem(mac="0011223344AA", model="7821", code=code.code, mic_sha256="").ok
+    root = ET.fromstring(fetch(tree, "XMLDefault.cnf.xml"))
+    assert root.find("activationCodeOnboarding/device") is None
