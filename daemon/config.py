@@ -75,6 +75,7 @@ class TVSConfig:
     manufacturing_trust: str = ""  # default <state_dir>/manufacturing-trust
     allow_sha1_mic: bool = False
     failure_budget: int = 5
+    failure_budget_per_source: int = 0  # 0: the same as failure_budget
     failure_window_seconds: float = 900.0
     idle_timeout: float = 10.0
     max_connections: int = 1024
@@ -268,6 +269,9 @@ def _validate(config: Config) -> None:
         where, "tftp.max_transfers_per_client", config.tftp.max_transfers_per_client, 1, 1_000_000
     )
     _check_range(where, "tvs.failure_budget", config.tvs.failure_budget, 1, 1_000_000)
+    _check_range(
+        where, "tvs.failure_budget_per_source", config.tvs.failure_budget_per_source, 0, 1_000_000
+    )
     _check_range(where, "tvs.failure_window_seconds", config.tvs.failure_window_seconds, 1, 1e7)
     _check_range(where, "tvs.idle_timeout", config.tvs.idle_timeout, 0.1, 3600)
     _check_range(where, "tvs.max_connections", config.tvs.max_connections, 1, 1_000_000)

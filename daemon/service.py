@@ -200,6 +200,7 @@ class CallboardService(MultiService):
                 max_connections=v.max_connections,
                 allow_sha1_mic=v.allow_sha1_mic,
                 throttle_budget=v.failure_budget,
+                throttle_source_budget=v.failure_budget_per_source or None,
                 throttle_window=v.failure_window_seconds,
             ),
             self.reactor,

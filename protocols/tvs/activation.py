@@ -66,7 +66,8 @@ class TVSSettings:
     max_message: int = 64 * 1024
     max_connections: int = 1024
     allow_sha1_mic: bool = False
-    throttle_budget: int = 5
+    throttle_budget: int = 5  # failures per device name (and per source, unless set below)
+    throttle_source_budget: int | None = None  # per source address; raise it for sites behind NAT
     throttle_window: float = 15 * 60.0
     throttle_base_lockout: float = 60.0
     throttle_max_lockout: float = 24 * 3600.0
@@ -371,6 +372,13 @@ class TVSHandler:
             settings.throttle_base_lockout,
             settings.throttle_max_lockout,
         )
+        # Per source address: its own budget, since a whole site may share one NAT address.
+        self.source_throttle = Throttle(
+            settings.throttle_source_budget or settings.throttle_budget,
+            settings.throttle_window,
+            settings.throttle_base_lockout,
+            settings.throttle_max_lockout,
+        )
 
     def set_trust(self, trust: ManufacturingTrust) -> None:
         """Swap the manufacturing trust (SIGHUP); connections check against it from now on."""
@@ -410,7 +418,9 @@ class TVSHandler:
         sid = request.session_id
         src_key = f"src:{peer.source}"
         dev_key = f"dev:{device.name}"
-        wait = max(self.throttle.locked_for(src_key, now), self.throttle.locked_for(dev_key, now))
+        wait = max(
+            self.source_throttle.locked_for(src_key, now), self.throttle.locked_for(dev_key, now)
+        )
         if wait > 0:
             reason = f"too many failed attempts; retry in {int(wait) + 1} s"
             self._log(device, peer, ActivateStatus.RATE_LIMITED, reason)
@@ -460,7 +470,7 @@ class TVSHandler:
         return ActivateResponse(sid, ActivateStatus.REJECTED, GENERIC_REJECTION).encode()
 
     def _fail(self, src_key: str, dev_key: str, now: float) -> None:
-        self.throttle.failure(src_key, now)
+        self.source_throttle.failure(src_key, now)
         self.throttle.failure(dev_key, now)
 
     def _log(self, device: DeviceName, peer: PeerContext, status: int, reason: str) -> None:
