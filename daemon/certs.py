@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from callboard.protocols.models import normalise_mac
 from callboard.protocols.tvs.activation import ManufacturingTrust
 from callboard.protocols.tvs.itl import HashAlgorithm, Role, build_itl
 from cryptography import x509
@@ -395,10 +396,10 @@ def load_lab_ca(directory: str | os.PathLike[str]) -> LabCA:
 
 
 def normalize_mac(mac: str) -> str:
-    clean = "".join(ch for ch in mac if ch not in ":-.").upper()
-    if len(clean) != 12 or any(ch not in string.hexdigits.upper() for ch in clean):
-        raise CertError(f"MAC {mac!r} is not 12 hex digits")
-    return clean
+    try:
+        return normalise_mac(mac)
+    except ValueError as exc:
+        raise CertError(str(exc)) from None
 
 
 def normalize_model(model: str) -> str:

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Any, Literal
 from xml.etree import ElementTree as ET
 
-from callboard.protocols.models import MODEL_IDS, model_key
+from callboard.protocols.models import MODEL_IDS, model_key, normalise_mac
 from callboard.protocols.tvs import client as tvs_client
 from callboard.protocols.tvs.codec import ActivateResponse, ActivateStatus, DeviceName
 from callboard.protocols.tvs.itl import ITLError, Role, parse_itl
@@ -39,16 +39,7 @@ Transport = Literal["auto", "http", "tftp"]
 
 DEFAULT_LOADS: dict[str, str] = {"78": "sip78xx.14-2-1", "88": "sip88xx.14-2-1"}
 
-_MAC_RE = re.compile(r"^[0-9A-F]{12}$")
 _MODEL_RE = re.compile(r"^[0-9A-Z]{3,8}$")
-
-
-def normalise_mac(raw: str) -> str:
-    """``00:aa:bb:cc:dd:ee``, ``00aa.bbcc.ddee`` … → ``00AABBCCDDEE``."""
-    mac = re.sub(r"[\s:.\-]", "", raw).upper()
-    if not _MAC_RE.match(mac):
-        raise ValueError(f"MAC {raw!r} is not 12 hex digits")
-    return mac
 
 
 def normalise_model(raw: str) -> str:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from callboard.protocols.models import normalise_mac
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -23,7 +24,6 @@ from .boot import (
     PhoneIdentity,
     PrivateKey,
     boot_phone,
-    normalise_mac,
     normalise_model,
 )
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from callboard.protocols.models import normalise_mac
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -33,7 +34,6 @@ from .boot import (
     PhoneIdentity,
     PrivateKey,
     boot_phone,
-    normalise_mac,
     normalise_model,
 )
 from .http_client import HttpFetcher

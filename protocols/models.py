@@ -1,4 +1,6 @@
-"""Cisco phone models and their model IDs: one table for the daemon and the phone.
+"""Cisco phone identity: models, their model IDs, and MAC addresses.
+
+One place for the daemon, the protocols and the emulated phone.
 
 The model ID is the number in ``loadInformation<ID>`` and in REGISTER's
 ``+u.sip!model.ccm.cisco.com`` (shared/reference/cisco-protocols.md, section 3). The NR
@@ -50,3 +52,18 @@ MODEL_IDS: dict[str, str] = {name: info.model_id for name, info in MODELS.items(
 def model_key(raw: str) -> str:
     """``CP-8841``, ``Cisco 8841``, `` 8841 `` → ``8841`` (not checked against the table)."""
     return re.sub(r"\s+", " ", raw.strip().upper()).removeprefix("CISCO ").removeprefix("CP-")
+
+
+_MAC_SEPARATORS = re.compile(r"[\s:.\-]")
+_MAC = re.compile(r"^[0-9A-F]{12}$")
+
+
+def normalise_mac(raw: str) -> str:
+    """``00:aa:bb:cc:dd:ee``, ``00-AA-…``, ``00aa.bbcc.ddee`` → ``00AABBCCDDEE``.
+
+    Raises :class:`ValueError` for anything that is not 12 hex digits.
+    """
+    mac = _MAC_SEPARATORS.sub("", raw).upper()
+    if not _MAC.match(mac):
+        raise ValueError(f"invalid MAC address {raw!r}: expected 12 hex digits")
+    return mac

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from callboard.protocols import models
 from callboard.protocols.models import MODELS, ModelInfo, model_key
 
 CODE_DIGITS = 16
@@ -60,17 +61,16 @@ class CodeState(StrEnum):
     EXPIRED = "expired"
 
 
-_MAC_RE = re.compile(r"^[0-9A-F]{12}$")
 _NAME_RE = re.compile(r"^(SEP|BAT)([0-9A-F]{12})$")
 _DN_RE = re.compile(r"^[0-9A-Za-z*#+._-]{1,32}$")
 
 
 def normalise_mac(raw: str) -> str:
-    """Accept ``00:aa:bb:cc:dd:ee``, ``00-AA-…``, ``00aa.bbcc.ddee`` and return 12 upper hex."""
-    mac = re.sub(r"[\s:.\-]", "", raw).upper()
-    if not _MAC_RE.match(mac):
-        raise RegistryError(f"invalid MAC address {raw!r}: expected 12 hex digits")
-    return mac
+    """The MAC as 12 upper-case hex digits, or a :class:`RegistryError` saying why not."""
+    try:
+        return models.normalise_mac(raw)
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def parse_device_name(name: str) -> tuple[str, str]:
