@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from callboard.daemon.config import ConfigError, load_config
-from support.harness import run_cli
+from support.harness import run_cli, serve_args
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -86,27 +86,10 @@ def test_serve_refuses_a_bad_config_and_starts_nothing(tmp_path: Path) -> None:
     assert not state.exists()
 
 
-def test_serve_exits_non_zero_when_a_port_is_taken(tmp_path: Path, daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_serve_exits_non_zero_when_a_port_is_taken(tmp_path: Path, daemon_factory: Any) -> None:
     first = daemon_factory()
-    taken = first.port("tvs")
-    result = run_cli(
-        "serve",
-        "--state-dir",
-        str(tmp_path / "second"),
-        "--listen-address",
-        "127.0.0.1",
-        "--tftp-port",
-        "0",
-        "--http-port",
-        "0",
-        "--tvs-port",
-        str(taken),
-        "--sip-port",
-        "0",
-        "--sip-tls-port",
-        "0",
-        timeout=30,
-    )
+    second = serve_args(tmp_path / "second", tvs=first.port("tvs"))
+    result = run_cli(*second, timeout=30)
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
 

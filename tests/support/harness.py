@@ -25,6 +25,14 @@ def run_cli(
     return result
 
 
+def serve_args(state_dir: Path, **ports: int) -> list[str]:
+    """``serve`` on 127.0.0.1 with every port 0 unless given (``tvs=2445``, ``sip_tls=…``)."""
+    args = ["serve", "--state-dir", str(state_dir), "--listen-address", "127.0.0.1"]
+    for name in ("tftp", "http", "tvs", "sip", "sip_tls"):
+        args += [f"--{name.replace('_', '-')}-port", str(ports.get(name, 0))]
+    return args
+
+
 class Daemon:
     """A ``callboard serve`` subprocess with its own state dir."""
 
@@ -37,25 +45,7 @@ class Daemon:
         self.status: dict[str, Any] = {}
 
     def start(self, timeout: float = 30) -> Daemon:
-        args = [
-            *CALLBOARD,
-            "serve",
-            "--state-dir",
-            str(self.state_dir),
-            "--listen-address",
-            "127.0.0.1",
-            "--tftp-port",
-            "0",
-            "--http-port",
-            "0",
-            "--tvs-port",
-            "0",
-            "--sip-port",
-            "0",
-            "--sip-tls-port",
-            "0",
-            *self.extra,
-        ]
+        args = [*CALLBOARD, *serve_args(self.state_dir), *self.extra]
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
         log.close()
