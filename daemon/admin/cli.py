@@ -24,7 +24,11 @@ EXIT_USAGE = 2
 
 
 class CLIError(Exception):
-    """A failure to report in one line."""
+    """A failure to report in one line (and, for an import, the bad rows)."""
+
+    def __init__(self, message: str, problems: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -70,10 +74,11 @@ class AdminClient:
         except ValueError:
             raise CLIError(f"the daemon answered {response.status} with non-JSON") from None
         if response.status >= 400:
-            message = result.get("error") if isinstance(result, dict) else None
-            error = CLIError(message or f"the daemon answered {response.status}")
-            error.problems = result.get("problems", []) if isinstance(result, dict) else []  # type: ignore[attr-defined]
-            raise error
+            body = result if isinstance(result, dict) else {}
+            raise CLIError(
+                body.get("error") or f"the daemon answered {response.status}",
+                body.get("problems", []),
+            )
         return result
 
 
@@ -257,8 +262,7 @@ def cmd_import(client: AdminClient, args: argparse.Namespace) -> Any:
     try:
         return client.call("POST", "import", body)
     except CLIError as exc:
-        problems = getattr(exc, "problems", [])
-        for p in problems:
+        for p in exc.problems:
             print(f"{args.file}: line {p['line']}: {p['message']}", file=sys.stderr)
         raise
 
