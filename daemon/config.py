@@ -169,12 +169,10 @@ def _from_mapping(raw: dict[str, Any], source: str) -> Config:
             for sub, subvalue in value.items():
                 config = _override(config, f"{key}.{sub}", subvalue, source)
         elif key == "loads":
-            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [loads] maps model names to load-name strings")
-            for model in value:
-                if model not in MODELS:
-                    raise ConfigError(f"{source}: loads.{model}: unsupported model")
-            config = replace(config, loads=dict(value))
+            for model, load in value.items():
+                config = _override(config, f"loads.{model}", load, source)
         elif key in _TOP_LEVEL:
             config = _override(config, key, value, source)
         else:
@@ -183,7 +181,13 @@ def _from_mapping(raw: dict[str, Any], source: str) -> Config:
 
 
 def _override(config: Config, key: str, value: Any, source: str) -> Config:
-    section, _, name = key.rpartition(".")
+    section, _, name = key.partition(".") if key.startswith("loads.") else key.rpartition(".")
+    if section == "loads":
+        if name not in MODELS:
+            raise ConfigError(f"{source}: {key}: unsupported model")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: {key}: expected a load name string")
+        return replace(config, loads={**config.loads, name: value})
     if section:
         cls = _SECTIONS.get(section)
         if cls is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tomllib
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -92,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="provision a demo phone when the registry is empty "
         "and print its activation code (never in production)",
     )
+    serve.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any configuration key, e.g. "
+        "--set tftp.max_blksize=8192 or --set 'sip.digest_algorithms=[\"MD5\"]' "
+        "(the value is TOML; a bare word is a string)",
+    )
     serve.set_defaults(func=run_serve)
 
     admin_cli.register_cli(sub)
@@ -112,12 +123,25 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     phone_cli.register_cli(sub)
 
 
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``tftp.max_blksize=8192`` → (key, 8192): the value is TOML, a bare word a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
 def serve_config(args: argparse.Namespace) -> Config:
-    overrides = {
-        key.removeprefix("serve."): value
+    overrides = dict(parse_setting(text) for text in args.settings)
+    overrides.update(
+        (key.removeprefix("serve."), value)
         for key, value in vars(args).items()
         if key.startswith("serve.") and value is not None
-    }
+    )
     return load_config(args.config, overrides)
 
 

@@ -100,3 +100,31 @@ def test_endpoint_strings_replace_the_built_listeners(daemon_factory: Any, tmp_p
     daemon = daemon_factory("--config", str(config), socket=admin)
     assert admin.exists() and not (daemon.state_dir / "admin.sock").exists()
     assert daemon.json("device", "list") == []
+
+
+def test_any_key_can_be_set_on_the_command_line() -> None:
+    from callboard.daemon.main import build_parser, serve_config
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--set",
+            "tftp.max_blksize=8192",
+            "--set",
+            'sip.digest_algorithms=["MD5"]',
+            "--set",
+            "loads.8841=sip88xx.14-2-1",
+            "--set",
+            "sip.realm=example",
+            "--tvs-port",
+            "1",
+        ]
+    )
+    config = serve_config(args)
+    assert config.tftp.max_blksize == 8192
+    assert config.sip.digest_algorithms == ("MD5",)
+    assert config.loads == {"8841": "sip88xx.14-2-1"}
+    assert config.sip.realm == "example" and config.network.tvs_port == 1
+    for bad in ("tftp.max_blksize=huge", "nope.key=1", "loads.7960=x", "novalue"):
+        with pytest.raises(ConfigError):
+            serve_config(build_parser().parse_args(["serve", "--set", bad]))
