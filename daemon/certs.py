@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .config import DEFAULT_STATE_DIR
+
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 CERTS_SUBDIR = "certs"
@@ -483,8 +485,9 @@ def write_mic(out_dir: str | os.PathLike[str], mic: CertKeyPair) -> tuple[Path, 
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    certs = init_certs(args.state_dir, key_type=args.key_type, force=args.force)
-    directory = Path(args.state_dir) / CERTS_SUBDIR
+    state_dir = getattr(args, "state_dir", None) or DEFAULT_STATE_DIR
+    certs = init_certs(state_dir, key_type=args.key_type, force=args.force)
+    directory = Path(state_dir) / CERTS_SUBDIR
     print(f"certificates in {directory}:")
     for label, pair in (("SAST", certs.sast), ("TVS", certs.tvs), ("CCM+TFTP", certs.ccm_tftp)):
         fp = pair.cert.fingerprint(hashes.SHA256()).hex()
@@ -537,7 +540,12 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub = certs.add_subparsers(dest="certs_command", required=True)
 
     p = sub.add_parser("init", help="create the SAST, TVS and CCM+TFTP certificates")
-    p.add_argument("--state-dir", default=os.environ.get("CALLBOARD_STATE_DIR", ".state"))
+    # SUPPRESS: without the flag, `callboard --state-dir DIR certs init` keeps DIR.
+    p.add_argument(
+        "--state-dir",
+        default=argparse.SUPPRESS,
+        help="the daemon's state directory (default /var/lib/callboard)",
+    )
     p.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=_guard(_cmd_init))

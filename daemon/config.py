@@ -16,6 +16,8 @@ from typing import Any
 
 from callboard.protocols.models import MODELS
 
+DEFAULT_STATE_DIR = Path("/var/lib/callboard")
+
 
 class ConfigError(Exception):
     """A configuration the daemon refuses to start with."""
@@ -99,7 +101,7 @@ class SIPConfig:
 
 @dataclass(frozen=True)
 class Config:
-    state_dir: Path = Path("/var/lib/callboard")
+    state_dir: Path = DEFAULT_STATE_DIR
     tftp_root: Path | None = None
     admin_socket: Path | None = None
     demo: bool = False

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_STATE_DIR
 from .csvio import CSVFormatError, read_import_rows, write_codes_csv
 
-DEFAULT_STATE_DIR = Path("/var/lib/callboard")
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 

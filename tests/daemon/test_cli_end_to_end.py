@@ -179,3 +179,14 @@ def test_registry_survives_a_daemon_restart(daemon_factory: Any, tmp_path: Path)
     assert second.json("code", "show", added["name"])["code"] == code
     defaults = {row["model"]: row["onboarding"] for row in second.json("defaults", "show")}
     assert defaults["7821"] == "autoregistration"
+
+
+def test_certs_init_honours_the_global_state_dir(tmp_path: Path) -> None:
+    result = run_cli("--state-dir", str(tmp_path / "st"), "certs", "init")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "st" / "certs" / "tvs.pem").exists()
+    keys = sorted(p.name for p in (tmp_path / "st" / "certs").glob("*.key"))
+    assert keys == ["ccm-tftp.key", "sast.key", "tvs.key"]
+    assert all(
+        stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "st" / "certs").glob("*.key")
+    )
