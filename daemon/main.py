@@ -137,6 +137,10 @@ def parse_setting(text: str) -> tuple[str, Any]:
 
 def serve_config(args: argparse.Namespace) -> Config:
     overrides = dict(parse_setting(text) for text in args.settings)
+    # `callboard --state-dir DIR serve` means the same as `callboard serve --state-dir DIR`.
+    for name in ("state_dir", "admin_socket"):
+        if getattr(args, name, None):
+            overrides[name] = getattr(args, name)
     overrides.update(
         (key.removeprefix("serve."), value)
         for key, value in vars(args).items()
