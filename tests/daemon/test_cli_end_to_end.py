@@ -190,3 +190,14 @@ def test_certs_init_honours_the_global_state_dir(tmp_path: Path) -> None:
     assert all(
         stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "st" / "certs").glob("*.key")
     )
+
+
+def test_the_sample_import_file_imports(daemon: Any) -> None:
+    sample = Path(__file__).parents[2] / "configs" / "import-sample.csv"
+    assert daemon.json("import", str(sample), "--dummy-mac")["imported"] == 3
+    states = {d["model"]: d["state"] for d in daemon.json("device", "list")}
+    assert states == {
+        "8841": "awaiting-activation",
+        "8851": "awaiting-activation",
+        "7821": "provisioned",
+    }
