@@ -160,17 +160,16 @@ class _TransferSocket:
         return "tftp-transfer"
 
     def doRead(self) -> None:
-        for _ in range(64):  # drain a window's worth of ACKs, then let others run
-            sock = self._sock
-            if sock is None:
-                return
-            try:
-                datagram, addr = sock.recvfrom(65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                continue  # an ICMP error surfaced on the socket: the timer copes
-            self._protocol.datagramReceived(datagram, (addr[0], addr[1]))
+        # One datagram per wake-up: a transfer's client sends one ACK per window, and a
+        # level-triggered reactor calls again if more are queued, so no read ends in EAGAIN.
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            datagram, addr = sock.recvfrom(65536)
+        except OSError:
+            return  # nothing after all, or an ICMP error surfaced: the timer copes
+        self._protocol.datagramReceived(datagram, (addr[0], addr[1]))
 
     def connectionLost(self, reason: Failure) -> None:
         self.close()
