@@ -142,17 +142,18 @@ class DirectorySource:
 
     def open(self, name: str, requester: Requester) -> FileBody:
         relative = normalise_name(name)
-        path = os.path.realpath(os.path.join(self._root, *relative.split("/")))
-        if os.path.commonpath([self._root, path]) != self._root or path == self._root:
-            raise AccessViolation("name resolves outside the served root")
-        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise FileNotFound(relative) from None
-            raise AccessViolation(f"cannot open: {exc.strerror}") from None
+        fd = None
+        if "/" not in relative:
+            # The common case, a file at the top: the root is already resolved and
+            # O_NOFOLLOW refuses a symlink, so one open() is safe. A symlink takes the
+            # resolving path below, which allows it only if it stays inside the root.
+            fd = self._open(os.path.join(self._root, relative), relative, symlink_ok=True)
+        if fd is None:
+            path = os.path.realpath(os.path.join(self._root, *relative.split("/")))
+            if os.path.commonpath([self._root, path]) != self._root or path == self._root:
+                raise AccessViolation("name resolves outside the served root")
+            fd = self._open(path, relative, symlink_ok=False)
+            assert fd is not None
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
@@ -161,3 +162,17 @@ class DirectorySource:
             os.close(fd)
             raise
         return DiskBody.from_fd(fd)
+
+    @staticmethod
+    def _open(path: str, relative: str, *, symlink_ok: bool) -> int | None:
+        """Open without following a final symlink; None if it was one and ``symlink_ok``."""
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+        try:
+            return os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and symlink_ok:
+                return None
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FileNotFound(relative) from None
+            raise AccessViolation(f"cannot open: {exc.strerror}") from None

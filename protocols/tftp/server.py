@@ -86,6 +86,8 @@ class TFTPSettings:
 
 def _printable(name: str) -> str:
     """A client-supplied name made safe for logs (no control bytes, bounded length)."""
+    if name.isascii() and name.isprintable():
+        return name[:200]
     safe = name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
     safe = "".join(ch if 0x20 <= ord(ch) < 0x7F else f"\\x{ord(ch):02x}" for ch in safe)
     return safe[:200]
