@@ -34,7 +34,6 @@ class NetworkConfig:
     sip_tls_port: int = 5061
     # Ports written into configs for phones when they differ from the listened ones
     # (NAT, port forwarding); 0 means "the port actually listened on".
-    advertise_http_port: int = 0
     advertise_tvs_port: int = 0
     advertise_sip_port: int = 0
     advertise_sip_tls_port: int = 0

@@ -19,8 +19,6 @@ from typing import Any
 from .admin import cli as admin_cli
 from .config import Config, ConfigError, load_config
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
@@ -430,6 +430,3 @@ def unix_endpoint(path: Path) -> str:
     """An owner-only UNIX socket; ``lockfile`` lets a restart replace a stale socket."""
     return f"unix:address={quoteStringArgument(str(path))}:mode=600:lockfile=1"
 
-
-def build_service(config: Config, reactor: IReactorCore) -> CallboardService:
-    return CallboardService(config, reactor)

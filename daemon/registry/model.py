@@ -17,7 +17,6 @@ from callboard.protocols import models
 from callboard.protocols.models import MODELS, ModelInfo, model_key
 
 CODE_DIGITS = 16
-DEFAULT_CODE_TTL_HOURS = 168
 
 
 class RegistryError(Exception):

@@ -121,9 +121,6 @@ class Registry:
             raise NotFound(f"no device named {name!r}")
         return device
 
-    def device_by_id(self, device_id: str) -> Device:
-        return self._devices[device_id]
-
     def current_code(self, device: Device) -> ActivationCode | None:
         """The device's latest code, whatever its state (None if it never had one)."""
         code_id = self._code_of_device.get(device.id)
