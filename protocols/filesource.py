@@ -108,6 +108,13 @@ class DiskBody:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def printable_name(name: str) -> str:
+    """A client-supplied name made safe for logs: no control bytes, bounded length."""
+    if name.isascii() and name.isprintable():
+        return name[:200]
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else f"\\x{ord(ch):02x}" for ch in name)[:200]
+
+
 def normalise_name(raw: str) -> str:
     """Turn a requested name into a relative path under the served root.
 

@@ -28,6 +28,7 @@ from callboard.protocols.filesource import (
     FileSource,
     Requester,
     normalise_name,
+    printable_name,
 )
 from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
@@ -72,10 +73,6 @@ def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
 def _client(request: server.Request) -> tuple[str, int]:
     peer = request.getClientAddress()
     return getattr(peer, "host", "?"), getattr(peer, "port", 0)
-
-
-def _printable(name: str) -> str:
-    return "".join(ch if 0x20 <= ord(ch) < 0x7F else f"\\x{ord(ch):02x}" for ch in name)[:200]
 
 
 @implementer(IPullProducer)
@@ -137,7 +134,7 @@ class ProvisioningResource(resource.Resource):
                 client_host=host,
                 client_port=port,
                 method=(request.method or b"").decode("ascii", "replace"),
-                file=_printable(name),
+                file=printable_name(name),
                 status=status,
                 bytes=sent,
                 duration=time.monotonic() - started,
@@ -161,7 +158,7 @@ class ProvisioningResource(resource.Resource):
         except AccessViolation:
             return plain(http.FORBIDDEN, b"forbidden\n")
         except Exception:
-            log.failure("http: file source failed for {file}", file=_printable(name))
+            log.failure("http: file source failed for {file}", file=printable_name(name))
             return plain(http.INTERNAL_SERVER_ERROR, b"internal error\n")
 
         size = body.size

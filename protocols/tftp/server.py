@@ -36,6 +36,7 @@ from callboard.protocols.filesource import (
     FileSource,
     Requester,
     normalise_name,
+    printable_name,
 )
 from callboard.protocols.tftp import codec
 from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
@@ -82,15 +83,6 @@ class TFTPSettings:
             raise ValueError("timeouts must be positive")
         if self.max_retries < 0 or self.max_transfers < 1 or self.max_transfers_per_client < 1:
             raise ValueError("limits must be positive")
-
-
-def _printable(name: str) -> str:
-    """A client-supplied name made safe for logs (no control bytes, bounded length)."""
-    if name.isascii() and name.isprintable():
-        return name[:200]
-    safe = name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
-    safe = "".join(ch if 0x20 <= ord(ch) < 0x7F else f"\\x{ord(ch):02x}" for ch in safe)
-    return safe[:200]
 
 
 # Linux UDP segmentation offload (since 4.18): socket.UDP_SEGMENT from Python 3.12 on.
@@ -201,14 +193,12 @@ class _TransferProtocol:
         self._body = body
         self.name = name
         self._clock = service.clock
-        self._send: Callable[[bytes, Address], Any] | None = None
         self._timer: IDelayedCall | None = None
         self.socket: _TransferSocket | None = None
         self._closed = False
 
     def attach(self, sock: _TransferSocket) -> None:
         self.socket = sock
-        self._send = sock.sendto
 
     def begin(self, now: float) -> None:
         self._emit(self.transfer.start(now))
@@ -255,10 +245,12 @@ class _TransferProtocol:
 
     def _stray(self, datagram: bytes, addr: Address) -> None:
         """RFC 1350: a packet from another TID gets error 5; the transfer goes on."""
-        if datagram[:2] == b"\x00\x05" or self._send is None:
+        if datagram[:2] == b"\x00\x05" or self.socket is None:
             return  # never answer an error with an error
         with contextlib.suppress(OSError):
-            self._send(codec.encode_error(codec.ErrorCode.UNKNOWN_TID, "unknown transfer ID"), addr)
+            self.socket.sendto(
+                codec.encode_error(codec.ErrorCode.UNKNOWN_TID, "unknown transfer ID"), addr
+            )
 
     def rrq_repeated(self) -> None:
         self._emit(self.transfer.rrq_repeated(self._clock.seconds()))
@@ -494,7 +486,7 @@ class TFTPService(Service):
             "tftp {client_host}:{client_port} {file} refused: error {error_code} ({reason})",
             client_host=addr[0],
             client_port=addr[1],
-            file=_printable(name),
+            file=printable_name(name),
             outcome=f"error {code}",
             error_code=code,
             reason=message,
@@ -520,7 +512,7 @@ class TFTPService(Service):
             "tftp {client_host}:{client_port} {file} {outcome} {bytes} bytes in {duration:.3f}s",
             client_host=protocol.client[0],
             client_port=protocol.client[1],
-            file=_printable(protocol.name),
+            file=printable_name(protocol.name),
             outcome="ok" if outcome.ok else outcome.reason,
             error_code=outcome.error_code,
             bytes=outcome.bytes,
