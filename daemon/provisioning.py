@@ -83,7 +83,7 @@ class ProvisioningTree:
         self._default_template = load_template("XMLDefault.cnf.xml", template_dir)
         self._device_template = load_template("SEPDevice.cnf.xml", template_dir)
         self._device_cache: dict[str, tuple[int, bytes]] = {}
-        self._default_cache: tuple[tuple[tuple[str, Onboarding], ...], bytes] | None = None
+        self._default_cache: tuple[int, bytes] | None = None  # (defaults version, bytes)
         registry.subscribe(self._forget)
         self._check_templates()
 
@@ -129,9 +129,10 @@ class ProvisioningTree:
     # -- rendering -----------------------------------------------------------------------
 
     def xml_default(self) -> bytes:
-        defaults = tuple(sorted(self._registry.defaults().items()))
-        if self._default_cache and self._default_cache[0] == defaults:
+        version = self._registry.defaults_version
+        if self._default_cache and self._default_cache[0] == version:
             return self._default_cache[1]
+        defaults = sorted(self._registry.defaults().items())
         activation_models = "\n".join(
             [
                 f"    <model id={quoteattr(info.model_id)} name={quoteattr(info.product)}/>"
@@ -151,7 +152,7 @@ class ProvisioningTree:
             load_information=self._default_loads(),
             activation_code_models=activation_models,
         ).encode("utf-8")
-        self._default_cache = (defaults, data)
+        self._default_cache = (version, data)
         return data
 
     def _device_config(self, mac: str, requester: Requester) -> bytes:

@@ -21,13 +21,13 @@ from callboard.protocols.sip.transports import (
     make_stream_factory,
     make_tls_server_options,
     make_udp_protocol,
-    start_sweeper,
 )
 from callboard.protocols.tftp.server import TFTPService, TFTPSettings
 from callboard.protocols.tvs.activation import ManufacturingTrust, TVSSettings
 from callboard.protocols.tvs.itl import HashAlgorithm
 from callboard.protocols.tvs.server import make_tvs_factory
 from cryptography.hazmat.primitives import serialization
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
@@ -251,6 +251,10 @@ class CallboardService(MultiService):
             SIPDatagramService(self, address, net.sip_port).setServiceParent(self)  # type: ignore[no-untyped-call]
         for description in self._streams("sip_tls", net.sip_tls_port):
             self.add_listener("sip-tls", description, tls)
+        # Bindings expire through one periodic sweep, not a timer per binding.
+        sweeper = TimerService(self.registrar.settings.sweep_interval, self.registrar.sweep)
+        sweeper.clock = self.reactor
+        sweeper.setServiceParent(self)
 
     def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
         """A device deleted, renamed or back to awaiting activation loses its bindings."""
@@ -388,17 +392,13 @@ class CallboardService(MultiService):
 
 
 class SIPDatagramService(Service):
-    """SIP over UDP on one address; with port 0 it takes the port SIP/TCP was given.
-
-    It also runs the registrar's one expiry sweep (started once, by the first address).
-    """
+    """SIP over UDP on one address; with port 0 it takes the port SIP/TCP was given."""
 
     def __init__(self, parent: CallboardService, address: str, port: int) -> None:
         self._root = parent
         self._address = address
         self._port = port
         self.port: Any = None
-        self._sweeper: Any = None
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -409,19 +409,12 @@ class SIPDatagramService(Service):
                     host: Any = ls.port.getHost()
                     if host.host == self._address:
                         port = host.port
-        registrar = self._root.registrar
         self.port = self._root.reactor.listenUDP(
-            port, make_udp_protocol(registrar), interface=self._address
+            port, make_udp_protocol(self._root.registrar), interface=self._address
         )
-        if not any(
-            isinstance(s, SIPDatagramService) and s._sweeper is not None for s in self._root
-        ):
-            self._sweeper = start_sweeper(registrar, self._root.reactor)
 
     def stopService(self) -> Any:
         super().stopService()  # type: ignore[no-untyped-call]
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
 
@@ -429,4 +422,3 @@ class SIPDatagramService(Service):
 def unix_endpoint(path: Path) -> str:
     """An owner-only UNIX socket; ``lockfile`` lets a restart replace a stale socket."""
     return f"unix:address={quoteStringArgument(str(path))}:mode=600:lockfile=1"
-

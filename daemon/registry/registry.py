@@ -93,6 +93,7 @@ class Registry:
         self._code_index: dict[bytes, str] = {}
         self._dn_owners: dict[str, set[str]] = {}
         self._defaults: dict[str, Onboarding] = {}
+        self.defaults_version = 0  # bumped on every change of a model's default
         snapshot = store.load()
         self._remember(
             [PutDevice(d) for d in snapshot.devices]
@@ -436,6 +437,7 @@ class Registry:
                     self._code_index.pop(digest, None)
             else:
                 self._defaults[change.model] = change.onboarding
+                self.defaults_version += 1
         return events
 
     def _drop_code(self, code_id: str) -> None:
