@@ -24,7 +24,12 @@ from xml.etree import ElementTree as ET
 
 from callboard.protocols.models import MODEL_IDS, model_key, normalise_mac
 from callboard.protocols.tvs import client as tvs_client
-from callboard.protocols.tvs.codec import ActivateResponse, ActivateStatus, DeviceName
+from callboard.protocols.tvs.codec import (
+    ActivateResponse,
+    ActivateStatus,
+    DeviceName,
+    normalise_activation_code,
+)
 from callboard.protocols.tvs.itl import ITLError, Role, parse_itl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -69,10 +74,7 @@ class PhoneIdentity:
         object.__setattr__(self, "mac", normalise_mac(self.mac))
         object.__setattr__(self, "model", normalise_model(self.model))
         if self.code is not None:
-            digits = re.sub(r"[\s\-]", "", self.code)
-            if len(digits) != 16 or not digits.isdigit():
-                raise ValueError("an activation code is 16 digits")
-            object.__setattr__(self, "code", digits)
+            object.__setattr__(self, "code", normalise_activation_code(self.code))
         if not self.load:
             object.__setattr__(self, "load", DEFAULT_LOADS.get(self.model[:2], "sip.emulated"))
 

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from callboard.protocols import models
 from callboard.protocols.models import MODELS, ModelInfo, model_key
+from callboard.protocols.tvs.codec import normalise_activation_code
 
 CODE_DIGITS = 16
 
@@ -96,10 +97,10 @@ def new_code() -> str:
 
 def normalise_code(raw: str) -> str:
     """Accept a code with the dashes or spaces used to show it; return the 16 digits."""
-    code = re.sub(r"[\s\-]", "", raw)
-    if len(code) != CODE_DIGITS or not code.isdigit():
-        raise RegistryError("an activation code is 16 digits")
-    return code
+    try:
+        return normalise_activation_code(raw)
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def group_code(code: str) -> str:

@@ -59,6 +59,18 @@ DEVICE_NAME_PREFIX = 0x01
 # Lenient on the model part (CP-8865NR, CP-7965G); strict on the MAC.
 _DEVICE_NAME_RE = re.compile(r"^CP-([0-9A-Z]{3,8})-SEP([0-9A-F]{12})$")
 _CODE_RE = re.compile(r"^[0-9]{16}$")
+_CODE_SEPARATORS = re.compile(r"[\s\-]")
+
+
+def normalise_activation_code(raw: str) -> str:
+    """A code as typed or printed (``1234-5678-…``, spaces) → the 16-digit wire value.
+
+    Raises :class:`ValueError` for anything else.
+    """
+    code = _CODE_SEPARATORS.sub("", raw)
+    if not _CODE_RE.match(code):
+        raise ValueError("an activation code is 16 digits")
+    return code
 
 
 class CodecError(ValueError):
