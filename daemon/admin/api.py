@@ -180,9 +180,10 @@ class AdminAPI(Resource):
                 }
             case "POST", ["devices", name, "code", "release"]:
                 code = reg.release_code(name)
-                self._audit(request, "code.release", device=reg.get(name).name)
+                device_name = reg.get(name).name
+                self._audit(request, "code.release", device=device_name)
                 return 200, {
-                    "device": reg.get(name).name,
+                    "device": device_name,
                     **(code_json(code, reg.now(), reveal=False) or {}),
                 }
             case "POST", ["devices", name, "code", "generate"]:
