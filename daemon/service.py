@@ -126,7 +126,6 @@ class CallboardService(MultiService):
                 unique_directory_numbers=config.registry.unique_directory_numbers,
             ),
         )
-        self.listeners: list[ListenerService] = []
         if not certs.certs_present(state_dir):
             log.info("creating server certificates", directory=str(state_dir / "certs"))
             certs.init_certs(state_dir, key_type=config.tvs.key_type)
@@ -281,7 +280,10 @@ class CallboardService(MultiService):
         factory.noisy = False  # type: ignore[attr-defined]
         listener = ListenerService(label, description, factory, self.reactor)
         listener.setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.listeners.append(listener)
+
+    @property
+    def listeners(self) -> list[ListenerService]:
+        return [s for s in self if isinstance(s, ListenerService)]
 
     def _load_trust(self) -> ManufacturingTrust:
         directory = self.config.manufacturing_trust_path
