@@ -152,6 +152,27 @@ def test_daemon_serves_the_tree_over_tftp_and_http(daemon: Any) -> None:
         timeout=30,
     ).stdout
     assert via_tftp == xml
+    out = daemon.state_dir.parent / "XMLDefault-atftp.xml"
+    subprocess.run(
+        [
+            "atftp",
+            "--get",
+            "-r",
+            "XMLDefault.cnf.xml",
+            "-l",
+            str(out),
+            "--option",
+            "blksize 1468",
+            "--option",
+            "windowsize 4",
+            "127.0.0.1",
+            str(tftp),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.read_bytes() == xml
     missing = subprocess.run(
         [
             "curl",
