@@ -122,6 +122,13 @@ class StoreError(Exception):
     """The database cannot be opened or is newer than this program."""
 
 
+class ConditionFailed(Exception):
+    """A conditional write found the stored rows other than expected; nothing was written.
+
+    The message says why in words safe for an admin or a log (never a code).
+    """
+
+
 class SQLiteStore:
     """The embedded default store: one SQLite file in the state directory."""
 
