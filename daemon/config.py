@@ -16,6 +16,8 @@ from typing import Any
 
 from callboard.protocols.models import MODELS
 
+from .web.settings import SelfCareSettings, SMTPSettings, WebSettings
+
 DEFAULT_STATE_DIR = Path("/var/lib/callboard")
 
 
@@ -37,6 +39,7 @@ class NetworkConfig:
     advertise_tvs_port: int = 0
     advertise_sip_port: int = 0
     advertise_sip_tls_port: int = 0
+    web_port: int = -1  # the HTTPS web console, Self-Care and REST API; -1: off
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class EndpointsConfig:
     sip: str = ""  # SIP over TCP; SIP over UDP stays on the listen addresses
     sip_tls: str = ""
     admin: str = ""
+    web: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,9 @@ class Config:
     tvs: TVSConfig = field(default_factory=TVSConfig)
     sip: SIPConfig = field(default_factory=SIPConfig)
     loads: dict[str, str] = field(default_factory=dict)  # model -> firmware load name
+    web: WebSettings = field(default_factory=WebSettings)
+    smtp: SMTPSettings = field(default_factory=SMTPSettings)
+    self_care: SelfCareSettings = field(default_factory=SelfCareSettings)
 
     @property
     def tftp_root_path(self) -> Path:
@@ -138,6 +145,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "tftp": TFTPConfig,
     "tvs": TVSConfig,
     "sip": SIPConfig,
+    "web": WebSettings,
+    "smtp": SMTPSettings,
+    "self_care": SelfCareSettings,
 }
 _TOP_LEVEL = {"state_dir", "tftp_root", "admin_socket", "demo", "log_level"}
 
@@ -182,6 +192,7 @@ def _from_mapping(raw: dict[str, Any], source: str) -> Config:
 
 
 def _override(config: Config, key: str, value: Any, source: str) -> Config:
+    key = "smtp.sender" if key == "smtp.from" else key  # `from` is a Python keyword
     section, _, name = key.partition(".") if key.startswith("loads.") else key.rpartition(".")
     if section == "loads":
         if name not in MODELS:
@@ -261,7 +272,7 @@ def _validate(config: Config) -> None:
     for f in fields(NetworkConfig):
         if f.name.endswith("_port"):
             port = getattr(net, f.name)
-            if not 0 <= port <= 65535:
+            if not 0 <= port <= 65535 and not (f.name == "web_port" and port == -1):
                 raise ConfigError(f"{where}: network.{f.name}: {port} is not a port number")
     _check_range(where, "registry.code_ttl_hours", config.registry.code_ttl_hours, 0.01, 24 * 3650)
     _check_range(where, "tftp.max_blksize", config.tftp.max_blksize, 8, 65464)

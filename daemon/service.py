@@ -45,6 +45,7 @@ from .registry.model import Device, DeviceState
 from .registry.registry import Registry, RegistrySettings
 from .registry.store import SQLiteStore
 from .sip_policy import AutoRegistration, RegistryPolicy
+from .web.site import install_web
 
 log = get_logger("callboard.service")
 
@@ -134,10 +135,11 @@ class CallboardService(MultiService):
         self._build_tvs(config, clock)
         self._build_registrar(config, clock)
         self.admin_api = AdminAPI(self.registry, self.registrations, self.status)
+        admin_socket = install_web(self)  # accounts; the HTTPS listener when web_port is set
         self.add_listener(
             "admin",
             config.endpoints.admin or unix_endpoint(config.admin_socket_path),
-            Site(self.admin_api),
+            Site(admin_socket),
         )
 
     def _build_file_service(self, config: Config, clock: Callable[[], float]) -> None:

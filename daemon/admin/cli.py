@@ -76,7 +76,7 @@ class AdminClient:
         if response.status >= 400:
             body = result if isinstance(result, dict) else {}
             raise CLIError(
-                body.get("error") or f"the daemon answered {response.status}",
+                body.get("error") or body.get("detail") or f"the daemon answered {response.status}",
                 body.get("problems", []),
             )
         return result
@@ -279,7 +279,124 @@ def cmd_defaults_set(client: AdminClient, args: argparse.Namespace) -> Any:
     return client.call("PUT", f"defaults/{args.model}", {"onboarding": args.onboarding})
 
 
+# -- users, API tokens, codes by email (the web front door's accounts) -----------------------
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
+    """One line from stdin with ``--password-stdin`` (never from argv, where ps shows it)."""
+    if not args.password_stdin:
+        return None
+    line = sys.stdin.readline()
+    if not line:
+        raise CLIError("--password-stdin: no line on standard input")
+    return line.rstrip("\r\n")
+
+
+def cmd_user_add(client: AdminClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {
+        "name": args.user,
+        "admin": args.admin,
+        "email": args.email,
+        "display_name": args.name,
+    }
+    password = _read_password(args)
+    if password is not None:
+        body["password"] = password
+    return client.call("POST", "users", body)
+
+
+def cmd_user_set_password(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call(
+        "PUT", f"users/{args.user}/password", {"password": _read_password(args) or ""}
+    )
+
+
+def cmd_user_list(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("GET", "users")
+
+
+def cmd_user_delete(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("DELETE", f"users/{args.user}" + ("?force=true" if args.force else ""))
+
+
+def cmd_token_create(client: AdminClient, args: argparse.Namespace) -> Any:
+    body = {"name": args.token, "read_only": args.read_only, "user": args.user}
+    return client.call("POST", "tokens", body)
+
+
+def cmd_token_list(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("GET", "tokens")
+
+
+def cmd_token_revoke(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("DELETE", f"tokens/{args.token}")
+
+
+def cmd_code_send(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("POST", f"devices/{args.name}/code/send")
+
+
+def _render_accounts(command: str, result: Any) -> str | None:
+    if command == "user list":
+        return _table(result, ["name", "display_name", "email", "admin", "devices"])
+    if command in ("user add", "user set-password", "user delete"):
+        verb = {"user add": "added", "user set-password": "password set for",
+                "user delete": "deleted"}[command]  # fmt: skip
+        return f"{verb} user {result['name']}"
+    if command == "token create":
+        return f"token {result['name']} (shown once, keep it safe):\n{result['token']}"
+    if command == "token list":
+        return _table(result, ["name", "read_only", "user", "created_by", "created"])
+    if command == "token revoke":
+        return f"revoked token {result['name']}"
+    if command == "code send":
+        return f"sent the code of {result['device']} to {result['to']}"
+    return None
+
+
+def register_accounts_cli(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    output: argparse.ArgumentParser,
+) -> None:
+    def leaf(parent: Any, name: str, func: Any, command: str, help: str) -> Any:
+        parser = parent.add_parser(name, parents=[output], help=help, description=help)
+        parser.set_defaults(func=_run_admin, admin_func=func, command=command)
+        return parser
+
+    user = sub.add_parser("user", help="web users (Self-Care, admin console)").add_subparsers(
+        dest="user_command", required=True, metavar="COMMAND"
+    )
+    p = leaf(user, "add", cmd_user_add, "user add", "add a user")
+    p.add_argument("user")
+    p.add_argument("--admin", action="store_true", help="may use the admin console and API")
+    p.add_argument("--email", default="", help="where `code send` mails the code")
+    p.add_argument("--name", default="", help="display name")
+    p.add_argument("--password-stdin", action="store_true", help="read the password (one line)")
+    p = leaf(user, "set-password", cmd_user_set_password, "user set-password", "set a password")
+    p.add_argument("user")
+    p.add_argument("--password-stdin", action="store_true", required=True)
+    leaf(user, "list", cmd_user_list, "user list", "list users")
+    p = leaf(user, "delete", cmd_user_delete, "user delete", "delete a user")
+    p.add_argument("user")
+    p.add_argument("--force", action="store_true", help="even if they own devices")
+
+    token = sub.add_parser("token", help="REST API bearer tokens").add_subparsers(
+        dest="token_command", required=True, metavar="COMMAND"
+    )
+    p = leaf(token, "create", cmd_token_create, "token create", "create a token (printed once)")
+    p.add_argument("token", metavar="NAME")
+    p.add_argument("--read-only", action="store_true", help="reads only, never codes")
+    p.add_argument("--user", default="", help="act as this user instead of as an admin")
+    leaf(token, "list", cmd_token_list, "token list", "list tokens")
+    leaf(token, "revoke", cmd_token_revoke, "token revoke", "revoke a token").add_argument(
+        "token", metavar="NAME"
+    )
+
+
 def _render(command: str, result: Any) -> str:
+    accounts = _render_accounts(command, result)
+    if accounts is not None:
+        return accounts
     if command in ("device list",):
         cols = ["name", "model", "state", "lines", "user", "code", "description"]
         return _table(_device_rows(result), cols)
@@ -399,6 +516,10 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     leaf(
         code, "generate", cmd_code_generate, "code generate", "issue a new code, voiding the old"
     ).add_argument("name")
+    leaf(
+        code, "send", cmd_code_send, "code send", "email the code to the device's user"
+    ).add_argument("name")
+    register_accounts_cli(sub, output)
 
     codes = sub.add_parser("codes", help="all outstanding codes").add_subparsers(
         dest="codes_command", required=True, metavar="COMMAND"

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from .model import ActivationCode, CodeState, Device, DeviceState, Line, Onboarding
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,40 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v0_to_v1, _v1_to_v2]
+def _v2_to_v3_accounts(db: sqlite3.Connection) -> None:
+    """Version 3 adds web users (Argon2id hashes only) and API tokens (SHA-256 only).
+
+    Read and written by :mod:`callboard.daemon.registry.accounts`, not by this store.
+    """
+    _run_script(
+        db,
+        """
+        CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            display_name TEXT NOT NULL DEFAULT '',
+            email TEXT NOT NULL DEFAULT '',
+            is_admin INTEGER NOT NULL DEFAULT 0,
+            password_hash TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE api_tokens (
+            name TEXT PRIMARY KEY,
+            token_sha256 TEXT NOT NULL UNIQUE,
+            read_only INTEGER NOT NULL DEFAULT 0,
+            user_name TEXT NOT NULL DEFAULT '',
+            created_by TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL
+        );
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _v0_to_v1,
+    _v1_to_v2,
+    _v2_to_v3_accounts,
+]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -1,0 +1,256 @@
+"""Web users and API tokens: records, their durable table, and the secrets' one-way forms.
+
+Passwords are stored only as Argon2id hashes (``argon2-cffi``, RFC 9106 parameters), tokens
+only as SHA-256 digests (a token is 256 random bits, so a fast hash is enough and lets a
+request be authenticated with one dictionary look-up). Hashing a password costs tens of
+milliseconds and 64 MiB, so it always runs on a worker thread, never on the reactor.
+
+The tables live in the registry's SQLite file (created by the store's migrations) but are
+read and written through a connection of their own: writes run one at a time on a worker
+thread, memory is updated only after the commit, so reads stay in-memory and never wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.threads import deferToThreadPool
+
+from .model import RegistryError
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_EMAIL_RE = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[^@\s<>\"',;]+$")
+TOKEN_PREFIX = "cbt_"
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
+
+_hasher = PasswordHasher()  # Argon2id, t=3, m=64 MiB, p=4 (RFC 9106 second choice)
+# Verified against when the user is unknown, so both answers take the same time.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    display_name: str = ""
+    email: str = ""
+    is_admin: bool = False
+    password_hash: str = field(default="", repr=False)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def has_password(self) -> bool:
+        return bool(self.password_hash)
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    name: str
+    token_sha256: str = field(repr=False)
+    read_only: bool = False
+    user_name: str = ""  # acts as this user when set; else a service token
+    created_by: str = ""
+    created_at: float = 0.0
+
+
+def check_user_name(name: str) -> str:
+    name = name.strip()
+    if not _USER_RE.match(name):
+        raise RegistryError(
+            f"invalid user name {name!r}: 1-64 letters, digits, '.', '_', '@' or '-'"
+        )
+    return name
+
+
+def check_token_name(name: str) -> str:
+    name = name.strip()
+    if not _TOKEN_NAME_RE.match(name):
+        raise RegistryError(f"invalid token name {name!r}: 1-64 letters, digits, '.', '_', '-'")
+    return name
+
+
+def check_email(email: str) -> str:
+    email = email.strip()
+    if email and (len(email) > 254 or not _EMAIL_RE.match(email)):
+        raise RegistryError(f"invalid email address {email!r}")
+    return email
+
+
+def check_password(password: str) -> str:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise RegistryError(f"a password needs {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    return password
+
+
+def hash_password(password: str) -> str:
+    """Argon2id (slow on purpose): call on a worker thread."""
+    return _hasher.hash(password)
+
+
+def verify_password(stored_hash: str | None, password: str) -> bool:
+    """True when ``password`` matches; an unknown user (None) costs the same time."""
+    try:
+        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and bool(stored_hash)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class AccountStore:
+    """Users and tokens in memory, written through to their SQLite tables off the reactor."""
+
+    def __init__(self, path: Path, clock: Clock, reactor: Any) -> None:
+        self._clock = clock
+        self._reactor = reactor
+        self._lock = DeferredLock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self.users: dict[str, User] = {}
+        self.tokens: dict[str, ApiToken] = {}
+        self._by_digest: dict[str, str] = {}
+        self._load()
+
+    def _load(self) -> None:
+        for r in self._db.execute(
+            "SELECT name, display_name, email, is_admin, password_hash, created_at, updated_at"
+            " FROM users"
+        ):
+            self.users[r[0]] = User(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6])
+        for r in self._db.execute(
+            "SELECT name, token_sha256, read_only, user_name, created_by, created_at"
+            " FROM api_tokens"
+        ):
+            token = ApiToken(r[0], r[1], bool(r[2]), r[3], r[4], r[5])
+            self.tokens[token.name] = token
+            self._by_digest[token.token_sha256] = token.name
+
+    def now(self) -> float:
+        return self._clock()
+
+    # -- reads (memory) ------------------------------------------------------------------
+
+    def user(self, name: str) -> User | None:
+        return self.users.get(name)
+
+    def token_for(self, token: str) -> ApiToken | None:
+        name = self._by_digest.get(token_digest(token))
+        return self.tokens.get(name) if name else None
+
+    # -- writes (worker thread, one at a time, memory after the commit) ------------------
+
+    def put_user(self, user: User) -> Deferred[User]:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO users (name, display_name, email, is_admin,"
+                " password_hash, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    user.name,
+                    user.display_name,
+                    user.email,
+                    int(user.is_admin),
+                    user.password_hash,
+                    user.created_at,
+                    user.updated_at,
+                ),
+            )
+
+        def remember(_: object) -> User:
+            self.users[user.name] = user
+            return user
+
+        return self._write(write).addCallback(remember)
+
+    def delete_user(self, name: str) -> Deferred[None]:
+        """Delete a user and every token acting as them."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM api_tokens WHERE user_name = ?", (name,))
+            db.execute("DELETE FROM users WHERE name = ?", (name,))
+
+        def forget(_: object) -> None:
+            self.users.pop(name, None)
+            for token in [t for t in self.tokens.values() if t.user_name == name]:
+                self._forget_token(token.name)
+
+        return self._write(write).addCallback(forget)
+
+    def put_token(self, token: ApiToken) -> Deferred[ApiToken]:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO api_tokens (name, token_sha256, read_only, user_name, created_by,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    token.name,
+                    token.token_sha256,
+                    int(token.read_only),
+                    token.user_name,
+                    token.created_by,
+                    token.created_at,
+                ),
+            )
+
+        def remember(_: object) -> ApiToken:
+            self.tokens[token.name] = token
+            self._by_digest[token.token_sha256] = token.name
+            return token
+
+        return self._write(write).addCallback(remember)
+
+    def delete_token(self, name: str) -> Deferred[None]:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM api_tokens WHERE name = ?", (name,))
+
+        return self._write(write).addCallback(lambda _: self._forget_token(name))
+
+    def _forget_token(self, name: str) -> None:
+        token = self.tokens.pop(name, None)
+        if token is not None:
+            self._by_digest.pop(token.token_sha256, None)
+
+    def _write(self, statements: Callable[[sqlite3.Connection], None]) -> Deferred[None]:
+        db = self._db
+
+        def transaction() -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                statements(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return self._lock.run(self.in_thread, transaction)
+
+    def in_thread(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run blocking work (SQLite, Argon2) on the reactor's thread pool."""
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def updated_user(user: User, now: float, **changes: Any) -> User:
+    return replace(user, updated_at=now, **changes)
