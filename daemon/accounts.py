@@ -281,7 +281,7 @@ class AccountsApp:
             if not user.email:
                 raise Problem.conflict(f"user {user.name} has no email address")
             if self.mailer is None:
-                raise Problem(503, "Mail not configured", "no SMTP server is configured")
+                raise Problem.conflict("no SMTP server is configured (smtp.host)")
         except (Problem, RegistryError) as exc:
             return fail(_problem(exc))
         d = self.mailer.send_code(user.email, user, device, code)

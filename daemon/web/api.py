@@ -204,7 +204,7 @@ class ApiArea(Area):
             (Operation("POST", d + "/code/generate", "Generate a new activation code",
                        "codes", "admin", s.DeviceCode), self.generate_code),
             (Operation("POST", d + "/code/send", "Email the code to the device's user",
-                       "codes", "admin", s.CodeSent, extra_errors=(502, 503)), self.send_code),
+                       "codes", "admin", s.CodeSent, extra_errors=(502,)), self.send_code),
             (Operation("GET", API + "/codes", "Export every outstanding code", "codes",
                        "admin", list[s.ExportRow]), self.export_codes),
             (Operation("POST", API + "/import", "Bulk import a CSV (all rows or none)",
