@@ -573,8 +573,6 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
                 "description": ERROR_TITLES[status],
                 "content": {"application/problem+json": {"schema": problem_ref}},
             }
-        if "{" not in op.path:
-            responses.pop("404")  # only a named resource can be missing
         if op.body is None:
             responses.pop("415")
         parameters: list[dict[str, Any]] = [
