@@ -12,6 +12,8 @@ import secrets
 import shutil
 from typing import TYPE_CHECKING, TextIO
 
+from twisted.python.failure import Failure
+
 from . import certs
 from .logs import get_logger
 from .registry.model import Line, group_code
@@ -24,6 +26,7 @@ log = get_logger("callboard.demo")
 
 DEMO_MODEL = "8841"
 DEMO_MAC = "00000C0FFEE1"
+DEMO_USER = "demo"
 
 
 def provision_demo(service: CallboardService, out: TextIO) -> None:
@@ -39,6 +42,9 @@ def provision_demo(service: CallboardService, out: TextIO) -> None:
     if len(registry):
         print("\nThe registry is not empty, so no demo phone was added.", file=out)
         print("  callboard --state-dir", state_dir, "device list", file=out)
+        for place in where.streams.get("web", []):
+            print(f"  https://{place}/self-care/ (the demo user's password was shown at", file=out)
+            print("  first start; `callboard user set-password demo --password-stdin`)", file=out)
         return
     lab_dir = state_dir / "lab-ca"
     if not (lab_dir / "lab-root.pem").exists():
@@ -56,6 +62,7 @@ def provision_demo(service: CallboardService, out: TextIO) -> None:
         DeviceSpec(
             model=DEMO_MODEL,
             description="Callboard demo phone",
+            owner_user=DEMO_USER,
             lines=(Line("1001", "Demo Phone", "1001", secrets.token_urlsafe(12)),),
             requires_activation=True,
         )
@@ -78,3 +85,33 @@ A lab manufacturing CA in {lab_dir} is trusted by this daemon; the demo phone's 
         file=out,
         flush=True,
     )
+    _demo_web_user(service, out)
+
+
+def _demo_web_user(service: CallboardService, out: TextIO) -> None:
+    """With the web listener on: a demo admin who owns the demo phone, and its password."""
+    places = service.listening().streams.get("web")
+    accounts = getattr(service, "accounts", None)
+    if not places or accounts is None:
+        return
+    from .admin.app import Actor
+
+    password = secrets.token_urlsafe(12)
+    actor = Actor("callboard-demo", True, "demo")
+    d = accounts.add_user(
+        actor, DEMO_USER, is_admin=True, display_name="Demo User", password=password
+    )
+
+    def announce(_: object) -> None:
+        print(
+            f"""Self-Care and the admin console (self-signed certificate):
+  https://{places[0]}/self-care/   user {DEMO_USER}, password {password}
+""",
+            file=out,
+            flush=True,
+        )
+
+    def failed(failure: Failure) -> None:
+        print(f"demo web user not created: {failure.getErrorMessage()}", file=out, flush=True)
+
+    d.addCallbacks(announce, failed)

@@ -26,6 +26,7 @@ def test_wheel_installs_in_a_clean_venv_and_reports_its_version(tmp_path: Path) 
     # Only our namespace lands in site-packages: no generic top-level `daemon` module.
     assert top == {"callboard", wheel.name.split("-py3")[0] + ".dist-info"}, top
     assert "callboard/daemon/templates/XMLDefault.cnf.xml" in names
+    assert "callboard/daemon/web/templates/self_care.html" in names
     assert "callboard/protocols/tftp/codec.py" in names and "callboard/phone/__init__.py" in names
 
     env_dir = tmp_path / "venv"
