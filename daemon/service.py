@@ -225,7 +225,8 @@ class CallboardService(MultiService):
                 realm=sip.realm,
                 digest_algorithms=sip.digest_algorithms,
             ),
-            wallclock=clock,
+            now=self.reactor.seconds,
+            wall_now=clock,
         )
         self.registry.subscribe(self._drop_registrations)
         tcp = make_stream_factory(self.registrar, "tcp")

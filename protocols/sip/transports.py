@@ -2,7 +2,9 @@
 
 Wiring (what the daemon does)::
 
-    registrar = Registrar(policy, RegistrarSettings(realm="callboard"), clock=reactor.seconds)
+    registrar = Registrar(
+        policy, RegistrarSettings(realm="callboard"), now=reactor.seconds, wall_now=time.time
+    )
     service = SIPRegistrarService(
         registrar, reactor, udp_port=5060, tcp_port=5060, tls_port=5061,
         tls_options=make_tls_server_options(cert_pem, key_pem),
@@ -16,24 +18,28 @@ or piecemeal: ``reactor.listenUDP(5060, make_udp_protocol(registrar))``,
 ``TLSMemoryBIOFactory(opts, False, make_stream_factory(registrar, "tls"))``; plus
 ``start_sweeper(registrar, reactor)`` for binding expiry (the service does it itself).
 
-The adapters only move bytes: framing (Content-Length on streams), the client certificate
-fingerprint on TLS, and the reply's destination on UDP. Any exception below them is logged and
-the message dropped, so one bad packet never takes a listener down.
+The adapters only move bytes: framing (Content-Length on streams; a framing error is answered
+and closes the stream), the client certificate fingerprint on TLS, and the reply's destination
+on UDP. A reply may come later (a Deferred, when the registration policy writes): a stream
+answers its messages in order and stops reading meanwhile. Any exception below them is logged
+and the message dropped, so one bad packet never takes a listener down.
 """
 
 from __future__ import annotations
 
 import socket
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from callboard.protocols.sip.message import MessageTooLarge, SIPParseError, StreamFramer
-from callboard.protocols.sip.registrar import Registrar, Source
+from callboard.protocols.sip.message import Message, MessageTooLarge, SIPParseError, StreamFramer
+from callboard.protocols.sip.registrar import Registrar, Reply, Source
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.application.service import Service
 from twisted.internet import ssl
-from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -54,25 +60,46 @@ class SIPDatagramProtocol(DatagramProtocol):
         if not datagram.strip(b"\r\n\x00 "):
             return  # keep-alive (CRLF or NAT-binding junk)
         try:
-            reply = self.registrar.handle_bytes(datagram, Source("udp", host, port))
+            answer = self.registrar.handle_bytes(datagram, Source("udp", host, port))
         except Exception:
             log.failure("SIP/UDP message from {host}:{port} dropped", host=host, port=port)
             return
-        if reply is not None and self.transport is not None:
-            try:
-                self.transport.write(reply.data, (reply.host, reply.port))
-            except OSError as exc:
-                log.warn("SIP/UDP send to {host} failed: {err}", host=reply.host, err=exc)
+        if isinstance(answer, Deferred):
+            answer.addCallbacks(self._send, self._failed, errbackArgs=(host, port))
+        elif answer is not None:
+            self._send(answer)
+
+    def _send(self, reply: Reply) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.transport.write(reply.data, (reply.host, reply.port))
+        except OSError as exc:
+            log.warn("SIP/UDP send to {host} failed: {err}", host=reply.host, err=exc)
+
+    def _failed(self, failure: Failure, host: str, port: int) -> None:
+        log.failure("SIP/UDP message from {host}:{port} dropped", failure, host=host, port=port)
 
 
 class SIPStreamProtocol(Protocol):
-    """SIP over TCP or TLS: Content-Length framing, replies on the same connection."""
+    """SIP over TCP or TLS: Content-Length framing, replies on the same connection.
+
+    Messages are answered one at a time, in order: while the registrar works on one
+    asynchronously (a Deferred), the rest wait and the transport stops reading. A framing
+    error is answered (when the message is readable enough) after everything before it, and
+    the connection is then closed: nothing after it can be trusted to be a message.
+    """
 
     def __init__(self, registrar: Registrar, transport_name: str) -> None:
         self.registrar = registrar
         self.transport_name = transport_name
         self.framer = StreamFramer(registrar.settings.max_message_size)
         self._source: Source | None = None
+        self._inbox: deque[Message] = deque()
+        self._framing_error: SIPParseError | None = None
+        self._awaiting = False  # a reply is being awaited: the inbox waits
+        self._working = False  # inside _work (a Deferred that fired at once must not recurse)
+        self._closed = False  # closing or lost: nothing more is processed or sent
 
     def connectionMade(self) -> None:
         # Each reply is one write the phone waits for: do not let Nagle hold it back.
@@ -95,36 +122,97 @@ class SIPStreamProtocol(Protocol):
         return self._source
 
     def dataReceived(self, data: bytes) -> None:
-        assert self.transport is not None
+        if self._closed:
+            return
+        messages, error = self.framer.messages(data)
+        self._inbox.extend(messages)
+        self._framing_error = error
+        self._guarded(self._work)
+
+    def _work(self) -> None:
+        """Answer what is in the inbox, in order, until one reply has to be awaited."""
+        if self._working:
+            return  # the loop below goes on by itself
+        self._working = True
         try:
-            source = self._get_source()
-            try:
-                messages = self.framer.feed(data)
-            except SIPParseError as exc:
-                status = 513 if isinstance(exc, MessageTooLarge) else 400
-                reply = self.registrar.error_reply(exc.partial, status, source, exc.reason)
-                if reply is not None:
-                    self.transport.write(reply.data)
-                log.info(
-                    "SIP/{t} stream from {source} closed: {why}",
-                    t=self.transport_name,
-                    source=source.address,
-                    why=exc.reason,
-                )
-                self.transport.loseConnection()
+            self._answer_inbox(self._get_source())
+        finally:
+            self._working = False
+
+    def _answer_inbox(self, source: Source) -> None:
+        while not self._awaiting and not self._closed:
+            if not self._inbox:
+                if self._framing_error is not None:
+                    self._refuse_stream(self._framing_error, source)
                 return
-            for message in messages:
-                reply = self.registrar.handle_bytes(message, source)
-                if reply is not None:
-                    self.transport.write(reply.data)
-                    if reply.close:
-                        self.transport.loseConnection()
-                        return
+            answer = self.registrar.handle_message(self._inbox.popleft(), source)
+            if isinstance(answer, Deferred):
+                self._await(answer)
+            elif answer is not None:
+                self._send(answer)
+
+    def _await(self, answer: Deferred[Reply]) -> None:
+        self._awaiting = True
+        self._pause(True)
+        answer.addCallback(self._send)
+        answer.addErrback(self._failed)
+        answer.addBoth(self._resume)
+
+    def _resume(self, _: object) -> None:
+        self._awaiting = False
+        if not self._closed:
+            self._pause(False)
+            self._guarded(self._work)
+
+    def _send(self, reply: Reply) -> None:
+        if self._closed or self.transport is None:
+            return
+        self.transport.write(reply.data)
+        if reply.close:
+            self._close()
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("SIP/{t} message dropped", failure, t=self.transport_name)
+
+    def _refuse_stream(self, error: SIPParseError, source: Source) -> None:
+        """A framing error: answer 400 (513 when too large) when possible, then close."""
+        status = 513 if isinstance(error, MessageTooLarge) else 400
+        reply = self.registrar.error_reply(error.partial, status, source, error.reason)
+        if reply is not None and self.transport is not None:
+            self.transport.write(reply.data)
+        log.info(
+            "SIP/{t} stream from {source} closed: {why}",
+            t=self.transport_name,
+            source=source.address,
+            why=error.reason,
+        )
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._inbox.clear()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _pause(self, paused: bool) -> None:
+        """Stop (or restart) reading while a reply is awaited: the inbox stays bounded."""
+        # TCP transports are push producers; the TLS wrapper has the methods without saying so.
+        switch = getattr(self.transport, "pauseProducing" if paused else "resumeProducing", None)
+        if switch is not None:
+            switch()
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        try:
+            step()
         except Exception:
             log.failure("SIP/{t} stream error; closing", t=self.transport_name)
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._closed = True
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._closed = True
+        self._inbox.clear()
         self._source = None
 
 

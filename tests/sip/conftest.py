@@ -157,8 +157,8 @@ def make_registrar(policy: MemoryPolicy, clock: FakeClock) -> Callable[..., Regi
         return Registrar(
             policy,
             RegistrarSettings(**settings),
-            clock=clock,
-            wallclock=lambda: 1553819486.0,
+            now=clock,
+            wall_now=lambda: 1553819486.0,
         )
 
     return make

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -109,7 +110,8 @@ async def server(
     registrar = Registrar(
         policy,
         RegistrarSettings(max_message_size=4096),
-        clock=reactor.seconds,  # type: ignore[attr-defined]
+        now=reactor.seconds,  # type: ignore[attr-defined]
+        wall_now=time.time,
     )
     svc = SIPRegistrarService(
         registrar,

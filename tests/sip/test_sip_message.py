@@ -204,7 +204,7 @@ class _AllowAll:
         return PolicyDecision.allow(request.device_name, ("u", "p"))
 
 
-_REGISTRAR = Registrar(_AllowAll(), clock=lambda: 1.0)
+_REGISTRAR = Registrar(_AllowAll(), now=lambda: 1.0, wall_now=lambda: 1553819486.0)
 _SRC = Source("udp", "127.0.0.1", 5060)
 
 _HEADER_NAMES = st.sampled_from(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -23,7 +24,12 @@ SCENARIOS = Path(__file__).resolve().parents[1] / "sipp"
 async def sip_server(policy: Any) -> AsyncIterator[SIPRegistrarService]:
     # sipp 3.6 answers only the first WWW-Authenticate and knows MD5 alone: offer MD5 first.
     settings = RegistrarSettings(digest_algorithms=("MD5", "SHA-256"))
-    registrar = Registrar(policy, settings, clock=reactor.seconds)  # type: ignore[attr-defined]
+    registrar = Registrar(
+        policy,
+        settings,
+        now=reactor.seconds,  # type: ignore[attr-defined]
+        wall_now=time.time,
+    )
     svc = SIPRegistrarService(
         registrar, reactor, udp_port=0, tcp_port=0, tls_port=None, interface="127.0.0.1"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,8 @@ async def ua_server(
     registrar = Registrar(
         policy,
         RegistrarSettings(min_expires=1, sweep_interval=0.2),
-        clock=reactor.seconds,  # type: ignore[attr-defined]
+        now=reactor.seconds,  # type: ignore[attr-defined]
+        wall_now=time.time,
     )
     svc = SIPRegistrarService(
         registrar,
