@@ -17,6 +17,8 @@ from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
 
+from .conftest import smuggling  # type: ignore[import-not-found]
+
 TIMEOUT = 5
 
 
@@ -247,6 +249,26 @@ async def test_stream_framing(
         await d
     finally:
         await peer.close() if peer.stream and not peer.stream.closed.called else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_request_smuggling_closes_the_stream(
+    server: SIPRegistrarService, make_register: Callable[..., bytes]
+) -> None:
+    """``Content-Length: 0`` then ``Content-Length: N``: one 400, then the stream is closed, and
+    the body is never read as a second request."""
+    peer = Peer("tcp", port_of(server, "tcp"))
+    await peer.open()
+    assert peer.stream is not None
+    peer.send(smuggling(contact_host=f"127.0.0.1:{peer.local_port}"))
+    answer = await peer.recv()
+    assert answer.status == 400 and "Content-Length" in answer.headers.get("warning", "")
+    closed = peer.stream.closed
+    closed.addTimeout(TIMEOUT, reactor)
+    await closed
+    assert peer.stream.queue.pending == []  # no answer to a smuggled request
+    assert server.registrar.bindings_for_device("SEP001122334455") == []
+    assert server.registrar.counters.requests == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -53,6 +53,16 @@ def test_register_active_device(make_registrar: Any, make_register: Any, policy:
     assert "x-cisco-newreg" not in resp.headers.values("contact")[0]
 
 
+def test_clocks_are_the_injected_ones(make_registrar: Any, make_register: Any, clock: Any) -> None:
+    """Expiry on ``now`` (the reactor's seconds in the daemon), wall time only where shown."""
+    reg = make_registrar()
+    send(reg, make_register(expires=600))
+    [b] = reg.bindings_for_device("SEP001122334455")
+    assert b.expires_at == clock.t + 600 and b.registered_at == 1553819486.0
+    clock.advance(100)
+    assert reg.bindings_for_device("SEP001122334455")[0].expires_in == 500
+
+
 def test_newreg_only_for_first_line(make_registrar: Any, make_register: Any) -> None:
     reg = make_registrar()
     send(reg, make_register())
@@ -247,6 +257,11 @@ def test_malformed_gets_400_or_drop(make_registrar: Any, make_register: Any) -> 
     assert send(reg, data).status == 400
     data = make_register().replace(b"CSeq: 101 REGISTER", b"CSeq: 101 OPTIONS")
     assert send(reg, data).status == 400
+    for digits in ("CSeq: \u00b2 REGISTER", "Expires: \u00b2", "Max-Forwards: \u00b2"):
+        name = digits.split(":")[0].encode()
+        lines = [ln for ln in make_register().split(b"\r\n") if not ln.startswith(name + b":")]
+        data = b"\r\n".join([lines[0], digits.encode(), *lines[1:]])
+        assert send(reg, data).status == 400, digits  # '²' passes str.isdigit, not int()
     assert reg.handle_bytes(b"\xff\xfe garbage", SRC) is None
     assert reg.handle_bytes(b"SIP/2.0 200 OK\r\n\r\n", SRC) is None
     data = make_register().replace(b"To: <sip:1001", b"To: <http:1001")

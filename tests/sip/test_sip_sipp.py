@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
