@@ -40,7 +40,7 @@ from OpenSSL import SSL, crypto
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IListeningPort, IPushProducer, IReactorTime, ISSLTransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -122,12 +122,14 @@ class SIPStreamProtocol(Protocol):
         return self._source
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closed:
-            return
+        if not self._closed:
+            self._guarded(self._receive, data)
+
+    def _receive(self, data: bytes) -> None:
         messages, error = self.framer.messages(data)
         self._inbox.extend(messages)
         self._framing_error = error
-        self._guarded(self._work)
+        self._work()
 
     def _work(self) -> None:
         """Answer what is in the inbox, in order, until one reply has to be awaited."""
@@ -195,15 +197,20 @@ class SIPStreamProtocol(Protocol):
             self.transport.loseConnection()
 
     def _pause(self, paused: bool) -> None:
-        """Stop (or restart) reading while a reply is awaited: the inbox stays bounded."""
-        # TCP transports are push producers; the TLS wrapper has the methods without saying so.
-        switch = getattr(self.transport, "pauseProducing" if paused else "resumeProducing", None)
-        if switch is not None:
-            switch()
+        """Stop (or restart) reading while a reply is awaited: the inbox stays bounded.
 
-    def _guarded(self, step: Callable[[], None]) -> None:
+        The reader is the connection itself, or for TLS the connection under the TLS wrapper
+        (which is no producer itself).
+        """
+        reader: Any = self.transport
+        while reader is not None and not IPushProducer.providedBy(reader):
+            reader = getattr(reader, "transport", None)
+        if reader is not None:
+            reader.pauseProducing() if paused else reader.resumeProducing()
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
         try:
-            step()
+            step(*args)
         except Exception:
             log.failure("SIP/{t} stream error; closing", t=self.transport_name)
             self._closed = True

@@ -7,11 +7,13 @@ at once. The transports send those late replies: a stream in order, pausing its 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from callboard.protocols.sip.message import Response, parse_message
+import pytest_twisted
+from callboard.protocols.sip.message import Response, StreamFramer, parse_message
 from callboard.protocols.sip.registrar import (
     MAX_WAITING_PER_AOR,
     PolicyDecision,
@@ -21,13 +23,20 @@ from callboard.protocols.sip.registrar import (
     Reply,
     Source,
 )
-from callboard.protocols.sip.transports import SIPDatagramProtocol, SIPStreamProtocol
+from callboard.protocols.sip.transports import (
+    SIPDatagramProtocol,
+    SIPRegistrarService,
+    SIPStreamProtocol,
+    make_tls_server_options,
+)
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from .conftest import FakeClock, MemoryPolicy  # type: ignore[import-not-found]
+from .test_sip_loopback import TIMEOUT, Peer  # type: ignore[import-not-found]
 
 SRC = Source("udp", "192.0.2.50", 50057)
 
@@ -40,12 +49,14 @@ class HandPolicy:
         self.inner = inner
         self.deferred_users = deferred_users
         self.pending: list[tuple[RegistrationRequest, Deferred[PolicyDecision]]] = []
+        self.asked: DeferredQueue[RegistrationRequest] = DeferredQueue()
 
     def decide(self, request: RegistrationRequest) -> PolicyDecision | Deferred[PolicyDecision]:
         if request.aor_user not in self.deferred_users:
             return self.inner.decide(request)
         d: Deferred[PolicyDecision] = Deferred()
         self.pending.append((request, d))
+        self.asked.put(request)
         return d
 
     def answer(self) -> RegistrationRequest:
@@ -212,8 +223,6 @@ def stream(registrar: Registrar) -> tuple[SIPStreamProtocol, StringTransport]:
 
 
 def responses(data: bytes) -> list[Response]:
-    from callboard.protocols.sip.message import StreamFramer
-
     out = []
     for raw in StreamFramer().feed(data):
         msg = parse_message(raw)
@@ -269,3 +278,53 @@ def test_datagram_late_reply(
     hand.answer()
     [(data, addr)] = transport.sent
     assert addr == ("192.0.2.50", 50057) and status_of(Reply(data, *addr)) == 200
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_late_replies_in_order_over_loopback(
+    transport: str,
+    policy: MemoryPolicy,
+    server_cert: tuple[bytes, bytes],
+    make_register: Callable[..., bytes],
+) -> None:
+    hand = HandPolicy(policy, frozenset({"1001"}))
+    registrar = Registrar(
+        hand,
+        now=reactor.seconds,  # type: ignore[attr-defined]
+        wall_now=time.time,
+    )
+    svc = SIPRegistrarService(
+        registrar,
+        reactor,
+        udp_port=None,
+        tcp_port=0,
+        tls_port=0,
+        interface="127.0.0.1",
+        tls_options=make_tls_server_options(*server_cert),
+    )
+    svc.startService()
+    port = svc.tcp_port if transport == "tcp" else svc.tls_port
+    assert port is not None
+    peer = Peer(transport, port)
+    try:
+        await peer.open()
+        host = f"127.0.0.1:{peer.local_port}"
+        T = transport.upper()
+        peer.send(
+            make_register(transport=T, contact_host=host)
+            + make_register(transport=T, contact_host=host, method="OPTIONS", user="2001")
+        )
+        asked = hand.asked.get()
+        asked.addTimeout(TIMEOUT, reactor)
+        await asked
+        hand.answer()
+        first, second = await peer.recv(), await peer.recv()
+        assert (first.status, first.headers.get("cseq")) == (200, "101 REGISTER")
+        assert (second.status, second.headers.get("cseq")) == (200, "101 OPTIONS")
+        # Reading resumed: the connection still serves (a synchronous answer this time).
+        r = await peer.request(make_register(transport=T, contact_host=host, user="2001"))
+        assert r.status == 403
+    finally:
+        await peer.close()
+        await svc.stopService()
