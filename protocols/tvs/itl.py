@@ -522,9 +522,9 @@ def parse_itl(data: bytes, *, verify: bool = True) -> ITLFile:
         records=tuple(records),
     )
     if verify:
+        _verify(itl, header.signed_bytes(data))
         for record in itl.records:
             _check_record(record)
-        _verify(itl, header.signed_bytes(data))
     return itl
 
 
