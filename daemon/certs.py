@@ -1,7 +1,8 @@
 """Certificate tooling: the server's own certificates, the manufacturing trust store, lab CAs/MICs.
 
 Daemon-side (it reads and writes files). The protocols get parsed objects from here:
-``load_server_certs`` for the SAST/TVS/CCM+TFTP pairs, ``load_trust_store`` for the MIC roots.
+``load_server_certs`` for the SAST/TVS/CCM+TFTP/HTTPS-TFTP pairs, ``load_trust_store`` for the
+MIC roots.
 Private keys are written owner-only and never printed or logged.
 """
 
@@ -33,6 +34,11 @@ CERTS_SUBDIR = "certs"
 SAST_NAME = "sast"
 TVS_NAME = "tvs"
 CCM_TFTP_NAME = "ccm-tftp"
+HTTPS_TFTP_NAME = "https-tftp"
+# Keys whose type the role fixes, whatever ``--key-type`` says: RSA signs ITLs and ``.sgn``
+# files; the HTTPS 6971 certificate must be EC (ITL version 1.1).
+_ROLE_KEY_TYPES = {SAST_NAME: "rsa", CCM_TFTP_NAME: "rsa", HTTPS_TFTP_NAME: "ec"}
+ITL_VERSION_HTTPS = (1, 1)
 
 LAB_ROOT_CN = "Callboard Lab Manufacturing Root"
 LAB_CA_CN = "Callboard Lab Manufacturing CA"
@@ -129,18 +135,25 @@ class CertKeyPair:
 
 @dataclass(frozen=True)
 class ServerCertificates:
-    """The three role pairs: SAST (ITL signer, RSA), TVS, CCM+TFTP."""
+    """The role pairs: SAST (ITL signer, RSA), TVS, CCM+TFTP (RSA: signs ``.sgn`` files, SIP
+    TLS), HTTPS-TFTP (EC, TFTP role: the HTTPS 6971 server certificate)."""
 
     sast: CertKeyPair
     tvs: CertKeyPair
     ccm_tftp: CertKeyPair
+    https_tftp: CertKeyPair
 
     def itl_records(self) -> list[tuple[int, x509.Certificate]]:
         return [
             (Role.SAST, self.sast.cert),
             (Role.CCM_TFTP, self.ccm_tftp.cert),
             (Role.TVS, self.tvs.cert),
+            (Role.TFTP, self.https_tftp.cert),
         ]
+
+    def sgn_signer(self) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+        """The CCM+TFTP pair that signs ``.sgn`` files (see ``protocols.tvs.sgn``)."""
+        return self.ccm_tftp.cert, _rsa_key(self.ccm_tftp, "CCM+TFTP")
 
     def build_itl(
         self,
@@ -160,6 +173,7 @@ class ServerCertificates:
             timestamp=timestamp,
             hash_algorithm=hash_algorithm,
             filename=filename,
+            signer_version=ITL_VERSION_HTTPS,
         )
 
 
@@ -195,6 +209,7 @@ _ROLES = {
     SAST_NAME: ("ITL Recovery (SAST)", False),
     TVS_NAME: ("TVS", True),
     CCM_TFTP_NAME: ("CallManager TFTP", True),
+    HTTPS_TFTP_NAME: ("HTTPS TFTP", True),
 }
 
 
@@ -205,10 +220,12 @@ def init_certs(
     force: bool = False,
     now: dt.datetime | None = None,
 ) -> ServerCertificates:
-    """Create the SAST (RSA 2048), TVS and CCM+TFTP pairs under ``<state_dir>/certs``.
+    """Create the SAST, TVS, CCM+TFTP and HTTPS-TFTP pairs under ``<state_dir>/certs``.
 
-    Existing keys are kept unless ``force``; a missing certificate is reissued from its key.
-    Files: ``sast.{pem,key}``, ``tvs.{pem,key}``, ``ccm-tftp.{pem,key}``; dir 0700, keys 0600.
+    SAST and CCM+TFTP are RSA 2048, HTTPS-TFTP is EC P-256; ``key_type`` is the TVS key's.
+    Existing keys are kept unless ``force`` (or of the wrong type for their role); a missing
+    certificate is reissued from its key. Files: ``sast``, ``tvs``, ``ccm-tftp``,
+    ``https-tftp`` ``.{pem,key}``; dir 0700, keys 0600.
     """
     if key_type not in ("ec", "rsa"):
         raise CertError(f"unknown key type {key_type!r} (use ec or rsa)")
@@ -219,13 +236,13 @@ def init_certs(
     for stem, (ou, server) in _ROLES.items():
         key_path = directory / f"{stem}.key"
         cert_path = directory / f"{stem}.pem"
-        if key_path.exists() and not force:
+        if key_path.exists() and not force and _kept_key_fits(stem, key_path):
             os.chmod(key_path, 0o600)
             if cert_path.exists():
                 continue
             key = _load_key(key_path)
         else:
-            key = _new_key("rsa" if stem == SAST_NAME else key_type)
+            key = _new_key(_ROLE_KEY_TYPES.get(stem, key_type))
         cert = _self_signed(key, f"{stem.upper()}-{host}", ou, when, server=server)
         write_pair(directory, stem, cert, key)
     return load_server_certs(state_dir)
@@ -248,7 +265,37 @@ def load_server_certs(state_dir: str | os.PathLike[str]) -> ServerCertificates:
     sast = pair(SAST_NAME)
     if not isinstance(sast.key, rsa.RSAPrivateKey):
         raise CertError("the SAST key must be RSA (ITL signatures are RSA PKCS#1 v1.5)")
-    return ServerCertificates(sast=sast, tvs=pair(TVS_NAME), ccm_tftp=pair(CCM_TFTP_NAME))
+    return _check_role_keys(
+        ServerCertificates(
+            sast=sast,
+            tvs=pair(TVS_NAME),
+            ccm_tftp=pair(CCM_TFTP_NAME),
+            https_tftp=pair(HTTPS_TFTP_NAME),
+        )
+    )
+
+
+def _kept_key_fits(stem: str, key_path: Path) -> bool:
+    """An existing key of the type its role needs (an EC ``ccm-tftp`` from before .sgn is not)."""
+    wanted = _ROLE_KEY_TYPES.get(stem)
+    if wanted is None:
+        return True
+    key = _load_key(key_path)
+    return isinstance(key, rsa.RSAPrivateKey if wanted == "rsa" else ec.EllipticCurvePrivateKey)
+
+
+def _rsa_key(pair: CertKeyPair, label: str) -> rsa.RSAPrivateKey:
+    if not isinstance(pair.key, rsa.RSAPrivateKey):
+        raise CertError(f"the {label} key must be RSA (run `callboard certs init`)")
+    return pair.key
+
+
+def _check_role_keys(server: ServerCertificates) -> ServerCertificates:
+    """CCM+TFTP must be RSA (it signs .sgn files), HTTPS-TFTP EC (phones need EC on 6971)."""
+    _rsa_key(server.ccm_tftp, "CCM+TFTP")
+    if not isinstance(server.https_tftp.key, ec.EllipticCurvePrivateKey):
+        raise CertError("the HTTPS-TFTP key must be EC (run `callboard certs init --force`)")
+    return server
 
 
 def certs_present(state_dir: str | os.PathLike[str]) -> bool:
@@ -489,7 +536,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
     certs = init_certs(state_dir, key_type=args.key_type, force=args.force)
     directory = Path(state_dir) / CERTS_SUBDIR
     print(f"certificates in {directory}:")
-    for label, pair in (("SAST", certs.sast), ("TVS", certs.tvs), ("CCM+TFTP", certs.ccm_tftp)):
+    for label, pair in (
+        ("SAST", certs.sast),
+        ("TVS", certs.tvs),
+        ("CCM+TFTP", certs.ccm_tftp),
+        ("HTTPS", certs.https_tftp),
+    ):
         fp = pair.cert.fingerprint(hashes.SHA256()).hex()
         print(f"  {label:9} {pair.cert.subject.rfc4514_string()}  sha256={fp}")
     return 0
@@ -539,14 +591,19 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     certs = subparsers.add_parser("certs", help="server certificates, lab CA and lab MICs")
     sub = certs.add_subparsers(dest="certs_command", required=True)
 
-    p = sub.add_parser("init", help="create the SAST, TVS and CCM+TFTP certificates")
+    p = sub.add_parser("init", help="create the SAST, TVS, CCM+TFTP and HTTPS certificates")
     # SUPPRESS: without the flag, `callboard --state-dir DIR certs init` keeps DIR.
     p.add_argument(
         "--state-dir",
         default=argparse.SUPPRESS,
         help="the daemon's state directory (default /var/lib/callboard)",
     )
-    p.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
+    p.add_argument(
+        "--key-type",
+        choices=("ec", "rsa"),
+        default="ec",
+        help="the TVS key (SAST and CCM+TFTP are RSA, HTTPS is EC)",
+    )
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=_guard(_cmd_init))
 

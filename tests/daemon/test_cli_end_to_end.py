@@ -186,7 +186,7 @@ def test_certs_init_honours_the_global_state_dir(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "st" / "certs" / "tvs.pem").exists()
     keys = sorted(p.name for p in (tmp_path / "st" / "certs").glob("*.key"))
-    assert keys == ["ccm-tftp.key", "sast.key", "tvs.key"]
+    assert keys == ["ccm-tftp.key", "https-tftp.key", "sast.key", "tvs.key"]
     assert all(
         stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "st" / "certs").glob("*.key")
     )

@@ -22,12 +22,13 @@ def test_init_certs_files_modes_and_no_overwrite(tmp_path: Path) -> None:
     first = certs.init_certs(tmp_path)
     d = tmp_path / "certs"
     assert _mode(d) == 0o700
-    for stem in ("sast", "tvs", "ccm-tftp"):
+    for stem in ("sast", "tvs", "ccm-tftp", "https-tftp"):
         assert _mode(d / f"{stem}.key") == 0o600
         assert (d / f"{stem}.pem").exists()
     assert isinstance(first.sast.key, rsa.RSAPrivateKey) and first.sast.key.key_size == 2048
     assert isinstance(first.tvs.key, ec.EllipticCurvePrivateKey)
-    assert isinstance(first.ccm_tftp.key, ec.EllipticCurvePrivateKey)
+    assert isinstance(first.ccm_tftp.key, rsa.RSAPrivateKey)  # it signs .sgn files
+    assert isinstance(first.https_tftp.key, ec.EllipticCurvePrivateKey)  # HTTPS 6971
     again = certs.init_certs(tmp_path, key_type="rsa")  # no force: nothing replaced
     assert again.tvs.cert == first.tvs.cert
     forced = certs.init_certs(tmp_path, key_type="rsa", force=True)
