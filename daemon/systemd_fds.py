@@ -88,11 +88,7 @@ def parse_listen_fds(environ: Mapping[str, str], pid: int) -> dict[str, list[int
         raise SocketActivationError(f"LISTEN_FDS={raw_count!r} is not a count of descriptors")
     count = int(raw_count)
     raw_names = environ.get("LISTEN_FDNAMES")
-    # Without LISTEN_FDNAMES systemd's own library calls every descriptor "unknown".
-    if raw_names is None:
-        names = ["unknown"] * count
-    else:
-        names = raw_names.split(":") if raw_names else []
+    names = _split_names(raw_names, count)
     if len(names) != count:
         raise SocketActivationError(
             f"LISTEN_FDS={count} but LISTEN_FDNAMES has {len(names)} names ({raw_names!r})"
@@ -101,6 +97,13 @@ def parse_listen_fds(environ: Mapping[str, str], pid: int) -> dict[str, list[int
     for offset, name in enumerate(names):
         result.setdefault(name, []).append(SD_LISTEN_FDS_START + offset)
     return result
+
+
+def _split_names(raw: str | None, count: int) -> list[str]:
+    """Without ``LISTEN_FDNAMES`` systemd's own library calls every descriptor "unknown"."""
+    if raw is None:
+        return ["unknown"] * count
+    return raw.split(":") if raw else []
 
 
 def read_listen_fds(
@@ -173,7 +176,7 @@ def check_socket_types(fds: Mapping[str, list[int]], roles: Mapping[str, Role] =
                 )
 
 
-_KIND_NAMES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
+_KIND_NAMES: dict[int, str] = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
 
 
 def _socket_type(fd: int) -> int | None:

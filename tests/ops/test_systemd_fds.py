@@ -110,7 +110,7 @@ def test_reading_after_twisted_endpoints_is_refused() -> None:
     # the real environment can no longer be trusted to hold LISTEN_FDS.
     import twisted.internet.endpoints  # noqa: F401
 
-    with pytest.raises(SocketActivationError, match="before twisted.internet.endpoints"):
+    with pytest.raises(SocketActivationError, match=r"before twisted\.internet\.endpoints"):
         read_listen_fds()
 
 
@@ -129,12 +129,12 @@ CHILD = textwrap.dedent(
     for name, numbers in fds.items():
         for fd in numbers:
             s = socket.socket(fileno=fd)
-            described.setdefault(name, []).append(
-                [fd, s.type == socket.SOCK_DGRAM, list(s.getsockname()) if s.family != socket.AF_UNIX
-                 else s.getsockname(), s.get_inheritable()])
+            where = s.getsockname() if s.family == socket.AF_UNIX else list(s.getsockname())
+            dgram = s.type == socket.SOCK_DGRAM
+            described.setdefault(name, []).append([fd, dgram, where, s.get_inheritable()])
             s.detach()
     import os
-    described["left"] = [k for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES") if k in os.environ]
+    described["left"] = [k for k in os.environ if k.startswith("LISTEN_")]
     print(json.dumps(described))
     """
 )
