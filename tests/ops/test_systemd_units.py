@@ -6,7 +6,7 @@ import configparser
 import re
 import shutil
 import subprocess
-import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -40,8 +40,11 @@ def verify_copy(tmp_path: Path, edit: dict[str, str] | None = None) -> Path:
     """The units in a directory of their own, ``ExecStart=`` pointed at this environment's
     ``callboard`` (``verify`` checks that the binary exists; the units name the path pip
     installs to, ``/usr/local/bin``, which a development machine need not have)."""
-    here = Path(sys.executable).parent / "callboard"
-    assert here.exists(), f"the callboard console script is not installed at {here}"
+    here = Path(sysconfig.get_path("scripts")) / "callboard"
+    if not here.exists():
+        found = shutil.which("callboard")
+        assert found, f"the callboard console script is not installed (not at {here}, not on PATH)"
+        here = Path(found)
     for name in UNITS:
         text = (SYSTEMD / name).read_text().replace(INSTALLED_EXEC, str(here))
         for old, new in (edit or {}).items():
