@@ -31,7 +31,6 @@ from ..registry.model import (
     model_info,
 )
 from ..registry.registry import BulkError, DeviceSpec, Registry
-from ..registry.store import ConditionFailed
 from .csvio import ImportRow, row_to_spec
 
 __all__ = [
@@ -124,7 +123,7 @@ def problem_from(error: BaseException) -> Problem | None:
         return Problem(422, "Invalid rows", str(error), extensions={"problems": rows})
     if isinstance(error, NotFound):
         return Problem.not_found(str(error))
-    if isinstance(error, Conflict | ConditionFailed):
+    if isinstance(error, Conflict):  # Stale too: another writer got there first
         return Problem.conflict(str(error))
     if isinstance(error, RegistryError):
         return Problem.bad_request(str(error))
