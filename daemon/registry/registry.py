@@ -494,7 +494,7 @@ class Registry:
             if self._defaults.get(model) != onboarding:
                 self._remember([PutDefault(model, onboarding)])
                 applied += 1
-        self._seq = batch.seq
+        self._seq = max(self._seq, batch.seq)
         self._publish(events)
         return applied
 
@@ -595,6 +595,10 @@ class Registry:
 
         def committed(result: Committed) -> None:
             release()
+            if result.first_seq == self._seq + 1:
+                # Nothing of another writer's lies between: the cursor moves past our own
+                # rows (the feed leaves them out either way, so nothing is applied twice).
+                self._seq = result.seq
             self._publish(self._remember(result.changes))
 
         def refused(failure: Failure) -> Failure:

@@ -301,6 +301,7 @@ _DEVICE_COLUMNS = (
 _CODE_COLUMNS = "id, device_id, code, issued_at, expires_at, state, used_at"
 _SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"
 _SELECT_CODES = f"SELECT {_CODE_COLUMNS} FROM codes"
+_OWN_RANGES = 4096  # own commits remembered for the feed to leave out
 _IN_CHUNK = 500  # keys per ``IN (…)`` query, under SQLite's variable limit
 
 
@@ -416,9 +417,15 @@ class SQLiteStore:
             raise
         first = last - len(keys) + 1  # this transaction held the write lock: no gaps
         self._own.append((first, last))
+        if len(self._own) > _OWN_RANGES:
+            # Nobody follows this store: forget the oldest (re-reading our own rows later
+            # would only find them already held).
+            del self._own[: len(self._own) - _OWN_RANGES]
         return Committed(changes, first, last)
 
     def _changes_since(self, after: int) -> FeedBatch:
+        # The follower is past ``after``: our own rows up to there need no filtering any more.
+        self._own = [(first, last) for first, last in self._own if last > after]
         db = self._db
         db.execute("BEGIN")  # one read transaction: a consistent view of the rows
         try:
