@@ -109,6 +109,14 @@ class BulkError(RegistryError):
         super().__init__(f"{len(problems)} bad row(s); nothing was imported")
 
 
+def _fan_out(result: int | Failure, waiters: list[Deferred[int]]) -> None:
+    for waiter in waiters:
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)
+
+
 def _refusals_as_failures(method: Callable[P, Deferred[R]]) -> Callable[P, Deferred[R]]:
     """A refusal found while planning fails the Deferred instead of raising at the caller."""
 
@@ -142,7 +150,8 @@ class Registry:
         # Names and directory numbers claimed by writes still on their way to the disk.
         self._pending_names: Counter[str] = Counter()
         self._pending_dns: Counter[str] = Counter()
-        self._refreshing: Deferred[int] | None = None
+        self._refreshing = False
+        self._refresh_waiters: list[Deferred[int]] = []
         snapshot = store.load()
         self._seq = snapshot.seq
         self._remember(
@@ -443,24 +452,21 @@ class Registry:
         Fires with the number of rows that changed this view. Called periodically (and
         after a lost race); a call while one is running waits and then reads again.
         """
-        if self._refreshing is not None:
-            again: Deferred[int] = Deferred()
-
-            def after(result: object) -> object:
-                self.refresh().chainDeferred(again)
-                return result
-
-            self._refreshing.addBoth(after)
-            return again
-        d = self._store.changes_since(self._seq)
+        if self._refreshing:
+            waiter: Deferred[int] = Deferred()
+            self._refresh_waiters.append(waiter)
+            return waiter
+        self._refreshing = True
 
         def done(result: int | Failure) -> int | Failure:
-            self._refreshing = None
+            self._refreshing = False
+            waiters, self._refresh_waiters = self._refresh_waiters, []
+            if waiters:  # they asked while this read was running: read once more for them
+                self.refresh().addBoth(_fan_out, waiters)
             return result
 
-        d2 = d.addCallback(self._apply_feed)
-        self._refreshing = d2
-        return d2.addBoth(done)
+        d = self._store.changes_since(self._seq).addCallback(self._apply_feed)
+        return d.addBoth(done)
 
     def follow(self) -> Deferred[None]:
         """One poll of the change feed for a timer: a failure is logged, never raised, so

@@ -275,3 +275,12 @@ async def test_a_timer_drives_the_feed_into_the_view(opened: Opened) -> None:
         assert await with_timeout(arrived) == device.name
     finally:
         await timer.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refresh_asked_during_another_reads_again_after_it(opened: Opened) -> None:
+    writer, follower = opened.registry(), opened.registry()
+    await writer.add_device(DeviceSpec(model="8841"))
+    first, second = follower.refresh(), follower.refresh()
+    assert await with_timeout(defer.gatherResults([first, second])) == [2, 0]
+    assert len(follower) == 1
