@@ -51,14 +51,14 @@ def device_json(view: DeviceView) -> dict[str, Any]:
         ],
         "activation_code": code_json(view.code, view.as_of, reveal=view.reveal_code),
     }
-    if view.registrations is not None:
+    if view.detail:
         body.update(
             created=iso(device.created_at),
             updated=iso(device.updated_at),
             activated=iso(device.activated_at),
             mic_sha256=device.mic_sha256,
             bound_to=binding_of(device),
-            registrations=view.registrations,
+            registrations=view.registrations or [],
         )
     return body
 
