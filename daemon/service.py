@@ -38,6 +38,7 @@ from twisted.web.server import Site
 from . import certs
 from .activation import RegistryAuthority
 from .admin.api import AdminAPI, iso
+from .admin.app import AdminApp
 from .config import Config
 from .logs import get_logger
 from .provisioning import ProvisioningSettings, ProvisioningTree
@@ -117,7 +118,7 @@ class CallboardService(MultiService):
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
         config.tftp_root_path.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.store = SQLiteStore(state_dir / DATABASE_NAME)
+        self.store = SQLiteStore(state_dir / DATABASE_NAME, reactor)
         self.registry = Registry(
             self.store,
             clock,
@@ -126,6 +127,10 @@ class CallboardService(MultiService):
                 unique_directory_numbers=config.registry.unique_directory_numbers,
             ),
         )
+        # Other writers of the same database reach this registry through the change feed.
+        follower = TimerService(self.registry.settings.feed_interval, self.registry.follow)
+        follower.clock = reactor
+        follower.setServiceParent(self)
         if not certs.certs_present(state_dir):
             log.info("creating server certificates", directory=str(state_dir / "certs"))
             certs.init_certs(state_dir, key_type=config.tvs.key_type)
@@ -133,7 +138,8 @@ class CallboardService(MultiService):
         self._build_file_service(config, clock)
         self._build_tvs(config, clock)
         self._build_registrar(config, clock)
-        self.admin_api = AdminAPI(self.registry, self.registrations, self.status)
+        self.admin_app = AdminApp(self.registry, self.registrations, self.status)
+        self.admin_api = AdminAPI(self.admin_app)
         self.add_listener(
             "admin",
             config.endpoints.admin or unix_endpoint(config.admin_socket_path),
@@ -383,13 +389,11 @@ class CallboardService(MultiService):
     def stopService(self) -> Deferred[None] | None:
         d: Deferred[None] | None = super().stopService()  # type: ignore[no-untyped-call]
 
-        def close(result: object) -> object:
-            self.store.close()
-            return result
+        def close(result: object) -> Deferred[object]:
+            return self.store.close().addBoth(lambda _: result)
 
         if d is None:
-            self.store.close()
-            return None
+            return self.store.close()
         d.addBoth(close)
         return d
 

@@ -13,6 +13,7 @@ from callboard.protocols.tvs import codec
 from callboard.protocols.tvs.activation import (
     ActivationAuthority,
     ManufacturingTrust,
+    Outcome,
     PeerContext,
     TVSHandler,
     TVSSettings,
@@ -64,6 +65,8 @@ class TVSProtocol(Protocol):
         self._idle: IDelayedCall | None = None
         self._peer: PeerContext | None = None
         self._closing = False
+        self._waiting = False  # an answer from the authority is pending
+        self._draining = False
 
     def connectionMade(self) -> None:
         # Request/response over TLS: without TCP_NODELAY the answer can sit behind Nagle
@@ -109,28 +112,63 @@ class TVSProtocol(Protocol):
             return
         self._arm_idle()
         self._buffer += data
+        if self._waiting and len(self._buffer) > self.factory.settings.max_message:
+            log.info("TVS peer {source} floods while awaiting an answer", source=self._source())
+            self._close()
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        """Answer buffered frames in order; wait while an answer is still pending."""
+        if self._draining:
+            return  # an answer that arrived at once: the loop below carries on
+        self._draining = True
+        try:
+            while self._buffer and not self._closing and not self._waiting:
+                if not self._next_frame():
+                    return
+        finally:
+            self._draining = False
+
+    def _next_frame(self) -> bool:
+        """Decode and answer one frame; False when the buffer holds only part of one."""
         max_frame = self.factory.settings.max_message
-        while self._buffer and not self._closing:
-            try:
-                frame, used = codec.decode_frame(self._buffer, max_frame)
-            except codec.IncompleteFrame:
-                return
-            except codec.CodecError as exc:
-                command, session_id = _best_effort_ids(self._buffer)
-                log.info(
-                    "TVS malformed frame from {source}: {why}", source=self._source(), why=str(exc)
-                )
-                out = self.factory.handler.malformed(command, session_id, str(exc))
-                if self.transport is not None:
-                    self.transport.write(out.response)
-                self._close()
-                return
-            del self._buffer[:used]
-            outcome = self.factory.handler.handle(frame, self._peer_context(), self.factory.clock())
-            if self.transport is not None:
-                self.transport.write(outcome.response)
-            if outcome.close:
-                self._close()
+        try:
+            frame, used = codec.decode_frame(self._buffer, max_frame)
+        except codec.IncompleteFrame:
+            return False
+        except codec.CodecError as exc:
+            command, session_id = _best_effort_ids(self._buffer)
+            log.info(
+                "TVS malformed frame from {source}: {why}", source=self._source(), why=str(exc)
+            )
+            self._send(self.factory.handler.malformed(command, session_id, str(exc)))
+            self._close()
+            return True
+        del self._buffer[:used]
+        answer = self.factory.handler.handle(frame, self._peer_context(), self.factory.clock())
+        if isinstance(answer, Outcome):
+            self._send(answer)
+            return True
+        # The authority is asked: nothing more is read from this phone until it answers
+        # (an activation is answered only once it is durable).
+        self._waiting = True
+        answer.addCallback(self._answered)
+        return True
+
+    def _answered(self, outcome: Outcome) -> None:
+        self._waiting = False
+        if self._closing or self.transport is None:
+            return  # the phone left (or timed out) while the authority was working
+        self._send(outcome)
+        self._arm_idle()
+        self._drain()
+
+    def _send(self, outcome: Outcome) -> None:
+        if self.transport is not None:
+            self.transport.write(outcome.response)
+        if outcome.close:
+            self._close()
 
     def _close(self) -> None:
         self._closing = True

@@ -1,0 +1,425 @@
+"""The admin application layer: what an admin may do, checked and audited in one place.
+
+Every front door (the UNIX-socket API today; an HTTPS REST API and a web console later)
+turns its request into a call on :class:`AdminApp` with an :class:`Actor` saying who is
+asking. The app checks permissions, asks the registry, writes the audit line and returns
+plain results (the front door shapes them as JSON or HTML). Refusals are :class:`Problem`
+errors carrying an HTTP status, a title and a detail, ready for RFC 9457 problem JSON.
+
+Every method returns a Deferred: writes complete only once the store has committed them,
+and a front door never needs to know which calls could have answered at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from callboard.protocols.models import MODELS
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.python.failure import Failure
+
+from ..logs import get_logger
+from ..registry.model import (
+    ActivationCode,
+    Conflict,
+    Device,
+    NotFound,
+    Onboarding,
+    RegistryError,
+    model_info,
+)
+from ..registry.registry import BulkError, DeviceSpec, Registry
+from .csvio import ImportRow, row_to_spec
+
+__all__ = [
+    "Actor",
+    "AdminApp",
+    "CodeView",
+    "DefaultView",
+    "DeviceView",
+    "ImportResult",
+    "Problem",
+    "Registrations",
+    "StatusView",
+]
+
+log = get_logger("callboard.admin")
+
+Registrations = Callable[[str], list[dict[str, Any]]]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# -- who is asking, and how a refusal looks -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is asking: the name the audit log records, whether they may change things, and
+    through which front door (``unix-socket``, later ``https-token`` or ``web-session``)."""
+
+    name: str
+    is_admin: bool
+    via: str
+    uid: int | None = None  # the peer's uid when the transport proves it (SO_PEERCRED)
+
+    def audit_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"actor": self.name, "via": self.via}
+        if self.uid is not None:
+            fields["actor_uid"] = self.uid
+        return fields
+
+
+class Problem(Exception):
+    """A refusal with what RFC 9457 problem JSON needs; ``detail`` is safe to show.
+
+    ``extensions`` carries extra members (for an import: the bad rows).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        type: str = "about:blank",
+        extensions: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.type = type
+        self.extensions: dict[str, Any] = dict(extensions or {})
+
+    @classmethod
+    def bad_request(cls, detail: str, **extensions: Any) -> Problem:
+        return cls(400, "Bad request", detail, extensions=extensions)
+
+    @classmethod
+    def not_found(cls, detail: str) -> Problem:
+        return cls(404, "Not found", detail)
+
+    @classmethod
+    def forbidden(cls, detail: str) -> Problem:
+        return cls(403, "Forbidden", detail)
+
+    @classmethod
+    def conflict(cls, detail: str) -> Problem:
+        return cls(409, "Conflict", detail)
+
+    @classmethod
+    def invalid_rows(cls, detail: str, problems: list[dict[str, Any]]) -> Problem:
+        return cls(422, "Invalid rows", detail, extensions={"problems": problems})
+
+
+def problem_from(error: BaseException) -> Problem | None:
+    """The problem a registry refusal maps to (None: not a refusal, an internal failure)."""
+    if isinstance(error, Problem):
+        return error
+    if isinstance(error, BulkError):
+        rows = [{"index": i, "message": m} for i, m in error.problems]
+        return Problem(422, "Invalid rows", str(error), extensions={"problems": rows})
+    if isinstance(error, NotFound):
+        return Problem.not_found(str(error))
+    if isinstance(error, Conflict):  # Stale too: another writer got there first
+        return Problem.conflict(str(error))
+    if isinstance(error, RegistryError):
+        return Problem.bad_request(str(error))
+    return None
+
+
+# -- results (front doors shape them) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """A device as an admin sees it; ``code`` digits are shown only when ``reveal_code``."""
+
+    device: Device
+    code: ActivationCode | None
+    reveal_code: bool
+    as_of: float  # the time the code's effective state is judged at
+    registrations: list[dict[str, Any]] | None = None  # set for the detailed view only
+
+    @property
+    def detail(self) -> bool:
+        return self.registrations is not None
+
+
+@dataclass(frozen=True)
+class CodeView:
+    device: Device
+    code: ActivationCode
+    reveal: bool
+    as_of: float
+
+
+@dataclass(frozen=True)
+class DefaultView:
+    model: str
+    model_id: str
+    onboarding: Onboarding
+
+
+@dataclass(frozen=True)
+class StatusView:
+    devices: int
+    service: dict[str, Any] = field(default_factory=dict)  # listeners and counters
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    devices: list[Device]
+
+
+# -- the application ------------------------------------------------------------------------
+
+
+class AdminApp:
+    """The admin operations over the registry, for any front door.
+
+    Reads need an actor (the audit of reads is left to the front door's access log, but a
+    future read-only actor must not see codes); changes need an admin and are logged as
+    ``admin change`` with the actor, never with a code or a password.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        registrations: Registrations = lambda _name: [],
+        status: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        self._registry = registry
+        self._registrations = registrations
+        self._status = status
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def status(self, actor: Actor) -> Deferred[StatusView]:
+        return succeed(StatusView(len(self._registry), self._status()))
+
+    def list_devices(self, actor: Actor) -> Deferred[list[DeviceView]]:
+        reg = self._registry
+        return succeed([self._view(d, reveal_code=False) for d in reg.devices()])
+
+    def show_device(self, actor: Actor, name: str) -> Deferred[DeviceView]:
+        return _attempt(lambda: self._view(self._registry.get(name), detail=True))
+
+    def view_code(self, actor: Actor, name: str) -> Deferred[CodeView]:
+        """A device's latest code with its digits (admins only)."""
+
+        def look() -> CodeView:
+            _require_admin(actor, "see activation codes")
+            reg = self._registry
+            device = reg.get(name)
+            code = reg.current_code(device)
+            if code is None:
+                raise Problem.not_found(f"{device.name} has no activation code")
+            return CodeView(device, code, True, reg.now())
+
+        return _attempt(look)
+
+    def export_codes(self, actor: Actor) -> Deferred[list[tuple[Device, ActivationCode]]]:
+        """Every outstanding code with its device (admins only), for the export CSV."""
+
+        def look() -> list[tuple[Device, ActivationCode]]:
+            _require_admin(actor, "export activation codes")
+            return self._registry.outstanding_codes()
+
+        return _attempt(look)
+
+    def list_defaults(self, actor: Actor) -> Deferred[list[DefaultView]]:
+        return succeed(
+            [
+                DefaultView(model, MODELS[model].model_id, onboarding)
+                for model, onboarding in self._registry.defaults().items()
+            ]
+        )
+
+    # -- changes -------------------------------------------------------------------------
+
+    def add_device(self, actor: Actor, spec: DeviceSpec) -> Deferred[DeviceView]:
+        def audit(device: Device) -> DeviceView:
+            self._audit(actor, "device.add", device=device.name, model=device.model)
+            return self._view(device, reveal_code=True)
+
+        return self._change(actor, lambda: self._registry.add_device(spec), audit)
+
+    def import_devices(
+        self, actor: Actor, rows: Sequence[ImportRow], *, dummy_mac: bool
+    ) -> Deferred[ImportResult]:
+        """All rows or none; a refusal lists every bad row by its line number."""
+        return self._change(
+            actor, lambda: self._import(rows, dummy_mac), lambda r: self._imported(actor, r)
+        )
+
+    def delete_device(self, actor: Actor, name: str) -> Deferred[DeviceView]:
+        def audit(device: Device) -> DeviceView:
+            self._audit(actor, "device.delete", device=device.name)
+            return self._view(device, reveal_code=False, gone=True)
+
+        return self._change(actor, lambda: self._registry.delete(name), audit)
+
+    def set_mac(self, actor: Actor, name: str, mac: str | None) -> Deferred[DeviceView]:
+        """Give a placeholder its MAC, or blank a device's MAC (None) to re-onboard it."""
+        old: list[str] = []
+
+        def start() -> Deferred[Device]:
+            old.append(self._registry.get(name).name)
+            return self._registry.set_mac(name, mac)
+
+        def audit(device: Device) -> DeviceView:
+            self._audit(actor, "device.set-mac", device=old[0], renamed_to=device.name)
+            return self._view(device, reveal_code=True)
+
+        return self._change(actor, start, audit)
+
+    def set_requires_activation(
+        self, actor: Actor, name: str, required: bool
+    ) -> Deferred[DeviceView]:
+        def audit(device: Device) -> DeviceView:
+            self._audit(actor, "device.require-activation", device=device.name, required=required)
+            return self._view(device, reveal_code=True)
+
+        return self._change(
+            actor, lambda: self._registry.set_requires_activation(name, required), audit
+        )
+
+    def release_code(self, actor: Actor, name: str) -> Deferred[CodeView]:
+        """Void a device's outstanding code; the view does not show the digits."""
+        device: list[Device] = []
+
+        def start() -> Deferred[ActivationCode]:
+            device.append(self._registry.get(name))
+            return self._registry.release_code(name)
+
+        def audit(code: ActivationCode) -> CodeView:
+            self._audit(actor, "code.release", device=device[0].name)
+            return CodeView(device[0], code, False, self._registry.now())
+
+        return self._change(actor, start, audit)
+
+    def generate_code(self, actor: Actor, name: str) -> Deferred[CodeView]:
+        """Issue a new code (voiding the old one); the view shows the new digits."""
+
+        def audit(result: tuple[Device, ActivationCode]) -> CodeView:
+            device, code = result
+            self._audit(actor, "code.generate", device=device.name)
+            return CodeView(device, code, True, self._registry.now())
+
+        return self._change(actor, lambda: self._registry.generate_code(name), audit)
+
+    def set_default(
+        self, actor: Actor, model: str, onboarding: Onboarding
+    ) -> Deferred[DefaultView]:
+        resolved: list[str] = []  # the model's canonical name, once known
+
+        def start() -> Deferred[None]:
+            info = model_info(model)
+            resolved.append(info.name)
+            return self._registry.set_default(info.name, onboarding)
+
+        def audit(_: object) -> DefaultView:
+            self._audit(actor, "defaults.set", model=model, onboarding=onboarding.value)
+            return DefaultView(model, MODELS[resolved[0]].model_id, onboarding)
+
+        return self._change(actor, start, audit)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _change(
+        self,
+        actor: Actor,
+        start: Callable[[], Deferred[R]],
+        done: Callable[[R], T],
+    ) -> Deferred[T]:
+        """Check the actor may change things, run the registry call, audit on success."""
+        try:
+            _require_admin(actor, "change the registry")
+        except Problem as exc:
+            return fail(exc)
+        try:
+            d = start()
+        except RegistryError as exc:
+            d = fail(exc)
+        return d.addCallbacks(done, _as_problem)
+
+    def _import(self, rows: Sequence[ImportRow], dummy_mac: bool) -> Deferred[list[Device]]:
+        specs: list[DeviceSpec] = []
+        lines: list[int] = []
+        problems: list[dict[str, Any]] = []
+        for row in rows:
+            try:
+                specs.append(row_to_spec(row.cells, dummy_mac=dummy_mac))
+                lines.append(row.line)
+            except RegistryError as exc:
+                problems.append({"line": row.line, "message": str(exc)})
+        # With bad rows already found, still check the good ones (without writing) so that
+        # one run reports every bad row.
+        d: Deferred[list[Device]] = maybeDeferred(
+            self._registry.add_devices, specs, dry_run=bool(problems)
+        )
+
+        def judged(result: list[Device] | Failure) -> list[Device]:
+            found = list(problems)
+            if isinstance(result, Failure):
+                if not result.check(BulkError):
+                    result.raiseException()
+                error = result.value
+                assert isinstance(error, BulkError)
+                found += [{"line": lines[i], "message": m} for i, m in error.problems]
+            if found:
+                found.sort(key=lambda p: p["line"])
+                raise Problem.invalid_rows(f"{len(found)} bad row(s); nothing was imported", found)
+            assert not isinstance(result, Failure)
+            return result
+
+        return d.addBoth(judged)
+
+    def _imported(self, actor: Actor, devices: list[Device]) -> ImportResult:
+        self._audit(actor, "import", devices=len(devices))
+        return ImportResult(devices)
+
+    def _view(
+        self,
+        device: Device,
+        *,
+        reveal_code: bool = False,
+        detail: bool = False,
+        gone: bool = False,
+    ) -> DeviceView:
+        reg = self._registry
+        if gone:
+            code = None
+        elif reveal_code:
+            code = reg.outstanding_code(device)
+        else:
+            code = reg.current_code(device)
+        registrations = self._registrations(device.name) if detail else None
+        return DeviceView(device, code, reveal_code, reg.now(), registrations)
+
+    def _audit(self, actor: Actor, action: str, **fields: Any) -> None:
+        log.info("admin change", action=action, **actor.audit_fields(), **fields)
+
+
+def _require_admin(actor: Actor, what: str) -> None:
+    if not actor.is_admin:
+        raise Problem.forbidden(f"{actor.name or 'this actor'} may not {what}")
+
+
+def _as_problem(failure: Failure) -> Failure:
+    """Registry refusals become problems; anything else stays an internal failure."""
+    problem = problem_from(failure.value) if failure.value is not None else None
+    return Failure(problem) if problem is not None else failure
+
+
+def _attempt(look: Callable[[], T]) -> Deferred[T]:
+    try:
+        return succeed(look())
+    except (Problem, RegistryError) as exc:
+        problem = problem_from(exc)
+        assert problem is not None
+        return fail(problem)
