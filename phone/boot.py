@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any, Literal
 from xml.etree import ElementTree as ET
 
+from callboard.protocols import tls
 from callboard.protocols.models import MODEL_IDS, model_key, normalise_mac
 from callboard.protocols.tvs import client as tvs_client
 from callboard.protocols.tvs.codec import (
@@ -687,7 +688,7 @@ async def _activate(
 ) -> Activated:
     assert identity.code is not None
     device = DeviceName(identity.model, identity.mac)
-    context = tvs_client.make_client_context(
+    context = tls.client_options(
         (identity.mic_cert, identity.mic_key), identity.mic_chain
     )
     errors: list[str] = []
@@ -729,7 +730,7 @@ async def _register(
     port = server.secured_sip_port if transport == "tls" else server.sip_port
     tls_options = None
     if transport == "tls":
-        tls_options = tvs_client.make_client_context(
+        tls_options = tls.client_options(
             (identity.mic_cert, identity.mic_key), identity.mic_chain
         )
     ua = SipUserAgent(
