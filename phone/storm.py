@@ -3,34 +3,26 @@
 After a power cut every phone on a site boots at once; this measures how many the daemon
 onboards per second through the whole path (trust list, XMLDefault, TVS ACTIVATE, own config,
 REGISTER). Codes come from the CSV that ``callboard codes export`` writes; MICs are issued in
-memory from a lab CA directory (``callboard certs lab-ca``), as a factory would.
+memory from a lab CA directory (``callboard certs lab-ca``), as a factory would. The command
+line (``callboard phone storm``) is in :mod:`callboard.phone.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
 import io
 import secrets
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from callboard.protocols.models import normalise_mac
 from callboard.protocols.tvs import labpki
 from twisted.internet import defer
 
-from .boot import (
-    BootOptions,
-    BootResult,
-    PhoneIdentity,
-    boot_phone,
-    normalise_model,
-)
+from .boot import BootOptions, BootResult, PhoneIdentity, normalise_model
+from .driver import boot_phone
 from .http_client import HttpFetcher
 
 
@@ -142,65 +134,15 @@ def issue_storm_mic(issuer: labpki.Issuer, *, model: str, mac: str) -> labpki.Ce
     )
 
 
-# CLI -----------------------------------------------------------------------------------------
-
-
-def cmd_storm(args: argparse.Namespace) -> int:
-    from twisted.internet import task
-
-    from .cli import _options
-
-    try:
-        codes = read_bat_codes(Path(args.codes).read_text(encoding="utf-8-sig"), args.model)
-        issuer = labpki.load_issuing_ca(Path(args.lab_ca))
-        count = args.count if args.count is not None else len(codes)
-        if count > len(codes):
-            raise ValueError(f"{args.codes} holds {len(codes)} BAT code(s) for {args.model}")
-        macs = sequential_macs(args.first_mac, count)
-    except (OSError, ValueError, labpki.CertError) as exc:
-        print(f"callboard phone storm: {exc}", file=sys.stderr)
-        return 2
+def storm_phones(
+    issuer: labpki.Issuer, model: str, macs: Sequence[str], codes: Sequence[str]
+) -> list[PhoneIdentity]:
+    """One phone per (MAC, code), each with a fresh MIC from ``issuer``."""
     phones = []
     for mac, code in zip(macs, codes, strict=False):
-        mic = issue_storm_mic(issuer, model=args.model, mac=mac)
-        phones.append(
-            PhoneIdentity(mac=mac, model=args.model, mic_cert=mic.cert, mic_key=mic.key, code=code)
+        mic = issue_storm_mic(issuer, model=model, mac=mac)
+        identity = PhoneIdentity(
+            mac=mac, model=model, mic_cert=mic.cert, mic_key=mic.key, code=code
         )
-    print(f"storm: {len(phones)} phone(s) of model {args.model}, {args.concurrency} in flight")
-    reports: list[StormReport] = []
-
-    def show(result: BootResult) -> None:
-        if not result.ok:
-            print(f"  {result.device_name}: {result.reason}", flush=True)
-
-    async def main(reactor: Any) -> None:
-        report = await run_storm(
-            reactor, phones, args.server, _options(args), concurrency=args.concurrency,
-            on_result=show,
-        )  # fmt: skip
-        reports.append(report)
-
-    with contextlib.suppress(SystemExit):  # task.react always exits; we report first
-        task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)), [])
-    report = reports[0]
-    print(report.summary())
-    return 0 if report.onboarded == report.phones else 1
-
-
-def register_cli(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], net: argparse.ArgumentParser
-) -> None:
-    p = sub.add_parser(
-        "storm",
-        parents=[net],
-        help="boot many phones at once (BAT codes from a CSV)",
-        description="Boot N phones with sequential MACs against BAT codes exported by "
-        "`callboard codes export`, MICs issued from a lab CA; report phones/s.",
-    )
-    p.add_argument("--model", required=True, help="the BAT devices' model, e.g. 8841")
-    p.add_argument("--codes", required=True, help="CSV written by `callboard codes export`")
-    p.add_argument("--lab-ca", required=True, help="directory made by `callboard certs lab-ca`")
-    p.add_argument("--count", type=int, help="how many phones (default: one per code)")
-    p.add_argument("--first-mac", default="0A0000000000", help="first MAC; the rest follow")
-    p.add_argument("--concurrency", type=int, default=64, help="phones booting at once")
-    p.set_defaults(func=cmd_storm)
+        phones.append(identity)
+    return phones
