@@ -166,12 +166,15 @@ async def test_openssl_client_with_an_unknown_certificate_completes_the_handshak
 async def test_openssl_client_below_tls_1_2_is_refused(
     server: tuple[int, list[PeerRecorder]],
 ) -> None:
-    port, _ = server
+    port, seen = server
     # SECLEVEL=0 lets this openssl offer TLS 1.1 at all; our side must still refuse it.
     _, err, code = await s_client(port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0")
     assert code != 0 and b"CONNECTION ESTABLISHED" not in err, err
+    with pytest.raises(SSL.Error, match="unsupported protocol"):
+        await outcome(seen[0])
     _, err, _ = await s_client(port, "-tls1_2")
     assert b"Protocol version: TLSv1.2" in err, err
+    assert await outcome(seen[1]) == (None, [])
 
 
 class _Lines(protocol.ProcessProtocol):
