@@ -1,6 +1,6 @@
 """The emulated phone's SIP user agent: REGISTER like a Cisco phone, keep it fresh, unregister.
 
-The boot sequence (``phone/boot.py``) calls this last, once the phone has its config::
+The boot driver (``phone/driver.py``) calls this last, once the phone has its config::
 
     ua = SipUserAgent(reactor, "127.0.0.1", 5060, transport="tcp",
                       device_name="SEP001122334455", mac="001122334455", model_id="683",

@@ -32,11 +32,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from callboard.protocols import tls
 from callboard.protocols.sip.message import Message, MessageTooLarge, SIPParseError, StreamFramer
 from callboard.protocols.sip.registrar import Registrar, Reply, Source
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -257,39 +258,20 @@ def certificate_identity(cert: Any) -> tuple[str, str | None]:
     return fingerprint, (cn if isinstance(cn, str) else None)
 
 
-class _ClientCertRequestingOptions(ssl.CertificateOptions):
-    """Asks the client for a certificate but accepts any (or none).
-
-    The phone's certificate is recorded, not trusted: chains are checked, if at all, by the
-    policy (which sees the fingerprint), so a self-signed or unknown MIC never fails the
-    handshake.
-    """
-
-    def getContext(self) -> SSL.Context:
-        ctx = super().getContext()
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _accept_any)
-        return ctx
-
-
-def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-    return True
-
-
 def make_tls_server_options(
     certificate_pem: bytes,
     private_key_pem: bytes,
     extra_chain_pem: tuple[bytes, ...] = (),
 ) -> ssl.CertificateOptions:
-    """Server TLS options for 5061 that request (not require) a client certificate."""
-    cert = ssl.Certificate.loadPEM(certificate_pem)
-    key = ssl.KeyPair.load(private_key_pem, crypto.FILETYPE_PEM)
-    chain = [ssl.Certificate.loadPEM(p).original for p in extra_chain_pem]
-    return _ClientCertRequestingOptions(
-        privateKey=key.original,
-        certificate=cert.original,
-        extraCertChain=chain,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+    """Server TLS options for 5061 that request (not require) a client certificate.
+
+    The phone's certificate is recorded, not trusted: chains are checked, if at all, by the
+    policy (which sees the fingerprint), so a self-signed or unknown MIC never fails the
+    handshake.
+    """
+    cert = x509.load_pem_x509_certificate(certificate_pem)
+    chain = [x509.load_pem_x509_certificate(p) for p in extra_chain_pem]
+    return tls.server_options(cert, tls.private_key_from_pem(private_key_pem), chain)
 
 
 def set_receive_buffer(port: Any, size: int) -> None:

@@ -13,9 +13,10 @@ Wiring (the daemon)::
     service.ports                    # the bound IListeningPorts (tests listen on port 0)
 
 Each RRQ gets its own ephemeral UDP socket (its TID) bound to the address the request arrived
-on, so replies always come from the address the phone asked. The listener only decodes RRQs,
-applies limits and opens the file; the per-block path is one state-machine call, direct
-``sendto`` calls and, at most, a lazy move of the transfer's single ``DelayedCall``.
+on, so replies always come from the address the phone asked. The listener asks
+:mod:`.admission` whether to serve a request (and on what terms) and opens the file; the
+per-block path is one state-machine call, direct ``sendto`` calls and, at most, a lazy move
+of the transfer's single ``DelayedCall``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from callboard.protocols.filesource import (
     AccessViolation,
@@ -35,10 +36,9 @@ from callboard.protocols.filesource import (
     FileNotFound,
     FileSource,
     Requester,
-    normalise_name,
     printable_name,
 )
-from callboard.protocols.tftp import codec
+from callboard.protocols.tftp import admission, codec
 from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
 from twisted.application.service import Service
 from twisted.internet.interfaces import (
@@ -91,6 +91,16 @@ _GSO_MAX_SEGMENTS = 64
 _GSO_MAX_BYTES = 65000
 _GSO_REFUSED = (errno.EINVAL, errno.ENOPROTOOPT, errno.EIO, errno.EOPNOTSUPP)
 _gso_works = sys.platform.startswith("linux")
+
+
+class TransferSocket(Protocol):
+    """What a transfer needs of its socket (its TID); tests give an in-memory one."""
+
+    def send_all(self, datagrams: Sequence[bytes], addr: Address) -> None: ...
+
+    def sendto(self, datagram: bytes, addr: Address, /) -> object: ...
+
+    def close(self) -> None: ...
 
 
 @implementer(IReadDescriptor)
@@ -194,10 +204,10 @@ class _TransferProtocol:
         self.name = name
         self._clock = service.clock
         self._timer: IDelayedCall | None = None
-        self.socket: _TransferSocket | None = None
+        self.socket: TransferSocket | None = None
         self._closed = False
 
-    def attach(self, sock: _TransferSocket) -> None:
+    def attach(self, sock: TransferSocket) -> None:
         self.socket = sock
 
     def begin(self, now: float) -> None:
@@ -245,7 +255,7 @@ class _TransferProtocol:
 
     def _stray(self, datagram: bytes, addr: Address) -> None:
         """RFC 1350: a packet from another TID gets error 5; the transfer goes on."""
-        if datagram[:2] == b"\x00\x05" or self.socket is None:
+        if codec.opcode(datagram) == codec.Opcode.ERROR or self.socket is None:
             return  # never answer an error with an error
         with contextlib.suppress(OSError):
             self.socket.sendto(
@@ -298,6 +308,12 @@ class _ListenProtocol(DatagramProtocol):
 
 class TFTPService(Service):
     """Read-only TFTP on ``port`` at each of ``addresses`` over a :class:`FileSource`."""
+
+    # Opens each transfer's socket (its TID) on the address the request arrived at; may
+    # raise OSError ("server busy"). Tests substitute sockets that record what is sent.
+    transfer_socket: Callable[[IReactorFDSet, str, _TransferProtocol], TransferSocket] = (
+        _TransferSocket
+    )
 
     def __init__(
         self,
@@ -372,124 +388,76 @@ class TFTPService(Service):
         addr: Address,
         reply: Callable[[bytes, Address], None],
     ) -> None:
+        """A datagram on the well-known port: a repeated RRQ, a new request, or junk."""
         key = (local, addr[0], addr[1])
         live = self._transfers.get(key)
         if live is not None:
-            if datagram[:2] == b"\x00\x01":
+            if codec.opcode(datagram) == codec.Opcode.RRQ:
                 live.rrq_repeated()
             return
         started = time.monotonic()
+        load = admission.Load(len(self._transfers), self._per_client.get(addr[0], 0))
+        verdict = admission.admit(datagram, load, self.settings)
+        if isinstance(verdict, admission.Admitted):
+            verdict = self._open_and_start(key, verdict)
+        if isinstance(verdict, admission.Refusal):
+            reply(verdict.packet, addr)
+            self._log_refusal(addr, verdict, started)
+
+    def _open_and_start(
+        self, key: tuple[str, str, int], request: admission.Admitted
+    ) -> admission.Refusal | None:
+        """Open the admitted file, agree on the options, then start the transfer."""
+        _local, host, port = key
         try:
-            packet = codec.decode(datagram)
-        except codec.MalformedPacket as exc:
-            if datagram[:2] in (b"\x00\x01", b"\x00\x02"):
-                reply(codec.encode_error(exc.code, exc.message), addr)
-                self._log_refusal(addr, "", exc.code, exc.message, started)
-            return  # stray DATA/ACK/ERROR junk on the well-known port: ignore
-        if isinstance(packet, codec.WriteRequest):
-            self._refuse(
-                reply,
-                addr,
-                packet.filename,
-                codec.ErrorCode.ACCESS_VIOLATION,
-                "write requests are not accepted",
-                started,
-            )
-            return
-        if not isinstance(packet, codec.ReadRequest):
-            return
-        name = packet.filename
-        if packet.mode == "mail":
-            self._refuse(
-                reply,
-                addr,
-                name,
-                codec.ErrorCode.ILLEGAL_OPERATION,
-                "mail mode is not supported",
-                started,
-            )
-            return
-        settings = self.settings
-        host = addr[0]
-        if (
-            len(self._transfers) >= settings.max_transfers
-            or self._per_client.get(host, 0) >= settings.max_transfers_per_client
-        ):
-            self._refuse(reply, addr, name, codec.ErrorCode.NOT_DEFINED, "server busy", started)
-            return
-        try:
-            normalised = normalise_name(name)
-            body: FileBody = self.source.open(normalised, Requester(host, addr[1], "tftp"))
-        except FileNotFound:
-            self._refuse(
-                reply, addr, name, codec.ErrorCode.FILE_NOT_FOUND, "file not found", started
-            )
-            return
-        except AccessViolation:
-            self._refuse(
-                reply, addr, name, codec.ErrorCode.ACCESS_VIOLATION, "access violation", started
-            )
-            return
-        netascii = packet.mode == "netascii"
-        try:
-            agreed = codec.negotiate(
-                packet.options,
-                size=None if netascii else body.size,
-                max_blksize=settings.max_blksize,
-                max_windowsize=settings.max_windowsize,
-            )
-        except codec.OptionError as exc:
+            body: FileBody = self.source.open(request.name, Requester(host, port, "tftp"))
+        except (FileNotFound, AccessViolation) as exc:
+            return admission.refusal_for(request.filename, exc)
+        terms = admission.agree(request, body.size, self.settings)
+        if isinstance(terms, admission.Refusal):
             body.close()
-            self._refuse(reply, addr, name, codec.ErrorCode.OPTION_REFUSED, str(exc), started)
-            return
-        if netascii:
+            return terms
+        if request.netascii:
             body = NetasciiBody(body)
+        return self._start(key, request.filename, body, terms)
+
+    def _start(
+        self, key: tuple[str, str, int], filename: str, body: FileBody, terms: admission.Terms
+    ) -> admission.Refusal | None:
+        """A transfer on its own socket, counted against the limits, sending its first reply."""
         now = self.clock.seconds()
         transfer = Transfer(
             body,
             now=now,
-            blksize=agreed.blksize,
-            windowsize=agreed.windowsize,
-            timeout=agreed.timeout or settings.initial_timeout,
-            fixed_timeout=agreed.timeout is not None,
-            max_retries=settings.max_retries,
-            deadline=settings.transfer_deadline,
-            oack=codec.encode_oack(agreed.oack) if agreed.oack else None,
+            blksize=terms.blksize,
+            windowsize=terms.windowsize,
+            timeout=terms.timeout,
+            fixed_timeout=terms.fixed_timeout,
+            max_retries=self.settings.max_retries,
+            deadline=self.settings.transfer_deadline,
+            oack=terms.oack,
         )
-        protocol = _TransferProtocol(self, key, transfer, body, name)
+        protocol = _TransferProtocol(self, key, transfer, body, filename)
         try:
-            protocol.attach(_TransferSocket(self.descriptors, local, protocol))
+            protocol.attach(self.transfer_socket(self.descriptors, key[0], protocol))
         except OSError:
             body.close()
-            self._refuse(reply, addr, name, codec.ErrorCode.NOT_DEFINED, "server busy", started)
-            return
+            return admission.Refusal(filename, codec.ErrorCode.NOT_DEFINED, "server busy")
         self._transfers[key] = protocol
+        host = key[1]
         self._per_client[host] = self._per_client.get(host, 0) + 1
         protocol.begin(now)
+        return None
 
-    def _refuse(
-        self,
-        reply: Callable[[bytes, Address], None],
-        addr: Address,
-        name: str,
-        code: int,
-        message: str,
-        started: float,
-    ) -> None:
-        reply(codec.encode_error(code, message), addr)
-        self._log_refusal(addr, name, code, message, started)
-
-    def _log_refusal(
-        self, addr: Address, name: str, code: int, message: str, started: float
-    ) -> None:
+    def _log_refusal(self, addr: Address, refusal: admission.Refusal, started: float) -> None:
         log.info(
             "tftp {client_host}:{client_port} {file} refused: error {error_code} ({reason})",
             client_host=addr[0],
             client_port=addr[1],
-            file=printable_name(name),
-            outcome=f"error {code}",
-            error_code=code,
-            reason=message,
+            file=printable_name(refusal.filename),
+            outcome=f"error {refusal.code}",
+            error_code=refusal.code,
+            reason=refusal.message,
             bytes=0,
             duration=time.monotonic() - started,
             blksize=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from callboard.protocols import tls
 from callboard.protocols.tvs import codec
 from callboard.protocols.tvs.activation import (
     ActivationAuthority,
@@ -20,7 +21,7 @@ from callboard.protocols.tvs.activation import (
 )
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -35,25 +36,11 @@ log = Logger(namespace="callboard.tvs")
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
-def _accept_any(
-    _conn: SSL.Connection, _cert: crypto.X509, _errno: int, _depth: int, _ok: int
-) -> bool:
-    return True
-
-
 def make_server_context(
     cert: x509.Certificate, key: PrivateKey, chain: Iterable[x509.Certificate] = ()
 ) -> ssl.CertificateOptions:
     """TLS >= 1.2 options presenting ``cert``; requests (not requires) a client certificate."""
-    options = ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(cert),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain] or None,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
-    # getContext() caches the context, so this setting sticks for every connection.
-    options.getContext().set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _accept_any)
-    return options
+    return tls.server_options(cert, key, chain)
 
 
 class TVSProtocol(Protocol):
