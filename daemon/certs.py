@@ -397,14 +397,14 @@ def load_lab_ca(directory: str | os.PathLike[str]) -> LabCA:
     )
 
 
-def normalize_mac(mac: str) -> str:
+def _normalise_mac(mac: str) -> str:
     try:
         return normalise_mac(mac)
     except ValueError as exc:
         raise CertError(str(exc)) from None
 
 
-def normalize_model(model: str) -> str:
+def normalise_model(model: str) -> str:
     text = model.upper().removeprefix("CP-")
     if not text or len(text) > 8 or not text.isalnum():
         raise CertError(f"model {model!r} is not like 8841, 8865NR or 7965G")
@@ -437,8 +437,8 @@ def issue_mic(
 
     No SAN, no EKU, like real MICs. ``not_after`` in the past makes an expired MIC.
     """
-    model = normalize_model(model)
-    mac = normalize_mac(mac)
+    model = normalise_model(model)
+    mac = _normalise_mac(mac)
     when = _now(now)
     sn = serial or "LAB" + "".join(
         secrets.choice(string.ascii_uppercase + string.digits) for _ in range(8)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from callboard.protocols.models import MODELS
+from callboard.protocols.settings import check_range
 
 from .model import (
     ActivationCode,
@@ -43,8 +44,13 @@ DeviceListener = Callable[[Device | None, Device | None], None]
 
 @dataclass(frozen=True)
 class RegistrySettings:
+    """The registry's rules; also the [registry] configuration section."""
+
     code_ttl_hours: float = 168.0
     unique_directory_numbers: bool = False
+
+    def validate(self) -> None:
+        check_range("code_ttl_hours", self.code_ttl_hours, 0.01, 24 * 3650)
 
 
 @dataclass(frozen=True)
