@@ -19,6 +19,7 @@ syntax where Twisted has one (``\`` escapes ``:`` and ``=``)::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -113,7 +114,7 @@ class Adopt:
         """The descriptor to adopt; systemd's are resolved from the environment now."""
         if self.fd is not None:
             return self.fd
-        inherited = ListenFDs.fromEnvironment(environ)
+        inherited = _systemd_sockets(_SYSTEMD_ENVIRON if environ is None else environ)
         if self.systemd_name is not None:
             named = inherited.inheritedNamedDescriptors()
             if self.systemd_name not in named:
@@ -138,6 +139,21 @@ class Adopt:
 
 
 Source = Bind | BindUNIX | Adopt
+
+# systemd's socket-activation variables as this process started with them. The first reader
+# of the environment consumes them (Twisted's endpoint module does when it is imported), so
+# this module keeps its own copy from the moment it is imported and never changes os.environ.
+_SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+_SYSTEMD_ENVIRON = {k: os.environ[k] for k in _SYSTEMD_VARIABLES if k in os.environ}
+
+
+def _systemd_sockets(environ: Mapping[str, str]) -> ListenFDs:
+    """The sockets systemd passed to this process (none if LISTEN_PID names another)."""
+    copy = {k: environ[k] for k in _SYSTEMD_VARIABLES if k in environ}
+    if "LISTEN_FDNAMES" not in copy and copy.get("LISTEN_FDS", "").isdigit():
+        # Before systemd 227 sockets had no names; sd_listen_fds_with_names(3) says "unknown".
+        copy["LISTEN_FDNAMES"] = ":".join(["unknown"] * int(copy["LISTEN_FDS"]))
+    return ListenFDs.fromEnvironment(copy)
 
 
 @dataclass(frozen=True)
@@ -297,8 +313,13 @@ def _parse_ip(kind: Kind, args: list[str], options: dict[str, str], *, six: bool
     names = ("port", "interface", "backlog") if kind == "stream" else ("port", "interface")
     values = _take(args, options, names, ("port",))
     host = values.get("interface", "::" if six else "")
-    if six and ":" not in host:
-        raise ValueError(f"interface={host!r} is not an IPv6 address")
+    if host:
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            raise ValueError(f"interface={host!r} is not an IP address") from None
+        if six and version != 6:
+            raise ValueError(f"interface={host!r} is not an IPv6 address")
     bind = Bind(host, _integer("port", values["port"]))
     backlog = _integer("backlog", values.get("backlog", str(DEFAULT_BACKLOG)))
     return ListenerSpec(kind, bind, backlog=backlog)
@@ -399,12 +420,11 @@ def _listen_stream(reactor: Any, spec: ListenerSpec, factory: IProtocolFactory) 
             source.path, factory, backlog=spec.backlog, mode=source.mode, wantPID=source.lockfile
         )
         return port
-    fd = source.fileno()
-    try:
-        port = reactor.adoptStreamPort(fd, _FAMILIES[source.family], factory)
-    except OSError as exc:
-        raise CannotListenError("fd", fd, exc) from exc
-    return port
+    family = _FAMILIES[source.family]
+    adopted: IListeningPort = _adopt(
+        source, lambda fd: reactor.adoptStreamPort(fd, family, factory)
+    )
+    return adopted
 
 
 def _listen_datagram(
@@ -417,14 +437,35 @@ def _listen_datagram(
         )
         return port
     assert isinstance(source, Adopt)
+    family = _FAMILIES[source.family]
+    adopted: IListeningPort = _adopt(
+        source,
+        lambda fd: reactor.adoptDatagramPort(
+            fd, family, protocol, maxPacketSize=spec.max_packet_size
+        ),
+    )
+    return adopted
+
+
+def _adopt(source: Adopt, adopt: Callable[[int], IListeningPort]) -> IListeningPort:
+    """Hand the reactor a non-blocking, close-on-exec copy of an inherited descriptor.
+
+    The reactor keeps its own duplicate, so the inherited descriptor stays as it was; a
+    blocking socket (systemd's default) would stall the reactor in ``accept``/``recvfrom``.
+    """
     fd = source.fileno()
     try:
-        port = reactor.adoptDatagramPort(
-            fd, _FAMILIES[source.family], protocol, maxPacketSize=spec.max_packet_size
-        )
+        copy = os.dup(fd)
     except OSError as exc:
         raise CannotListenError("fd", fd, exc) from exc
-    return port
+    try:
+        os.set_blocking(copy, False)
+        os.set_inheritable(copy, False)
+        return adopt(copy)
+    except OSError as exc:
+        raise CannotListenError("fd", fd, exc) from exc
+    finally:
+        os.close(copy)
 
 
 def _size_receive_buffer(port: IListeningPort, spec: ListenerSpec) -> None:
