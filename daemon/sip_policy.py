@@ -43,7 +43,7 @@ class AutoRegistration:
     def validate(self) -> None:
         first, last = self.first, self.last
         if bool(first) != bool(last):
-            raise SettingError("first", "autoregistration_first and _last go together")
+            raise SettingError("first", "autoregistration_first and _last are set together")
         if first and not (
             first.isdigit()
             and last.isdigit()

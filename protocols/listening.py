@@ -40,6 +40,8 @@ __all__ = [
     "AtomicMultiService",
     "Bind",
     "BindUNIX",
+    "Family",
+    "Kind",
     "ListenerService",
     "ListenerSpec",
     "describe_port",

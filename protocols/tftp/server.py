@@ -84,9 +84,11 @@ class TFTPSettings:
             raise SettingError("initial_timeout", "must be positive")
         if self.transfer_deadline <= 0:
             raise SettingError("transfer_deadline", "must be positive")
-        for name in ("max_retries", "max_transfers", "max_transfers_per_client"):
-            if getattr(self, name) < (0 if name == "max_retries" else 1):
-                raise SettingError(name, "must be positive")
+        if self.max_retries < 0:
+            raise SettingError("max_retries", "must not be negative")
+        for name in ("max_transfers", "max_transfers_per_client"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, "must be at least 1")
 
     def validate(self) -> None:
         """The bounds an operator's configuration is held to (the [tftp] section)."""
