@@ -14,9 +14,10 @@ is in flight waits for it and is then decided like any known phone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from callboard.protocols.models import MODELS
+from callboard.protocols.settings import SettingError, config_key
 from callboard.protocols.sip.registrar import PolicyDecision, RegistrationRequest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -34,10 +35,29 @@ for _name, _info in MODELS.items():
 
 @dataclass(frozen=True)
 class AutoRegistration:
-    """The directory-number range auto-registered phones draw from (inclusive)."""
+    """The directory-number range auto-registered phones draw from (inclusive).
 
-    first: str
-    last: str
+    Also the auto-registration part of the [sip] configuration section; empty: off.
+    """
+
+    first: str = field(default="", metadata=config_key("autoregistration_first"))
+    last: str = field(default="", metadata=config_key("autoregistration_last"))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.first)
+
+    def validate(self) -> None:
+        first, last = self.first, self.last
+        if bool(first) != bool(last):
+            raise SettingError("first", "autoregistration_first and _last are set together")
+        if first and not (
+            first.isdigit()
+            and last.isdigit()
+            and len(first) == len(last)
+            and int(first) <= int(last)
+        ):
+            raise SettingError("first", "first..last must be a range of equal-length numbers")
 
     def numbers(self) -> list[str]:
         width = len(self.first)

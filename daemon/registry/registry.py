@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
 from callboard.protocols.models import MODELS
+from callboard.protocols.settings import check_range
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
@@ -74,9 +75,15 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class RegistrySettings:
+    """The registry's rules; also the [registry] configuration section."""
+
     code_ttl_hours: float = 168.0
     unique_directory_numbers: bool = False
     feed_interval: float = 1.0  # seconds between change-feed polls (other writers' changes)
+
+    def validate(self) -> None:
+        check_range("code_ttl_hours", self.code_ttl_hours, 0.01, 24 * 3650)
+        check_range("feed_interval", self.feed_interval, 0.01, 3600)
 
 
 @dataclass(frozen=True)

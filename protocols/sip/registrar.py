@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from typing import Protocol, TypeAlias
 
+from callboard.protocols.settings import SettingError, check_choice, check_range, config_key
 from callboard.protocols.sip.digest import DigestAuthenticator, Verdict
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
 from callboard.protocols.sip.message import (
@@ -167,12 +168,38 @@ class RegistrarSettings:
     realm: str = "callboard"
     server_name: str = "Callboard"
     nonce_lifetime: float = 300.0
-    nonce_secret: bytes | None = None  # None: random per start
+    # None: random per start. Not a configuration key: a secret has no place in a TOML file.
+    nonce_secret: bytes | None = field(default=None, metadata=config_key(None))
     digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     domains: frozenset[str] = frozenset()  # Request-URI hosts served; empty = any
     max_contacts: int = 10  # per AoR
     warning_host: str = "callboard"  # the warn-agent of ``Warning: 399``
     sweep_interval: float = 1.0
+
+    def validate(self) -> None:
+        """The bounds a configuration is held to (the registrar part of [sip])."""
+        check_range("min_expires", self.min_expires, 1, 86400)
+        check_range("max_expires", self.max_expires, self.min_expires, 7 * 86400)
+        check_range("default_expires", self.default_expires, self.min_expires, self.max_expires)
+        check_range("keepalive_expires", self.keepalive_expires, 1, 86400)
+        check_range("max_message_size", self.max_message_size, 1024, 1 << 20)
+        check_range("nonce_lifetime", self.nonce_lifetime, 1, 86400)
+        check_range("max_contacts", self.max_contacts, 1, 1000)
+        check_range("sweep_interval", self.sweep_interval, 0.01, 3600)
+        if not self.digest_algorithms:
+            raise SettingError("digest_algorithms", "at least one algorithm is needed")
+        for algorithm in self.digest_algorithms:
+            check_choice("digest_algorithms", algorithm, ("SHA-256", "MD5"))
+        # Each is written into a header: a quote or a line break would forge another.
+        for name in ("realm", "server_name", "warning_host"):
+            value = getattr(self, name)
+            if not value or not value.isprintable() or '"' in value:
+                raise SettingError(name, f"{value!r} cannot go into a SIP header")
+        if " " in self.warning_host:
+            raise SettingError("warning_host", f"{self.warning_host!r} is not a host name")
+        for domain in self.domains:
+            if not domain or not domain.isprintable() or " " in domain:
+                raise SettingError("domains", f"{domain!r} is not a host name")
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,15 @@ Wiring (the daemon)::
 
     service = TFTPService(
         source,                      # a FileSource; names arrive normalised
-        addresses=["192.0.2.10"],    # one listening socket per address, never a wildcard
-        port=69,
         settings=TFTPSettings(),     # every knob, with defaults
         reactor=reactor,             # UDP, FD set and time; the global one if omitted
-    )
+        listeners=[ListenerSpec.datagram("192.0.2.10", 69, receive_buffer=...)],
+    )                                # one socket per address, never a wildcard; or adopted
     service.setServiceParent(parent)
     service.ports                    # the bound IListeningPorts (tests listen on port 0)
+
+``TFTPService(source, ["192.0.2.10"], 69, settings)`` is short for one datagram spec per
+address with ``settings.receive_buffer``.
 
 Each RRQ gets its own ephemeral UDP socket (its TID) bound to the address the request arrived
 on, so replies always come from the address the phone asked. The listener asks
@@ -38,15 +40,15 @@ from callboard.protocols.filesource import (
     Requester,
     printable_name,
 )
+from callboard.protocols.listening import AtomicMultiService, ListenerService, ListenerSpec
+from callboard.protocols.settings import SettingError, check_range
 from callboard.protocols.tftp import admission, codec
 from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
-from twisted.application.service import Service
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IReactorFDSet,
     IReactorTime,
-    IReactorUDP,
     IReadDescriptor,
 )
 from twisted.internet.protocol import DatagramProtocol
@@ -72,17 +74,30 @@ class TFTPSettings:
     transfer_deadline: float = 600.0  # whole-transfer limit, seconds
     max_transfers: int = 4096  # live transfers, all clients
     max_transfers_per_client: int = 64  # live transfers per client IP address
-    receive_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF on each listening socket
+    receive_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF on each listening socket; 0: kernel's
 
     def __post_init__(self) -> None:
-        if not codec.MIN_BLKSIZE <= self.max_blksize <= codec.MAX_BLKSIZE:
-            raise ValueError("max_blksize must be within 8..65464")
-        if not 1 <= self.max_windowsize <= 32768:
-            raise ValueError("max_windowsize must be within 1..32768")
-        if self.initial_timeout <= 0 or self.transfer_deadline <= 0:
-            raise ValueError("timeouts must be positive")
-        if self.max_retries < 0 or self.max_transfers < 1 or self.max_transfers_per_client < 1:
-            raise ValueError("limits must be positive")
+        # What the transfer machine cannot work with at all; validate() adds sane bounds.
+        check_range("max_blksize", self.max_blksize, codec.MIN_BLKSIZE, codec.MAX_BLKSIZE)
+        check_range("max_windowsize", self.max_windowsize, 1, 32768)
+        if self.initial_timeout <= 0:
+            raise SettingError("initial_timeout", "must be positive")
+        if self.transfer_deadline <= 0:
+            raise SettingError("transfer_deadline", "must be positive")
+        if self.max_retries < 0:
+            raise SettingError("max_retries", "must not be negative")
+        for name in ("max_transfers", "max_transfers_per_client"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, "must be at least 1")
+
+    def validate(self) -> None:
+        """The bounds an operator's configuration is held to (the [tftp] section)."""
+        check_range("initial_timeout", self.initial_timeout, 0.05, 255)
+        check_range("max_retries", self.max_retries, 1, 100)
+        check_range("transfer_deadline", self.transfer_deadline, 1, 86400)
+        check_range("max_transfers", self.max_transfers, 1, 1_000_000)
+        check_range("max_transfers_per_client", self.max_transfers_per_client, 1, 1_000_000)
+        check_range("receive_buffer", self.receive_buffer, 0, 1 << 30)
 
 
 # Linux UDP segmentation offload (since 4.18): socket.UDP_SEGMENT from Python 3.12 on.
@@ -288,9 +303,14 @@ class _ListenProtocol(DatagramProtocol):
 
     noisy = False
 
-    def __init__(self, service: TFTPService, address: str) -> None:
+    def __init__(self, service: TFTPService) -> None:
         self._service = service
-        self._address = address
+        self._address = ""
+
+    def startProtocol(self) -> None:
+        # Bound or adopted, the socket says which address transfers answer from.
+        assert self.transport is not None
+        self._address = self.transport.getHost().host
 
     def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         try:
@@ -306,8 +326,12 @@ class _ListenProtocol(DatagramProtocol):
             self.transport.getHandle().sendto(datagram, addr)  # type: ignore[attr-defined]
 
 
-class TFTPService(Service):
-    """Read-only TFTP on ``port`` at each of ``addresses`` over a :class:`FileSource`."""
+class TFTPService(AtomicMultiService):
+    """Read-only TFTP over a :class:`FileSource`, on one listener per spec.
+
+    Each listener is a :class:`~callboard.protocols.listening.ListenerService` child; they
+    bind (or adopt) in ``startService``, all or none.
+    """
 
     # Opens each transfer's socket (its TID) on the address the request arrived at; may
     # raise OSError ("server busy"). Tests substitute sockets that record what is sent.
@@ -318,66 +342,49 @@ class TFTPService(Service):
     def __init__(
         self,
         source: FileSource,
-        addresses: Sequence[str],
+        addresses: Sequence[str] = (),
         port: int = 69,
         settings: TFTPSettings | None = None,
         reactor: Any = None,
+        *,
+        listeners: Sequence[ListenerSpec] = (),
     ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        if not addresses:
-            raise ValueError("TFTPService needs at least one listen address")
         self.source = source
-        self.addresses = list(addresses)
-        self.port = port
         self.settings = settings or TFTPSettings()
-        self.reactor: IReactorUDP = reactor
+        specs = list(listeners) or [
+            ListenerSpec.datagram(address, port, receive_buffer=self.settings.receive_buffer)
+            for address in addresses
+        ]
+        if not specs:
+            raise ValueError("TFTPService needs at least one listener")
         self.clock: IReactorTime = reactor
         self.descriptors: IReactorFDSet = reactor  # transfer sockets are bare read descriptors
-        self.ports: list[IListeningPort] = []
         self._transfers: dict[tuple[str, str, int], _TransferProtocol] = {}
         self._per_client: dict[str, int] = {}
+        for spec in specs:
+            # An RRQ is small, but a stray large datagram must not be read truncated as one.
+            spec = spec.with_options(max_packet_size=65536)
+            listener = ListenerService("tftp", spec, _ListenProtocol(self), reactor)
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        """The bound listening ports, in the order the listeners were given."""
+        return [s.port for s in self if isinstance(s, ListenerService) and s.port is not None]
 
     @property
     def live_transfers(self) -> int:
         return len(self._transfers)
 
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        try:
-            for address in self.addresses:
-                port = self.reactor.listenUDP(
-                    self.port,
-                    _ListenProtocol(self, address),
-                    interface=address,
-                    maxPacketSize=65536,
-                )
-                try:
-                    handle = port.getHandle()  # type: ignore[attr-defined]
-                    handle.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_RCVBUF, self.settings.receive_buffer
-                    )
-                except OSError:
-                    log.warn("tftp: could not enlarge SO_RCVBUF on {address}", address=address)
-                self.ports.append(port)
-        except BaseException:
-            self._close_ports()
-            super().stopService()  # type: ignore[no-untyped-call]
-            raise
-
     def stopService(self) -> Any:
-        super().stopService()  # type: ignore[no-untyped-call]
         for transfer in list(self._transfers.values()):
             transfer.close("shutdown")
-        return self._close_ports()
-
-    def _close_ports(self) -> Any:
-        from twisted.internet.defer import gatherResults, maybeDeferred
-
-        ports, self.ports = self.ports, []
-        return gatherResults([maybeDeferred(p.stopListening) for p in ports])
+        return super().stopService()
 
     # -- the listener's work --------------------------------------------------------------
 

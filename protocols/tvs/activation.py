@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from callboard.protocols.settings import check_range, config_key
 from callboard.protocols.tvs import codec
 from callboard.protocols.tvs.codec import (
     ActivateRequest,
@@ -70,16 +71,37 @@ class ActivationAuthority(Protocol):
 
 @dataclass(frozen=True)
 class TVSSettings:
+    """Every TVS knob; also the [tvs] configuration section (keys as in ``metadata``)."""
+
     idle_timeout: float = 10.0
     max_message: int = 64 * 1024
     max_connections: int = 1024
     allow_sha1_mic: bool = False
-    throttle_budget: int = 5  # failures per device name (and per source, unless set below)
-    throttle_source_budget: int | None = None  # per source address; raise it for sites behind NAT
-    throttle_window: float = 15 * 60.0
-    throttle_base_lockout: float = 60.0
-    throttle_max_lockout: float = 24 * 3600.0
+    # Failures per device name (and per source, unless set below) ...
+    throttle_budget: int = field(default=5, metadata=config_key("failure_budget"))
+    # ... per source address; 0: the same as throttle_budget. Raise it for sites behind NAT.
+    throttle_source_budget: int = field(default=0, metadata=config_key("failure_budget_per_source"))
+    # ... within this window; then locked out for the base lockout, doubling up to the max.
+    throttle_window: float = field(default=15 * 60.0, metadata=config_key("failure_window_seconds"))
+    throttle_base_lockout: float = field(default=60.0, metadata=config_key("lockout_seconds"))
+    throttle_max_lockout: float = field(
+        default=24 * 3600.0, metadata=config_key("max_lockout_seconds")
+    )
     verify_ttl: int = 86400
+
+    def validate(self) -> None:
+        """The bounds a configuration is held to."""
+        check_range("idle_timeout", self.idle_timeout, 0.1, 3600)
+        check_range("max_message", self.max_message, 4096, 1 << 24)
+        check_range("max_connections", self.max_connections, 1, 1_000_000)
+        check_range("throttle_budget", self.throttle_budget, 1, 1_000_000)
+        check_range("throttle_source_budget", self.throttle_source_budget, 0, 1_000_000)
+        check_range("throttle_window", self.throttle_window, 1, 1e7)
+        check_range("throttle_base_lockout", self.throttle_base_lockout, 1, 1e7)
+        check_range(
+            "throttle_max_lockout", self.throttle_max_lockout, self.throttle_base_lockout, 1e8
+        )
+        check_range("verify_ttl", self.verify_ttl, 1, 2**32 - 1)
 
 
 # Manufacturing trust -------------------------------------------------------------------------
