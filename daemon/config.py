@@ -91,7 +91,7 @@ class SIPConfig:
     min_expires: int = 60
     max_expires: int = 7200
     realm: str = "callboard"
-    digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")  # offered in this order
+    digest_algorithms: tuple[str, ...] = ("MD5",)  # offered in this order; Cisco speaks MD5
     register_expires: int = 3600  # timerRegisterExpires written into phone configs
     transport: str = "tcp"  # the transport phones are told to use: tcp, udp or tls
     autoregistration_first: str = ""  # directory-number range for auto-registration
