@@ -737,10 +737,10 @@ class Registrar:
         """What the phone says about itself in ``Reason`` (information only: the device is the
         policy's ``owner``, whatever ``Name=`` claims)."""
         self.log.info(
-            "SIP {device} reports cisco-alarm {code}: name={name} active_load={active_load} "
+            "SIP {device} reports cisco-alarm {alarm_code}: name={name} active_load={active_load} "
             "inactive_load={inactive_load} last={last}",
             device=owner,
-            code=shown(alarm.code, 8),
+            alarm_code=shown(alarm.code, 8),
             name=shown(alarm.name),
             active_load=shown(alarm.active_load),
             inactive_load=shown(alarm.inactive_load),
@@ -848,13 +848,18 @@ class Registrar:
                 contact_device = CiscoIdentity.of(contacts).device_name
         except SIPParseError:
             pass
+        status, reason = shown(alarm.status), shown(alarm.reason)
+        loads = " ".join(f"{shown(k, 32)}={shown(v)}" for k, v in alarm.loads[:4]) or None
+        said = [f"{k}={v}" for k, v in (("status", status), ("reason", reason)) if v]
+        said += [loads] if loads else []
         self.log.info(
-            "SIP alarm {alarm} from {device}: status={status} reason={reason} loads={loads}",
+            "SIP alarm {alarm} from {device}: {summary}",
             alarm=shown(alarm.name),
             device=shown(alarm.device_name or contact_device),
-            status=shown(alarm.status),
-            reason=shown(alarm.reason),
-            loads=" ".join(f"{shown(k, 32)}={shown(v)}" for k, v in alarm.loads[:4]) or None,
+            summary=" ".join(said) or f"{len(alarm.params)} parameters",
+            status=status,
+            reason=reason,
+            loads=loads,
             parameters=len(alarm.params),
             contact_device=shown(contact_device),
             source=source.address,

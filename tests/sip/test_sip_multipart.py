@@ -8,6 +8,7 @@ import os
 
 import pytest
 from callboard.protocols.sip.cisco import REMOTECC_REQUEST, remotecc_register_body
+from callboard.protocols.sip.message import Response, parse_message
 from callboard.protocols.sip.multipart import (
     MAX_PARTS,
     MultipartError,
@@ -16,8 +17,16 @@ from callboard.protocols.sip.multipart import (
     parse_media_type,
     parse_multipart,
 )
+from callboard.protocols.sip.registrar import (
+    PolicyDecision,
+    Registrar,
+    RegistrationRequest,
+    Source,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from .conftest import build_register  # type: ignore[import-not-found]
 
 CT = "multipart/mixed; boundary=uniqueBoundary"
 
@@ -137,3 +146,35 @@ def test_fuzz_only_multipart_error(body: bytes, content_type: str) -> None:
     with contextlib.suppress(MultipartError):
         for part in body_parts(content_type, body):
             assert isinstance(part.body, bytes)
+
+
+_PARTS = st.lists(
+    st.sampled_from(
+        [b"--b", b"--b--", b"\r\n", b"Content-Type: application/x-cisco-remotecc-request+xml",
+         b"<x-cisco-remotecc-request>", b"</x-cisco-remotecc-request>", b"<optionsind>",
+         b"</optionsind>", b"<bulkregisterreq/>", b"<!DOCTYPE x>", b"&e;", b"\xff", b"<"]
+    ),
+    max_size=24,
+).map(b"".join)  # fmt: skip
+
+
+@settings(max_examples=int(os.environ.get("SIP_FUZZ_EXAMPLES", "400")), deadline=None)
+@given(_PARTS)
+def test_fuzz_register_bodies_are_200_or_400(body: bytes) -> None:
+    """Through the whole registrar: a REGISTER with any such body is answered, 200 or 400."""
+    registrar = Registrar(_AllowAll(), now=lambda: 1.0, wall_now=lambda: 1553819486.0)
+    data = build_register()
+    head = data[: -len(b"Content-Length: 0\r\n\r\n")]
+    data = head + b"Content-Type: multipart/mixed;boundary=b\r\n"
+    data += f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    reply = registrar.handle_bytes(data, Source("udp", "192.0.2.50", 50057))
+    assert reply is not None
+    answer = parse_message(reply.data)
+    assert isinstance(answer, Response) and answer.status in (200, 400)
+    if answer.status == 200 and b"<optionsind>" in answer.body:
+        assert answer.headers.get("content-type") == "application/x-cisco-remotecc-response+xml"
+
+
+class _AllowAll:
+    def decide(self, request: RegistrationRequest) -> PolicyDecision:
+        return PolicyDecision.allow(request.device_name)

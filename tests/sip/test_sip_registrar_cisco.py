@@ -5,6 +5,7 @@ same exchange through the stream protocol over a StringTransport."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -223,7 +224,7 @@ def refer(
     drop = {k for k, v in kw.items() if v is None}
     lines = [
         "REFER sip:192.0.2.10 SIP/2.0",
-        "Via: SIP/2.0/TCP 192.0.2.50:50057;branch=z9hG4bK20eb83bf",
+        f"Via: SIP/2.0/TCP 192.0.2.50:50057;branch=z9hG4bK{os.urandom(4).hex()}",
         'From: "1001" <sip:1001@192.0.2.50>;tag=00112233445500122cd20b33-123852dd',
         "To: <sip:192.0.2.10>",
         "Call-ID: 00112233-44550006-1a48a291-451dd0ff@192.0.2.50",
@@ -255,10 +256,21 @@ def test_alarm_refer_accepted_logged_counted(make_registrar: Any, policy: Any) -
     assert snapshot["alarms"] == 1 and snapshot["refer"] == 1 and snapshot["bindings"] == 0
     assert policy.seen == []  # an alarm binds nothing and asks nothing
     [logged] = [e for e in events if "SIP alarm" in e["log_format"]]
-    assert formatEvent(logged) == (
-        "SIP alarm DeviceTLInfo from SEPC80084AA8743: status=3 reason=None loads=None"
-    )
+    assert formatEvent(logged) == "SIP alarm DeviceTLInfo from SEPC80084AA8743: status=3"
     assert logged["contact_device"] == "SEP001122334455" and logged["parameters"] == 8
+    # An alarm with a reason and loads shows them; one with neither, how much it carried.
+    events.clear()
+    lost = DEVICE_TL_INFO.replace(b'"StatusCode">3', b'"ReasonForOutOfService">14').replace(
+        b'"IPv6Address">', b'"ActiveLoad">sip88xx.14-2-1'
+    )
+    assert send(reg, refer(body=lost), TCP).status == 202
+    [logged] = [e for e in events if "SIP alarm" in e["log_format"]]
+    assert formatEvent(logged).endswith(": reason=14 ActiveLoad=sip88xx.14-2-1")
+    events.clear()
+    bare = b'<x-cisco-alarm><Alarm Name="X"><ParameterList/></Alarm></x-cisco-alarm>'
+    assert send(reg, refer(body=bare), TCP).status == 202
+    [logged] = [e for e in events if "SIP alarm" in e["log_format"]]
+    assert formatEvent(logged) == "SIP alarm X from SEP001122334455: 0 parameters"
 
 
 @pytest.mark.parametrize(
