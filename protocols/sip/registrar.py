@@ -841,6 +841,9 @@ class Registrar:
         return f"<sip:{ruri.host}:{port};transport={source.transport}>"
 
     def _log_alarm(self, req: Request, source: Source, alarm: CiscoAlarm) -> None:
+        """One line per alarm: its name, the device it names (or the Contact's devicename),
+        and what it carried that matters (status, reason, loads); every value made printable
+        and short, since the phone wrote it."""
         contact_device = None
         try:
             contacts = parse_contact_list(req.headers)
