@@ -98,11 +98,13 @@ LIST_HEADERS = frozenset(
 REASONS: dict[int, str] = {
     100: "Trying",
     200: "OK",
+    202: "Accepted",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    413: "Request Entity Too Large",
     415: "Unsupported Media Type",
     420: "Bad Extension",
     423: "Interval Too Brief",
@@ -345,6 +347,18 @@ def parse_head(head: bytes) -> Message:
     msg = _parse_start_line(lines[0].strip())
     _read_fields(lines[1:], msg.headers, _as_partial(msg))
     return msg
+
+
+def parse_fields(block: bytes) -> Headers:
+    """Header lines without a start line (a MIME body part's headers, RFC 2046 §5.1.1), read
+    by the same rules as a message's."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SIPParseError("header section is not UTF-8") from None
+    headers = Headers()
+    _read_fields(text.replace("\r\n", "\n").split("\n"), headers, None)
+    return headers
 
 
 def _parse_start_line(start: str) -> Message:

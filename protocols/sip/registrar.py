@@ -1,4 +1,5 @@
-"""The SIP-lite registrar: the RFC 3261 REGISTER pipeline and OPTIONS (sans-I/O).
+"""The SIP-lite registrar: the RFC 3261 REGISTER pipeline, OPTIONS and Cisco's alarm REFER
+(sans-I/O).
 
 Bytes come in with a :class:`Source` (transport, address, client certificate) through
 :meth:`Registrar.handle_bytes` (or, already framed and parsed, :meth:`Registrar.handle_message`);
@@ -16,26 +17,34 @@ applies RFC 3261 §10.3 around it, one named step each:
    served (``settings.domains``) → 404; To must be a sip(s) URI (AoR = ``sip:user@host``);
    Contact ``*`` only alone with Expires 0; per-contact expiry: ``expires`` param, else
    ``Expires`` header, else the default; 0 < e < min → 423 with Min-Expires; above max →
-   shortened. Nothing is asked or changed yet.
+   shortened. The body's Cisco remotecc parts (``multipart/mixed``: bulkregisterreq,
+   optionsind) are read, an unreadable body → 400; a ``Reason`` cisco-alarm is read for the
+   log. Nothing is asked or changed yet. A keep-alive to a backup node (every contact
+   ``expires=0;cisco-keep-alive``) is answered 200 here and changes nothing.
 2. Ask the policy (403/404 with ``Warning: 399``). It may answer now or with a Deferred (when
    it writes, e.g. autoregistration): the REGISTERs of one AoR are then processed in the order
    received, a later one waiting until the earlier is answered; retransmissions meanwhile are
    absorbed.
-3. Authenticate: when the policy returns credentials, digest (SHA-256 and MD5, qop=auth) is
-   required: 401 (``stale=true`` for an old nonce), 403 for a wrong password.
+3. Authenticate: when the policy returns credentials, digest (qop=auth; MD5 by default, the
+   one algorithm Cisco phones speak, SHA-256 configurable) is required: 401 (``stale=true``
+   for an old nonce), 403 for a wrong password.
 4. Plan the bindings: same Call-ID with a CSeq not higher than the stored one → 400, nothing
    changes. All contacts apply or none do.
 5. Apply the new set to the location service, then answer 200 listing every live binding of
    the AoR with its remaining ``expires``; adds ``Expires`` (the keep-alive interval, 120 by
    default, as CUCM) when bindings were added, ``Date``, ``Server``, a To tag, and
    ``x-cisco-newreg`` on the request's contacts when the device had no live binding before
-   (its first registration since the daemon started, or since it expired or was dropped).
+   (its first registration since the daemon started, or since it expired or was dropped: not
+   a refresh, not its other lines), CUCM's ``Supported``, and the optionsind response body
+   (``application/x-cisco-remotecc-response+xml``) when the phone sent an optionsind.
 
 Bindings are keyed per AoR by ``+sip.instance`` when present (a rebooted Cisco phone with a
 new random contact user replaces its old binding) and by contact URI otherwise. They expire
 through :meth:`Registrar.sweep` (the service calls it every second).
 Retransmissions (same Via branch, sent-by and method within 32 s) get the cached reply.
-Methods other than REGISTER and OPTIONS get 405 with ``Allow``; ACK is absorbed silently.
+The out-of-dialog ``REFER`` carrying an ``application/x-cisco-alarm+xml`` body, which Cisco
+phones send before registering, gets ``202 Accepted``; its alarm is logged and counted (and
+not trusted for anything). Other methods get 405 with ``Allow``; ACK is absorbed silently.
 """
 
 from __future__ import annotations
@@ -49,6 +58,21 @@ from email.utils import formatdate
 from typing import Protocol, TypeAlias
 
 from callboard.protocols.settings import SettingError, check_choice, check_range, config_key
+from callboard.protocols.sip.cisco import (
+    ALARM,
+    CUCM_SUPPORTED,
+    KEEPALIVE_PARAM,
+    REMOTECC_RESPONSE,
+    CiscoAlarm,
+    CiscoBodyError,
+    ReasonAlarm,
+    RemoteccRequest,
+    optionsind_response,
+    parse_alarm,
+    parse_reason_alarm,
+    read_remotecc_request,
+    shown,
+)
 from callboard.protocols.sip.digest import DigestAuthenticator, Verdict
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
 from callboard.protocols.sip.message import (
@@ -61,6 +85,7 @@ from callboard.protocols.sip.message import (
     Response,
     SIPParseError,
     Via,
+    has_param,
     is_number,
     parse_contact_list,
     parse_cseq,
@@ -71,11 +96,14 @@ from callboard.protocols.sip.message import (
     quote,
     response_to,
 )
+from callboard.protocols.sip.multipart import MultipartError, body_parts, parse_media_type
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-ALLOW = "REGISTER, OPTIONS"
+ALLOW = "REGISTER, OPTIONS, REFER"
+#: The only option a REFER may require: no implicit subscription (RFC 4488), as Cisco sends.
+REFER_EXTENSIONS = frozenset({"norefersub"})
 TRANSACTION_LINGER = 32.0  # RFC 3261 Timer J for UDP (64*T1)
 #: REGISTERs of one AoR that may wait behind one whose policy answer is pending; more → 503.
 MAX_WAITING_PER_AOR = 8
@@ -170,7 +198,9 @@ class RegistrarSettings:
     nonce_lifetime: float = 300.0
     # None: random per start. Not a configuration key: a secret has no place in a TOML file.
     nonce_secret: bytes | None = field(default=None, metadata=config_key(None))
-    digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+    #: Offered in this order, one challenge each. Cisco's SIP stack reads one challenge and
+    #: speaks MD5 (protocol notes §16); SHA-256, first or alone, is for other phones.
+    digest_algorithms: tuple[str, ...] = ("MD5",)
     domains: frozenset[str] = frozenset()  # Request-URI hosts served; empty = any
     max_contacts: int = 10  # per AoR
     warning_host: str = "callboard"  # the warn-agent of ``Warning: 399``
@@ -270,6 +300,12 @@ class Counters:
     too_large_513: int = 0
     too_many_hops_483: int = 0
     not_allowed_405: int = 0
+    unsupported_415: int = 0
+    bad_extension_420: int = 0
+    keepalives: int = 0  # keep-alive REGISTERs (``cisco-keep-alive``) answered 200
+    remotecc_answers: int = 0  # 200s carrying an optionsind response
+    refer: int = 0
+    alarms: int = 0  # alarm REFERs accepted (202)
     policy_failed_500: int = 0
     busy_503: int = 0
     retransmissions: int = 0
@@ -318,6 +354,9 @@ class _Register:
     planned: tuple[tuple[NameAddr, int], ...]  # each contact with its granted expiry (0 removes)
     identity: CiscoIdentity
     user_agent: str | None
+    keepalive: bool = False  # every contact says ``cisco-keep-alive``: a backup node's probe
+    remotecc: RemoteccRequest | None = None  # the body's remotecc parts, when any
+    alarm: ReasonAlarm | None = None  # the ``Reason`` cisco-alarm, when any
 
     @property
     def is_removal(self) -> bool:
@@ -467,6 +506,9 @@ class Registrar:
         if method == "REGISTER":
             self.counters.register += 1
             return self._register(req, source)
+        if method == "REFER":
+            self.counters.refer += 1
+            return self._refer(req, source)
         self.counters.not_allowed_405 += 1
         resp = self._response(req, 405)
         resp.headers.add("Allow", ALLOW)
@@ -477,6 +519,8 @@ class Registrar:
     def _register(self, req: Request, source: Source) -> Response | Deferred[Response]:
         """RFC 3261 §10.3, one named step at a time; asynchronous only when the policy is."""
         reg = self._read_register(req, source)
+        if reg.keepalive:
+            return self._keepalive_ok(reg)
         waiting = self._waiting.get(reg.aor)
         if waiting is None:
             outcome = self._decide(reg)
@@ -546,7 +590,19 @@ class Registrar:
             planned=self._plan_expiries(req, source, to_uri.aor, listed, header_expires),
             identity=CiscoIdentity.of(listed),
             user_agent=req.headers.get("user-agent"),
+            keepalive=bool(listed)
+            and all(has_param(list(c.params), KEEPALIVE_PARAM) for c in listed),
+            remotecc=self._read_remotecc(req),
+            alarm=parse_reason_alarm(req.headers.get_all("reason")),
         )
+
+    def _read_remotecc(self, req: Request) -> RemoteccRequest | None:
+        """The remotecc parts of the body (Cisco's bulkregisterreq and optionsind); other
+        bodies are ignored, as before; one that cannot be read is a 400."""
+        try:
+            return read_remotecc_request(body_parts(req.headers.get("content-type"), req.body))
+        except (MultipartError, CiscoBodyError) as exc:
+            raise _Reject(self._bad(req, f"REGISTER body: {exc.reason}")) from None
 
     def _header_expires(self, req: Request) -> int | None:
         raw = req.headers.get("expires")
@@ -699,8 +755,26 @@ class Registrar:
                 new_registration=change.newreg,
                 contacts=[str(c.uri) for c, e in reg.planned if e],
             )
+            if reg.alarm is not None:
+                self._log_reason_alarm(reg, owner, reg.alarm)
         elif not reg.planned and not reg.wildcard:
             self.counters.queries += 1
+
+    def _log_reason_alarm(self, reg: _Register, owner: str | None, alarm: ReasonAlarm) -> None:
+        """What the phone says about itself in ``Reason`` (information only: the device is the
+        policy's ``owner``, whatever ``Name=`` claims)."""
+        self.log.info(
+            "SIP {device} reports cisco-alarm {alarm_code}: name={name} active_load={active_load} "
+            "inactive_load={inactive_load} last={last}",
+            device=owner,
+            alarm_code=shown(alarm.code, 8),
+            name=shown(alarm.name),
+            active_load=shown(alarm.active_load),
+            inactive_load=shown(alarm.inactive_load),
+            last=shown(alarm.last),
+            aor=reg.aor,
+            source=reg.source.address,
+        )
 
     def _ok(self, reg: _Register, change: _Change, now: float) -> Response:
         """Step 5b: the 200 listing every live binding of the AoR."""
@@ -714,8 +788,113 @@ class Registrar:
             resp.headers.add("Contact", str(b.contact.with_params(params)))
         if change.added:
             resp.headers.add("Expires", str(self.settings.keepalive_expires))
-        resp.headers.add("Supported", "X-cisco-srtp-fallback")
+        resp.headers.add("Supported", CUCM_SUPPORTED)
+        if reg.remotecc is not None and reg.remotecc.optionsind is not None:
+            self.counters.remotecc_answers += 1
+            resp.headers.add("Content-Type", REMOTECC_RESPONSE)
+            resp.body = optionsind_response(reg.remotecc.optionsind)
         return resp
+
+    def _keepalive_ok(self, reg: _Register) -> Response:
+        """A backup node's keep-alive (``expires=0;cisco-keep-alive``): 200, nothing removed.
+
+        Answered before the policy, as the usecallmanager patch does: it changes nothing and
+        tells nothing but that this node is up (as OPTIONS does).
+        """
+        self.counters.keepalives += 1
+        self.counters.ok += 1
+        self.log.debug(
+            "SIP keep-alive REGISTER {aor} device={device}",
+            aor=reg.aor,
+            device=shown(reg.identity.device_name),
+            source=reg.source.address,
+        )
+        return self._response(reg.req, 200)
+
+    # --- REFER: the alarm Cisco phones send before registering -----------------------------
+
+    def _refer(self, req: Request, source: Source) -> Response:
+        """The out-of-dialog alarm REFER (protocol notes §16): 202, logged and counted.
+
+        Nothing is referred anywhere, so nothing but an alarm is accepted, checked in RFC 3261
+        §8.2 order: an extension other than ``norefersub`` required → 420; another body → 415
+        (with ``Accept``); no single ``Refer-To`` naming the body (``cid:``), or an alarm that
+        cannot be read → 400. The alarm's device name is what the phone claims, no more.
+        """
+        required = [o for o in req.headers.values("require") if o.lower() not in REFER_EXTENSIONS]
+        if required:
+            self.counters.bad_extension_420 += 1
+            resp = self._response(req, 420)
+            resp.headers.add("Unsupported", ", ".join(required))
+            return resp
+        if self._media_type(req) != ALARM:
+            self.counters.unsupported_415 += 1
+            resp = self._response(req, 415)
+            resp.headers.add("Accept", ALARM)
+            why = f"only Cisco alarm REFERs ({ALARM}) are accepted"
+            resp.headers.add("Warning", f"399 {self.settings.warning_host} {quote(why)}")
+            return resp
+        refer_to = req.headers.get_all("refer-to")
+        if len(refer_to) != 1:
+            raise _Reject(self._bad(req, "REFER needs exactly one Refer-To"))
+        if not refer_to[0].strip().lstrip("<").lower().startswith("cid:"):
+            raise _Reject(self._bad(req, "Refer-To must name the alarm body (cid:)"))
+        try:
+            alarm = parse_alarm(req.body)
+            own = self._own_contact(req, source)
+        except CiscoBodyError as exc:
+            raise _Reject(self._bad(req, f"alarm body: {exc.reason}")) from None
+        except SIPParseError as exc:
+            raise _Reject(self._bad(req, exc.reason)) from None
+        self.counters.alarms += 1
+        self._log_alarm(req, source, alarm)
+        resp = self._response(req, 202)
+        resp.headers.add("Contact", own)
+        return resp
+
+    @staticmethod
+    def _media_type(req: Request) -> str | None:
+        value = req.headers.get("content-type")
+        try:
+            return parse_media_type(value).type if value else None
+        except MultipartError:
+            return None
+
+    @staticmethod
+    def _own_contact(req: Request, source: Source) -> str:
+        """Where we answered from, as CUCM's 202 says it: the Request-URI's host and port."""
+        ruri = parse_uri(req.uri)
+        port = ruri.port or _sent_by_port(source.transport)
+        return f"<sip:{ruri.host}:{port};transport={source.transport}>"
+
+    def _log_alarm(self, req: Request, source: Source, alarm: CiscoAlarm) -> None:
+        """One line per alarm: its name, the device it names (or the Contact's devicename),
+        and what it carried that matters (status, reason, loads); every value made printable
+        and short, since the phone wrote it."""
+        contact_device = None
+        try:
+            contacts = parse_contact_list(req.headers)
+            if isinstance(contacts, list):
+                contact_device = CiscoIdentity.of(contacts).device_name
+        except SIPParseError:
+            pass
+        status, reason = shown(alarm.status), shown(alarm.reason)
+        loads = " ".join(f"{shown(k, 32)}={shown(v)}" for k, v in alarm.loads[:4]) or None
+        said = [f"{k}={v}" for k, v in (("status", status), ("reason", reason)) if v]
+        said += [loads] if loads else []
+        self.log.info(
+            "SIP alarm {alarm} from {device}: {summary}",
+            alarm=shown(alarm.name),
+            device=shown(alarm.device_name or contact_device),
+            summary=" ".join(said) or f"{len(alarm.params)} parameters",
+            status=status,
+            reason=reason,
+            loads=loads,
+            parameters=len(alarm.params),
+            contact_device=shown(contact_device),
+            source=source.address,
+            user_agent=shown(req.headers.get("user-agent")),
+        )
 
     # --- REGISTER: one AoR at a time while a policy answer is pending ---------------------
 

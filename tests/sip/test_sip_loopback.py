@@ -176,7 +176,7 @@ async def test_register_rules(
         assert len(server.registrar.bindings_for_device("SEP001122334455")) == 2
         assert (await peer.request(reg(max_forwards=0))).status == 483
         r = await peer.request(reg(method="OPTIONS"))
-        assert r.status == 200 and r.headers.get("allow") == "REGISTER, OPTIONS"
+        assert r.status == 200 and r.headers.get("allow") == "REGISTER, OPTIONS, REFER"
         assert (await peer.request(reg(method="SUBSCRIBE"))).status == 405
         bad = reg(cseq=9).replace(b"CSeq: 9 REGISTER", b"CSeq: nine REGISTER")
         assert (await peer.request(bad)).status == 400
