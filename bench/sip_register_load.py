@@ -59,7 +59,12 @@ def serve(port: int) -> None:
             return PolicyDecision.allow(request.device_name)
 
     globalLogBeginner.beginLoggingTo([], discardBuffer=True, redirectStandardIO=False)
-    registrar = Registrar(AllowAll(), RegistrarSettings(), clock=reactor.seconds)  # type: ignore[attr-defined]
+    registrar = Registrar(
+        AllowAll(),
+        RegistrarSettings(),
+        now=reactor.seconds,  # type: ignore[attr-defined]
+        wall_now=time.time,
+    )
     svc = SIPRegistrarService(
         registrar, reactor, udp_port=port, tcp_port=None, tls_port=None, interface="127.0.0.1"
     )

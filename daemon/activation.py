@@ -1,5 +1,6 @@
 """The TVS activation authority: redeeming a code is the registry's durable ``redeem``.
 
+The phone is answered only when the Deferred fires, that is once the redemption is on disk.
 The detailed reason goes to the log; the phone hears one neutral sentence for every
 refusal, so that a guesser learns nothing from it.
 """
@@ -7,9 +8,10 @@ refusal, so that a guesser learns nothing from it.
 from __future__ import annotations
 
 from callboard.protocols.tvs.activation import Redemption
+from twisted.internet.defer import Deferred
 
 from .logs import get_logger
-from .registry.registry import Registry
+from .registry.registry import Redeemed, Registry
 
 log = get_logger("callboard.activation")
 
@@ -20,12 +22,18 @@ class RegistryAuthority:
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Redemption:
-        result = self._registry.redeem(mac=mac, model=model, code=code, mic_sha256=mic_sha256)
-        if result.ok and result.device is not None:
-            log.info(
-                "device activated", device=result.device.name, model=model, mic_sha256=mic_sha256
-            )
-            return Redemption(True, result.device.name, "activated")
-        log.info("activation refused", mac=mac, model=model, reason=result.reason)
-        return Redemption(False, None, "activation code not accepted")
+    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Deferred[Redemption]:
+        def outcome(result: Redeemed) -> Redemption:
+            if result.ok and result.device is not None:
+                log.info(
+                    "device activated",
+                    device=result.device.name,
+                    model=model,
+                    mic_sha256=mic_sha256,
+                )
+                return Redemption(True, result.device.name, "activated")
+            log.info("activation refused", mac=mac, model=model, reason=result.reason)
+            return Redemption(False, None, "activation code not accepted")
+
+        d = self._registry.redeem(mac=mac, model=model, code=code, mic_sha256=mic_sha256)
+        return d.addCallback(outcome)

@@ -1,7 +1,8 @@
 """Certificate tooling: the server's own certificates, the manufacturing trust store, lab CAs/MICs.
 
 Daemon-side (it reads and writes files). The protocols get parsed objects from here:
-``load_server_certs`` for the SAST/TVS/CCM+TFTP pairs, ``load_trust_store`` for the MIC roots.
+``load_server_certs`` for the SAST/TVS/CCM+TFTP/HTTPS-TFTP pairs, ``load_trust_store`` for the
+MIC roots.
 Private keys are written owner-only and never printed or logged.
 """
 
@@ -11,15 +12,27 @@ import argparse
 import datetime as dt
 import os
 import secrets
-import string
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from callboard.protocols.models import normalise_mac
 from callboard.protocols.tvs.activation import ManufacturingTrust
 from callboard.protocols.tvs.itl import HashAlgorithm, Role, build_itl
+from callboard.protocols.tvs.labpki import (
+    LAB_CA_FILES,
+    LAB_ROOT_FILES,
+    CertError,
+    CertKeyPair,
+    LabCA,
+    PrivateKey,
+    issue_mic,
+    load_certificate,
+    load_lab_ca,
+    load_private_key,
+    make_lab_ca,
+    new_key,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -27,24 +40,35 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import DEFAULT_STATE_DIR
 
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+__all__ = [
+    "CertError",
+    "CertKeyPair",
+    "LabCA",
+    "ServerCertificates",
+    "certs_present",
+    "init_certs",
+    "issue_mic",
+    "load_lab_ca",
+    "load_server_certs",
+    "load_trust_store",
+    "make_lab_ca",
+    "register_cli",
+    "write_lab_ca",
+    "write_mic",
+    "write_pair",
+]
 
 CERTS_SUBDIR = "certs"
 SAST_NAME = "sast"
 TVS_NAME = "tvs"
 CCM_TFTP_NAME = "ccm-tftp"
-
-LAB_ROOT_CN = "Callboard Lab Manufacturing Root"
-LAB_CA_CN = "Callboard Lab Manufacturing CA"
-LAB_ORG = "Callboard Lab"
-LAB_ROOT_FILES = ("lab-root.pem", "lab-root.key")
-LAB_CA_FILES = ("lab-ca.pem", "lab-ca.key")
+HTTPS_TFTP_NAME = "https-tftp"
+# Keys whose type the role fixes, whatever ``--key-type`` says: RSA signs ITLs and ``.sgn``
+# files; the HTTPS 6971 certificate must be EC (ITL version 1.1).
+_ROLE_KEY_TYPES = {SAST_NAME: "rsa", CCM_TFTP_NAME: "rsa", HTTPS_TFTP_NAME: "ec"}
+ITL_VERSION_HTTPS = (1, 1)
 
 TRUST_SUFFIXES = (".pem", ".crt", ".cer")
-
-
-class CertError(Exception):
-    """A certificate operation failed; the message is safe to show (no key material)."""
 
 
 # Files ---------------------------------------------------------------------------------------
@@ -89,31 +113,6 @@ def write_pair(directory: Path, stem: str, cert: x509.Certificate, key: PrivateK
     _write(directory / f"{stem}.pem", _cert_pem(cert), 0o644)
 
 
-def _load_key(path: Path) -> PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise CertError(f"cannot load private key {path}: {type(exc).__name__}") from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise CertError(f"{path}: only RSA and EC keys are supported")
-    return key
-
-
-def _load_cert(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise CertError(f"cannot load certificate {path}: {exc}") from None
-
-
-def _new_key(key_type: str) -> PrivateKey:
-    if key_type == "ec":
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    raise CertError(f"unknown key type {key_type!r} (use ec or rsa)")
-
-
 def _now(now: dt.datetime | None) -> dt.datetime:
     return now if now is not None else dt.datetime.now(dt.UTC)
 
@@ -122,25 +121,26 @@ def _now(now: dt.datetime | None) -> dt.datetime:
 
 
 @dataclass(frozen=True)
-class CertKeyPair:
-    cert: x509.Certificate
-    key: PrivateKey
-
-
-@dataclass(frozen=True)
 class ServerCertificates:
-    """The three role pairs: SAST (ITL signer, RSA), TVS, CCM+TFTP."""
+    """The role pairs: SAST (ITL signer, RSA), TVS, CCM+TFTP (RSA: signs ``.sgn`` files, SIP
+    TLS), HTTPS-TFTP (EC, TFTP role: the HTTPS 6971 server certificate)."""
 
     sast: CertKeyPair
     tvs: CertKeyPair
     ccm_tftp: CertKeyPair
+    https_tftp: CertKeyPair
 
     def itl_records(self) -> list[tuple[int, x509.Certificate]]:
         return [
             (Role.SAST, self.sast.cert),
             (Role.CCM_TFTP, self.ccm_tftp.cert),
             (Role.TVS, self.tvs.cert),
+            (Role.TFTP, self.https_tftp.cert),
         ]
+
+    def sgn_signer(self) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+        """The CCM+TFTP pair that signs ``.sgn`` files (see ``protocols.tvs.sgn``)."""
+        return self.ccm_tftp.cert, _rsa_key(self.ccm_tftp, "CCM+TFTP")
 
     def build_itl(
         self,
@@ -160,6 +160,7 @@ class ServerCertificates:
             timestamp=timestamp,
             hash_algorithm=hash_algorithm,
             filename=filename,
+            signer_version=ITL_VERSION_HTTPS,
         )
 
 
@@ -195,6 +196,7 @@ _ROLES = {
     SAST_NAME: ("ITL Recovery (SAST)", False),
     TVS_NAME: ("TVS", True),
     CCM_TFTP_NAME: ("CallManager TFTP", True),
+    HTTPS_TFTP_NAME: ("HTTPS TFTP", True),
 }
 
 
@@ -205,10 +207,12 @@ def init_certs(
     force: bool = False,
     now: dt.datetime | None = None,
 ) -> ServerCertificates:
-    """Create the SAST (RSA 2048), TVS and CCM+TFTP pairs under ``<state_dir>/certs``.
+    """Create the SAST, TVS, CCM+TFTP and HTTPS-TFTP pairs under ``<state_dir>/certs``.
 
-    Existing keys are kept unless ``force``; a missing certificate is reissued from its key.
-    Files: ``sast.{pem,key}``, ``tvs.{pem,key}``, ``ccm-tftp.{pem,key}``; dir 0700, keys 0600.
+    SAST and CCM+TFTP are RSA 2048, HTTPS-TFTP is EC P-256; ``key_type`` is the TVS key's.
+    Existing keys are kept unless ``force`` (or of the wrong type for their role); a missing
+    certificate is reissued from its key. Files: ``sast``, ``tvs``, ``ccm-tftp``,
+    ``https-tftp`` ``.{pem,key}``; dir 0700, keys 0600.
     """
     if key_type not in ("ec", "rsa"):
         raise CertError(f"unknown key type {key_type!r} (use ec or rsa)")
@@ -219,13 +223,13 @@ def init_certs(
     for stem, (ou, server) in _ROLES.items():
         key_path = directory / f"{stem}.key"
         cert_path = directory / f"{stem}.pem"
-        if key_path.exists() and not force:
+        if key_path.exists() and not force and _kept_key_fits(stem, key_path):
             os.chmod(key_path, 0o600)
             if cert_path.exists():
                 continue
-            key = _load_key(key_path)
+            key = load_private_key(key_path)
         else:
-            key = _new_key("rsa" if stem == SAST_NAME else key_type)
+            key = new_key(_ROLE_KEY_TYPES.get(stem, key_type))
         cert = _self_signed(key, f"{stem.upper()}-{host}", ou, when, server=server)
         write_pair(directory, stem, cert, key)
     return load_server_certs(state_dir)
@@ -235,8 +239,8 @@ def load_server_certs(state_dir: str | os.PathLike[str]) -> ServerCertificates:
     directory = Path(state_dir) / CERTS_SUBDIR
 
     def pair(stem: str) -> CertKeyPair:
-        cert = _load_cert(directory / f"{stem}.pem")
-        key = _load_key(directory / f"{stem}.key")
+        cert = load_certificate(directory / f"{stem}.pem")
+        key = load_private_key(directory / f"{stem}.key")
         if cert.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         ) != key.public_key().public_bytes(
@@ -248,7 +252,37 @@ def load_server_certs(state_dir: str | os.PathLike[str]) -> ServerCertificates:
     sast = pair(SAST_NAME)
     if not isinstance(sast.key, rsa.RSAPrivateKey):
         raise CertError("the SAST key must be RSA (ITL signatures are RSA PKCS#1 v1.5)")
-    return ServerCertificates(sast=sast, tvs=pair(TVS_NAME), ccm_tftp=pair(CCM_TFTP_NAME))
+    return _check_role_keys(
+        ServerCertificates(
+            sast=sast,
+            tvs=pair(TVS_NAME),
+            ccm_tftp=pair(CCM_TFTP_NAME),
+            https_tftp=pair(HTTPS_TFTP_NAME),
+        )
+    )
+
+
+def _kept_key_fits(stem: str, key_path: Path) -> bool:
+    """An existing key of the type its role needs (an EC ``ccm-tftp`` from before .sgn is not)."""
+    wanted = _ROLE_KEY_TYPES.get(stem)
+    if wanted is None:
+        return True
+    key = load_private_key(key_path)
+    return isinstance(key, rsa.RSAPrivateKey if wanted == "rsa" else ec.EllipticCurvePrivateKey)
+
+
+def _rsa_key(pair: CertKeyPair, label: str) -> rsa.RSAPrivateKey:
+    if not isinstance(pair.key, rsa.RSAPrivateKey):
+        raise CertError(f"the {label} key must be RSA (run `callboard certs init`)")
+    return pair.key
+
+
+def _check_role_keys(server: ServerCertificates) -> ServerCertificates:
+    """CCM+TFTP must be RSA (it signs .sgn files), HTTPS-TFTP EC (phones need EC on 6971)."""
+    _rsa_key(server.ccm_tftp, "CCM+TFTP")
+    if not isinstance(server.https_tftp.key, ec.EllipticCurvePrivateKey):
+        raise CertError("the HTTPS-TFTP key must be EC (run `callboard certs init --force`)")
+    return server
 
 
 def certs_present(state_dir: str | os.PathLike[str]) -> bool:
@@ -282,99 +316,7 @@ def load_trust_store(directory: str | os.PathLike[str]) -> ManufacturingTrust:
     return ManufacturingTrust(certs)
 
 
-# Lab CA and MICs -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabCA:
-    root: x509.Certificate
-    root_key: PrivateKey
-    ca: x509.Certificate
-    ca_key: PrivateKey
-
-    @property
-    def certificates(self) -> list[x509.Certificate]:
-        return [self.root, self.ca]
-
-
-def _ca_cert(
-    subject: x509.Name,
-    issuer: x509.Name,
-    key: PrivateKey,
-    signer: PrivateKey,
-    now: dt.datetime,
-    days: int,
-    *,
-    path_length: int | None,
-    legacy: bool,
-) -> x509.Certificate:
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-    )
-    if legacy:
-        # Built "the old way": basicConstraints without pathlen, no keyUsage, no AKI/SKI.
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), False)
-    else:
-        builder = (
-            builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        )
-        if subject != issuer:
-            builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
-            )
-    return builder.sign(signer, hashes.SHA256())
-
-
-def make_lab_ca(
-    key_type: str = "ec",
-    *,
-    now: dt.datetime | None = None,
-    legacy: bool = False,
-    root_cn: str = LAB_ROOT_CN,
-    ca_cn: str = LAB_CA_CN,
-) -> LabCA:
-    """A lab manufacturing root and intermediate (in memory). Lab certificates, not a vendor's."""
-    when = _now(now)
-    root_key = _new_key(key_type)
-    ca_key = _new_key(key_type)
-    root_name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, LAB_ORG),
-            x509.NameAttribute(NameOID.COMMON_NAME, root_cn),
-        ]
-    )
-    ca_name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, LAB_ORG),
-            x509.NameAttribute(NameOID.COMMON_NAME, ca_cn),
-        ]
-    )
-    root = _ca_cert(
-        root_name, root_name, root_key, root_key, when, 7300, path_length=1, legacy=legacy
-    )
-    ca = _ca_cert(ca_name, root_name, ca_key, root_key, when, 7300, path_length=0, legacy=legacy)
-    return LabCA(root=root, root_key=root_key, ca=ca, ca_key=ca_key)
+# Lab CA and MICs (made in callboard.protocols.tvs.labpki) --------------------------------
 
 
 def write_lab_ca(directory: str | os.PathLike[str], lab: LabCA, *, force: bool = False) -> None:
@@ -385,90 +327,6 @@ def write_lab_ca(directory: str | os.PathLike[str], lab: LabCA, *, force: bool =
         raise CertError(f"{path} already holds a lab CA (use --force to replace it)")
     write_pair(path, "lab-root", lab.root, lab.root_key)
     write_pair(path, "lab-ca", lab.ca, lab.ca_key)
-
-
-def load_lab_ca(directory: str | os.PathLike[str]) -> LabCA:
-    path = Path(directory)
-    return LabCA(
-        root=_load_cert(path / LAB_ROOT_FILES[0]),
-        root_key=_load_key(path / LAB_ROOT_FILES[1]),
-        ca=_load_cert(path / LAB_CA_FILES[0]),
-        ca_key=_load_key(path / LAB_CA_FILES[1]),
-    )
-
-
-def normalize_mac(mac: str) -> str:
-    try:
-        return normalise_mac(mac)
-    except ValueError as exc:
-        raise CertError(str(exc)) from None
-
-
-def normalize_model(model: str) -> str:
-    text = model.upper().removeprefix("CP-")
-    if not text or len(text) > 8 or not text.isalnum():
-        raise CertError(f"model {model!r} is not like 8841, 8865NR or 7965G")
-    return text
-
-
-def _resign_sha1(cert: x509.Certificate, key: PrivateKey) -> x509.Certificate:
-    """cryptography refuses to sign with SHA-1; pyOpenSSL still can (old-phone tests only)."""
-    from OpenSSL import crypto
-
-    legacy = crypto.X509.from_cryptography(cert)
-    legacy.sign(crypto.PKey.from_cryptography_key(key), "sha1")
-    return legacy.to_cryptography()
-
-
-def issue_mic(
-    lab: LabCA,
-    *,
-    model: str,
-    mac: str,
-    key_type: str = "ec",
-    days: int = 3650,
-    not_before: dt.datetime | None = None,
-    not_after: dt.datetime | None = None,
-    sha1: bool = False,
-    serial: str | None = None,
-    now: dt.datetime | None = None,
-) -> CertKeyPair:
-    """A MIC with the real layout: ``serialNumber=PID:CP-<model> SN:<sn>, O, OU, CN``.
-
-    No SAN, no EKU, like real MICs. ``not_after`` in the past makes an expired MIC.
-    """
-    model = normalize_model(model)
-    mac = normalize_mac(mac)
-    when = _now(now)
-    sn = serial or "LAB" + "".join(
-        secrets.choice(string.ascii_uppercase + string.digits) for _ in range(8)
-    )
-    key = _new_key(key_type)
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.SERIAL_NUMBER, f"PID:CP-{model} SN:{sn}"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Callboard Lab Phones"),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Lab MIC"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"CP-{model}-SEP{mac}"),
-        ]
-    )
-    start = not_before or (when - dt.timedelta(days=1))
-    end = not_after or (when + dt.timedelta(days=days))
-    if end <= start:
-        start = end - dt.timedelta(days=365)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(lab.ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .sign(lab.ca_key, hashes.SHA256())
-    )
-    if sha1:
-        cert = _resign_sha1(cert, lab.ca_key)
-    return CertKeyPair(cert, key)
 
 
 def write_mic(out_dir: str | os.PathLike[str], mic: CertKeyPair) -> tuple[Path, Path]:
@@ -489,7 +347,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
     certs = init_certs(state_dir, key_type=args.key_type, force=args.force)
     directory = Path(state_dir) / CERTS_SUBDIR
     print(f"certificates in {directory}:")
-    for label, pair in (("SAST", certs.sast), ("TVS", certs.tvs), ("CCM+TFTP", certs.ccm_tftp)):
+    for label, pair in (
+        ("SAST", certs.sast),
+        ("TVS", certs.tvs),
+        ("CCM+TFTP", certs.ccm_tftp),
+        ("HTTPS", certs.https_tftp),
+    ):
         fp = pair.cert.fingerprint(hashes.SHA256()).hex()
         print(f"  {label:9} {pair.cert.subject.rfc4514_string()}  sha256={fp}")
     return 0
@@ -539,14 +402,19 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     certs = subparsers.add_parser("certs", help="server certificates, lab CA and lab MICs")
     sub = certs.add_subparsers(dest="certs_command", required=True)
 
-    p = sub.add_parser("init", help="create the SAST, TVS and CCM+TFTP certificates")
+    p = sub.add_parser("init", help="create the SAST, TVS, CCM+TFTP and HTTPS certificates")
     # SUPPRESS: without the flag, `callboard --state-dir DIR certs init` keeps DIR.
     p.add_argument(
         "--state-dir",
         default=argparse.SUPPRESS,
         help="the daemon's state directory (default /var/lib/callboard)",
     )
-    p.add_argument("--key-type", choices=("ec", "rsa"), default="ec")
+    p.add_argument(
+        "--key-type",
+        choices=("ec", "rsa"),
+        default="ec",
+        help="the TVS key (SAST and CCM+TFTP are RSA, HTTPS is EC)",
+    )
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=_guard(_cmd_init))
 

@@ -1,8 +1,12 @@
 """One frozen configuration from the TOML file and the ``callboard serve`` flags.
 
-Every key has a default; the file overrides defaults and flags override the file. Unknown
-keys, wrong types and impossible values are refused before anything starts, with a
-message naming the key and the file, so the daemon never runs half-configured.
+Every key has a default; the file overrides defaults and flags override the file. Each TOML
+table is read straight into the settings dataclasses of the parts that use it (a protocol's
+own settings class is its section: ``[tftp]`` is :class:`TFTPSettings`, the registrar part
+of ``[sip]`` is :class:`RegistrarSettings`, ...), and each class validates itself once
+everything is read. Unknown keys, wrong types and impossible values are refused before
+anything starts, with a message naming the key and the file, so the daemon never runs
+half-configured.
 """
 
 from __future__ import annotations
@@ -14,8 +18,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from callboard.protocols.listening import ListenerSpec, parse_endpoint
 from callboard.protocols.models import MODELS
+from callboard.protocols.settings import SettingError, check_choice, config_keys
+from callboard.protocols.sip.registrar import RegistrarSettings
+from callboard.protocols.sip.transports import SIPTransportSettings
+from callboard.protocols.tftp.server import TFTPSettings
+from callboard.protocols.tvs.activation import TVSSettings
 
+from .provisioning import ProvisioningSettings
+from .registry.registry import RegistrySettings
+from .sip_policy import AutoRegistration
 from .web.settings import SelfCareSettings, SMTPSettings, WebSettings
 
 DEFAULT_STATE_DIR = Path("/var/lib/callboard")
@@ -27,6 +40,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class NetworkConfig:
+    """[network]: where the daemon listens, and what phones are told to reach."""
+
     listen_addresses: tuple[str, ...] = ("127.0.0.1",)
     advertise_address: str = ""  # written into configs; default: the first listen address
     tftp_port: int = 69
@@ -41,13 +56,45 @@ class NetworkConfig:
     advertise_sip_tls_port: int = 0
     web_port: int = -1  # the HTTPS web console, Self-Care and REST API; -1: off
 
+    @property
+    def advertised(self) -> str:
+        return self.advertise_address or self.listen_addresses[0]
+
+    def validate(self) -> None:
+        if not self.listen_addresses:
+            raise SettingError("listen_addresses", "at least one address is needed")
+        for address in self.listen_addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise SettingError(
+                    "listen_addresses", f"{address!r} is not an IP address"
+                ) from None
+        try:
+            advertised = ipaddress.ip_address(self.advertised)
+        except ValueError:
+            raise SettingError(
+                "advertise_address", f"{self.advertised!r} is not an IP address"
+            ) from None
+        if advertised.is_unspecified:
+            raise SettingError(
+                "advertise_address",
+                f"phones cannot reach {advertised}; set the address they should use",
+            )
+        for f in fields(self):
+            if f.name.endswith("_port"):
+                port = getattr(self, f.name)
+                if not 0 <= port <= 65535 and not (f.name == "web_port" and port == -1):
+                    raise SettingError(f.name, f"{port} is not a port number")
+
 
 @dataclass(frozen=True)
 class EndpointsConfig:
-    """Twisted endpoint strings replacing the listeners built from address and port.
+    """[endpoints]: listener specs replacing the ones built from address and port.
 
-    For example ``systemd:domain=INET:index=0`` takes a socket from systemd's socket
-    activation. Empty: one ``tcp:`` listener per listen address (``unix:`` for admin).
+    Twisted's endpoint syntax plus ``fd:N`` (see :mod:`callboard.protocols.listening`); for
+    example ``systemd:domain=INET:index=0`` takes a socket from systemd's socket activation.
+    Empty: one ``tcp:`` listener per listen address (a ``unix:`` socket for admin).
     """
 
     http: str = ""
@@ -57,49 +104,29 @@ class EndpointsConfig:
     admin: str = ""
     web: str = ""
 
+    def spec(self, name: str) -> ListenerSpec | None:
+        text: str = getattr(self, name)
+        return parse_endpoint(text, "stream") if text else None
 
-@dataclass(frozen=True)
-class RegistryConfig:
-    code_ttl_hours: float = 168.0
-    unique_directory_numbers: bool = False
-
-
-@dataclass(frozen=True)
-class TFTPConfig:
-    max_blksize: int = 1468
-    max_windowsize: int = 64
-    initial_timeout: float = 1.0
-    max_retries: int = 5
-    transfer_deadline: float = 600.0
-    max_transfers: int = 4096
-    max_transfers_per_client: int = 64
+    def validate(self) -> None:
+        for f in fields(self):
+            try:
+                self.spec(f.name)
+            except ValueError as exc:
+                raise SettingError(f.name, str(exc)) from None
 
 
 @dataclass(frozen=True)
-class TVSConfig:
+class TrustConfig:
+    """The daemon's part of [tvs]: the manufacturing trust store and the server's own keys."""
+
     manufacturing_trust: str = ""  # default <state_dir>/manufacturing-trust
-    allow_sha1_mic: bool = False
-    failure_budget: int = 5
-    failure_budget_per_source: int = 0  # 0: the same as failure_budget
-    failure_window_seconds: float = 900.0
-    idle_timeout: float = 10.0
-    max_connections: int = 1024
-    key_type: str = "ec"
-    itl_hash: str = "sha512"
+    key_type: str = "ec"  # TVS and CCM+TFTP keys: ec (P-256) or rsa (2048)
+    itl_hash: str = "sha512"  # ITLFile.tlv signature hash
 
-
-@dataclass(frozen=True)
-class SIPConfig:
-    keepalive_expires: int = 120
-    default_expires: int = 3600
-    min_expires: int = 60
-    max_expires: int = 7200
-    realm: str = "callboard"
-    digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")  # offered in this order
-    register_expires: int = 3600  # timerRegisterExpires written into phone configs
-    transport: str = "tcp"  # the transport phones are told to use: tcp, udp or tls
-    autoregistration_first: str = ""  # directory-number range for auto-registration
-    autoregistration_last: str = ""
+    def validate(self) -> None:
+        check_choice("key_type", self.key_type, ("ec", "rsa"))
+        check_choice("itl_hash", self.itl_hash, ("sha512", "sha1"))
 
 
 @dataclass(frozen=True)
@@ -112,14 +139,22 @@ class Config:
     source: str = "<defaults>"  # the file this came from, for messages
     network: NetworkConfig = field(default_factory=NetworkConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
-    registry: RegistryConfig = field(default_factory=RegistryConfig)
-    tftp: TFTPConfig = field(default_factory=TFTPConfig)
-    tvs: TVSConfig = field(default_factory=TVSConfig)
-    sip: SIPConfig = field(default_factory=SIPConfig)
-    loads: dict[str, str] = field(default_factory=dict)  # model -> firmware load name
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    tftp: TFTPSettings = field(default_factory=TFTPSettings)
+    tvs: TVSSettings = field(default_factory=TVSSettings)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    sip: RegistrarSettings = field(default_factory=RegistrarSettings)
+    sip_transport: SIPTransportSettings = field(default_factory=SIPTransportSettings)
+    autoregistration: AutoRegistration = field(default_factory=AutoRegistration)
+    provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
     web: WebSettings = field(default_factory=WebSettings)
     smtp: SMTPSettings = field(default_factory=SMTPSettings)
     self_care: SelfCareSettings = field(default_factory=SelfCareSettings)
+
+    @property
+    def loads(self) -> dict[str, str]:
+        """[loads]: firmware load name per model."""
+        return self.provisioning.loads
 
     @property
     def tftp_root_path(self) -> Path:
@@ -131,25 +166,42 @@ class Config:
 
     @property
     def manufacturing_trust_path(self) -> Path:
-        return Path(self.tvs.manufacturing_trust or self.state_dir / "manufacturing-trust")
+        return Path(self.trust.manufacturing_trust or self.state_dir / "manufacturing-trust")
 
     @property
     def advertise_address(self) -> str:
-        return self.network.advertise_address or self.network.listen_addresses[0]
+        return self.network.advertised
 
 
-_SECTIONS: dict[str, type[Any]] = {
-    "network": NetworkConfig,
-    "endpoints": EndpointsConfig,
-    "registry": RegistryConfig,
-    "tftp": TFTPConfig,
-    "tvs": TVSConfig,
-    "sip": SIPConfig,
-    "web": WebSettings,
-    "smtp": SMTPSettings,
-    "self_care": SelfCareSettings,
+# Each TOML table and the settings classes that read it, as (Config attribute, class). A key
+# belongs to every class of its table that has it (``sip.keepalive_expires`` is both what the
+# registrar answers and what configs tell phones).
+SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
+    "network": (("network", NetworkConfig),),
+    "endpoints": (("endpoints", EndpointsConfig),),
+    "registry": (("registry", RegistrySettings),),
+    "tftp": (("tftp", TFTPSettings),),
+    "tvs": (("tvs", TVSSettings), ("trust", TrustConfig)),
+    "sip": (
+        ("sip", RegistrarSettings),
+        ("sip_transport", SIPTransportSettings),
+        ("autoregistration", AutoRegistration),
+        ("provisioning", ProvisioningSettings),
+    ),
+    "web": (("web", WebSettings),),
+    "smtp": (("smtp", SMTPSettings),),
+    "self_care": (("self_care", SelfCareSettings),),
 }
-_TOP_LEVEL = {"state_dir", "tftp_root", "admin_socket", "demo", "log_level"}
+_TOP_LEVEL = ("state_dir", "tftp_root", "admin_socket", "demo", "log_level")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def section_keys(section: str) -> list[str]:
+    """Every key of a TOML table, in the order its classes declare them."""
+    keys: dict[str, None] = {}
+    for _, cls in SECTIONS[section]:
+        keys.update(dict.fromkeys(config_keys(cls)))
+    return list(keys)
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -164,59 +216,98 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
             raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    config = _from_mapping(raw, source)
+    values = _Values(source)
+    values.add_file(raw)
     for key, value in (overrides or {}).items():
-        config = _override(config, key, value, f"command line ({source})")
-    _validate(config)
-    return config
+        values.add(key, value, f"command line ({source})")
+    return values.build()
 
 
-def _from_mapping(raw: dict[str, Any], source: str) -> Config:
-    config = Config(source=source)
-    for key, value in raw.items():
-        if key in _SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: [{key}] must be a table")
-            for sub, subvalue in value.items():
-                config = _override(config, f"{key}.{sub}", subvalue, source)
-        elif key == "loads":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: [loads] maps model names to load-name strings")
-            for model, load in value.items():
-                config = _override(config, f"loads.{model}", load, source)
-        elif key in _TOP_LEVEL:
-            config = _override(config, key, value, source)
+class _Values:
+    """Values gathered from the file, then the flags (type-checked as they come in)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.top: dict[str, Any] = {}
+        self.sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        self.loads: dict[str, str] = {}
+
+    def add_file(self, raw: dict[str, Any]) -> None:
+        for key, value in raw.items():
+            if key in SECTIONS or key == "loads":
+                if not isinstance(value, dict):
+                    raise ConfigError(
+                        f"{self.source}: [loads] maps model names to load-name strings"
+                        if key == "loads"
+                        else f"{self.source}: [{key}] must be a table"
+                    )
+                for name, subvalue in value.items():
+                    self.add(f"{key}.{name}", subvalue, self.source)
+            elif key in _TOP_LEVEL:
+                self.add(key, value, self.source)
+            else:
+                raise ConfigError(f"{self.source}: unknown key {key!r}")
+
+    def add(self, key: str, value: Any, origin: str) -> None:
+        section, dot, name = key.partition(".")
+        if not dot:
+            if key not in _TOP_LEVEL:
+                raise ConfigError(f"{origin}: unknown key {key!r}")
+            self.top[key] = _coerce(_hint(Config, key), value, f"{origin}: {key}")
+        elif section == "loads":
+            if name not in MODELS:
+                raise ConfigError(f"{origin}: {key}: unsupported model")
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{origin}: {key}: expected a load name string")
+            self.loads[name] = value
+        elif section in SECTIONS:
+            owners = [(cls, config_keys(cls)[name]) for cls in _classes(section, name)]
+            if not owners:
+                raise ConfigError(f"{origin}: {key}: unknown key")
+            cls, attr = owners[0]
+            self.sections[section][name] = _coerce(_hint(cls, attr), value, f"{origin}: {key}")
         else:
-            raise ConfigError(f"{source}: unknown key {key!r}")
-    return config
+            raise ConfigError(f"{origin}: unknown section [{section}]")
+
+    def build(self) -> Config:
+        parts: dict[str, Any] = {}
+        for section, classes in SECTIONS.items():
+            given = self.sections[section]
+            for attribute, cls in classes:
+                keys = config_keys(cls)
+                kwargs = {keys[k]: v for k, v in given.items() if k in keys}
+                parts[attribute] = self._settings(section, cls, kwargs)
+        parts["provisioning"] = replace(parts["provisioning"], loads=dict(self.loads))
+        config = Config(source=self.source, **self.top, **parts)
+        if config.log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"{self.source}: log_level: {config.log_level!r} is not one of "
+                + ", ".join(LOG_LEVELS)
+            )
+        return config
+
+    def _settings(self, section: str, cls: type[Any], kwargs: dict[str, Any]) -> Any:
+        """Build one settings object and let it validate itself; name the key it refuses."""
+        try:
+            settings = cls(**kwargs)
+            validate = getattr(settings, "validate", None)
+            if validate is not None:
+                validate()
+        except SettingError as exc:
+            key = {attr: k for k, attr in config_keys(cls).items()}.get(exc.name, exc.name)
+            raise ConfigError(f"{self.source}: {section}.{key}: {exc.reason}") from None
+        return settings
 
 
-def _override(config: Config, key: str, value: Any, source: str) -> Config:
-    key = "smtp.sender" if key == "smtp.from" else key  # `from` is a Python keyword
-    section, _, name = key.partition(".") if key.startswith("loads.") else key.rpartition(".")
-    if section == "loads":
-        if name not in MODELS:
-            raise ConfigError(f"{source}: {key}: unsupported model")
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{source}: {key}: expected a load name string")
-        return replace(config, loads={**config.loads, name: value})
-    if section:
-        cls = _SECTIONS.get(section)
-        if cls is None:
-            raise ConfigError(f"{source}: unknown section [{section}]")
-        current = getattr(config, section)
-        coerced = _coerce(cls, name, value, f"{source}: {key}")
-        return replace(config, **{section: replace(current, **{name: coerced})})
-    if name not in _TOP_LEVEL:
-        raise ConfigError(f"{source}: unknown key {name!r}")
-    return replace(config, **{name: _coerce(Config, name, value, f"{source}: {key}")})
+def _classes(section: str, key: str) -> list[type[Any]]:
+    return [cls for _, cls in SECTIONS[section] if key in config_keys(cls)]
 
 
-def _coerce(cls: type[Any], name: str, value: Any, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    if name not in {f.name for f in fields(cls)} or name == "source":
-        raise ConfigError(f"{where}: unknown key")
-    expected = hints[name]
+def _hint(cls: type[Any], name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(expected: Any, value: Any, where: str) -> Any:
     if expected is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -237,94 +328,10 @@ def _coerce(cls: type[Any], name: str, value: Any, where: str) -> Any:
         if not isinstance(value, str | Path) or not str(value):
             raise ConfigError(f"{where}: expected a path, got {value!r}")
         return Path(value)
-    if expected == tuple[str, ...]:
+    if expected in (tuple[str, ...], frozenset[str]):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return tuple(value)
+        return tuple(value) if expected == tuple[str, ...] else frozenset(value)
     raise AssertionError(f"no coercion for {expected!r}")  # pragma: no cover
-
-
-def _validate(config: Config) -> None:
-    where = config.source
-    net = config.network
-    if not net.listen_addresses:
-        raise ConfigError(f"{where}: network.listen_addresses: at least one address is needed")
-    for address in net.listen_addresses:
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ConfigError(
-                f"{where}: network.listen_addresses: {address!r} is not an IP address"
-            ) from None
-    try:
-        advertised = ipaddress.ip_address(config.advertise_address)
-    except ValueError:
-        raise ConfigError(
-            f"{where}: network.advertise_address: {config.advertise_address!r} is not an IP address"
-        ) from None
-    if advertised.is_unspecified:
-        raise ConfigError(
-            f"{where}: network.advertise_address: phones cannot reach {advertised}; "
-            "set the address they should use"
-        )
-    for f in fields(NetworkConfig):
-        if f.name.endswith("_port"):
-            port = getattr(net, f.name)
-            if not 0 <= port <= 65535 and not (f.name == "web_port" and port == -1):
-                raise ConfigError(f"{where}: network.{f.name}: {port} is not a port number")
-    _check_range(where, "registry.code_ttl_hours", config.registry.code_ttl_hours, 0.01, 24 * 3650)
-    _check_range(where, "tftp.max_blksize", config.tftp.max_blksize, 8, 65464)
-    _check_range(where, "tftp.max_windowsize", config.tftp.max_windowsize, 1, 32768)
-    _check_range(where, "tftp.initial_timeout", config.tftp.initial_timeout, 0.05, 255)
-    _check_range(where, "tftp.max_retries", config.tftp.max_retries, 1, 100)
-    _check_range(where, "tftp.transfer_deadline", config.tftp.transfer_deadline, 1, 86400)
-    _check_range(where, "tftp.max_transfers", config.tftp.max_transfers, 1, 1_000_000)
-    _check_range(
-        where, "tftp.max_transfers_per_client", config.tftp.max_transfers_per_client, 1, 1_000_000
-    )
-    _check_range(where, "tvs.failure_budget", config.tvs.failure_budget, 1, 1_000_000)
-    _check_range(
-        where, "tvs.failure_budget_per_source", config.tvs.failure_budget_per_source, 0, 1_000_000
-    )
-    _check_range(where, "tvs.failure_window_seconds", config.tvs.failure_window_seconds, 1, 1e7)
-    _check_range(where, "tvs.idle_timeout", config.tvs.idle_timeout, 0.1, 3600)
-    _check_range(where, "tvs.max_connections", config.tvs.max_connections, 1, 1_000_000)
-    _choice(where, "tvs.key_type", config.tvs.key_type, ("ec", "rsa"))
-    _choice(where, "tvs.itl_hash", config.tvs.itl_hash, ("sha512", "sha1"))
-    sip = config.sip
-    _check_range(where, "sip.min_expires", sip.min_expires, 1, 86400)
-    _check_range(where, "sip.max_expires", sip.max_expires, sip.min_expires, 7 * 86400)
-    _check_range(
-        where, "sip.default_expires", sip.default_expires, sip.min_expires, sip.max_expires
-    )
-    _check_range(where, "sip.keepalive_expires", sip.keepalive_expires, 1, 86400)
-    _check_range(where, "sip.register_expires", sip.register_expires, 1, 7 * 86400)
-    _choice(where, "sip.transport", sip.transport, ("tcp", "udp", "tls"))
-    if not sip.digest_algorithms:
-        raise ConfigError(f"{where}: sip.digest_algorithms: at least one algorithm is needed")
-    for algorithm in sip.digest_algorithms:
-        _choice(where, "sip.digest_algorithms", algorithm, ("SHA-256", "MD5"))
-    first, last = sip.autoregistration_first, sip.autoregistration_last
-    if bool(first) != bool(last):
-        raise ConfigError(
-            f"{where}: sip.autoregistration_first and sip.autoregistration_last go together"
-        )
-    if first and not (
-        first.isdigit() and last.isdigit() and len(first) == len(last) and int(first) <= int(last)
-    ):
-        raise ConfigError(
-            f"{where}: sip.autoregistration_first..last must be a range of equal-length numbers"
-        )
-    _choice(where, "log_level", config.log_level, ("debug", "info", "warning", "error"))
-
-
-def _check_range(where: str, key: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ConfigError(f"{where}: {key}: {value} is out of range ({low}..{high})")
-
-
-def _choice(where: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(choices)}")

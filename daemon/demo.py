@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from . import certs
 from .logs import get_logger
-from .registry.model import Line, group_code
+from .registry.model import Device, Line, group_code
 from .registry.registry import DeviceSpec
 
 if TYPE_CHECKING:
@@ -29,7 +31,8 @@ DEMO_MAC = "00000C0FFEE1"
 DEMO_USER = "demo"
 
 
-def provision_demo(service: CallboardService, out: TextIO) -> None:
+def provision_demo(service: CallboardService, out: TextIO) -> Deferred[None]:
+    """Add the demo phone (once the registry has stored it, print how to onboard it)."""
     registry = service.registry
     where = service.listening()
     state_dir = service.config.state_dir
@@ -45,7 +48,7 @@ def provision_demo(service: CallboardService, out: TextIO) -> None:
         for place in where.streams.get("web", []):
             print(f"  https://{place}/self-care/ (the demo user's password was shown at", file=out)
             print("  first start; `callboard user set-password demo --password-stdin`)", file=out)
-        return
+        return succeed(None)
     lab_dir = state_dir / "lab-ca"
     if not (lab_dir / "lab-root.pem").exists():
         certs.write_lab_ca(lab_dir, certs.make_lab_ca())
@@ -58,7 +61,7 @@ def provision_demo(service: CallboardService, out: TextIO) -> None:
     mic_cert, mic_key = certs.write_mic(
         state_dir / "demo-phone", certs.issue_mic(lab, model=DEMO_MODEL, mac=DEMO_MAC)
     )
-    device = registry.add_device(
+    added = registry.add_device(
         DeviceSpec(
             model=DEMO_MODEL,
             description="Callboard demo phone",
@@ -67,7 +70,27 @@ def provision_demo(service: CallboardService, out: TextIO) -> None:
             requires_activation=True,
         )
     )
-    code = registry.outstanding_code(device)
+
+    def failed(failure: Failure) -> None:
+        log.error("demo phone not provisioned", error=str(failure.value))
+        print(f"\nThe demo phone could not be added: {failure.value}", file=out)
+
+    def announce(device: Device) -> None:
+        _announce(service, device, mic_cert, mic_key, lab_dir, out)
+
+    return added.addCallbacks(announce, failed)
+
+
+def _announce(
+    service: CallboardService,
+    device: Device,
+    mic_cert: Path,
+    mic_key: Path,
+    lab_dir: Path,
+    out: TextIO,
+) -> None:
+    where = service.listening()
+    code = service.registry.outstanding_code(device)
     assert code is not None
     log.info("demo phone provisioned", device=device.name, model=DEMO_MODEL)
     tftp_host, tftp_port = where.tftp[0]

@@ -3,13 +3,21 @@
 The protocols log through ``twisted.logger`` (they know nothing of structlog); this module
 bridges those events into structlog so that everything leaves the process in one format.
 Keys that could carry a secret are redacted on the way out, whatever logged them.
+
+Under systemd (stdout is the journal stream named by ``JOURNAL_STREAM``) every line starts
+with a ``<N>`` syslog priority, which journald strips and records as the entry's
+``PRIORITY=``, so ``journalctl -p warning`` works. ``console`` format is for humans at a
+terminal. Twisted's own start-up chatter ("Starting protocol <… object at 0x…>") is dropped.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -41,9 +49,92 @@ def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutabl
     return event
 
 
-def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """Send structlog and Twisted's log events to ``stream`` as JSON lines."""
+LOG_FORMATS = ("json", "console")
+
+# syslog(3) priorities, as journald reads them from a "<N>" line prefix.
+SYSLOG_PRIORITIES = {
+    "critical": 2,
+    "error": 3,
+    "exception": 3,
+    "warning": 4,
+    "warn": 4,
+    "info": 6,
+    "debug": 7,
+}
+
+Renderer = Callable[[Any, str, MutableMapping[str, Any]], str | bytes]
+
+
+def journal_stream(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``stream`` is the journal stream systemd connected us to.
+
+    ``JOURNAL_STREAM`` is ``DEVICE:INODE`` of that stream; comparing it with the stream's
+    own ``fstat`` (as ``sd_journal_stream_fd`` users are told to) means a redirected stdout
+    (``callboard serve > file`` under a unit, a pipe into another tool) gets no prefixes.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        status = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (status.st_dev, status.st_ino) == (int(device), int(inode))
+
+
+def with_priority_prefix(renderer: Renderer) -> Renderer:
+    """Wrap a renderer so each output line starts with ``<N>`` for the event's level.
+
+    Every line, not just the first: a console-format traceback spans several, and journald
+    reads the prefix per line.
+    """
+
+    def render(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        priority = SYSLOG_PRIORITIES.get(str(event.get("level", name)), 6)
+        rendered = renderer(logger, name, event)
+        text = rendered.decode() if isinstance(rendered, bytes) else rendered
+        return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
+
+    return render
+
+
+def make_renderer(log_format: str, *, journal: bool, colors: bool = False) -> Renderer:
+    """The final processor: JSON lines or the console format, prefixed for journald."""
+    if log_format == "json":
+        renderer: Renderer = structlog.processors.JSONRenderer(default=str, sort_keys=False)
+    elif log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=colors and not journal)
+    else:
+        raise ValueError(f"log format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
+    return with_priority_prefix(renderer) if journal else renderer
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def configure_logging(
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    log_format: str = "json",
+    journal: bool | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """Send structlog and Twisted's log events to ``stream`` (JSON lines by default).
+
+    ``journal=None`` detects journald from ``JOURNAL_STREAM`` (see :func:`journal_stream`);
+    ``log_format="console"`` renders for a human (coloured only on a terminal).
+    """
     out = stream or sys.stdout
+    if journal is None:
+        journal = journal_stream(out, environ)
+    renderer = make_renderer(log_format, journal=journal, colors=_is_terminal(out))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -51,7 +142,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(default=str, sort_keys=False),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
@@ -69,10 +160,39 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     )
 
 
+# Twisted's notes that it started or stopped a factory or protocol: an object repr each, no
+# information. Dropped.
+_CHATTER_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+_CHATTER_TEXT = re.compile(r"^(Starting|Stopping) (protocol|factory) ")
+# Its notes that a port opened or closed: the daemon announces its listeners itself, so these
+# are kept for --log-level debug only.
+_PORT_TEXT = re.compile(r"^(\S.* starting on \S.*|\((TCP |UDP |UNIX )?Port \S.* Closed\))$")
+
+
+def twisted_chatter(event: Mapping[str, Any]) -> str | None:
+    """``"drop"`` for Twisted's start/stop chatter, ``"debug"`` for port notes, else None."""
+    log_format = event.get("log_format")
+    if log_format in _CHATTER_FORMATS:
+        return "drop"
+    if event.get("log_namespace") != "log_legacy" or not log_format:
+        return None
+    text = formatEvent(dict(event))
+    if _CHATTER_TEXT.match(text):
+        return "drop"
+    if _PORT_TEXT.match(text):
+        return "debug"
+    return None
+
+
 @provider(ILogObserver)
 def twisted_to_structlog(event: dict[str, Any]) -> None:
     """Re-emit one ``twisted.logger`` event through structlog, keeping its fields."""
+    chatter = twisted_chatter(event)
+    if chatter == "drop":
+        return
     level = _LEVELS.get(event.get("log_level", LogLevel.info), "info")
+    if chatter == "debug":
+        level = "debug"
     fields: dict[str, Any] = {
         key: value
         for key, value in event.items()

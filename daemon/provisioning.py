@@ -26,6 +26,7 @@ from callboard.protocols.filesource import (
     Requester,
 )
 from callboard.protocols.models import MODELS
+from callboard.protocols.settings import check_choice, check_range, config_key
 
 from .logs import get_logger
 from .registry.model import Device, DeviceState, Line, Onboarding
@@ -45,16 +46,26 @@ _TRANSPORT_CODES = {"tcp": "1", "udp": "2", "tls": "3"}
 
 @dataclass(frozen=True)
 class ProvisioningSettings:
-    """What configs tell phones: where to register and where TVS is (advertised values)."""
+    """What configs tell phones: where to register and where TVS is (advertised values).
 
-    address: str
-    sip_port: int
-    sip_tls_port: int
-    tvs_port: int
-    register_expires: int = 3600
+    ``register_expires``, ``keepalive_expires`` and ``transport`` are keys of the [sip]
+    configuration section, ``loads`` is the [loads] table; the address and ports are filled
+    in by the service from [network] and from the ports actually bound.
+    """
+
+    address: str = field(default="", metadata=config_key(None))
+    sip_port: int = field(default=0, metadata=config_key(None))
+    sip_tls_port: int = field(default=0, metadata=config_key(None))
+    tvs_port: int = field(default=0, metadata=config_key(None))
+    register_expires: int = 3600  # timerRegisterExpires
     keepalive_expires: int = 120
-    transport: str = "tcp"
-    loads: dict[str, str] = field(default_factory=dict)
+    transport: str = "tcp"  # the transport phones are told to use
+    loads: dict[str, str] = field(default_factory=dict, metadata=config_key(None))
+
+    def validate(self) -> None:
+        check_range("register_expires", self.register_expires, 1, 7 * 86400)
+        check_range("keepalive_expires", self.keepalive_expires, 1, 86400)
+        check_choice("transport", self.transport, tuple(_TRANSPORT_CODES))
 
 
 def load_template(name: str, override_dir: Path | None) -> Template:

@@ -1,10 +1,11 @@
 """The emulated phone's boot: trust list, config, activation code, config again, REGISTER.
 
-Two halves. :class:`BootSequence` is the phone's logic as plain code: it asks for actions
-(:class:`Fetch`, :class:`Activate`, :class:`Sleep`, :class:`Register`) and is fed their
-results, so unit tests run every branch without a socket. :func:`boot_phone` is the Twisted
-driver that performs those actions (HTTP 6970 first, TFTP as fallback, TVS over TLS with the
-MIC, the SIP user agent) and fires with a :class:`BootResult`; thousands run in one reactor.
+:class:`BootSequence` is the phone's logic as plain code: it asks for actions (:class:`Fetch`,
+:class:`Activate`, :class:`Sleep`, :class:`Register`) and is fed their results, so unit tests
+run every branch without a socket. :func:`callboard.phone.driver.boot_phone` performs those
+actions over the network (HTTP 6970 first, TFTP as fallback, TVS over TLS with the MIC, the
+SIP user agent) and fires with a :class:`BootResult`; thousands run in one reactor. The
+provisioning files are parsed by :mod:`callboard.phone.config`.
 
 The order follows the research notes (cisco-protocols.md §2, §9, §13):
 ``CTLSEP<MAC>.tlv`` → ``ITLSEP<MAC>.tlv`` (else ``ITLFile.tlv``: verify, pin the TVS
@@ -15,29 +16,31 @@ certificate) → ``SEP<MAC>.cnf.xml`` (else ``XMLDefault.cnf.xml``: does my mode
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Literal
-from xml.etree import ElementTree as ET
+from typing import Any, Literal, TypeVar
 
 from callboard.protocols.models import MODEL_IDS, model_key, normalise_mac
-from callboard.protocols.tvs import client as tvs_client
 from callboard.protocols.tvs.codec import (
     ActivateResponse,
     ActivateStatus,
-    DeviceName,
     normalise_activation_code,
 )
 from callboard.protocols.tvs.itl import ITLError, Role, parse_itl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from twisted.internet import defer
 
-from . import tftp_client
-from .http_client import HttpFetcher
+from .config import (
+    ConfigError,
+    DefaultConfig,
+    DeviceConfig,
+    TVSMember,
+    parse_default_config,
+    parse_device_config,
+)
+from .tftp_client import DEFAULT_BLKSIZE as TFTP_BLKSIZE
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 Transport = Literal["auto", "http", "tftp"]
@@ -105,165 +108,12 @@ class BootOptions:
     http_port: int = 6970
     timeout: float = 10.0  # per HTTP request, per TVS exchange; TFTP retransmits within it
     tftp_retries: int = 4
-    tftp_blksize: int = tftp_client.DEFAULT_BLKSIZE
+    tftp_blksize: int = TFTP_BLKSIZE
     config_retries: int = 5  # SEP<MAC>.cnf.xml polls after activation
     config_retry_delay: float = 0.5
     register: bool | None = None  # None: register when the config names a SIP server
     unregister: bool = False  # send Expires: 0 after registering (a clean shutdown)
     allow_tofu: bool = False  # send a code to a TVS not pinned by an ITL (labs only)
-
-
-# Parsed configuration ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TVSMember:
-    address: str
-    port: int
-    priority: int = 0
-
-
-@dataclass(frozen=True)
-class CallManager:
-    address: str
-    sip_port: int
-    secured_sip_port: int
-    priority: int = 0
-
-
-@dataclass(frozen=True)
-class LineConfig:
-    button: int
-    name: str
-    display_name: str
-    auth_name: str
-    auth_password: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class DefaultConfig:
-    """What the phone reads from ``XMLDefault.cnf.xml``."""
-
-    call_managers: tuple[CallManager, ...]
-    tvs_members: tuple[TVSMember, ...]
-    activation_models: tuple[tuple[str, str], ...]  # (model id, "Cisco 8841")
-    activation_devices: frozenset[str] = frozenset()  # "SEP<MAC>" asked for a code one by one
-
-    def requires_code(self, product: str, device_name: str = "") -> bool:
-        """My model is listed, or I am (a per-device requirement on an auto-registering model)."""
-        if device_name.upper() in self.activation_devices:
-            return True
-        wanted = product.casefold()
-        return any(name.casefold() == wanted for _id, name in self.activation_models)
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """What the phone reads from its own ``SEP<MAC>.cnf.xml``."""
-
-    call_managers: tuple[CallManager, ...]
-    tvs_members: tuple[TVSMember, ...]
-    lines: tuple[LineConfig, ...]
-    transport: str  # tcp, udp or tls (transportLayerProtocol 1/2/3)
-    load: str
-    version_stamp: str
-
-    @property
-    def sip_server(self) -> CallManager | None:
-        """The first call manager with a usable SIP port, or None."""
-        for cm in self.call_managers:
-            port = cm.secured_sip_port if self.transport == "tls" else cm.sip_port
-            if cm.address and port > 0:
-                return cm
-        return None
-
-
-class ConfigError(ValueError):
-    """A config file that is not the XML the phone expects."""
-
-
-def _int(text: str | None, default: int = 0) -> int:
-    try:
-        return int((text or "").strip())
-    except ValueError:
-        return default
-
-
-def _parse_xml(data: bytes, root_tag: str) -> ET.Element:
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError as exc:
-        raise ConfigError(f"not XML: {exc}") from None
-    if root.tag != root_tag:
-        raise ConfigError(f"root element is <{root.tag}>, expected <{root_tag}>")
-    return root
-
-
-def _call_managers(members: list[ET.Element]) -> tuple[CallManager, ...]:
-    out = [
-        CallManager(
-            address=(m.findtext("callManager/processNodeName") or "").strip(),
-            sip_port=_int(m.findtext("callManager/ports/sipPort")),
-            secured_sip_port=_int(m.findtext("callManager/ports/securedSipPort")),
-            priority=_int(m.get("priority")),
-        )
-        for m in members
-    ]
-    return tuple(sorted(out, key=lambda c: c.priority))
-
-
-def _tvs_members(root: ET.Element) -> tuple[TVSMember, ...]:
-    out = [
-        TVSMember(
-            address=(m.findtext("address") or "").strip(),
-            port=_int(m.findtext("port"), 2445),
-            priority=_int(m.get("priority")),
-        )
-        for m in root.findall("TVS/members/member")
-    ]
-    return tuple(sorted((m for m in out if m.address), key=lambda m: m.priority))
-
-
-def parse_default_config(data: bytes) -> DefaultConfig:
-    root = _parse_xml(data, "Default")
-    models = tuple(
-        (m.get("id", ""), m.get("name", "")) for m in root.findall("activationCodeOnboarding/model")
-    )
-    devices = frozenset(
-        d.get("name", "").upper() for d in root.findall("activationCodeOnboarding/device")
-    )
-    return DefaultConfig(
-        call_managers=_call_managers(root.findall("callManagerGroup/members/member")),
-        tvs_members=_tvs_members(root),
-        activation_models=models,
-        activation_devices=devices,
-    )
-
-
-_TRANSPORTS = {"1": "tcp", "2": "udp", "3": "tls"}
-
-
-def parse_device_config(data: bytes) -> DeviceConfig:
-    root = _parse_xml(data, "device")
-    lines = tuple(
-        LineConfig(
-            button=_int(line.get("button"), i),
-            name=(line.findtext("name") or "").strip(),
-            display_name=(line.findtext("displayName") or "").strip(),
-            auth_name=(line.findtext("authName") or "").strip(),
-            auth_password=line.findtext("authPassword") or "",
-        )
-        for i, line in enumerate(root.findall("sipProfile/sipLines/line"), start=1)
-        if (line.findtext("featureID") or "9").strip() == "9"
-    )
-    return DeviceConfig(
-        call_managers=_call_managers(root.findall("devicePool/callManagerGroup/members/member")),
-        tvs_members=_tvs_members(root),
-        lines=lines,
-        transport=_TRANSPORTS.get((root.findtext("transportLayerProtocol") or "1").strip(), "tcp"),
-        load=(root.findtext("loadInformation") or "").strip(),
-        version_stamp=(root.findtext("versionStamp") or "").strip(),
-    )
 
 
 # Actions and their results ----------------------------------------------------------------
@@ -372,12 +222,18 @@ class BootResult:
 
 # The logic --------------------------------------------------------------------------------
 
+T = TypeVar("T")
+Step = Generator[Action, Feed, T]  # a step of the boot: yields actions, returns its value
+OwnConfig = tuple[Fetched, bytes, ActivateResponse | None]  # SEP<MAC>.cnf.xml, and activation
+
 
 class BootSequence:
     """The phone's boot as plain logic: :meth:`start`, then :meth:`feed` each action's result.
 
     Each returns the next :class:`Action`, or the final :class:`BootResult`. Every step is also
-    reported as one readable line through ``emit`` (and kept in ``steps``).
+    reported as one readable line through ``emit`` (and kept in ``steps``). The steps are
+    generators: a step that ends the boot returns a :class:`BootResult`, which its caller
+    passes on.
     """
 
     def __init__(
@@ -422,7 +278,10 @@ class BootSequence:
         self.note(tag, reason)
         return BootResult(outcome, reason, self.identity.sep_name, **extra)
 
-    def _fetch(self, name: str) -> Generator[Action, Feed, Fetched | FetchFailed]:
+    def _lost(self, failed: FetchFailed) -> BootResult:
+        return self._done(Outcome.UNREACHABLE, f"provisioning server lost: {failed.reason}")
+
+    def _fetch(self, name: str) -> Step[Fetched | FetchFailed]:
         got = yield Fetch(name)
         if not isinstance(got, Fetched | FetchFailed):
             raise TypeError(f"expected a fetch result for {name}, got {got!r}")
@@ -433,12 +292,26 @@ class BootSequence:
             self.note("boot", f"provisioning server {got.server} answers over {got.via}")
         return got
 
-    def _run(self) -> Generator[Action, Feed, BootResult]:
+    def _run(self) -> Step[BootResult]:
         me = self.identity
-        opts = self.options
         self.note("boot", f"{me.device_name} powering up (model {me.product})")
+        ended = yield from self._trust_lists()
+        if ended is not None:
+            return ended
+        own = yield from self._own_config()
+        if isinstance(own, BootResult):
+            return own
+        sep, data, activation = own
+        return (yield from self._configure(sep, data, activation))
 
-        # 1. Trust lists. A CTL is only noted: Callboard runs no mixed-mode security.
+    # 1. Trust lists -----------------------------------------------------------------------
+
+    def _trust_lists(self) -> Step[BootResult | None]:
+        """CTL (only noted: Callboard runs no mixed-mode security), then the ITL and its pin.
+
+        Returns a :class:`BootResult` if the boot ends here, else None.
+        """
+        me = self.identity
         got = yield from self._fetch(f"CTLSEP{me.mac}.tlv")
         if isinstance(got, FetchFailed):
             return self._done(Outcome.UNREACHABLE, f"no provisioning server answered: {got.reason}")
@@ -449,128 +322,177 @@ class BootSequence:
             self.note(itl.via, f"{itl.name}: not found")
             itl = yield from self._fetch("ITLFile.tlv")
         if isinstance(itl, FetchFailed):
-            return self._done(Outcome.UNREACHABLE, f"provisioning server lost: {itl.reason}")
+            return self._lost(itl)
         if itl.data is None:
             self.note(itl.via, f"{itl.name}: not found (no trust list: nothing pinned)")
-        else:
-            try:
-                parsed = parse_itl(itl.data, verify=True)
-            except ITLError as exc:
-                self.note(itl.via, f"{itl.name}: {len(itl.data)} bytes, signature BAD")
-                return self._done(Outcome.UNTRUSTED, f"{itl.name} refused: {exc}")
-            tvs_certs = parsed.certificates(Role.TVS)
-            if tvs_certs:
-                self.pinned_der = tvs_certs[0].public_bytes(serialization.Encoding.DER)
-                pinned = "TVS pinned"
-            else:
-                pinned = "no TVS certificate in it"
-            self.note(itl.via, f"{itl.name}: {len(itl.data)} bytes, signature ok, {pinned}")
+            return None
+        return self._pin_from_itl(itl, itl.data)
 
-        # 2. My own config, else the default one.
+    def _pin_from_itl(self, itl: Fetched, data: bytes) -> BootResult | None:
+        try:
+            parsed = parse_itl(data, verify=True)
+        except ITLError as exc:
+            self.note(itl.via, f"{itl.name}: {len(data)} bytes, signature BAD")
+            return self._done(Outcome.UNTRUSTED, f"{itl.name} refused: {exc}")
+        tvs_certs = parsed.certificates(Role.TVS)
+        if tvs_certs:
+            self.pinned_der = tvs_certs[0].public_bytes(serialization.Encoding.DER)
+            pinned = "TVS pinned"
+        else:
+            pinned = "no TVS certificate in it"
+        self.note(itl.via, f"{itl.name}: {len(data)} bytes, signature ok, {pinned}")
+        return None
+
+    # 2. My own config, else the default one (and maybe activation) ----------------------------
+
+    def _own_config(self) -> Step[OwnConfig | BootResult]:
+        """``SEP<MAC>.cnf.xml`` as (file, bytes, activation), or the :class:`BootResult`."""
+        me = self.identity
         sep = yield from self._fetch(f"{me.sep_name}.cnf.xml")
         if isinstance(sep, FetchFailed):
-            return self._done(Outcome.UNREACHABLE, f"provisioning server lost: {sep.reason}")
+            return self._lost(sep)
+        if sep.data is not None:
+            return sep, sep.data, None
+        self.note(sep.via, f"{sep.name}: not found")
+        default = yield from self._default_config()
+        if isinstance(default, BootResult):
+            return default
         activation: ActivateResponse | None = None
-        if sep.data is None:
-            self.note(sep.via, f"{sep.name}: not found")
-            dflt = yield from self._fetch("XMLDefault.cnf.xml")
-            if isinstance(dflt, FetchFailed):
-                return self._done(Outcome.UNREACHABLE, f"provisioning server lost: {dflt.reason}")
-            if dflt.data is None:
-                return self._done(
-                    Outcome.NOT_PROVISIONED, "neither SEP config nor XMLDefault.cnf.xml is served"
-                )
-            try:
-                default = parse_default_config(dflt.data)
-            except ConfigError as exc:
-                return self._done(Outcome.ERROR, f"XMLDefault.cnf.xml unusable: {exc}")
-            needs = default.requires_code(me.product, me.sep_name)
-            self.note(
-                dflt.via,
-                f"{dflt.name}: {len(dflt.data)} bytes, {me.product} "
-                + ("requires an activation code" if needs else "not listed: autoregistration"),
+        if default.requires_code(me.product, me.sep_name):
+            accepted = yield from self._activate(default)
+            if isinstance(accepted, BootResult):
+                return accepted
+            activation = accepted
+        return (yield from self._poll_own_config(activation))
+
+    def _default_config(self) -> Step[DefaultConfig | BootResult]:
+        """``XMLDefault.cnf.xml`` parsed: does my model need a code? Or the BootResult."""
+        me = self.identity
+        dflt = yield from self._fetch("XMLDefault.cnf.xml")
+        if isinstance(dflt, FetchFailed):
+            return self._lost(dflt)
+        if dflt.data is None:
+            return self._done(
+                Outcome.NOT_PROVISIONED, "neither SEP config nor XMLDefault.cnf.xml is served"
             )
-
-            if needs:
-                if me.code is None:
-                    return self._done(
-                        Outcome.CODE_REQUIRED,
-                        f"activation code required for {me.sep_name}: enter it with --code",
-                    )
-                if not default.tvs_members:
-                    return self._done(Outcome.ERROR, "XMLDefault.cnf.xml names no TVS server")
-                if self.pinned_der is None and not opts.allow_tofu:
-                    return self._done(
-                        Outcome.UNTRUSTED,
-                        "no TVS certificate pinned from an ITL: the code is not sent "
-                        "to an unauthenticated server",
-                    )
-                self.note("tvs", "code entered; activating with the MIC " + me.device_name)
-                answer = yield Activate(default.tvs_members, self.pinned_der)
-                if not isinstance(answer, Activated):
-                    raise TypeError(f"expected an activation result, got {answer!r}")
-                if answer.response is None:
-                    outcome = Outcome.UNTRUSTED if answer.untrusted else Outcome.UNREACHABLE
-                    return self._done(outcome, f"TVS: {answer.error}")
-                activation = answer.response
-                status = _status_name(activation.status)
-                self.note(
-                    "tvs",
-                    f"{answer.member}: status {activation.status} {status}: {activation.reason}",
-                )
-                if activation.status != ActivateStatus.ACTIVATED:
-                    outcome = (
-                        Outcome.CERTIFICATE_REFUSED
-                        if activation.status == ActivateStatus.CERTIFICATE_NOT_ACCEPTED
-                        else Outcome.REJECTED
-                    )
-                    return self._done(
-                        outcome,
-                        f"activation refused: status {activation.status} {status}: "
-                        f"{activation.reason}",
-                        activation=activation,
-                    )
-                assigned = activation.device_name_assigned
-                if assigned and assigned != me.sep_name:
-                    self.note("tvs", f"warning: TVS assigned {assigned}, not {me.sep_name}")
-
-            # 3. Poll for my own config: it appears once the registry has the SEP record.
-            for attempt in range(1, opts.config_retries + 1):
-                sep = yield from self._fetch(f"{me.sep_name}.cnf.xml")
-                if isinstance(sep, FetchFailed):
-                    return self._done(
-                        Outcome.UNREACHABLE, f"provisioning server lost: {sep.reason}"
-                    )
-                if sep.data is not None:
-                    break
-                self.note(sep.via, f"{sep.name}: not found (try {attempt}/{opts.config_retries})")
-                if attempt < opts.config_retries:
-                    yield Sleep(opts.config_retry_delay)
-            if sep.data is None:
-                why = (
-                    "activated, but the server never served"
-                    if activation is not None
-                    else "autoregistration: the server has no"
-                )
-                return self._done(
-                    Outcome.NOT_PROVISIONED, f"{why} {me.sep_name}.cnf.xml", activation=activation
-                )
-
         try:
-            config = parse_device_config(sep.data)
+            default = parse_default_config(dflt.data)
+        except ConfigError as exc:
+            return self._done(Outcome.ERROR, f"XMLDefault.cnf.xml unusable: {exc}")
+        needs = default.requires_code(me.product, me.sep_name)
+        self.note(
+            dflt.via,
+            f"{dflt.name}: {len(dflt.data)} bytes, {me.product} "
+            + ("requires an activation code" if needs else "not listed: autoregistration"),
+        )
+        return default
+
+    def _activate(self, default: DefaultConfig) -> Step[ActivateResponse | BootResult]:
+        """ACTIVATE at the TVS named in XMLDefault: the accepted response, or the BootResult."""
+        me = self.identity
+        if me.code is None:
+            return self._done(
+                Outcome.CODE_REQUIRED,
+                f"activation code required for {me.sep_name}: enter it with --code",
+            )
+        if not default.tvs_members:
+            return self._done(Outcome.ERROR, "XMLDefault.cnf.xml names no TVS server")
+        if self.pinned_der is None and not self.options.allow_tofu:
+            return self._done(
+                Outcome.UNTRUSTED,
+                "no TVS certificate pinned from an ITL: the code is not sent "
+                "to an unauthenticated server",
+            )
+        self.note("tvs", "code entered; activating with the MIC " + me.device_name)
+        answer = yield Activate(default.tvs_members, self.pinned_der)
+        if not isinstance(answer, Activated):
+            raise TypeError(f"expected an activation result, got {answer!r}")
+        if answer.response is None:
+            outcome = Outcome.UNTRUSTED if answer.untrusted else Outcome.UNREACHABLE
+            return self._done(outcome, f"TVS: {answer.error}")
+        return self._judge_activation(answer.member, answer.response)
+
+    def _judge_activation(
+        self, member: str, activation: ActivateResponse
+    ) -> ActivateResponse | BootResult:
+        status = _status_name(activation.status)
+        self.note("tvs", f"{member}: status {activation.status} {status}: {activation.reason}")
+        if activation.status != ActivateStatus.ACTIVATED:
+            outcome = (
+                Outcome.CERTIFICATE_REFUSED
+                if activation.status == ActivateStatus.CERTIFICATE_NOT_ACCEPTED
+                else Outcome.REJECTED
+            )
+            return self._done(
+                outcome,
+                f"activation refused: status {activation.status} {status}: {activation.reason}",
+                activation=activation,
+            )
+        me = self.identity
+        assigned = activation.device_name_assigned
+        if assigned and assigned != me.sep_name:
+            self.note("tvs", f"warning: TVS assigned {assigned}, not {me.sep_name}")
+        return activation
+
+    def _poll_own_config(self, activation: ActivateResponse | None) -> Step[OwnConfig | BootResult]:
+        """3. Poll for my own config: it appears once the registry has the SEP record."""
+        me = self.identity
+        retries = self.options.config_retries
+        for attempt in range(1, retries + 1):
+            sep = yield from self._fetch(f"{me.sep_name}.cnf.xml")
+            if isinstance(sep, FetchFailed):
+                return self._lost(sep)
+            if sep.data is not None:
+                return sep, sep.data, activation
+            self.note(sep.via, f"{sep.name}: not found (try {attempt}/{retries})")
+            if attempt < retries:
+                yield Sleep(self.options.config_retry_delay)
+        why = (
+            "activated, but the server never served"
+            if activation is not None
+            else "autoregistration: the server has no"
+        )
+        return self._done(
+            Outcome.NOT_PROVISIONED, f"{why} {me.sep_name}.cnf.xml", activation=activation
+        )
+
+    # 4. Configure, then REGISTER --------------------------------------------------------------
+
+    def _configure(
+        self, sep: Fetched, data: bytes, activation: ActivateResponse | None
+    ) -> Step[BootResult]:
+        try:
+            config = parse_device_config(data)
         except ConfigError as exc:
             return self._done(Outcome.ERROR, f"{sep.name} unusable: {exc}", activation=activation)
         self.note(
             sep.via,
-            f"{sep.name}: {len(sep.data)} bytes, {len(config.lines)} line(s)"
+            f"{sep.name}: {len(data)} bytes, {len(config.lines)} line(s)"
             + (f", load {config.load}" if config.load else ""),
         )
         for line in config.lines:
             shown = f' "{line.display_name}"' if line.display_name else ""
             self.note("config", f"line {line.button}: {line.name}{shown} (auth {line.auth_name})")
+        registration = yield from self._register(config, activation)
+        if isinstance(registration, BootResult):
+            return registration
+        how = "activated and configured" if activation is not None else "configured"
+        return self._done(
+            Outcome.ONBOARDED,
+            f"{self.identity.sep_name} onboarded ({how}, {len(config.lines)} line(s))",
+            config=config,
+            activation=activation,
+            registration_status=registration,
+        )
 
-        # 4. REGISTER, when asked to or when the config names a SIP server.
-        registration: int | None = None
+    def _register(
+        self, config: DeviceConfig, activation: ActivateResponse | None
+    ) -> Step[int | BootResult | None]:
+        """REGISTER when asked to or when the config names a SIP server.
+
+        Returns the final status (None if not registered) or the failing BootResult.
+        """
+        opts = self.options
         server = config.sip_server
         wanted = opts.register if opts.register is not None else server is not None
         if wanted and server is None:
@@ -580,33 +502,26 @@ class BootSequence:
                 config=config,
                 activation=activation,
             )
-        if wanted and not config.lines:
+        if not wanted:
+            if opts.register is None:
+                self.note("sip", "not registering: the config names no SIP port")
+            return None
+        if not config.lines:
             self.note("sip", "no lines to register")
-        elif wanted:
-            reg = yield Register(config)
-            if not isinstance(reg, Registered):
-                raise TypeError(f"expected a registration result, got {reg!r}")
-            registration = reg.status
-            self.note("sip", reg.detail)
-            if not reg.ok:
-                return self._done(
-                    Outcome.REGISTRATION_FAILED,
-                    f"REGISTER failed: {reg.detail}",
-                    config=config,
-                    activation=activation,
-                    registration_status=registration,
-                )
-        elif opts.register is None:
-            self.note("sip", "not registering: the config names no SIP port")
-
-        how = "activated and configured" if activation is not None else "configured"
-        return self._done(
-            Outcome.ONBOARDED,
-            f"{me.sep_name} onboarded ({how}, {len(config.lines)} line(s))",
-            config=config,
-            activation=activation,
-            registration_status=registration,
-        )
+            return None
+        reg = yield Register(config)
+        if not isinstance(reg, Registered):
+            raise TypeError(f"expected a registration result, got {reg!r}")
+        self.note("sip", reg.detail)
+        if not reg.ok:
+            return self._done(
+                Outcome.REGISTRATION_FAILED,
+                f"REGISTER failed: {reg.detail}",
+                config=config,
+                activation=activation,
+                registration_status=reg.status,
+            )
+        return reg.status
 
 
 def _size(data: bytes | None) -> str:
@@ -618,200 +533,3 @@ def _status_name(status: int) -> str:
         return ActivateStatus(status).name.lower().replace("_", " ")
     except ValueError:
         return "unknown"
-
-
-# The Twisted driver -----------------------------------------------------------------------
-
-
-def _describe(failure: BaseException) -> str:
-    text = str(failure) or type(failure).__name__
-    if isinstance(failure, defer.TimeoutError | defer.CancelledError):
-        return "timed out"
-    return text.splitlines()[0][:200]
-
-
-class _Fetcher:
-    """Server and transport selection: option-150 order, first that answers is kept."""
-
-    def __init__(
-        self,
-        reactor: Any,
-        servers: Sequence[str],
-        options: BootOptions,
-        http: HttpFetcher,
-    ) -> None:
-        self.reactor = reactor
-        self.options = options
-        self.http = http
-        vias = ("http", "tftp") if options.transport == "auto" else (options.transport,)
-        self.candidates = [(server, via) for server in servers for via in vias]
-        self.current: tuple[str, str] | None = None
-
-    def _port(self, via: str) -> int:
-        return self.options.http_port if via == "http" else self.options.tftp_port
-
-    def _get(self, server: str, via: str, name: str) -> defer.Deferred[bytes | None]:
-        opts = self.options
-        if via == "http":
-            return self.http.fetch(server, opts.http_port, name, timeout=opts.timeout)
-        interval = max(0.05, min(1.0, opts.timeout / (opts.tftp_retries + 1)))
-        return tftp_client.fetch(
-            self.reactor,
-            server,
-            opts.tftp_port,
-            name,
-            blksize=opts.tftp_blksize,
-            timeout=interval,
-            max_retries=opts.tftp_retries,
-        )
-
-    async def fetch(self, name: str) -> Fetched | FetchFailed:
-        order = list(self.candidates)
-        if self.current is not None:
-            order.remove(self.current)
-            order.insert(0, self.current)
-        errors: list[str] = []
-        for server, via in order:
-            try:
-                data = await self._get(server, via, name)
-            except Exception as exc:
-                errors.append(f"{via} {server}:{self._port(via)}: {_describe(exc)}")
-                continue
-            self.current = (server, via)
-            return Fetched(name, data, via, f"{server}:{self._port(via)}")
-        return FetchFailed(name, "; ".join(errors) or "no servers given")
-
-
-async def _activate(
-    reactor: Any, identity: PhoneIdentity, action: Activate, options: BootOptions
-) -> Activated:
-    assert identity.code is not None
-    device = DeviceName(identity.model, identity.mac)
-    context = tvs_client.make_client_context(
-        (identity.mic_cert, identity.mic_key), identity.mic_chain
-    )
-    errors: list[str] = []
-    for member in action.members:
-        where = f"{member.address}:{member.port}"
-        try:
-            response = await tvs_client.activate(
-                reactor,
-                member.address,
-                member.port,
-                device=device,
-                code=identity.code,
-                pinned_der=action.pinned_der,
-                timeout=options.timeout,
-                context=context,
-            )
-        except tvs_client.PinMismatch:
-            return Activated(
-                None,
-                where,
-                f"{where} presented a certificate that is not the ITL's TVS certificate",
-                untrusted=True,
-            )
-        except Exception as exc:
-            errors.append(f"{where}: {_describe(exc)}")
-            continue
-        return Activated(response, where)
-    return Activated(None, "", "no TVS server answered: " + "; ".join(errors))
-
-
-async def _register(
-    reactor: Any, identity: PhoneIdentity, config: DeviceConfig, options: BootOptions
-) -> Registered:
-    from .sip_ua import SipRegistrationError, SipUserAgent
-
-    server = config.sip_server
-    assert server is not None
-    transport = "tls" if config.transport == "tls" else "tcp"  # the UA speaks TCP and TLS
-    port = server.secured_sip_port if transport == "tls" else server.sip_port
-    tls_options = None
-    if transport == "tls":
-        tls_options = tvs_client.make_client_context(
-            (identity.mic_cert, identity.mic_key), identity.mic_chain
-        )
-    ua = SipUserAgent(
-        reactor,
-        server.address,
-        port,
-        transport=transport,
-        device_name=identity.sep_name,
-        mac=identity.mac,
-        model_id=identity.model_id,
-        model=identity.model,
-        lines=[(ln.name, ln.auth_name or ln.name, ln.auth_password) for ln in config.lines],
-        load=config.load or identity.load,
-        response_timeout=options.timeout,
-        tls_options=tls_options,
-    )
-    where = f"{transport}:{server.address}:{port}"
-    try:
-        try:
-            result = await ua.register()
-        except SipRegistrationError as exc:
-            return Registered(False, None, f"REGISTER to {where}: {exc}")
-        dns = ", ".join(f"{ln.dn}={ln.status}" for ln in result.lines)
-        detail = f"REGISTER to {where}: {dns}" + (" (x-cisco-newreg)" if result.newreg else "")
-        if result.ok and options.unregister:
-            await ua.unregister()
-            detail += "; unregistered"
-        return Registered(result.ok, result.status, detail)
-    finally:
-        await ua.close()
-
-
-def boot_phone(
-    reactor: Any,
-    identity: PhoneIdentity,
-    servers: Sequence[str],
-    options: BootOptions | None = None,
-    *,
-    http: HttpFetcher | None = None,
-    emit: Callable[[str], None] | None = None,
-) -> defer.Deferred[BootResult]:
-    """Boot one emulated phone against ``servers`` (option-150 order); never errbacks.
-
-    Pass one shared :class:`HttpFetcher` when booting many phones; without it the phone makes
-    its own and closes it at the end. ``emit`` receives each step line as it happens.
-    """
-    opts = options or BootOptions()
-    own_http = http is None
-    fetcher_http = http if http is not None else HttpFetcher(reactor, connect_timeout=opts.timeout)
-    fetcher = _Fetcher(reactor, servers, opts, fetcher_http)
-    sequence = BootSequence(identity, opts, emit)
-    started = time.monotonic()
-
-    async def run() -> BootResult:
-        step = sequence.start()
-        try:
-            while not isinstance(step, BootResult):
-                feed: Feed
-                if isinstance(step, Fetch):
-                    feed = await fetcher.fetch(step.name)
-                elif isinstance(step, Activate):
-                    feed = await _activate(reactor, identity, step, opts)
-                elif isinstance(step, Sleep):
-                    await defer.Deferred.fromCoroutine(_sleep(reactor, step.seconds))
-                    feed = Slept()
-                else:
-                    feed = await _register(reactor, identity, step.config, opts)
-                step = sequence.feed(feed)
-        except Exception as exc:  # a bug or an unexpected failure: still a result, not a crash
-            sequence.note("fail", f"internal error: {type(exc).__name__}: {exc}")
-            step = BootResult(
-                Outcome.ERROR, f"internal error: {exc}", identity.sep_name, tuple(sequence.steps)
-            )
-        finally:
-            if own_http:
-                await fetcher_http.close()
-        return replace(step, elapsed=time.monotonic() - started)
-
-    return defer.Deferred.fromCoroutine(run())
-
-
-async def _sleep(reactor: Any, seconds: float) -> None:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d

@@ -12,20 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from callboard.protocols.models import normalise_mac
+from callboard.protocols.tvs import labpki
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import defer, task
 
-from .boot import (
-    BootOptions,
-    BootResult,
-    Outcome,
-    PhoneIdentity,
-    PrivateKey,
-    boot_phone,
-    normalise_model,
-)
+from .boot import BootOptions, BootResult, Outcome, PhoneIdentity, PrivateKey, normalise_model
+from .driver import boot_phone
+from .storm import StormReport, read_bat_codes, run_storm, sequential_macs, storm_phones
 
 EXIT_USAGE = 2
 
@@ -100,6 +95,38 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_storm(args: argparse.Namespace) -> int:
+    try:
+        codes = read_bat_codes(Path(args.codes).read_text(encoding="utf-8-sig"), args.model)
+        issuer = labpki.load_issuing_ca(Path(args.lab_ca))
+        count = args.count if args.count is not None else len(codes)
+        if count > len(codes):
+            raise ValueError(f"{args.codes} holds {len(codes)} BAT code(s) for {args.model}")
+        macs = sequential_macs(args.first_mac, count)
+    except (OSError, ValueError, labpki.CertError) as exc:
+        print(f"callboard phone storm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    phones = storm_phones(issuer, args.model, macs, codes)
+    print(f"storm: {len(phones)} phone(s) of model {args.model}, {args.concurrency} in flight")
+    reports: list[StormReport] = []
+
+    def show(result: BootResult) -> None:
+        if not result.ok:
+            print(f"  {result.device_name}: {result.reason}", flush=True)
+
+    async def main(reactor: Any) -> None:
+        report = await run_storm(
+            reactor, phones, args.server, _options(args), concurrency=args.concurrency,
+            on_result=show,
+        )  # fmt: skip
+        reports.append(report)
+
+    _react_exit(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+    report = reports[0]
+    print(report.summary())
+    return 0 if report.onboarded == report.phones else 1
+
+
 def _react_exit(run: Any) -> int:
     """``task.react`` ends with SystemExit; turn that back into a return value."""
     try:
@@ -118,6 +145,13 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     sub = phone.add_subparsers(dest="phone_command", required=True, metavar="COMMAND")
 
+    net = _network_arguments()
+    _add_boot(sub, net)
+    _add_storm(sub, net)
+
+
+def _network_arguments() -> argparse.ArgumentParser:
+    """The options every phone command shares: servers, ports, transport, timing, SIP."""
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument(
         "--server",
@@ -156,7 +190,12 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="send the code to a TVS even without an ITL to pin it (labs only)",
     )
+    return net
 
+
+def _add_boot(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], net: argparse.ArgumentParser
+) -> None:
     p = sub.add_parser(
         "boot",
         parents=[net],
@@ -171,9 +210,24 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--code", help="the 16-digit activation code, as keyed in by a user")
     p.set_defaults(func=cmd_boot)
 
-    from . import storm
 
-    storm.register_cli(sub, net)
+def _add_storm(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], net: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser(
+        "storm",
+        parents=[net],
+        help="boot many phones at once (BAT codes from a CSV)",
+        description="Boot N phones with sequential MACs against BAT codes exported by "
+        "`callboard codes export`, MICs issued from a lab CA; report phones/s.",
+    )
+    p.add_argument("--model", required=True, help="the BAT devices' model, e.g. 8841")
+    p.add_argument("--codes", required=True, help="CSV written by `callboard codes export`")
+    p.add_argument("--lab-ca", required=True, help="directory made by `callboard certs lab-ca`")
+    p.add_argument("--count", type=int, help="how many phones (default: one per code)")
+    p.add_argument("--first-mac", default="0A0000000000", help="first MAC; the rest follow")
+    p.add_argument("--concurrency", type=int, default=64, help="phones booting at once")
+    p.set_defaults(func=cmd_storm)
 
 
 def _checked(fn: Any) -> Any:

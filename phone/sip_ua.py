@@ -1,6 +1,6 @@
 """The emulated phone's SIP user agent: REGISTER like a Cisco phone, keep it fresh, unregister.
 
-The boot sequence (``phone/boot.py``) calls this last, once the phone has its config::
+The boot driver (``phone/driver.py``) calls this last, once the phone has its config::
 
     ua = SipUserAgent(reactor, "127.0.0.1", 5060, transport="tcp",
                       device_name="SEP001122334455", mac="001122334455", model_id="683",
@@ -10,12 +10,23 @@ The boot sequence (``phone/boot.py``) calls this last, once the phone has its co
     await ua.unregister()             # Expires: 0 on every line
     await ua.close()
 
-What it sends mirrors a real CP-8841 (protocol notes §10): User-Agent ``Cisco-CP<model>/<load>``,
-one random-UUID contact user, the ``+sip.instance`` / devicename / model contact parameters,
-``Expires: 3600`` and the Cisco ``Supported`` list. Each line registers on its own Call-ID over
-one TCP (or TLS) connection, in order, as the phone does. Before a binding runs out (the
-contact's granted ``expires`` less ``refresh_delta``) all lines are refreshed; a lost
-connection is re-opened at the next refresh. It reuses the registrar's codec.
+What it sends mirrors TechNote 214535's 7821 on 12.1.1 (protocol notes §10, §16): first the
+out-of-dialog alarm ``REFER`` (``application/x-cisco-alarm+xml``, DeviceTLInfo: the trust lists
+it holds; ``Require: norefersub``, ``Refer-To: cid:…``), not waited for; then the REGISTERs:
+User-Agent ``Cisco-CP<model>/<load>``, ``Session-ID``, ``Date``, one random-UUID contact user
+with the ``+sip.instance`` / devicename / model contact parameters, the long Cisco
+``Supported`` list and ``Expires: 3600``. The first REGISTER after a restart (the first line's,
+its digest retry included) also carries ``Reason: SIP;cause=200;text="cisco-alarm:23 Name=…
+ActiveLoad=… InactiveLoad=… Last=…"`` and the ``multipart/mixed`` body of bulkregisterreq and
+optionsind; refreshes and the other lines do not. Each line registers on its own Call-ID over
+one TCP (or TLS) connection, in order, as the phone does.
+
+From the 200 it reads the contact's granted ``expires``, ``x-cisco-newreg`` (a new
+registration: the server had none from this phone), the ``Expires`` header (CUCM's keep-alive
+interval) and the ``x-cisco-remotecc-response`` body (the options the server took). As SIPCC
+does, it refreshes at the lowest of the granted expiry, that ``Expires`` and its own, less
+``refresh_delta``; a lost connection is re-opened at the next refresh. It reuses the
+registrar's codec.
 """
 
 from __future__ import annotations
@@ -26,6 +37,17 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
+from callboard.protocols.sip.cisco import (
+    ALARM,
+    PHONE_SUPPORTED,
+    REMOTECC_RESPONSE,
+    CiscoBodyError,
+    RemoteccResponse,
+    device_tl_info_alarm,
+    format_reason_alarm,
+    parse_remotecc_response,
+    remotecc_register_body,
+)
 from callboard.protocols.sip.digest import build_authorization, parse_challenge
 from callboard.protocols.sip.message import (
     Headers,
@@ -44,11 +66,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-CISCO_SUPPORTED = (
-    "replaces,join,sdp-anat,norefersub,resource-priority,extended-refer,X-cisco-callinfo,"
-    "X-cisco-serviceuri,X-cisco-escapecodes,X-cisco-service-control,X-cisco-srtp-fallback,"
-    "X-cisco-monrec,X-cisco-config,X-cisco-sis-7.0.0,X-cisco-xsi-8.5.1"
-)
+CISCO_SUPPORTED = PHONE_SUPPORTED
+#: What a 7821 says it accepts, on its REFER (TechNote 214535).
+CISCO_ALLOW = "ACK,BYE,CANCEL,INVITE,NOTIFY,OPTIONS,REFER,REGISTER,UPDATE,SUBSCRIBE"
 
 log = Logger(namespace="callboard.phone.sip_ua")
 
@@ -67,11 +87,13 @@ class LineRegistration:
     keepalive: int | None  # the 200's ``Expires`` header (CUCM's keep-alive interval)
     newreg: bool  # ``x-cisco-newreg`` on our contact
     warning: str | None = None
+    remotecc: RemoteccResponse | None = None  # the 200's optionsind answer, when it had one
 
 
 @dataclass(frozen=True)
 class RegistrationResult:
     lines: tuple[LineRegistration, ...]
+    alarm_status: int | None = None  # the answer to the alarm REFER sent before (202), if any
 
     @property
     def ok(self) -> bool:
@@ -154,6 +176,11 @@ class SipUserAgent:
     retry_interval: float = 30.0
     response_timeout: float = 32.0  # Timer F
     tls_options: Any = None  # an IOpenSSLClientConnectionCreator for transport="tls"
+    inactive_load: str = ""  # the other firmware partition's load ("" = the active one)
+    last_restart: str = "initialized"  # ``Last=`` of the Reason alarm
+    itl_signature: str | None = None  # DeviceTLInfo: hex bytes of the installed ITL's signature
+    itl_tftp_server: str | None = None
+    send_alarm: bool = True  # the DeviceTLInfo REFER before the first REGISTER
 
     def __post_init__(self) -> None:
         if self.transport not in ("tcp", "tls"):
@@ -173,6 +200,10 @@ class SipUserAgent:
         self._proto: _UAProtocol | None = None
         self._refresh: IDelayedCall | None = None
         self._closed = False
+        self._announced = False  # a first REGISTER (Reason, remotecc body) was answered 200
+        self._alarm_sent = False
+        self._alarm: defer.Deferred[Response | None] | None = None  # its answer, awaited later
+        self.session_id = f"{os.urandom(4).hex()}00105000a000{self.mac}"
         self.refreshes = 0
         self.last_result: RegistrationResult | None = None
 
@@ -204,14 +235,20 @@ class SipUserAgent:
     # --- internals ------------------------------------------------------------------------
 
     async def _register_all(self, expires: int) -> RegistrationResult:
+        if self.send_alarm and not self._alarm_sent and expires > 0 and self._lines:
+            self._alarm_sent = True
+            self._alarm = await self._send_alarm()
         results = []
-        for line in self._lines:
-            results.append(await self._register_line(line, expires))
-        result = RegistrationResult(tuple(results))
+        for i, line in enumerate(self._lines):
+            first = i == 0 and expires > 0 and not self._announced
+            results.append(await self._register_line(line, expires, first))
+        result = RegistrationResult(tuple(results), await self._alarm_status())
         self.last_result = result
         if expires > 0 and result.ok and not self._closed:
-            granted = min(r.expires for r in results)
-            self._schedule(max(granted - self.refresh_delta, granted / 2, 1.0))
+            # SIPCC refreshes at the lowest of what it asked, was granted and the keep-alive.
+            interval = min(self.expires, *(r.expires for r in results))
+            interval = min(interval, *(r.keepalive for r in results if r.keepalive))
+            self._schedule(max(interval - self.refresh_delta, interval / 2, 1.0))
         log.info(
             "SIP UA {device} REGISTER expires={expires}: {status}",
             device=self.device_name,
@@ -261,8 +298,8 @@ class SipUserAgent:
         self._proto = proto
         return proto
 
-    async def _register_line(self, line: _Line, expires: int) -> LineRegistration:
-        resp = await self._transact(line, expires, None)
+    async def _register_line(self, line: _Line, expires: int, first: bool) -> LineRegistration:
+        resp = await self._transact(line, expires, None, first)
         if resp.status == 401 and line.password:
             try:
                 challenge = parse_challenge(resp.headers.get_all("www-authenticate"))
@@ -275,7 +312,9 @@ class SipUserAgent:
                 username=line.auth_name,
                 password=line.password,
             )
-            resp = await self._transact(line, expires, auth)
+            resp = await self._transact(line, expires, auth, first)
+        if first and resp.status == 200:
+            self._announced = True
         granted = 0
         newreg = False
         if resp.status == 200 and expires > 0:
@@ -296,30 +335,66 @@ class SipUserAgent:
             int(keepalive) if keepalive and keepalive.strip().isdigit() else None,
             newreg,
             resp.headers.get("warning"),
+            self._remotecc(resp),
         )
+
+    def _remotecc(self, resp: Response) -> RemoteccResponse | None:
+        """The options the server took, from a 200's remotecc body (ignored when unreadable,
+        as the phone would)."""
+        content_type = (resp.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if resp.status != 200 or content_type != REMOTECC_RESPONSE:
+            return None
+        try:
+            return parse_remotecc_response(resp.body)
+        except CiscoBodyError as exc:
+            log.warn("SIP UA: unreadable remotecc response: {why}", why=exc.reason)
+            return None
 
     def _request_uri(self) -> str:
         return f"sip:{self.host}"
 
-    async def _transact(self, line: _Line, expires: int, authorization: str | None) -> Response:
+    async def _transact(
+        self, line: _Line, expires: int, authorization: str | None, first: bool
+    ) -> Response:
         proto = await self._connect()
         assert proto.transport is not None
         local: Any = proto.transport.getHost()
         line.cseq += 1
         if "@" not in line.call_id:  # the Call-ID stays the same for refreshes
             line.call_id = f"{line.call_id}@{local.host}"
-        req = self._build(line, expires, authorization, f"{local.host}:{local.port}")
-        d: defer.Deferred[Response] = defer.Deferred()
-        proto.pending[(line.call_id, line.cseq)] = d
-        d.addTimeout(self.response_timeout, self.reactor)
-        proto.transport.write(req.to_bytes())
+        req = self._build(line, expires, authorization, f"{local.host}:{local.port}", first)
         try:
-            return await d
+            return await self._send(proto, req, line.call_id, line.cseq)
         except defer.TimeoutError:
-            proto.pending.pop((line.call_id, line.cseq), None)
             raise SipRegistrationError("no response to REGISTER") from None
 
-    def _build(self, line: _Line, expires: int, authorization: str | None, local: str) -> Request:
+    def _send(
+        self, proto: _UAProtocol, req: Request, call_id: str, cseq: int
+    ) -> defer.Deferred[Response]:
+        """Write a request; its final response (or a timeout) fires the Deferred."""
+        assert proto.transport is not None
+        d: defer.Deferred[Response] = defer.Deferred()
+        proto.pending[(call_id, cseq)] = d
+
+        def forget(failure: Failure) -> Failure:
+            proto.pending.pop((call_id, cseq), None)
+            return failure
+
+        d.addTimeout(self.response_timeout, self.reactor)
+        d.addErrback(forget)
+        proto.transport.write(req.to_bytes())
+        return d
+
+    def _contact(self, local: str) -> str:
+        return f"<sip:{self.contact_user}@{local};transport={self.transport}>"
+
+    def _common_headers(self, h: Headers) -> None:
+        h.add("Session-ID", f"{self.session_id};remote=" + "0" * 32)
+        h.add("Date", formatdate(usegmt=True))
+
+    def _build(
+        self, line: _Line, expires: int, authorization: str | None, local: str, first: bool
+    ) -> Request:
         t = self.transport.upper()
         h = Headers()
         h.add("Via", f"SIP/2.0/{t} {local};branch=z9hG4bK{os.urandom(4).hex()}")
@@ -327,18 +402,100 @@ class SipUserAgent:
         h.add("To", f"<sip:{line.dn}@{self.host}>")
         h.add("Call-ID", line.call_id)
         h.add("Max-Forwards", "70")
-        h.add("Date", formatdate(usegmt=True))
+        self._common_headers(h)
         h.add("CSeq", f"{line.cseq} REGISTER")
         h.add("User-Agent", f"Cisco-CP{self.model}/{self.load}")
         h.add(
             "Contact",
-            f"<sip:{self.contact_user}@{local};transport={self.transport}>"
-            f';+sip.instance="<urn:uuid:00000000-0000-0000-0000-{self.mac}>"'
+            self._contact(local) + f';+sip.instance="<urn:uuid:00000000-0000-0000-0000-{self.mac}>"'
             f';+u.sip!devicename.ccm.cisco.com="{self.device_name}"'
             f';+u.sip!model.ccm.cisco.com="{self.model_id}"',
         )
         h.add("Supported", CISCO_SUPPORTED)
         if authorization is not None:
             h.add("Authorization", authorization)
+        body = b""
+        if first:
+            h.add(
+                "Reason",
+                format_reason_alarm(
+                    self.device_name,
+                    self.load,
+                    self.inactive_load or self.load,
+                    self.last_restart,
+                ),
+            )
         h.add("Expires", str(expires))
-        return Request("REGISTER", self._request_uri(), h)
+        if first:
+            content_type, body = remotecc_register_body()
+            h.add("Content-Type", content_type)
+            h.add("Mime-Version", "1.0")
+        return Request("REGISTER", self._request_uri(), h, body)
+
+    # --- the alarm REFER ------------------------------------------------------------------
+
+    async def _send_alarm(self) -> defer.Deferred[Response | None] | None:
+        """Send the DeviceTLInfo REFER; its answer is collected after the REGISTERs (the phone
+        does not wait for it either). None when it could not even be sent."""
+        try:
+            proto = await self._connect()
+        except Exception as exc:  # REGISTER will report the connection problem itself
+            log.warn("SIP UA: alarm REFER not sent: {err}", err=exc)
+            return None
+        assert proto.transport is not None
+        local: Any = proto.transport.getHost()
+        req, call_id = self._build_alarm(local.host, f"{local.host}:{local.port}")
+        # A lost answer only leaves the status unknown.
+        return self._send(proto, req, call_id, 1000).addErrback(lambda _: None)
+
+    async def _alarm_status(self) -> int | None:
+        d, self._alarm = self._alarm, None
+        if d is None:
+            return None
+        resp = await d
+        if resp is None:
+            log.warn("SIP UA {device}: no answer to the alarm REFER", device=self.device_name)
+            return None
+        if resp.status != 202:
+            log.warn(
+                "SIP UA {device}: alarm REFER answered {status}",
+                device=self.device_name,
+                status=resp.status,
+            )
+        return resp.status
+
+    def _build_alarm(self, local_host: str, local: str) -> tuple[Request, str]:
+        dn = self._lines[0].dn
+        call_id = f"{self.mac[:8]}-{self.mac[8:]}{os.urandom(2).hex()}-{os.urandom(4).hex()}"
+        call_id += f"@{local_host}"
+        cid = f"{os.urandom(4).hex()}@{local_host}"
+        h = Headers()
+        h.add(
+            "Via", f"SIP/2.0/{self.transport.upper()} {local};branch=z9hG4bK{os.urandom(4).hex()}"
+        )
+        h.add("From", f'"{dn}" <sip:{dn}@{local_host}>;tag={self.mac}{os.urandom(6).hex()}')
+        h.add("To", f"<sip:{self.host}>")
+        h.add("Call-ID", call_id)
+        self._common_headers(h)
+        h.add("CSeq", "1000 REFER")
+        h.add("User-Agent", f"Cisco-CP{self.model}/{self.load}")
+        h.add("Expires", "10")
+        h.add("Max-Forwards", "70")
+        h.add(
+            "Contact",
+            self._contact(local) + f';+u.sip!devicename.ccm.cisco.com="{self.device_name}"',
+        )
+        h.add("Require", "norefersub")
+        h.add("Referred-By", f'"{dn}" <sip:{dn}@{local_host}>')
+        h.add("Refer-To", f"cid:{cid}")
+        h.add("Content-Id", f"<{cid}>")
+        h.add("Allow", CISCO_ALLOW)
+        h.add("Content-Type", ALARM)
+        h.add("Content-Disposition", "session;handling=required")
+        body = device_tl_info_alarm(
+            self.device_name,
+            local_host,
+            itl_signature=self.itl_signature,
+            itl_tftp_server=self.itl_tftp_server,
+        )
+        return Request("REFER", self._request_uri(), h, body), call_id

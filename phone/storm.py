@@ -3,39 +3,26 @@
 After a power cut every phone on a site boots at once; this measures how many the daemon
 onboards per second through the whole path (trust list, XMLDefault, TVS ACTIVATE, own config,
 REGISTER). Codes come from the CSV that ``callboard codes export`` writes; MICs are issued in
-memory from a lab CA directory (``callboard certs lab-ca``), as a factory would.
+memory from a lab CA directory (``callboard certs lab-ca``), as a factory would. The command
+line (``callboard phone storm``) is in :mod:`callboard.phone.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
-import datetime as dt
 import io
 import secrets
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from callboard.protocols.models import normalise_mac
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from callboard.protocols.tvs import labpki
 from twisted.internet import defer
 
-from .boot import (
-    BootOptions,
-    BootResult,
-    PhoneIdentity,
-    PrivateKey,
-    boot_phone,
-    normalise_model,
-)
+from .boot import BootOptions, BootResult, PhoneIdentity, normalise_model
+from .driver import boot_phone
 from .http_client import HttpFetcher
 
 
@@ -140,105 +127,22 @@ def sequential_macs(first: str, count: int) -> list[str]:
     return [f"{start + i:012X}" for i in range(count)]
 
 
-def load_lab_ca(directory: Path) -> tuple[x509.Certificate, PrivateKey]:
-    """``lab-ca.pem`` and ``lab-ca.key`` as written by ``callboard certs lab-ca``."""
-    cert = x509.load_pem_x509_certificate((directory / "lab-ca.pem").read_bytes())
-    key = serialization.load_pem_private_key((directory / "lab-ca.key").read_bytes(), password=None)
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ValueError("the lab CA key must be RSA or EC")
-    return cert, key
-
-
-def issue_lab_mic(
-    ca_cert: x509.Certificate, ca_key: PrivateKey, *, model: str, mac: str
-) -> tuple[x509.Certificate, PrivateKey]:
-    """A lab MIC with the real layout (``CN=CP-<model>-SEP<MAC>``), EC P-256, ten years."""
-    model = normalise_model(model)
-    mac = normalise_mac(mac)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    subject = x509.Name(
-        [
-            x509.NameAttribute(
-                NameOID.SERIAL_NUMBER, f"PID:CP-{model} SN:STORM{secrets.token_hex(3).upper()}"
-            ),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Callboard Lab Phones"),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Lab MIC"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"CP-{model}-SEP{mac}"),
-        ]
+def issue_storm_mic(issuer: labpki.Issuer, *, model: str, mac: str) -> labpki.CertKeyPair:
+    """A lab MIC with the real layout, EC P-256, ten years; serial ``STORM`` + 6 hex digits."""
+    return labpki.issue_mic(
+        issuer, model=model, mac=mac, serial=f"STORM{secrets.token_hex(3).upper()}"
     )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
 
 
-# CLI -----------------------------------------------------------------------------------------
-
-
-def cmd_storm(args: argparse.Namespace) -> int:
-    from twisted.internet import task
-
-    from .cli import _options
-
-    try:
-        codes = read_bat_codes(Path(args.codes).read_text(encoding="utf-8-sig"), args.model)
-        ca_cert, ca_key = load_lab_ca(Path(args.lab_ca))
-        count = args.count if args.count is not None else len(codes)
-        if count > len(codes):
-            raise ValueError(f"{args.codes} holds {len(codes)} BAT code(s) for {args.model}")
-        macs = sequential_macs(args.first_mac, count)
-    except (OSError, ValueError) as exc:
-        print(f"callboard phone storm: {exc}", file=sys.stderr)
-        return 2
+def storm_phones(
+    issuer: labpki.Issuer, model: str, macs: Sequence[str], codes: Sequence[str]
+) -> list[PhoneIdentity]:
+    """One phone per (MAC, code), each with a fresh MIC from ``issuer``."""
     phones = []
     for mac, code in zip(macs, codes, strict=False):
-        cert, key = issue_lab_mic(ca_cert, ca_key, model=args.model, mac=mac)
-        phones.append(
-            PhoneIdentity(mac=mac, model=args.model, mic_cert=cert, mic_key=key, code=code)
+        mic = issue_storm_mic(issuer, model=model, mac=mac)
+        identity = PhoneIdentity(
+            mac=mac, model=model, mic_cert=mic.cert, mic_key=mic.key, code=code
         )
-    print(f"storm: {len(phones)} phone(s) of model {args.model}, {args.concurrency} in flight")
-    reports: list[StormReport] = []
-
-    def show(result: BootResult) -> None:
-        if not result.ok:
-            print(f"  {result.device_name}: {result.reason}", flush=True)
-
-    async def main(reactor: Any) -> None:
-        report = await run_storm(
-            reactor, phones, args.server, _options(args), concurrency=args.concurrency,
-            on_result=show,
-        )  # fmt: skip
-        reports.append(report)
-
-    with contextlib.suppress(SystemExit):  # task.react always exits; we report first
-        task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)), [])
-    report = reports[0]
-    print(report.summary())
-    return 0 if report.onboarded == report.phones else 1
-
-
-def register_cli(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], net: argparse.ArgumentParser
-) -> None:
-    p = sub.add_parser(
-        "storm",
-        parents=[net],
-        help="boot many phones at once (BAT codes from a CSV)",
-        description="Boot N phones with sequential MACs against BAT codes exported by "
-        "`callboard codes export`, MICs issued from a lab CA; report phones/s.",
-    )
-    p.add_argument("--model", required=True, help="the BAT devices' model, e.g. 8841")
-    p.add_argument("--codes", required=True, help="CSV written by `callboard codes export`")
-    p.add_argument("--lab-ca", required=True, help="directory made by `callboard certs lab-ca`")
-    p.add_argument("--count", type=int, help="how many phones (default: one per code)")
-    p.add_argument("--first-mac", default="0A0000000000", help="first MAC; the rest follow")
-    p.add_argument("--concurrency", type=int, default=64, help="phones booting at once")
-    p.set_defaults(func=cmd_storm)
+        phones.append(identity)
+    return phones

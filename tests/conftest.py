@@ -23,8 +23,8 @@ from support.harness import Daemon
 def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
-    def make(*extra: str, state_dir: Path | None = None, socket: Path | None = None) -> Daemon:
-        d = Daemon(state_dir or tmp_path / "state", *extra, socket=socket)
+    def make(*extra: str, state_dir: Path | None = None, **options: Any) -> Daemon:
+        d = Daemon(state_dir or tmp_path / "state", *extra, **options)
         started.append(d)
         return d.start()
 

@@ -31,7 +31,6 @@ from ..registry.model import (
     model_info,
 )
 from ..registry.registry import BulkError, DeviceSpec, Registry
-from ..registry.store import ConditionFailed
 from .csvio import ImportRow, row_to_spec
 
 __all__ = [
@@ -50,6 +49,7 @@ log = get_logger("callboard.admin")
 
 Registrations = Callable[[str], list[dict[str, Any]]]
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 # -- who is asking, and how a refusal looks -------------------------------------------------
@@ -124,7 +124,7 @@ def problem_from(error: BaseException) -> Problem | None:
         return Problem(422, "Invalid rows", str(error), extensions={"problems": rows})
     if isinstance(error, NotFound):
         return Problem.not_found(str(error))
-    if isinstance(error, Conflict | ConditionFailed):
+    if isinstance(error, Conflict):  # Stale too: another writer got there first
         return Problem.conflict(str(error))
     if isinstance(error, RegistryError):
         return Problem.bad_request(str(error))
@@ -267,7 +267,7 @@ class AdminApp:
         """Give a placeholder its MAC, or blank a device's MAC (None) to re-onboard it."""
         old: list[str] = []
 
-        def start() -> Any:
+        def start() -> Deferred[Device]:
             old.append(self._registry.get(name).name)
             return self._registry.set_mac(name, mac)
 
@@ -292,7 +292,7 @@ class AdminApp:
         """Void a device's outstanding code; the view does not show the digits."""
         device: list[Device] = []
 
-        def start() -> Any:
+        def start() -> Deferred[ActivationCode]:
             device.append(self._registry.get(name))
             return self._registry.release_code(name)
 
@@ -315,12 +315,12 @@ class AdminApp:
     def set_default(
         self, actor: Actor, model: str, onboarding: Onboarding
     ) -> Deferred[DefaultView]:
-        def start() -> Any:
+        resolved: list[str] = []  # the model's canonical name, once known
+
+        def start() -> Deferred[None]:
             info = model_info(model)
             resolved.append(info.name)
             return self._registry.set_default(info.name, onboarding)
-
-        resolved: list[str] = []
 
         def audit(_: object) -> DefaultView:
             self._audit(actor, "defaults.set", model=model, onboarding=onboarding.value)
@@ -333,17 +333,19 @@ class AdminApp:
     def _change(
         self,
         actor: Actor,
-        start: Callable[[], Any],
-        done: Callable[[Any], T],
+        start: Callable[[], Deferred[R]],
+        done: Callable[[R], T],
     ) -> Deferred[T]:
         """Check the actor may change things, run the registry call, audit on success."""
         try:
             _require_admin(actor, "change the registry")
         except Problem as exc:
             return fail(exc)
-        d: Deferred[Any] = maybeDeferred(start)
-        d.addErrback(_as_problem)
-        return d.addCallback(done)
+        try:
+            d = start()
+        except RegistryError as exc:
+            d = fail(exc)
+        return d.addCallbacks(done, _as_problem)
 
     def _import(self, rows: Sequence[ImportRow], dummy_mac: bool) -> Deferred[list[Device]]:
         specs: list[DeviceSpec] = []

@@ -5,9 +5,10 @@ only as SHA-256 digests (a token is 256 random bits, so a fast hash is enough an
 request be authenticated with one dictionary look-up). Hashing a password costs tens of
 milliseconds and 64 MiB, so it always runs on a worker thread, never on the reactor.
 
-The tables live in the registry's SQLite file (created by the store's migrations) but are
-read and written through a connection of their own: writes run one at a time on a worker
-thread, memory is updated only after the commit, so reads stay in-memory and never wait.
+The tables live in the registry's SQLite file (created by the store's migrations) and are
+written through the store's own writer (:meth:`SQLiteStore.transaction`): one connection, one
+writer thread, ``synchronous=FULL``, in order with the registry's writes. Memory is updated only
+after the commit, so reads stay in memory and never wait.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from .model import RegistryError
@@ -118,28 +118,33 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class Transactions(Protocol):
+    """What the accounts need of the registry's store (:class:`SQLiteStore` has both)."""
+
+    def transaction(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]: ...
+
+    def read(self, work: Callable[[sqlite3.Connection], T]) -> T: ...
+
+
 class AccountStore:
     """Users and tokens in memory, written through to their SQLite tables off the reactor."""
 
-    def __init__(self, path: Path, clock: Clock, reactor: Any) -> None:
+    def __init__(self, store: Transactions, clock: Clock, reactor: Any) -> None:
+        self._store = store
         self._clock = clock
         self._reactor = reactor
-        self._lock = DeferredLock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
         self.users: dict[str, User] = {}
         self.tokens: dict[str, ApiToken] = {}
         self._by_digest: dict[str, str] = {}
-        self._load()
+        store.read(self._load)
 
-    def _load(self) -> None:
-        for r in self._db.execute(
+    def _load(self, db: sqlite3.Connection) -> None:
+        for r in db.execute(
             "SELECT name, display_name, email, is_admin, password_hash, created_at, updated_at"
             " FROM users"
         ):
             self.users[r[0]] = User(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6])
-        for r in self._db.execute(
+        for r in db.execute(
             "SELECT name, token_sha256, read_only, user_name, created_by, created_at"
             " FROM api_tokens"
         ):
@@ -231,25 +236,12 @@ class AccountStore:
             self._by_digest.pop(token.token_sha256, None)
 
     def _write(self, statements: Callable[[sqlite3.Connection], None]) -> Deferred[None]:
-        db = self._db
-
-        def transaction() -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                statements(db)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-
-        return self._lock.run(self.in_thread, transaction)
+        """One transaction on the store's writer thread; durable when the Deferred fires."""
+        return self._store.transaction(statements)
 
     def in_thread(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run blocking work (SQLite, Argon2) on the reactor's thread pool."""
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
-
-    def close(self) -> None:
-        self._db.close()
 
 
 def updated_user(user: User, now: float, **changes: Any) -> User:

@@ -32,6 +32,11 @@ class Conflict(RegistryError):
     """The change would break a uniqueness rule (MAC, device name, directory number)."""
 
 
+class Stale(Conflict):
+    """The stored rows changed since they were read (another writer got there first);
+    nothing was written."""
+
+
 def model_info(name: str) -> ModelInfo:
     """Look a model up by name, accepting ``CP-8841`` and ``Cisco 8841`` spellings."""
     try:

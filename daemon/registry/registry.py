@@ -1,22 +1,36 @@
 """The device registry: the one place that changes device and code state.
 
-Reads come from memory. Every change is first written through the :class:`Store` as one
-transaction and only then applied to memory from the very same change list, so memory
-never runs ahead of the disk and a failed write leaves both untouched. Listeners hear of
-each device change afterwards (the registrar drops bindings, the file service re-renders).
+Reads come from memory. Every change is planned from memory, then written through the
+:class:`Store` as one conditional transaction (each row as it was read: a device's version, a
+code still issued, unexpired and with the digits given), and only once that commit is durable
+is memory updated from the very same change list. Memory never runs ahead of the disk; a write
+whose condition fails leaves both untouched and the caller gets a refusal.
+
+Other writers (processes sharing the file) reach this view through the store's change feed:
+:meth:`Registry.refresh` re-reads what they changed. Listeners hear of each device change,
+whoever made it (the registrar drops bindings, the file service re-renders).
+
+Writes return Deferreds and never block the reactor.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import ParamSpec, TypeVar
 
 from callboard.protocols.models import MODELS
+from callboard.protocols.settings import check_range
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 
+from ..logs import get_logger
 from .model import (
     ActivationCode,
     CodeState,
@@ -27,6 +41,7 @@ from .model import (
     NotFound,
     Onboarding,
     RegistryError,
+    Stale,
     check_directory_number,
     model_info,
     new_bat_name,
@@ -35,16 +50,40 @@ from .model import (
     normalise_mac,
     sep_name,
 )
-from .store import Change, DeleteDevice, PutCode, PutDefault, PutDevice, Store
+from .store import (
+    ABSENT,
+    Change,
+    CodeExpectation,
+    Committed,
+    ConditionFailed,
+    DeleteDevice,
+    FeedBatch,
+    PutCode,
+    PutDefault,
+    PutDevice,
+    Store,
+)
+
+log = get_logger("callboard.registry")
 
 Clock = Callable[[], float]
 DeviceListener = Callable[[Device | None, Device | None], None]
+Event = tuple[Device | None, Device | None]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
 class RegistrySettings:
+    """The registry's rules; also the [registry] configuration section."""
+
     code_ttl_hours: float = 168.0
     unique_directory_numbers: bool = False
+    feed_interval: float = 1.0  # seconds between change-feed polls (other writers' changes)
+
+    def validate(self) -> None:
+        check_range("code_ttl_hours", self.code_ttl_hours, 0.01, 24 * 3650)
+        check_range("feed_interval", self.feed_interval, 0.01, 3600)
 
 
 @dataclass(frozen=True)
@@ -77,6 +116,27 @@ class BulkError(RegistryError):
         super().__init__(f"{len(problems)} bad row(s); nothing was imported")
 
 
+def _fan_out(result: int | Failure, waiters: list[Deferred[int]]) -> None:
+    for waiter in waiters:
+        if isinstance(result, Failure):
+            waiter.errback(result)
+        else:
+            waiter.callback(result)
+
+
+def _refusals_as_failures(method: Callable[P, Deferred[R]]) -> Callable[P, Deferred[R]]:
+    """A refusal found while planning fails the Deferred instead of raising at the caller."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Deferred[R]:
+        try:
+            return method(*args, **kwargs)
+        except RegistryError as exc:
+            return fail(exc)
+
+    return wrapper
+
+
 class Registry:
     def __init__(
         self, store: Store, clock: Clock, settings: RegistrySettings | None = None
@@ -94,7 +154,13 @@ class Registry:
         self._dn_owners: dict[str, set[str]] = {}
         self._defaults: dict[str, Onboarding] = {}
         self.defaults_version = 0  # bumped on every change of a model's default
+        # Names and directory numbers claimed by writes still on their way to the disk.
+        self._pending_names: Counter[str] = Counter()
+        self._pending_dns: Counter[str] = Counter()
+        self._refreshing = False
+        self._refresh_waiters: list[Deferred[int]] = []
         snapshot = store.load()
+        self._seq = snapshot.seq
         self._remember(
             [PutDevice(d) for d in snapshot.devices]
             + [PutCode(c) for c in sorted(snapshot.codes, key=lambda c: c.issued_at)]
@@ -147,36 +213,54 @@ class Registry:
         """Every supported model's onboarding method (activation code unless changed)."""
         return {name: self.onboarding(name) for name in MODELS}
 
+    def directory_number_in_use(self, dn: str) -> bool:
+        """Whether a device has the number, or a write still in flight claims it."""
+        return bool(self._dn_owners.get(dn)) or self._pending_dns[dn] > 0
+
     def now(self) -> float:
         return self._clock()
 
+    @property
+    def seq(self) -> int:
+        """The change-feed position this view has caught up with."""
+        return self._seq
+
     # -- admin changes -----------------------------------------------------------------
 
-    def add_device(self, spec: DeviceSpec) -> Device:
-        try:
-            return self.add_devices([spec])[0]
-        except BulkError as exc:
-            raise exc.errors[0][1] from None
+    def add_device(self, spec: DeviceSpec) -> Deferred[Device]:
+        def single(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, BulkError):
+                return Failure(error.errors[0][1])
+            return failure
 
-    def add_devices(self, specs: Sequence[DeviceSpec], *, dry_run: bool = False) -> list[Device]:
+        d = self.add_devices([spec])
+        d.addErrback(single)
+        return d.addCallback(lambda created: created[0])
+
+    @_refusals_as_failures
+    def add_devices(
+        self, specs: Sequence[DeviceSpec], *, dry_run: bool = False
+    ) -> Deferred[list[Device]]:
         """Insert devices in one transaction: all of them, or none and a :class:`BulkError`.
 
         ``dry_run`` checks every spec against the registry and each other, writing nothing.
         """
         now = self._clock()
         problems: list[tuple[int, RegistryError]] = []
-        changes: list[Change] = []
         created: list[Device] = []
         claimed_names: set[str] = set()
         claimed_dns: set[str] = set()
         for index, spec in enumerate(specs):
             try:
                 device = self._new_device(spec, now)
-                if device.name in claimed_names or device.name in self._by_name:
+                if device.name in claimed_names or self._name_taken(device.name):
                     raise Conflict(f"a device for MAC {device.mac} already exists")
                 dns = {ln.directory_number for ln in device.lines}
                 if self.settings.unique_directory_numbers:
-                    taken = sorted(dn for dn in dns if dn in claimed_dns or self._dn_owners.get(dn))
+                    taken = sorted(
+                        dn for dn in dns if dn in claimed_dns or self.directory_number_in_use(dn)
+                    )
                     if taken:
                         raise Conflict(f"directory number {taken[0]} is already in use")
             except RegistryError as exc:
@@ -185,16 +269,18 @@ class Registry:
             claimed_names.add(device.name)
             claimed_dns |= dns
             created.append(device)
-            changes.append(PutDevice(device))
-            if device.requires_activation:
-                changes.append(PutCode(self._issue(device, now)))
         if problems:
             raise BulkError(problems)
-        if not dry_run:
-            self._commit(changes)
-        return created
+        if dry_run:
+            return succeed(created)
+        # All devices, then all codes: each run is one batched statement in the store.
+        changes: list[Change] = [PutDevice(d, expect_version=ABSENT) for d in created]
+        changes += [PutCode(self._issue(d, now)) for d in created if d.requires_activation]
+        d = self._commit(changes, names=claimed_names, dns=claimed_dns)
+        return d.addCallback(lambda _: created)
 
-    def set_mac(self, name: str, mac: str | None) -> Device:
+    @_refusals_as_failures
+    def set_mac(self, name: str, mac: str | None) -> Deferred[Device]:
         """Give a device its real MAC (BAT→SEP) or blank it (SEP→new BAT).
 
         Blanking the MAC of a device that requires activation puts it back to awaiting
@@ -205,7 +291,7 @@ class Registry:
         changes: list[Change] = []
         if mac is None:
             if device.is_placeholder:
-                return device
+                return succeed(device)
             new = device.changed(now, name=self._unused_bat_name())
             if new.requires_activation:
                 new = replace(new, state=DeviceState.AWAITING_ACTIVATION, activated_at=None)
@@ -214,26 +300,32 @@ class Registry:
         else:
             target = sep_name(mac)
             if target == device.name:
-                return device
-            if target in self._by_name:
+                return succeed(device)
+            if self._name_taken(target):
                 raise Conflict(f"MAC {mac} already belongs to {target}")
             new = device.changed(now, name=target)
-        self._commit([PutDevice(new), *changes])
-        return new
+        d = self._commit(
+            [PutDevice(new, expect_version=device.version), *changes], names={new.name}
+        )
+        return d.addCallback(lambda _: new)
 
-    def set_requires_activation(self, name: str, required: bool) -> Device:
+    @_refusals_as_failures
+    def set_requires_activation(self, name: str, required: bool) -> Deferred[Device]:
         device = self.get(name)
         if required:
-            return self.generate_code(name)[0]
+            return self.generate_code(name).addCallback(lambda issued: issued[0])
         if not device.requires_activation:
-            return device
+            return succeed(device)
         now = self._clock()
         state = DeviceState.ACTIVE if device.activated_at else DeviceState.PROVISIONED
         new = device.changed(now, requires_activation=False, state=state)
-        self._commit([PutDevice(new), *self._void_code(new, now)])
-        return new
+        d = self._commit(
+            [PutDevice(new, expect_version=device.version), *self._void_code(new, now)]
+        )
+        return d.addCallback(lambda _: new)
 
-    def generate_code(self, name: str) -> tuple[Device, ActivationCode]:
+    @_refusals_as_failures
+    def generate_code(self, name: str) -> Deferred[tuple[Device, ActivationCode]]:
         """Issue a new code, voiding the old one; the device must then (re-)activate.
 
         On an active device this is CUCM's re-onboarding: it goes back to awaiting
@@ -247,37 +339,48 @@ class Registry:
             state=DeviceState.AWAITING_ACTIVATION,
         )
         code = self._issue(new, now)
-        self._commit([PutDevice(new), *self._void_code(new, now), PutCode(code)])
-        return new, code
+        d = self._commit(
+            [
+                PutDevice(new, expect_version=device.version),
+                *self._void_code(new, now),
+                PutCode(code),
+            ]
+        )
+        return d.addCallback(lambda _: (new, code))
 
-    def release_code(self, name: str) -> ActivationCode:
+    @_refusals_as_failures
+    def release_code(self, name: str) -> Deferred[ActivationCode]:
         """Void a device's outstanding code (CUCM's "Release Activation Code")."""
         device = self.get(name)
         now = self._clock()
         changes = self._void_code(device, now)
         if not changes:
             raise NotFound(f"{device.name} has no outstanding activation code")
-        self._commit(changes)
         released = changes[0]
         assert isinstance(released, PutCode)
-        return released.code
+        return self._commit(changes).addCallback(lambda _: released.code)
 
-    def delete(self, name: str) -> Device:
+    @_refusals_as_failures
+    def delete(self, name: str) -> Deferred[Device]:
         device = self.get(name)
-        self._commit([DeleteDevice(device.id)])
-        return device
+        d = self._commit([DeleteDevice(device.id, expect_version=device.version)])
+        return d.addCallback(lambda _: device)
 
-    def set_default(self, model: str, onboarding: Onboarding) -> None:
-        self._commit([PutDefault(model_info(model).name, onboarding)])
+    @_refusals_as_failures
+    def set_default(self, model: str, onboarding: Onboarding) -> Deferred[None]:
+        d = self._commit([PutDefault(model_info(model).name, onboarding)])
+        return d.addCallback(lambda _: None)
 
     # -- phone-driven changes ------------------------------------------------------------
 
-    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Redeemed:
+    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Deferred[Redeemed]:
         """Redeem a code for a phone proven (by its MIC) to have ``mac`` and ``model``.
 
-        All checks and the write happen here in one step: the code becomes used, a BAT
-        record becomes SEP<mac>, the device becomes active, and the MIC fingerprint is
-        recorded, durably, before this returns.
+        The checks run on memory; the write is a compare-and-set in the store (the code still
+        issued, unexpired and with these digits; the device at the version read). The code
+        becomes used, a BAT record becomes SEP<mac>, the device becomes active with the MIC
+        fingerprint recorded, and the Deferred fires once that is durable. A refusal decided
+        from memory fires at once (no store round trip for a wrong guess).
         """
         now = self._clock()
         try:
@@ -285,26 +388,28 @@ class Registry:
             mac = normalise_mac(mac)
             phone_model = model_info(model).name
         except RegistryError as exc:
-            return Redeemed(False, str(exc))
+            return succeed(Redeemed(False, str(exc)))
         code_id = self._code_index.get(self._index_digest(digits))
         stored = self._codes.get(code_id) if code_id else None
         if stored is None or not hmac.compare_digest(stored.code, digits):
-            return Redeemed(False, "unknown activation code")
+            return succeed(Redeemed(False, "unknown activation code"))
         state = stored.effective_state(now)
         if state is not CodeState.ISSUED:
-            return Redeemed(False, f"activation code is {state.value}")
+            return succeed(Redeemed(False, f"activation code is {state.value}"))
         device = self._devices[stored.device_id]
         if device.is_placeholder:
             if device.model != phone_model:
-                return Redeemed(False, f"code is bound to model {device.model}")
+                return succeed(Redeemed(False, f"code is bound to model {device.model}"))
             target = "SEP" + mac
-            if target in self._by_name:
-                return Redeemed(False, f"MAC {mac} already belongs to another device")
+            if self._name_taken(target):
+                return succeed(Redeemed(False, f"MAC {mac} already belongs to another device"))
         else:
             if device.mac != mac:
-                return Redeemed(False, f"code is bound to another MAC ({device.name})")
+                return succeed(Redeemed(False, f"code is bound to another MAC ({device.name})"))
             if device.model != phone_model:
-                return Redeemed(False, f"{device.name} is provisioned as model {device.model}")
+                return succeed(
+                    Redeemed(False, f"{device.name} is provisioned as model {device.model}")
+                )
             target = device.name
         new = device.changed(
             now,
@@ -314,23 +419,104 @@ class Registry:
             mic_sha256=mic_sha256,
         )
         used = replace(stored, state=CodeState.USED, used_at=now)
-        self._commit([PutDevice(new), PutCode(used)])
-        return Redeemed(True, "activated", new)
+        # The code's condition first, so a lost race reads "activation code is used".
+        changes: list[Change] = [
+            PutCode(used, CodeExpectation(CodeState.ISSUED, digits=digits, live_at=now)),
+            PutDevice(new, expect_version=device.version),
+        ]
+        d = self._commit(changes, names={target} if target != device.name else ())
 
-    def autoregister(self, *, mac: str, model: str, line: Line) -> Device:
+        def refused(failure: Failure) -> Redeemed:
+            if isinstance(failure.value, Stale):
+                return Redeemed(False, str(failure.value))
+            failure.raiseException()
+            raise AssertionError("unreachable")
+
+        return d.addCallbacks(lambda _: Redeemed(True, "activated", new), refused)
+
+    @_refusals_as_failures
+    def autoregister(self, *, mac: str, model: str, line: Line) -> Deferred[Device]:
         """Create an active SEP record for an unknown phone (CUCM auto-registration)."""
         now = self._clock()
         device = self._new_device(
             DeviceSpec(model=model, mac=mac, lines=(line,), requires_activation=False), now
         )
-        if device.name in self._by_name:
+        if self._name_taken(device.name):
             raise Conflict(f"a device for MAC {device.mac} already exists")
         device = replace(device, state=DeviceState.ACTIVE, activated_at=now)
-        self._commit([PutDevice(device)])
-        return device
+        d = self._commit(
+            [PutDevice(device, expect_version=ABSENT)],
+            names={device.name},
+            dns={line.directory_number},
+        )
+        return d.addCallback(lambda _: device)
 
-    def directory_number_in_use(self, dn: str) -> bool:
-        return bool(self._dn_owners.get(dn))
+    # -- other writers ---------------------------------------------------------------------
+
+    def refresh(self) -> Deferred[int]:
+        """Catch up with the change feed: apply what other writers committed.
+
+        Fires with the number of rows that changed this view. Called periodically (and
+        after a lost race); a call while one is running waits and then reads again.
+        """
+        if self._refreshing:
+            waiter: Deferred[int] = Deferred()
+            self._refresh_waiters.append(waiter)
+            return waiter
+        self._refreshing = True
+
+        def done(result: int | Failure) -> int | Failure:
+            self._refreshing = False
+            waiters, self._refresh_waiters = self._refresh_waiters, []
+            if waiters:  # they asked while this read was running: read once more for them
+                self.refresh().addBoth(_fan_out, waiters)
+            return result
+
+        d = self._store.changes_since(self._seq).addCallback(self._apply_feed)
+        return d.addBoth(done)
+
+    def follow(self) -> Deferred[None]:
+        """One poll of the change feed for a timer: a failure is logged, never raised, so
+        the next poll simply tries again."""
+
+        def failed(failure: Failure) -> None:
+            log.error("change feed read failed", error=str(failure.value))
+
+        return self.refresh().addCallbacks(lambda _: None, failed)
+
+    def _catch_up(self) -> None:
+        self.follow()
+
+    def _apply_feed(self, batch: FeedBatch) -> int:
+        """Merge rows as other writers left them; skip what this view already holds."""
+        applied = 0
+        events: list[Event] = []
+        for device in batch.devices:
+            if self._devices.get(device.id) != device:
+                events += self._remember([PutDevice(device)])
+                applied += 1
+        for device_id in batch.deleted_devices:
+            if device_id in self._devices:
+                events += self._remember([DeleteDevice(device_id)])
+                applied += 1
+        for code in sorted(batch.codes, key=lambda c: c.issued_at):
+            if self._is_news(code):
+                self._remember([PutCode(code)])
+                applied += 1
+        for model, onboarding in batch.defaults.items():
+            if self._defaults.get(model) != onboarding:
+                self._remember([PutDefault(model, onboarding)])
+                applied += 1
+        self._seq = max(self._seq, batch.seq)
+        self._publish(events)
+        return applied
+
+    def _is_news(self, code: ActivationCode) -> bool:
+        """A fed code changes the view unless it is already held or older than the current."""
+        if code.device_id not in self._devices or self._codes.get(code.id) == code:
+            return False
+        current = self._codes.get(self._code_of_device.get(code.device_id, ""))
+        return current is None or current.id == code.id or current.issued_at <= code.issued_at
 
     # -- internals -----------------------------------------------------------------------
 
@@ -366,10 +552,13 @@ class Registry:
             updated_at=now,
         )
 
+    def _name_taken(self, name: str) -> bool:
+        return name in self._by_name or self._pending_names[name] > 0
+
     def _unused_bat_name(self) -> str:
         while True:
             name = new_bat_name()
-            if name not in self._by_name:
+            if not self._name_taken(name):
                 return name
 
     def _issue(self, device: Device, now: float) -> ActivationCode:
@@ -389,21 +578,64 @@ class Registry:
         code = self.current_code(device)
         if code is None or not code.is_outstanding(now):
             return []
-        return [PutCode(replace(code, state=CodeState.RELEASED))]
+        return [PutCode(replace(code, state=CodeState.RELEASED), CodeExpectation())]
 
     def _index_digest(self, digits: str) -> bytes:
         return hmac.new(self._index_key, digits.encode(), hashlib.sha256).digest()
 
-    def _commit(self, changes: list[Change]) -> None:
-        self._store.apply(changes)
-        events = self._remember(changes)
+    def _commit(
+        self,
+        changes: list[Change],
+        *,
+        names: Collection[str] = (),
+        dns: Collection[str] = (),
+    ) -> Deferred[None]:
+        """Write through the store; on a durable commit apply it to memory and tell listeners.
+
+        ``names`` and ``dns`` are claimed until the store answers, so that concurrent writes
+        in this process do not both take them. A failed condition becomes :class:`Stale`.
+        """
+        self._pending_names.update(names)
+        self._pending_dns.update(dns)
+
+        def release() -> None:
+            self._pending_names.subtract(names)
+            self._pending_dns.subtract(dns)
+            for counter, keys in ((self._pending_names, names), (self._pending_dns, dns)):
+                for key in keys:
+                    if counter[key] <= 0:
+                        del counter[key]
+
+        def committed(result: Committed) -> None:
+            release()
+            if result.first_seq == self._seq + 1:
+                # Nothing of another writer's lies between: the cursor moves past our own
+                # rows (the feed leaves them out either way, so nothing is applied twice).
+                self._seq = result.seq
+            self._publish(self._remember(result.changes))
+
+        def refused(failure: Failure) -> Failure:
+            release()
+            if isinstance(failure.value, ConditionFailed):
+                self._catch_up()  # another writer got there first: read what it did
+                return Failure(Stale(str(failure.value)))
+            return failure
+
+        d = self._store.apply(changes)
+        return d.addCallbacks(committed, refused)
+
+    def _publish(self, events: list[Event]) -> None:
         for old, new in events:
             for listener in self._listeners:
-                listener(old, new)
+                try:
+                    listener(old, new)
+                except Exception:
+                    # The change is durable already; one broken listener must not undo it.
+                    log.exception("registry listener failed", listener=repr(listener))
 
-    def _remember(self, changes: Iterable[Change]) -> list[tuple[Device | None, Device | None]]:
+    def _remember(self, changes: Iterable[Change]) -> list[Event]:
         """Apply already-stored changes to memory; return (old, new) device pairs."""
-        events: list[tuple[Device | None, Device | None]] = []
+        events: list[Event] = []
         for change in changes:
             if isinstance(change, PutDevice):
                 new = change.device

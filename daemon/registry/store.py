@@ -1,25 +1,47 @@
-"""Durable storage behind the registry.
+"""Durable storage behind the registry: asynchronous, conditional, with a change feed.
 
 The registry keeps everything in memory for reads and hands each change to a :class:`Store`
-as one transaction of puts and deletes. The store interface is small so that a PostgreSQL
-store can be added without touching callers. The SQLite store runs in WAL mode with
-``synchronous=FULL``: a transaction has reached the disk when :meth:`Store.apply` returns,
-so a security change (code issued or used, a rename) is durable before it is acknowledged.
+as one transaction of puts and deletes. The interface is small so that a PostgreSQL store can
+be added without touching callers:
+
+- :meth:`Store.apply` returns a Deferred that fires once the transaction is durable. A change
+  may carry a condition on the row as it was read (a device's version, a code's state, digits
+  and expiry); when one fails nothing is written and the Deferred fails with
+  :class:`ConditionFailed`. PostgreSQL would run the same as ``UPDATE … WHERE … RETURNING``.
+- :meth:`Store.changes_since` is the change feed: what *other* writers (processes, nodes)
+  committed after a position, re-read as the rows stand now. SQLite keeps a ``changes`` table
+  written in the same transaction; PostgreSQL would use ``LISTEN/NOTIFY`` to wake the reader.
+
+:class:`SQLiteStore` runs every statement on one store thread (never the reactor) in WAL mode
+with ``synchronous=FULL``, so a commit has reached the disk when its Deferred fires. Feed reads
+share that thread: the reactor receives commits and feed batches in database order, which keeps
+the registry's view monotonic without per-row bookkeeping.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import sqlite3
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
 
 from .model import ActivationCode, CodeState, Device, DeviceState, Line, Onboarding
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+T = TypeVar("T")
+
+# -- what is stored, and what changes --------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -27,21 +49,53 @@ class Snapshot:
     devices: list[Device] = field(default_factory=list)
     codes: list[ActivationCode] = field(default_factory=list)
     defaults: dict[str, Onboarding] = field(default_factory=dict)
+    seq: int = 0  # the change-feed position this snapshot reflects
+
+
+ABSENT = 0
+"""``expect_version`` for a device that must not exist yet (versions start at 1)."""
 
 
 @dataclass(frozen=True)
 class PutDevice:
+    """Insert or update a device row.
+
+    ``expect_version``: None writes whatever is stored; :data:`ABSENT` inserts a new row
+    (refused if its id or name exists); a number updates only the row still at that version
+    (every change bumps it, so the version stands for name, state and everything else).
+    """
+
     device: Device
+    expect_version: int | None = None
 
 
 @dataclass(frozen=True)
 class DeleteDevice:
+    """Delete a device and its codes (only the row still at ``expect_version``, if given)."""
+
     device_id: str
+    expect_version: int | None = None
+
+
+@dataclass(frozen=True)
+class CodeExpectation:
+    """What a code row must hold for a :class:`PutCode` to apply (a compare-and-set).
+
+    A redemption expects ``state`` issued, the digits the phone sent, and ``expires_at``
+    later than ``live_at`` (the time of the attempt); voiding a code expects it issued.
+    """
+
+    state: CodeState = CodeState.ISSUED
+    digits: str | None = field(default=None, repr=False)
+    live_at: float | None = None
 
 
 @dataclass(frozen=True)
 class PutCode:
+    """Insert a code (``expect`` None) or update the row only if it meets ``expect``."""
+
     code: ActivationCode
+    expect: CodeExpectation | None = None
 
 
 @dataclass(frozen=True)
@@ -53,14 +107,58 @@ class PutDefault:
 Change = PutDevice | DeleteDevice | PutCode | PutDefault
 
 
-class Store(Protocol):
-    def load(self) -> Snapshot: ...
+@dataclass(frozen=True)
+class Committed:
+    """A durable transaction: its changes, exactly as written, and its feed positions."""
 
-    def apply(self, changes: Sequence[Change]) -> None:
-        """Write all changes in one durable transaction, or none of them (raising)."""
+    changes: tuple[Change, ...]
+    first_seq: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class FeedBatch:
+    """Other writers' changes after a feed position, as the rows stand at ``seq``."""
+
+    seq: int  # ask from here next time
+    devices: list[Device] = field(default_factory=list)
+    deleted_devices: list[str] = field(default_factory=list)
+    codes: list[ActivationCode] = field(default_factory=list)
+    defaults: dict[str, Onboarding] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.devices or self.deleted_devices or self.codes or self.defaults)
+
+
+class ConditionFailed(Exception):
+    """A conditional write found the stored rows other than expected; nothing was written.
+
+    The message says why in words safe for an admin or a log (never a code).
+    """
+
+
+class StoreError(Exception):
+    """The database cannot be opened or is newer than this program."""
+
+
+class Store(Protocol):
+    def load(self) -> Snapshot:
+        """Everything, at start-up (it blocks: call it before serving)."""
         ...
 
-    def close(self) -> None: ...
+    def apply(self, changes: Sequence[Change]) -> Deferred[Committed]:
+        """Write all changes in one durable transaction, or none of them (the Deferred fails;
+        with :class:`ConditionFailed` when a change's condition does not hold)."""
+        ...
+
+    def changes_since(self, seq: int) -> Deferred[FeedBatch]:
+        """Rows other writers changed after ``seq`` (this store's own commits left out)."""
+        ...
+
+    def close(self) -> Deferred[None]: ...
+
+
+# -- schema and migrations -------------------------------------------------------------------
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
@@ -114,8 +212,26 @@ def _v1_to_v2(db: sqlite3.Connection) -> None:
     )
 
 
-def _v2_to_v3_accounts(db: sqlite3.Connection) -> None:
-    """Version 3 adds web users (Argon2id hashes only) and API tokens (SHA-256 only).
+def _v2_to_v3(db: sqlite3.Connection) -> None:
+    """Version 3 adds the change feed: one row per changed key, in the writing transaction.
+
+    ``kind`` is ``device``, ``code`` or ``default``; ``key`` the row's id (or model). Other
+    processes follow ``seq`` and re-read the rows it names.
+    """
+    _run_script(
+        db,
+        """
+        CREATE TABLE changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL
+        )
+        """,
+    )
+
+
+def _v3_to_v4_accounts(db: sqlite3.Connection) -> None:
+    """Version 4 adds web users (Argon2id hashes only) and API tokens (SHA-256 only).
 
     Read and written by :mod:`callboard.daemon.registry.accounts`, not by this store.
     """
@@ -146,156 +262,509 @@ def _v2_to_v3_accounts(db: sqlite3.Connection) -> None:
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v0_to_v1,
     _v1_to_v2,
-    _v2_to_v3_accounts,
+    _v2_to_v3,
+    _v3_to_v4_accounts,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
-class StoreError(Exception):
-    """The database cannot be opened or is newer than this program."""
+# -- the store thread ------------------------------------------------------------------------
 
 
-class ConditionFailed(Exception):
-    """A conditional write found the stored rows other than expected; nothing was written.
+class _StoreThread:
+    """One thread draining a queue of jobs in order; results come back on the reactor.
 
-    The message says why in words safe for an admin or a log (never a code).
+    A queue rather than a thread pool so that a later group commit can take several waiting
+    writes into one transaction.
     """
+
+    def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
+        self._reactor = reactor
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        # A daemon thread: a write still queued at a hard exit was never acknowledged.
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def submit(self, work: Callable[[], T]) -> Deferred[T]:
+        """Run ``work`` on the store thread; the Deferred fires on the reactor thread."""
+        d: Deferred[T] = Deferred()
+        call = self._reactor.callFromThread
+
+        def job() -> None:
+            try:
+                result = work()
+            except BaseException:
+                failure = Failure()
+                call(d.errback, failure)
+            else:
+                call(d.callback, result)
+
+        self._jobs.put(job)
+        return d
+
+    def call_blocking(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on the store thread and wait for it (start-up and tests only)."""
+        future: Future[T] = Future()
+
+        def job() -> None:
+            try:
+                future.set_result(work())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._jobs.put(job)
+        return future.result()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+# -- SQLite ----------------------------------------------------------------------------------
+
+
+_DEVICE_COLUMNS = (
+    "id, name, model, description, owner_user, lines, requires_activation,"
+    " state, created_at, updated_at, version, activated_at, mic_sha256"
+)
+_CODE_COLUMNS = "id, device_id, code, issued_at, expires_at, state, used_at"
+_SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"
+_SELECT_CODES = f"SELECT {_CODE_COLUMNS} FROM codes"
+_OWN_RANGES = 4096  # own commits remembered for the feed to leave out
+_IN_CHUNK = 500  # keys per ``IN (…)`` query, under SQLite's variable limit
 
 
 class SQLiteStore:
-    """The embedded default store: one SQLite file in the state directory."""
+    """The embedded default store: one SQLite file in the state directory.
 
-    def __init__(self, path: Path) -> None:
+    Several stores (processes) may open the same file: SQLite serialises their writers
+    (``BEGIN IMMEDIATE`` waits up to ``busy_timeout``) and each follows the others through
+    the feed.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        reactor: IReactorFromThreads | None = None,
+        *,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor  # type: ignore[assignment]
+        assert reactor is not None
         self.path = path
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not path.exists():
             # Create it owner-only before SQLite does, so it is never world-readable.
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         os.chmod(path, 0o600)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        self._own: list[tuple[int, int]] = []  # feed ranges this store wrote (store thread)
+        self._closed = False
+        self._thread = _StoreThread(reactor, f"callboard-store:{path.name}")
+        try:
+            self._db = self._thread.call_blocking(lambda: self._open(busy_timeout))
+        except BaseException:
+            self._thread.stop()
+            raise
+
+    def _open(self, busy_timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
+        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            _migrate(db, self.path)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     @property
     def schema_version(self) -> int:
-        row = self._db.execute("PRAGMA user_version").fetchone()
-        return int(row[0])
+        return self._thread.call_blocking(lambda: _user_version(self._db))
 
-    def _migrate(self) -> None:
-        current = self.schema_version
-        if current > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {current} is newer than this Callboard "
-                f"understands ({SCHEMA_VERSION})"
-            )
-        for version in range(current, SCHEMA_VERSION):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                MIGRATIONS[version](self._db)
-                self._db.execute(f"PRAGMA user_version = {version + 1}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+    # -- the Store interface -------------------------------------------------------------
 
     def load(self) -> Snapshot:
-        db = self._db
-        devices = [
-            Device(
-                id=r[0],
-                name=r[1],
-                model=r[2],
-                description=r[3],
-                owner_user=r[4],
-                lines=tuple(Line(**entry) for entry in json.loads(r[5])),
-                requires_activation=bool(r[6]),
-                state=DeviceState(r[7]),
-                created_at=r[8],
-                updated_at=r[9],
-                version=r[10],
-                activated_at=r[11],
-                mic_sha256=r[12],
-            )
-            for r in db.execute(
-                "SELECT id, name, model, description, owner_user, lines, requires_activation,"
-                " state, created_at, updated_at, version, activated_at, mic_sha256 FROM devices"
-            )
-        ]
-        codes = [
-            ActivationCode(
-                id=r[0],
-                device_id=r[1],
-                code=r[2],
-                issued_at=r[3],
-                expires_at=r[4],
-                state=CodeState(r[5]),
-                used_at=r[6],
-            )
-            for r in db.execute(
-                "SELECT id, device_id, code, issued_at, expires_at, state, used_at FROM codes"
-            )
-        ]
-        defaults = {
-            r[0]: Onboarding(r[1])
-            for r in db.execute("SELECT model, onboarding FROM model_defaults")
-        }
-        return Snapshot(devices, codes, defaults)
+        return self._thread.call_blocking(self._load)
 
-    def apply(self, changes: Sequence[Change]) -> None:
+    def apply(self, changes: Sequence[Change]) -> Deferred[Committed]:
         if not changes:
-            return
+            return succeed(Committed((), 0, 0))
+        frozen = tuple(changes)
+        return self._thread.submit(lambda: self._apply(frozen))
+
+    def changes_since(self, seq: int) -> Deferred[FeedBatch]:
+        return self._thread.submit(lambda: self._changes_since(seq))
+
+    def transaction(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        """Run ``work`` as one write transaction on the store thread, in order with this
+        store's own writes (tables the store does not model: the web's users and tokens)."""
+
+        def run() -> T:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+            except BaseException:
+                _roll_back(db)
+                raise
+            return result
+
+        return self._thread.submit(run)
+
+    def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read on the store thread and wait for it (start-up only, like :meth:`load`)."""
+        return self._thread.call_blocking(lambda: work(self._db))
+
+    def close(self) -> Deferred[None]:
+        """Finish the queued work, close the file and end the store thread."""
+        if self._closed:
+            return succeed(None)
+        self._closed = True
+        d = self._thread.submit(self._db.close)
+
+        def stopped(result: object) -> object:
+            self._thread.stop()
+            return result
+
+        return d.addBoth(stopped)
+
+    # -- on the store thread -------------------------------------------------------------
+
+    def _load(self) -> Snapshot:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            devices = [_device(r) for r in db.execute(_SELECT_DEVICES)]
+            codes = [_code(r) for r in db.execute(_SELECT_CODES)]
+            defaults = {
+                r[0]: Onboarding(r[1])
+                for r in db.execute("SELECT model, onboarding FROM model_defaults")
+            }
+            seq = _feed_position(db)
+        finally:
+            db.execute("COMMIT")
+        return Snapshot(devices, codes, defaults, seq)
+
+    def _apply(self, changes: tuple[Change, ...]) -> Committed:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            device_rows = []
-            for change in changes:
-                if isinstance(change, PutDevice):
-                    device_rows.append(_device_row(change.device))
-                    continue
-                if device_rows:
-                    _put_devices(db, device_rows)
-                    device_rows = []
-                if isinstance(change, DeleteDevice):
-                    db.execute("DELETE FROM codes WHERE device_id = ?", (change.device_id,))
-                    db.execute("DELETE FROM devices WHERE id = ?", (change.device_id,))
-                elif isinstance(change, PutCode):
-                    c = change.code
-                    db.execute(
-                        "INSERT OR REPLACE INTO codes"
-                        " (id, device_id, code, issued_at, expires_at, state, used_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            c.id,
-                            c.device_id,
-                            c.code,
-                            c.issued_at,
-                            c.expires_at,
-                            c.state.value,
-                            c.used_at,
-                        ),
-                    )
-                else:
-                    db.execute(
-                        "INSERT OR REPLACE INTO model_defaults (model, onboarding) VALUES (?, ?)",
-                        (change.model, change.onboarding.value),
-                    )
-            if device_rows:
-                _put_devices(db, device_rows)
+            for batch in _batches(changes):
+                _write(db, batch)
+            keys = _feed_keys(changes)
+            db.executemany("INSERT INTO changes (kind, key) VALUES (?, ?)", keys)
+            last = _feed_position(db)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _roll_back(db)
+            raise
+        first = last - len(keys) + 1  # this transaction held the write lock: no gaps
+        self._own.append((first, last))
+        if len(self._own) > _OWN_RANGES:
+            # Nobody follows this store: forget the oldest (re-reading our own rows later
+            # would only find them already held).
+            del self._own[: len(self._own) - _OWN_RANGES]
+        return Committed(changes, first, last)
+
+    def _changes_since(self, after: int) -> FeedBatch:
+        # The follower is past ``after``: our own rows up to there need no filtering any more.
+        self._own = [(first, last) for first, last in self._own if last > after]
+        db = self._db
+        db.execute("BEGIN")  # one read transaction: a consistent view of the rows
+        try:
+            rows = db.execute(
+                "SELECT seq, kind, key FROM changes WHERE seq > ? ORDER BY seq", (after,)
+            ).fetchall()
+            if not rows:
+                return FeedBatch(after)
+            seq = rows[-1][0]
+            wanted: dict[str, dict[str, None]] = {"device": {}, "code": {}, "default": {}}
+            for row_seq, kind, key in rows:
+                if not self._is_own(row_seq) and kind in wanted:
+                    wanted[kind][key] = None
+            devices = _select_in(db, _SELECT_DEVICES, "id", wanted["device"])
+            codes = _select_in(db, _SELECT_CODES, "id", wanted["code"])
+            defaults = _select_in(
+                db, "SELECT model, onboarding FROM model_defaults", "model", wanted["default"]
+            )
+        finally:
+            db.execute("COMMIT")
+        self._own = [(first, last) for first, last in self._own if last > seq]
+        found = [_device(r) for r in devices]
+        present = {d.id for d in found}
+        return FeedBatch(
+            seq,
+            devices=found,
+            deleted_devices=[key for key in wanted["device"] if key not in present],
+            codes=[_code(r) for r in codes],
+            defaults={r[0]: Onboarding(r[1]) for r in defaults},
+        )
+
+    def _is_own(self, seq: int) -> bool:
+        return any(first <= seq <= last for first, last in self._own)
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    current = _user_version(db)
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: schema version {current} is newer than this Callboard "
+            f"understands ({SCHEMA_VERSION})"
+        )
+    for version in range(current, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            MIGRATIONS[version](db)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            _roll_back(db)
             raise
 
-    def close(self) -> None:
-        self._db.close()
+
+def _roll_back(db: sqlite3.Connection) -> None:
+    """Undo the open transaction, if any (``BEGIN IMMEDIATE`` itself may have timed out)."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
 
 
-DeviceRow = tuple[object, ...]
+def _feed_position(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
 
 
-def _device_row(d: Device) -> DeviceRow:
+def _feed_keys(changes: Iterable[Change]) -> list[tuple[str, str]]:
+    """One feed row per changed key (a transaction touching a key twice names it once)."""
+    keys: dict[tuple[str, str], None] = {}
+    for change in changes:
+        if isinstance(change, PutDevice):
+            keys[("device", change.device.id)] = None
+        elif isinstance(change, DeleteDevice):
+            keys[("device", change.device_id)] = None
+        elif isinstance(change, PutCode):
+            keys[("code", change.code.id)] = None
+        else:
+            keys[("default", change.model)] = None
+    return list(keys)
+
+
+def _select_in(
+    db: sqlite3.Connection, select: str, column: str, keys: Iterable[str]
+) -> list[tuple[Any, ...]]:
+    wanted = list(keys)
+    found: list[tuple[Any, ...]] = []
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        found += db.execute(f"{select} WHERE {column} IN ({marks})", chunk).fetchall()
+    return found
+
+
+# -- writing one transaction -----------------------------------------------------------------
+
+
+def _batches(changes: Sequence[Change]) -> list[list[Change]]:
+    """Runs of unconditional inserts (one ``executemany`` each); every other change alone."""
+    batches: list[list[Change]] = []
+    for change in changes:
+        kind = _batch_kind(change)
+        if kind is not None and batches and _batch_kind(batches[-1][0]) == kind:
+            batches[-1].append(change)
+        else:
+            batches.append([change])
+    return batches
+
+
+def _batch_kind(change: Change) -> str | None:
+    if isinstance(change, PutDevice) and change.expect_version == ABSENT:
+        return "new-device"
+    if isinstance(change, PutCode) and change.expect is None:
+        return "code"
+    return None
+
+
+def _write(db: sqlite3.Connection, batch: list[Change]) -> None:
+    first = batch[0]
+    if isinstance(first, PutDevice):
+        if first.expect_version == ABSENT:
+            _insert_devices(db, [c.device for c in batch if isinstance(c, PutDevice)])
+        elif first.expect_version is None:
+            _upsert_device(db, first.device)
+        else:
+            _update_device(db, first.device, first.expect_version)
+    elif isinstance(first, DeleteDevice):
+        _delete_device(db, first)
+    elif isinstance(first, PutCode):
+        if first.expect is None:
+            db.executemany(
+                f"INSERT OR REPLACE INTO codes ({_CODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [_code_row(c.code) for c in batch if isinstance(c, PutCode)],
+            )
+        else:
+            _update_code(db, first.code, first.expect)
+    else:
+        db.execute(
+            "INSERT OR REPLACE INTO model_defaults (model, onboarding) VALUES (?, ?)",
+            (first.model, first.onboarding.value),
+        )
+
+
+_DEVICE_VALUES = ", ".join("?" * 13)
+_DEVICE_SET = (
+    "name=?, model=?, description=?, owner_user=?, lines=?, requires_activation=?,"
+    " state=?, created_at=?, updated_at=?, version=?, activated_at=?, mic_sha256=?"
+)
+
+
+def _insert_devices(db: sqlite3.Connection, devices: list[Device]) -> None:
+    try:
+        db.executemany(
+            f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_DEVICE_VALUES})",
+            [_device_row(d) for d in devices],
+        )
+    except sqlite3.IntegrityError:
+        taken = _select_in(db, "SELECT name FROM devices", "name", [d.name for d in devices])
+        names = ", ".join(sorted(r[0] for r in taken)) or "a device id"
+        raise ConditionFailed(f"{names} already exists") from None
+
+
+def _upsert_device(db: sqlite3.Connection, device: Device) -> None:
+    try:
+        db.execute(
+            f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_DEVICE_VALUES})"
+            f" ON CONFLICT(id) DO UPDATE SET {_UPSERT_SET}",
+            _device_row(device),
+        )
+    except sqlite3.IntegrityError:
+        raise ConditionFailed(f"{device.name} belongs to another device") from None
+
+
+_UPSERT_SET = ", ".join(
+    f"{column}=excluded.{column}"
+    for column in _DEVICE_COLUMNS.replace(",", " ").split()
+    if column not in ("id", "created_at")
+)
+
+
+def _update_device(db: sqlite3.Connection, device: Device, expect_version: int) -> None:
+    row = _device_row(device)
+    try:
+        cursor = db.execute(
+            f"UPDATE devices SET {_DEVICE_SET} WHERE id=? AND version=?",
+            (*row[1:], device.id, expect_version),
+        )
+    except sqlite3.IntegrityError:
+        raise ConditionFailed(f"{device.name} belongs to another device") from None
+    if cursor.rowcount != 1:
+        raise ConditionFailed(_why_device_differs(db, device.id))
+
+
+def _delete_device(db: sqlite3.Connection, change: DeleteDevice) -> None:
+    if change.expect_version is None:
+        cursor = db.execute("DELETE FROM devices WHERE id = ?", (change.device_id,))
+    else:
+        cursor = db.execute(
+            "DELETE FROM devices WHERE id = ? AND version = ?",
+            (change.device_id, change.expect_version),
+        )
+        if cursor.rowcount != 1:
+            raise ConditionFailed(_why_device_differs(db, change.device_id))
+    db.execute("DELETE FROM codes WHERE device_id = ?", (change.device_id,))
+
+
+def _why_device_differs(db: sqlite3.Connection, device_id: str) -> str:
+    row = db.execute("SELECT name FROM devices WHERE id = ?", (device_id,)).fetchone()
+    if row is None:
+        return "the device was deleted meanwhile"
+    return f"{row[0]} was changed meanwhile; try again"
+
+
+def _update_code(db: sqlite3.Connection, code: ActivationCode, expect: CodeExpectation) -> None:
+    """The compare-and-set: update the code only if the stored row is as expected."""
+    where = ["id = ?", "state = ?"]
+    params: list[Any] = [code.id, expect.state.value]
+    if expect.digits is not None:
+        where.append("code = ?")
+        params.append(expect.digits)
+    if expect.live_at is not None:
+        where.append("expires_at > ?")
+        params.append(expect.live_at)
+    cursor = db.execute(
+        "UPDATE codes SET device_id=?, code=?, issued_at=?, expires_at=?, state=?, used_at=?"
+        f" WHERE {' AND '.join(where)}",
+        (*_code_row(code)[1:], *params),
+    )
+    if cursor.rowcount != 1:
+        raise ConditionFailed(_why_code_differs(db, code.id, expect))
+
+
+def _why_code_differs(db: sqlite3.Connection, code_id: str, expect: CodeExpectation) -> str:
+    row = db.execute(
+        "SELECT code, expires_at, state FROM codes WHERE id = ?", (code_id,)
+    ).fetchone()
+    if row is None or (expect.digits is not None and row[0] != expect.digits):
+        return "unknown activation code"
+    _digits, expires_at, state = row
+    if state != expect.state.value:
+        return f"activation code is {state}"
+    if expect.live_at is not None and expires_at <= expect.live_at:
+        return f"activation code is {CodeState.EXPIRED.value}"
+    return "activation code changed meanwhile"
+
+
+# -- rows ------------------------------------------------------------------------------------
+
+
+def _device(r: Sequence[Any]) -> Device:
+    return Device(
+        id=r[0],
+        name=r[1],
+        model=r[2],
+        description=r[3],
+        owner_user=r[4],
+        lines=tuple(Line(**entry) for entry in json.loads(r[5])),
+        requires_activation=bool(r[6]),
+        state=DeviceState(r[7]),
+        created_at=r[8],
+        updated_at=r[9],
+        version=r[10],
+        activated_at=r[11],
+        mic_sha256=r[12],
+    )
+
+
+def _code(r: Sequence[Any]) -> ActivationCode:
+    return ActivationCode(
+        id=r[0],
+        device_id=r[1],
+        code=r[2],
+        issued_at=r[3],
+        expires_at=r[4],
+        state=CodeState(r[5]),
+        used_at=r[6],
+    )
+
+
+def _code_row(c: ActivationCode) -> tuple[Any, ...]:
+    return (c.id, c.device_id, c.code, c.issued_at, c.expires_at, c.state.value, c.used_at)
+
+
+def _device_row(d: Device) -> tuple[Any, ...]:
     lines = json.dumps(
         [
             {
@@ -321,20 +790,4 @@ def _device_row(d: Device) -> DeviceRow:
         d.version,
         d.activated_at,
         d.mic_sha256,
-    )
-
-
-def _put_devices(db: sqlite3.Connection, rows: list[DeviceRow]) -> None:
-    # A rename keeps the id but changes the unique name: delete-then-insert keeps the
-    # unique index consistent inside the transaction.
-    db.executemany(
-        "INSERT INTO devices (id, name, model, description, owner_user, lines,"
-        " requires_activation, state, created_at, updated_at, version, activated_at, mic_sha256)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT(id) DO UPDATE SET name=excluded.name, model=excluded.model,"
-        " description=excluded.description, owner_user=excluded.owner_user,"
-        " lines=excluded.lines, requires_activation=excluded.requires_activation,"
-        " state=excluded.state, updated_at=excluded.updated_at, version=excluded.version,"
-        " activated_at=excluded.activated_at, mic_sha256=excluded.mic_sha256",
-        rows,
     )

@@ -1,39 +1,40 @@
 """Wiring the web front door into the daemon: accounts, the HTTPS site, its certificate.
 
-:func:`install_web` is the one call the service tree makes: it opens the accounts (needed
-even without the web listener, by the CLI's ``user``/``token``/``code send`` commands),
-puts those routes on the admin socket, and, when ``network.web_port`` is set, adds the
-HTTPS listener. Plain HTTP on that port fails the TLS handshake: nothing is served in clear.
+The service tree calls :func:`open_accounts` and :func:`web_tls` while it opens its state
+(the accounts are needed even without the web listener, by the CLI's ``user``/``token``/
+``code send`` commands), then :func:`build_web_root`, :func:`web_factory` and
+:class:`SocketAccountRoutes` while it wires the listeners. Plain HTTP on the web port fails
+the TLS handshake: nothing is served in clear.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
 import os
-import pwd
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ..accounts import AccountsApp
-from ..admin.app import Actor, AdminApp, Problem
+from ..admin.api import socket_actor
+from ..admin.app import AdminApp, Problem
+from ..config import Config
 from ..logs import get_logger
 from ..mail import SMTPMailer
-from ..registry.accounts import AccountStore
+from ..registry.accounts import AccountStore, Transactions
 from ..registry.registry import Registry
 from .api import ApiArea
 from .auth import WebAuth
@@ -41,9 +42,6 @@ from .core import Ctx, WebRoot, problem_response
 from .pages import PagesArea
 from .sessions import SessionStore, SignInThrottle
 from .settings import SelfCareSettings, SMTPSettings, WebSettings
-
-if TYPE_CHECKING:
-    from ..service import CallboardService
 
 log = get_logger("callboard.web")
 
@@ -159,19 +157,35 @@ def build_web_root(
     return WebRoot(areas, clock, security_headers(settings))
 
 
-def web_factory(root: WebRoot, cert_path: Path, key_path: Path, reactor: Any) -> IProtocolFactory:
+def web_factory(root: WebRoot, options: ssl.CertificateOptions) -> IProtocolFactory:
     """HTTPS only: the site behind TLS (a plain-HTTP client gets a failed handshake)."""
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False
-    return TLSMemoryBIOFactory(tls_options(cert_path, key_path), False, site)
+    return TLSMemoryBIOFactory(options, False, site)
+
+
+def web_tls(config: Config) -> ssl.CertificateOptions | None:
+    """The web listener's TLS options, or None when the web listener is off.
+
+    ``web.cert``/``web.key`` when configured; else ``<state_dir>/certs/web.{pem,key}``,
+    self-signed at first start.
+    """
+    if config.network.web_port < 0 and not config.endpoints.web:
+        return None
+    settings = config.web
+    if settings.cert:
+        return tls_options(Path(settings.cert), Path(settings.key or settings.cert))
+    hosts = [*config.network.listen_addresses, config.advertise_address]
+    return tls_options(*ensure_web_certificate(config.state_dir, hosts))
 
 
 def open_accounts(
-    registry: Registry, database: Path, reactor: Any, smtp: SMTPSettings
+    registry: Registry, store: Transactions, reactor: Any, smtp: SMTPSettings
 ) -> AccountsApp:
+    """Users and tokens, kept in the registry's database and written by its store."""
     mailer = SMTPMailer(smtp, reactor) if smtp.host else None
-    return AccountsApp(registry, AccountStore(database, registry.now, reactor), mailer)
+    return AccountsApp(registry, AccountStore(store, registry.now, reactor), mailer)
 
 
 # -- the admin socket's extra routes ------------------------------------------------------------
@@ -187,10 +201,10 @@ class SocketAccountRoutes(Resource):
     isLeaf = True
     PREFIXES = ("v1/users", "v1/tokens")
 
-    def __init__(self, fallback: Resource, api: ApiArea, clock: Callable[[], float]) -> None:
+    def __init__(self, fallback: Resource, root: WebRoot, clock: Callable[[], float]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.fallback = fallback
-        self.api = api
+        self.api = next(a for a in root.areas if isinstance(a, ApiArea))
         self.clock = clock
 
     def _ours(self, path: str) -> bool:
@@ -205,7 +219,7 @@ class SocketAccountRoutes(Resource):
         request.setHeader(b"content-type", b"application/json")
         method = (request.method or b"GET").decode()
         route, params, _ = self.api.match(method, "/api/" + path)
-        ctx = Ctx(request, self.clock(), params, actor=_socket_actor(request))
+        ctx = Ctx(request, self.clock(), params, actor=socket_actor(request))
 
         async def answer() -> None:
             try:
@@ -218,8 +232,6 @@ class SocketAccountRoutes(Resource):
             request.write(response.body)
             request.finish()
 
-        from twisted.internet.defer import ensureDeferred
-
         d = ensureDeferred(answer())
 
         def crashed(failure: Any) -> None:
@@ -230,48 +242,3 @@ class SocketAccountRoutes(Resource):
 
         d.addErrback(crashed)
         return NOT_DONE_YET
-
-
-def _socket_actor(request: Request) -> Actor:
-    stated = (request.getHeader("x-callboard-user") or "")[:64]
-    uid: int | None = None
-    name = stated
-    handle = getattr(request.channel.transport, "getHandle", lambda: None)()
-    if isinstance(handle, socket.socket) and handle.family == socket.AF_UNIX:
-        creds = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        with contextlib.suppress(KeyError):
-            name = pwd.getpwuid(uid).pw_name
-    return Actor(name or "admin-socket", True, "unix-socket", uid)
-
-
-# -- the one call from the service tree ------------------------------------------------------
-
-
-def install_web(service: CallboardService) -> Resource:
-    """Open accounts, add the web listener if configured; return the admin socket resource."""
-    config = service.config
-    settings, self_care, smtp = config.web, config.self_care, config.smtp
-    from ..service import DATABASE_NAME
-
-    accounts = open_accounts(
-        service.registry, config.state_dir / DATABASE_NAME, service.reactor, smtp
-    )
-    admin = AdminApp(service.registry, service.registrations, service.status)
-    clock = service.registry.now
-    root = build_web_root(admin, accounts, settings, self_care, clock)
-    service.accounts = accounts  # type: ignore[attr-defined]
-    service.web_root = root  # type: ignore[attr-defined]
-    web_port = config.network.web_port
-    if web_port >= 0 or config.endpoints.web:
-        if settings.cert:
-            cert_path = Path(settings.cert)
-            key_path = Path(settings.key or settings.cert)
-        else:
-            hosts = [*config.network.listen_addresses, config.advertise_address]
-            cert_path, key_path = ensure_web_certificate(config.state_dir, hosts)
-        factory = web_factory(root, cert_path, key_path, service.reactor)
-        for description in service._streams("web", max(web_port, 0)):
-            service.add_listener("web", description, factory)
-    api = next(a for a in root.areas if isinstance(a, ApiArea))
-    return SocketAccountRoutes(service.admin_api, api, clock)

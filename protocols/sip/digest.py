@@ -85,7 +85,7 @@ class DigestAuthenticator:
     realm: str
     secret: bytes
     lifetime: float = 300.0
-    algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+    algorithms: tuple[str, ...] = ("MD5",)  # Cisco phones speak MD5 only
 
     def make_nonce(self, now: float) -> str:
         ts = struct.pack(">d", now)

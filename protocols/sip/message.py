@@ -9,7 +9,10 @@ other exception: the fuzz tests hold it to that.
 - :func:`parse_message` turns one datagram, or one framed stream message, into a
   :class:`Request` or :class:`Response`.
 - :class:`StreamFramer` cuts a TCP/TLS byte stream into whole messages using Content-Length
-  (RFC 3261 §18.3) and skips CRLF keep-alives (RFC 5626 §3.5.1).
+  (RFC 3261 §18.3) and skips CRLF keep-alives (RFC 5626 §3.5.1). It reads a header section
+  and its Content-Length with the same functions as :func:`parse_message`
+  (:func:`parse_head`, :func:`content_length`), so the two can never disagree on where a
+  message ends.
 - :func:`parse_via`, :func:`parse_name_addr`, :func:`parse_contact_list` and :func:`parse_uri`
   read the structured headers the registrar needs.
 """
@@ -95,11 +98,13 @@ LIST_HEADERS = frozenset(
 REASONS: dict[int, str] = {
     100: "Trying",
     200: "OK",
+    202: "Accepted",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    413: "Request Entity Too Large",
     415: "Unsupported Media Type",
     420: "Bad Extension",
     423: "Interval Too Brief",
@@ -268,15 +273,27 @@ def _serialize(start: str, headers: Headers, body: bytes) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
 
 
+def _head_end(data: bytes | bytearray) -> tuple[int, int] | None:
+    """Where the header section ends: (its length, the blank line's length), or None yet.
+
+    The first blank line wins, CRLF or bare LF: the parser and the stream framer both cut here.
+    """
+    crlf = data.find(b"\r\n\r\n")
+    lf = data.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf <= lf):
+        return crlf, 4
+    if lf >= 0:
+        return lf, 2
+    return None
+
+
 def _split_head(data: bytes) -> tuple[bytes, bytes]:
     """Split at the blank line ending the header section (CRLF or bare LF)."""
-    idx = data.find(b"\r\n\r\n")
-    lf = data.find(b"\n\n")
-    if idx >= 0 and (lf < 0 or idx <= lf):
-        return data[:idx], data[idx + 4 :]
-    if lf >= 0:
-        return data[:lf], data[lf + 2 :]
-    return data, b""
+    found = _head_end(data)
+    if found is None:
+        return data, b""
+    end, sep = found
+    return data[:end], data[end + sep :]
 
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
@@ -287,6 +304,11 @@ _BAD_PARAM_RE = re.compile(r"[\s<>]")
 
 def _is_token(s: str) -> bool:
     return _TOKEN_RE.fullmatch(s) is not None
+
+
+def is_number(s: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes ``²`` and ``٣``)."""
+    return s.isascii() and s.isdigit()
 
 
 def parse_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Message:
@@ -303,37 +325,67 @@ def parse_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Message:
             f"message of {len(data)} bytes exceeds {max_size}", _partial_request(head)
         )
     # Leading CRLFs before a start line are allowed (RFC 3261 §7.5).
-    data = data.lstrip(b"\r\n")
-    head, body = _split_head(data)
+    head, body = _split_head(data.lstrip(b"\r\n"))
+    msg = parse_head(head)
+    length = content_length(msg)
+    if length is not None:
+        if length > len(body):
+            raise SIPParseError("body shorter than Content-Length", _as_partial(msg))
+        body = body[:length]
+    msg.body = body
+    return msg
+
+
+def parse_head(head: bytes) -> Message:
+    """The start line and header fields of a message (its header section, without the blank
+    line); the body is left empty."""
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         raise SIPParseError("header section is not UTF-8") from None
     lines = text.replace("\r\n", "\n").split("\n")
-    start = lines[0].strip()
-    request: Request | None = None
-    response: Response | None = None
+    msg = _parse_start_line(lines[0].strip())
+    _read_fields(lines[1:], msg.headers, _as_partial(msg))
+    return msg
+
+
+def parse_fields(block: bytes) -> Headers:
+    """Header lines without a start line (a MIME body part's headers, RFC 2046 §5.1.1), read
+    by the same rules as a message's."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SIPParseError("header section is not UTF-8") from None
+    headers = Headers()
+    _read_fields(text.replace("\r\n", "\n").split("\n"), headers, None)
+    return headers
+
+
+def _parse_start_line(start: str) -> Message:
     parts = start.split(" ", 2)
     if len(parts) == 3 and parts[0].upper().startswith("SIP/"):
-        if parts[0].upper() != "SIP/2.0" or not (len(parts[1]) == 3 and parts[1].isdigit()):
+        if parts[0].upper() != "SIP/2.0" or not (len(parts[1]) == 3 and is_number(parts[1])):
             raise SIPParseError("bad status line")
-        response = Response(int(parts[1]), parts[2])
-    elif len(parts) == 3 and parts[2].upper().startswith("SIP/"):
+        return Response(int(parts[1]), parts[2])
+    if len(parts) == 3 and parts[2].upper().startswith("SIP/"):
         method, uri, version = parts
         if not _is_token(method) or not uri or any(ch.isspace() for ch in uri):
             raise SIPParseError("bad request line")
         request = Request(method, uri, version=version)
         if version.upper() != "SIP/2.0":
             raise SIPParseError("unsupported SIP version", request)
-    else:
-        raise SIPParseError("bad start line")
-    headers = request.headers if request is not None else response.headers  # type: ignore[union-attr]
+        return request
+    raise SIPParseError("bad start line")
+
+
+def _read_fields(lines: list[str], headers: Headers, partial: Request | None) -> None:
+    """Header lines into ``headers``, unfolding continuation lines (RFC 3261 §7.3.1)."""
     current_name: str | None = None
     current_value: list[str] = []
-    for line in lines[1:]:
+    for line in lines:
         if line[:1] in (" ", "\t"):
             if current_name is None:
-                raise SIPParseError("continuation line before any header", request)
+                raise SIPParseError("continuation line before any header", partial)
             current_value.append(line.strip())
             continue
         if current_name is not None:
@@ -345,80 +397,122 @@ def parse_message(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Message:
         name, sep, value = line.partition(":")
         name = name.strip()
         if not sep or not _is_token(name):
-            raise SIPParseError(f"malformed header line {line[:40]!r}", request)
+            raise SIPParseError(f"malformed header line {line[:40]!r}", partial)
         if _CTL_RE.search(value):
-            raise SIPParseError("control character in header value", request)
+            raise SIPParseError("control character in header value", partial)
         current_name = name
         current_value = [value.strip()]
     if current_name is not None:
         headers.add(current_name, " ".join(current_value))
-    length_values = headers.get_all("content-length")
-    if length_values:
-        if len(length_values) > 1 and len(set(length_values)) > 1:
-            raise SIPParseError("conflicting Content-Length", request)
-        raw_len = length_values[0].strip()
-        if not raw_len.isdigit() or len(raw_len) > 9:
-            raise SIPParseError("bad Content-Length", request)
-        length = int(raw_len)
-        if length > len(body):
-            raise SIPParseError("body shorter than Content-Length", request)
-        body = body[:length]
-    if request is not None:
-        request.body = body
-        return request
-    assert response is not None
-    response.body = body
-    return response
+
+
+def content_length(msg: Message) -> int | None:
+    """The one reader of Content-Length, for the parser and the stream framer alike.
+
+    None when absent. A second one (it is not a list header, RFC 3261 §7.3.1), even with the
+    same value, or a value that is not a plain number is an error: on a stream, where the
+    message ends could not be trusted (request smuggling).
+    """
+    values = msg.headers.get_all("content-length")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise SIPParseError("more than one Content-Length", _as_partial(msg))
+    raw = values[0].strip()
+    if not is_number(raw) or len(raw) > 9:
+        raise SIPParseError("bad Content-Length", _as_partial(msg))
+    return int(raw)
+
+
+def _as_partial(msg: Message) -> Request | None:
+    return msg if isinstance(msg, Request) else None
 
 
 class StreamFramer:
     """Cut a TCP/TLS byte stream into whole messages (RFC 3261 §18.3).
 
-    ``feed`` returns complete message bytes, in order. CRLFs between messages (RFC 5626
-    keep-alive pings) are skipped. A header section or declared body over ``max_size`` raises
-    :class:`MessageTooLarge`; an unreadable Content-Length raises :class:`SIPParseError`. After
-    either, the stream cannot be resynchronised and the caller should close it.
+    Each header section is read by :func:`parse_head` and its length by
+    :func:`content_length`, exactly as a datagram's would be. CRLFs between messages (RFC 5626
+    keep-alive pings) are skipped. Anything that makes the end of a message uncertain is a
+    framing error (:class:`SIPParseError`; :class:`MessageTooLarge` for a header section or
+    declared body over ``max_size``): the stream cannot be resynchronised, so the framer
+    stops there for good and the caller answers (when it can) and closes, as h11 does.
     """
 
-    __slots__ = ("_buf", "_max", "keepalives")
+    __slots__ = ("_buf", "_error", "_head", "_max", "keepalives")
 
     def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE) -> None:
         self._buf = bytearray()
         self._max = max_size
         self.keepalives = 0
+        self._head: tuple[Message, int, int] | None = None  # read, awaiting its body
+        self._error: SIPParseError | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
+        """Whole messages' bytes, in order; a framing error is raised instead."""
+        framed, error = self._frame(data)
+        if error is not None:
+            raise error
+        return [raw for raw, _ in framed]
+
+    def messages(self, data: bytes) -> tuple[list[Message], SIPParseError | None]:
+        """Whole messages, parsed (each head read once), and the framing error that ends
+        the stream after them, if any (then and on every later call)."""
+        framed, error = self._frame(data)
+        return [msg for _, msg in framed], error
+
+    def _frame(self, data: bytes) -> tuple[list[tuple[bytes, Message]], SIPParseError | None]:
+        if self._error is not None:
+            return [], self._error
         self._buf += data
-        out: list[bytes] = []
-        while True:
-            start = 0
-            while start < len(self._buf) and self._buf[start] in (0x0D, 0x0A):
-                start += 1
-            if start:
-                self.keepalives += 1
-                del self._buf[:start]
-            if not self._buf:
-                return out
-            end = self._buf.find(b"\r\n\r\n")
-            sep = 4
-            if end < 0:
-                end = self._buf.find(b"\n\n")
-                sep = 2
-            if end < 0:
-                if len(self._buf) > self._max:
-                    raise MessageTooLarge("header section exceeds the size limit")
-                return out
-            length = _content_length(bytes(self._buf[:end]))
-            total = end + sep + length
-            if total > self._max:
-                raise MessageTooLarge(
-                    f"message of {total} bytes exceeds {self._max}",
-                    _partial_request(bytes(self._buf[:end])),
-                )
-            if len(self._buf) < total:
-                return out
-            out.append(bytes(self._buf[:total]))
-            del self._buf[:total]
+        out: list[tuple[bytes, Message]] = []
+        try:
+            while (framed := self._next()) is not None:
+                out.append(framed)
+        except SIPParseError as exc:
+            self._error = exc
+            self._buf.clear()
+            self._head = None
+        return out, self._error
+
+    def _next(self) -> tuple[bytes, Message] | None:
+        if self._head is None:
+            self._skip_keepalives()
+            self._head = self._read_head()
+            if self._head is None:
+                return None
+        msg, body_at, total = self._head
+        if len(self._buf) < total:
+            return None
+        self._head = None
+        raw = bytes(self._buf[:total])
+        del self._buf[:total]
+        msg.body = raw[body_at:]
+        return raw, msg
+
+    def _skip_keepalives(self) -> None:
+        start = 0
+        while start < len(self._buf) and self._buf[start] in (0x0D, 0x0A):
+            start += 1
+        if start:
+            self.keepalives += 1
+            del self._buf[:start]
+
+    def _read_head(self) -> tuple[Message, int, int] | None:
+        """The next message's head, where its body starts and where it ends; None: not yet."""
+        if not self._buf:
+            return None
+        found = _head_end(self._buf)
+        if found is None:
+            if len(self._buf) > self._max:
+                raise MessageTooLarge("header section exceeds the size limit")
+            return None
+        end, sep = found
+        msg = parse_head(bytes(self._buf[:end]))
+        total = end + sep + (content_length(msg) or 0)
+        if total > self._max:
+            raise MessageTooLarge(f"message of {total} bytes exceeds {self._max}", _as_partial(msg))
+        return msg, end + sep, total
 
     @property
     def buffered(self) -> int:
@@ -428,25 +522,10 @@ class StreamFramer:
 def _partial_request(head: bytes) -> Request | None:
     """The request in a header section, when readable (to answer 400/513)."""
     try:
-        msg = parse_message(head + b"\r\n\r\n", len(head) + 4)
+        msg = parse_head(head)
     except SIPParseError as exc:
         return exc.partial
-    return msg if isinstance(msg, Request) else None
-
-
-def _content_length(head: bytes) -> int:
-    """Content-Length from a raw header section; 0 when absent (lenient, as most stacks)."""
-    for raw in head.split(b"\n"):
-        name, sep, value = raw.partition(b":")
-        if not sep:
-            continue
-        key = name.strip().lower()
-        if key in (b"content-length", b"l"):
-            v = value.strip()
-            if not v.isdigit() or len(v) > 9:
-                raise SIPParseError("bad Content-Length on a stream", _partial_request(head))
-            return int(v)
-    return 0
+    return _as_partial(msg)
 
 
 # --- structured header values -------------------------------------------------------------
@@ -599,7 +678,7 @@ def _split_hostport(hp: str) -> tuple[str, int | None]:
         raise SIPParseError("bad host")
     if not port_s:
         return host, None
-    if not port_s.isdigit() or len(port_s) > 5 or not 0 < int(port_s) < 65536:
+    if not is_number(port_s) or len(port_s) > 5 or not 0 < int(port_s) < 65536:
         raise SIPParseError("bad port")
     return host, int(port_s)
 
@@ -751,7 +830,7 @@ class CSeq:
 
 def parse_cseq(value: str) -> CSeq:
     parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10:
+    if len(parts) != 2 or not is_number(parts[0]) or len(parts[0]) > 10:
         raise SIPParseError("bad CSeq")
     number = int(parts[0])
     if number >= 2**31:

@@ -1,57 +1,92 @@
-"""The SIP-lite registrar: REGISTER and OPTIONS rules, bindings and their expiry (sans-I/O).
+"""The SIP-lite registrar: the RFC 3261 REGISTER pipeline, OPTIONS and Cisco's alarm REFER
+(sans-I/O).
 
 Bytes come in with a :class:`Source` (transport, address, client certificate) through
-:meth:`Registrar.handle_bytes`; a :class:`Reply` (bytes and where to send them) comes out.
-Time is injected (``clock`` for expiry and nonces, ``wallclock`` for the ``Date`` header) so
-every rule is tested without sockets. The Twisted adapters live in ``transports``.
+:meth:`Registrar.handle_bytes` (or, already framed and parsed, :meth:`Registrar.handle_message`);
+a :class:`Reply` (bytes and where to send them) comes out, or a Deferred of one when the policy
+answers later. Time is injected (``now`` for expiry, nonces and transactions, ``wall_now`` for
+what people read: the ``Date`` header and ``registered_at``) so every rule is tested without
+sockets. The bindings live in a :class:`~callboard.protocols.sip.location.LocationService`; the
+Twisted adapters live in ``transports``.
 
 Who may register is not decided here: the daemon implements :class:`RegistrationPolicy`
 (device exists and is active, MAC/model/line agree, or autoregistration) and the registrar
-applies RFC 3261 §10.3 around it:
+applies RFC 3261 §10.3 around it, one named step each:
 
-1. Max-Forwards 0 → 483; a Request-URI domain not served (``settings.domains``) → 404.
-2. To must be a sip(s) URI (AoR = ``sip:user@host``); Contact ``*`` only alone with Expires 0.
-3. The policy decides (403/404 with ``Warning: 399``); when it returns credentials, digest
-   (SHA-256 and MD5, qop=auth) is required: 401 (``stale=true`` for an old nonce), 403 for a
-   wrong password.
-4. Per-contact expiry: ``expires`` param, else ``Expires`` header, else the default; 0 <
-   e < min → 423 with Min-Expires; above max → shortened.
-5. Same Call-ID with a CSeq not higher than the stored one → 400, nothing changes. All
-   contacts apply or none do.
-6. 200 lists every live binding of the AoR with its remaining ``expires``; adds ``Expires``
-   (the keep-alive interval, 120 by default, as CUCM) when bindings were added, ``Date``,
-   ``Server``, a To tag, and ``x-cisco-newreg`` on the request's contacts when the device had
-   no live binding before (its first registration since the daemon started, or since it
-   expired or was dropped).
+1. Read (:meth:`Registrar._read_register`): Max-Forwards 0 → 483; a Request-URI domain not
+   served (``settings.domains``) → 404; To must be a sip(s) URI (AoR = ``sip:user@host``);
+   Contact ``*`` only alone with Expires 0; per-contact expiry: ``expires`` param, else
+   ``Expires`` header, else the default; 0 < e < min → 423 with Min-Expires; above max →
+   shortened. The body's Cisco remotecc parts (``multipart/mixed``: bulkregisterreq,
+   optionsind) are read, an unreadable body → 400; a ``Reason`` cisco-alarm is read for the
+   log. Nothing is asked or changed yet. A keep-alive to a backup node (every contact
+   ``expires=0;cisco-keep-alive``) is answered 200 here and changes nothing.
+2. Ask the policy (403/404 with ``Warning: 399``). It may answer now or with a Deferred (when
+   it writes, e.g. autoregistration): the REGISTERs of one AoR are then processed in the order
+   received, a later one waiting until the earlier is answered; retransmissions meanwhile are
+   absorbed.
+3. Authenticate: when the policy returns credentials, digest (qop=auth; MD5 by default, the
+   one algorithm Cisco phones speak, SHA-256 configurable) is required: 401 (``stale=true``
+   for an old nonce), 403 for a wrong password.
+4. Plan the bindings: same Call-ID with a CSeq not higher than the stored one → 400, nothing
+   changes. All contacts apply or none do.
+5. Apply the new set to the location service, then answer 200 listing every live binding of
+   the AoR with its remaining ``expires``; adds ``Expires`` (the keep-alive interval, 120 by
+   default, as CUCM) when bindings were added, ``Date``, ``Server``, a To tag, and
+   ``x-cisco-newreg`` on the request's contacts when the device had no live binding before
+   (its first registration since the daemon started, or since it expired or was dropped: not
+   a refresh, not its other lines), CUCM's ``Supported``, and the optionsind response body
+   (``application/x-cisco-remotecc-response+xml``) when the phone sent an optionsind.
 
 Bindings are keyed per AoR by ``+sip.instance`` when present (a rebooted Cisco phone with a
 new random contact user replaces its old binding) and by contact URI otherwise. They expire
-through one heap swept by :meth:`Registrar.sweep` (the service calls it every second).
+through :meth:`Registrar.sweep` (the service calls it every second).
 Retransmissions (same Via branch, sent-by and method within 32 s) get the cached reply.
-Methods other than REGISTER and OPTIONS get 405 with ``Allow``; ACK is absorbed silently.
+The out-of-dialog ``REFER`` carrying an ``application/x-cisco-alarm+xml`` body, which Cisco
+phones send before registering, gets ``202 Accepted``; its alarm is logged and counted (and
+not trusted for anything). Other methods get 405 with ``Allow``; ACK is absorbed silently.
 """
 
 from __future__ import annotations
 
-import heapq
 import os
 import re
-import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
+from callboard.protocols.settings import SettingError, check_choice, check_range, config_key
+from callboard.protocols.sip.cisco import (
+    ALARM,
+    CUCM_SUPPORTED,
+    KEEPALIVE_PARAM,
+    REMOTECC_RESPONSE,
+    CiscoAlarm,
+    CiscoBodyError,
+    ReasonAlarm,
+    RemoteccRequest,
+    optionsind_response,
+    parse_alarm,
+    parse_reason_alarm,
+    read_remotecc_request,
+    shown,
+)
 from callboard.protocols.sip.digest import DigestAuthenticator, Verdict
+from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
 from callboard.protocols.sip.message import (
     DEFAULT_MAX_MESSAGE,
     WILDCARD,
+    Message,
     MessageTooLarge,
     NameAddr,
     Request,
     Response,
     SIPParseError,
     Via,
+    has_param,
+    is_number,
     parse_contact_list,
     parse_cseq,
     parse_message,
@@ -61,10 +96,17 @@ from callboard.protocols.sip.message import (
     quote,
     response_to,
 )
+from callboard.protocols.sip.multipart import MultipartError, body_parts, parse_media_type
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-ALLOW = "REGISTER, OPTIONS"
+ALLOW = "REGISTER, OPTIONS, REFER"
+#: The only option a REFER may require: no implicit subscription (RFC 4488), as Cisco sends.
+REFER_EXTENSIONS = frozenset({"norefersub"})
 TRANSACTION_LINGER = 32.0  # RFC 3261 Timer J for UDP (64*T1)
+#: REGISTERs of one AoR that may wait behind one whose policy answer is pending; more → 503.
+MAX_WAITING_PER_AOR = 8
 
 _INSTANCE_RE = re.compile(r"^<?urn:uuid:00000000-0000-0000-0000-([0-9a-fA-F]{12})>?$")
 
@@ -130,9 +172,13 @@ class PolicyDecision:
 
 
 class RegistrationPolicy(Protocol):
-    """Implemented by the daemon over its registry. Must not block (runs on the reactor)."""
+    """Implemented by the daemon over its registry. Must not block (runs on the reactor).
 
-    def decide(self, request: RegistrationRequest) -> PolicyDecision: ...
+    The answer is immediate, or a Deferred when deciding means a write (autoregistration
+    creating the device): the REGISTER is then answered when it fires.
+    """
+
+    def decide(self, request: RegistrationRequest) -> PolicyDecision | Deferred[PolicyDecision]: ...
 
 
 # --- settings, sources, replies ----------------------------------------------------------
@@ -150,12 +196,40 @@ class RegistrarSettings:
     realm: str = "callboard"
     server_name: str = "Callboard"
     nonce_lifetime: float = 300.0
-    nonce_secret: bytes | None = None  # None: random per start
-    digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+    # None: random per start. Not a configuration key: a secret has no place in a TOML file.
+    nonce_secret: bytes | None = field(default=None, metadata=config_key(None))
+    #: Offered in this order, one challenge each. Cisco's SIP stack reads one challenge and
+    #: speaks MD5 (protocol notes §16); SHA-256, first or alone, is for other phones.
+    digest_algorithms: tuple[str, ...] = ("MD5",)
     domains: frozenset[str] = frozenset()  # Request-URI hosts served; empty = any
     max_contacts: int = 10  # per AoR
     warning_host: str = "callboard"  # the warn-agent of ``Warning: 399``
     sweep_interval: float = 1.0
+
+    def validate(self) -> None:
+        """The bounds a configuration is held to (the registrar part of [sip])."""
+        check_range("min_expires", self.min_expires, 1, 86400)
+        check_range("max_expires", self.max_expires, self.min_expires, 7 * 86400)
+        check_range("default_expires", self.default_expires, self.min_expires, self.max_expires)
+        check_range("keepalive_expires", self.keepalive_expires, 1, 86400)
+        check_range("max_message_size", self.max_message_size, 1024, 1 << 20)
+        check_range("nonce_lifetime", self.nonce_lifetime, 1, 86400)
+        check_range("max_contacts", self.max_contacts, 1, 1000)
+        check_range("sweep_interval", self.sweep_interval, 0.01, 3600)
+        if not self.digest_algorithms:
+            raise SettingError("digest_algorithms", "at least one algorithm is needed")
+        for algorithm in self.digest_algorithms:
+            check_choice("digest_algorithms", algorithm, ("SHA-256", "MD5"))
+        # Each is written into a header: a quote or a line break would forge another.
+        for name in ("realm", "server_name", "warning_host"):
+            value = getattr(self, name)
+            if not value or not value.isprintable() or '"' in value:
+                raise SettingError(name, f"{value!r} cannot go into a SIP header")
+        if " " in self.warning_host:
+            raise SettingError("warning_host", f"{self.warning_host!r} is not a host name")
+        for domain in self.domains:
+            if not domain or not domain.isprintable() or " " in domain:
+                raise SettingError("domains", f"{domain!r} is not a host name")
 
 
 @dataclass(frozen=True)
@@ -183,6 +257,10 @@ class Reply:
     close: bool = False  # streams: close after sending (unrecoverable framing)
 
 
+#: What the registrar hands a transport: a reply now, one later, or nothing to send.
+Answer: TypeAlias = "Reply | Deferred[Reply] | None"
+
+
 @dataclass(frozen=True)
 class BindingInfo:
     """One live binding, as shown by ``callboard device show`` and the admin API."""
@@ -198,24 +276,6 @@ class BindingInfo:
     registered_at: float  # wall clock (epoch seconds)
     call_id: str
     cseq: int
-    instance: str | None
-    model_id: str | None
-    client_cert_fingerprint: str | None
-
-
-@dataclass
-class _Binding:
-    aor: str
-    key: str
-    contact: NameAddr
-    call_id: str
-    cseq: int
-    expires_at: float
-    registered_at: float
-    device_name: str | None
-    transport: str
-    source: str
-    user_agent: str | None
     instance: str | None
     model_id: str | None
     client_cert_fingerprint: str | None
@@ -240,19 +300,77 @@ class Counters:
     too_large_513: int = 0
     too_many_hops_483: int = 0
     not_allowed_405: int = 0
+    unsupported_415: int = 0
+    bad_extension_420: int = 0
+    keepalives: int = 0  # keep-alive REGISTERs (``cisco-keep-alive``) answered 200
+    remotecc_answers: int = 0  # 200s carrying an optionsind response
+    refer: int = 0
+    alarms: int = 0  # alarm REFERs accepted (202)
+    policy_failed_500: int = 0
+    busy_503: int = 0
     retransmissions: int = 0
     malformed_dropped: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class _Abort(Exception):
-    """Stop processing a request and answer with this response."""
+class _Reject(Exception):
+    """Stop processing a request: ``response`` is the answer (errors carry the reply)."""
 
-    def __init__(self, status: int, reason: str = "", **headers: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+@dataclass(frozen=True)
+class CiscoIdentity:
+    """Who a Cisco phone says it is, from the first contact that carries each parameter."""
+
+    device_name: str | None
+    mac: str | None  # the last 12 hex digits of ``+sip.instance``, lower case
+    model_id: str | None
+
+    @classmethod
+    def of(cls, contacts: list[NameAddr]) -> CiscoIdentity:
+        device = model = instance = None
+        for c in contacts:
+            device = device or c.param("+u.sip!devicename.ccm.cisco.com")
+            model = model or c.param("+u.sip!model.ccm.cisco.com")
+            instance = instance or c.param("+sip.instance")
+        m = _INSTANCE_RE.match(instance.strip()) if instance else None
+        return cls(device, m.group(1).lower() if m else None, model)
+
+
+@dataclass(frozen=True)
+class _Register:
+    """A REGISTER read and checked before anyone is asked anything (step 1)."""
+
+    req: Request
+    source: Source
+    aor: str
+    aor_user: str
+    call_id: str
+    cseq: int
+    wildcard: bool  # ``Contact: *`` (with Expires 0): remove every binding
+    planned: tuple[tuple[NameAddr, int], ...]  # each contact with its granted expiry (0 removes)
+    identity: CiscoIdentity
+    user_agent: str | None
+    keepalive: bool = False  # every contact says ``cisco-keep-alive``: a backup node's probe
+    remotecc: RemoteccRequest | None = None  # the body's remotecc parts, when any
+    alarm: ReasonAlarm | None = None  # the ``Reason`` cisco-alarm, when any
+
+    @property
+    def is_removal(self) -> bool:
+        return self.wildcard or (bool(self.planned) and all(e == 0 for _, e in self.planned))
+
+
+@dataclass(frozen=True)
+class _Change:
+    """What a REGISTER does to its AoR's bindings (step 4), before it is applied."""
+
+    before: dict[str, Binding]  # the live bindings
+    after: dict[str, Binding]
+    added: bool
+    newreg: bool  # the owner had no live binding anywhere: ``x-cisco-newreg``
 
 
 def _sent_by_port(transport: str) -> int:
@@ -260,7 +378,12 @@ def _sent_by_port(transport: str) -> int:
 
 
 class Registrar:
-    """REGISTER/OPTIONS processing and binding state. Not thread-safe: reactor thread only."""
+    """REGISTER/OPTIONS processing. Not thread-safe: reactor thread only.
+
+    ``now`` gives seconds on the clock timers run on (the daemon passes the reactor's);
+    ``wall_now`` gives epoch seconds for what is shown to people. ``location`` keeps the
+    bindings (in this process's memory unless another service is given).
+    """
 
     log = Logger(namespace="callboard.sip.registrar")
 
@@ -269,26 +392,28 @@ class Registrar:
         policy: RegistrationPolicy,
         settings: RegistrarSettings | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
-        wallclock: Callable[[], float] = time.time,
+        now: Callable[[], float],
+        wall_now: Callable[[], float],
+        location: LocationService | None = None,
     ) -> None:
         self.policy = policy
         self.settings = settings or RegistrarSettings()
-        self.clock = clock
-        self.wallclock = wallclock
+        self.now = now
+        self.wall_now = wall_now
+        self.location: LocationService = location or MemoryLocationService()
         s = self.settings
         self.digest = DigestAuthenticator(
             s.realm, s.nonce_secret or os.urandom(32), s.nonce_lifetime, s.digest_algorithms
         )
         self.counters = Counters()
-        self._bindings: dict[str, dict[str, _Binding]] = {}
-        self._by_device: dict[str, set[str]] = {}  # device name → AoRs
-        self._heap: list[tuple[float, str, str]] = []
         self._transactions: dict[tuple[str, str, str], tuple[float, Reply | None]] = {}
+        # AoR → REGISTERs waiting behind one whose policy answer is pending (key present while
+        # one is pending), each with the Deferred its answer goes to.
+        self._waiting: dict[str, deque[tuple[_Register, Deferred[Response]]]] = {}
 
     # --- entry points ---------------------------------------------------------------------
 
-    def handle_bytes(self, data: bytes, source: Source) -> Reply | None:
+    def handle_bytes(self, data: bytes, source: Source) -> Answer:
         """One datagram or one framed stream message in; the reply (if any) out."""
         self.counters.requests += 1
         try:
@@ -298,11 +423,19 @@ class Registrar:
             return self.error_reply(exc.partial, 513, source, exc.reason)
         except SIPParseError as exc:
             return self.error_reply(exc.partial, 400, source, exc.reason)
+        return self._handle(msg, source)
+
+    def handle_message(self, msg: Message, source: Source) -> Answer:
+        """One message a stream framer has already cut and parsed."""
+        self.counters.requests += 1
+        return self._handle(msg, source)
+
+    def _handle(self, msg: Message, source: Source) -> Answer:
         if isinstance(msg, Response):
             return None  # we send no requests; stray responses are dropped
         return self.handle_request(msg, source)
 
-    def handle_request(self, req: Request, source: Source) -> Reply | None:
+    def handle_request(self, req: Request, source: Source) -> Answer:
         try:
             via = parse_via(req.headers.values("via")[0])
             cseq = parse_cseq(req.headers.get("cseq") or "")
@@ -323,22 +456,40 @@ class Registrar:
             cached = self._transactions.get(tkey)
             if cached is not None:
                 self.counters.retransmissions += 1
-                return cached[1]
+                return cached[1]  # None while the first is still pending: absorbed
+        answer: Answer
         if cseq.method.upper() != method:
-            reply = self.error_reply(req, 400, source, "CSeq method does not match")
+            answer = self.error_reply(req, 400, source, "CSeq method does not match")
         else:
-            try:
-                response = self._dispatch(req, method, source)
-            except _Abort as exc:
-                response = self._response(req, exc.status, exc.reason)
-                for k, v in exc.headers.items():
-                    response.headers.add(k.replace("_", "-"), v)
-            reply = self._route(req, response, source, via)
+            answer = self._answer(req, method, source, via)
         if tkey is not None:
-            self._transactions[tkey] = (self.clock() + TRANSACTION_LINGER, reply)
-        return reply
+            self._remember(tkey, answer)
+        return answer
 
-    def _dispatch(self, req: Request, method: str, source: Source) -> Response:
+    def _answer(self, req: Request, method: str, source: Source, via: Via) -> Answer:
+        try:
+            response = self._dispatch(req, method, source)
+        except _Reject as exc:
+            response = exc.response
+        if isinstance(response, Deferred):
+            return response.addCallback(lambda resp: self._route(req, resp, source, via))
+        return self._route(req, response, source, via)
+
+    def _remember(self, tkey: tuple[str, str, str], answer: Answer) -> None:
+        """Cache the reply for retransmissions; while it is pending, absorb them."""
+        if not isinstance(answer, Deferred):
+            self._transactions[tkey] = (self.now() + TRANSACTION_LINGER, answer)
+            return
+        self._transactions[tkey] = (self.now() + TRANSACTION_LINGER, None)
+
+        def answered(reply: Reply) -> Reply:
+            self._transactions.pop(tkey, None)  # re-insert: the table stays in deadline order
+            self._transactions[tkey] = (self.now() + TRANSACTION_LINGER, reply)
+            return reply
+
+        answer.addCallback(answered)
+
+    def _dispatch(self, req: Request, method: str, source: Source) -> Response | Deferred[Response]:
         if method == "OPTIONS":
             self.counters.options += 1
             resp = self._response(req, 200)
@@ -347,252 +498,445 @@ class Registrar:
             return resp
         mf = req.headers.get("max-forwards")
         if mf is not None:
-            if not mf.strip().isdigit():
-                raise _Abort(400, "Bad Max-Forwards")
+            if not is_number(mf.strip()):
+                raise _Reject(self._response(req, 400, "Bad Max-Forwards"))
             if int(mf) == 0:
                 self.counters.too_many_hops_483 += 1
-                raise _Abort(483)
+                raise _Reject(self._response(req, 483))
         if method == "REGISTER":
             self.counters.register += 1
             return self._register(req, source)
+        if method == "REFER":
+            self.counters.refer += 1
+            return self._refer(req, source)
         self.counters.not_allowed_405 += 1
         resp = self._response(req, 405)
         resp.headers.add("Allow", ALLOW)
         return resp
 
-    # --- REGISTER -------------------------------------------------------------------------
+    # --- REGISTER: the pipeline -----------------------------------------------------------
 
-    def _register(self, req: Request, source: Source) -> Response:
-        s = self.settings
-        now = self.clock()
+    def _register(self, req: Request, source: Source) -> Response | Deferred[Response]:
+        """RFC 3261 §10.3, one named step at a time; asynchronous only when the policy is."""
+        reg = self._read_register(req, source)
+        if reg.keepalive:
+            return self._keepalive_ok(reg)
+        waiting = self._waiting.get(reg.aor)
+        if waiting is None:
+            outcome = self._decide(reg)
+            if not isinstance(outcome, Deferred):
+                return outcome  # the fast path: the policy answered at once
+            self._waiting[reg.aor] = deque()
+            return self._then_next(reg.aor, outcome)
+        if len(waiting) >= MAX_WAITING_PER_AOR:
+            return self._busy(reg)
+        turn: Deferred[Response] = Deferred()
+        waiting.append((reg, turn))
+        return turn
+
+    def _decide(self, reg: _Register) -> Response | Deferred[Response]:
+        """Steps 2 to 5: ask the policy, then finish when it has answered."""
+        decision = self.policy.decide(self._policy_request(reg))
+        if isinstance(decision, Deferred):
+            d = decision.addCallback(self._after_policy, reg)
+            return d.addErrback(self._policy_failed, reg)
+        return self._after_policy(decision, reg)
+
+    def _after_policy(self, decision: PolicyDecision, reg: _Register) -> Response:
+        """Steps 3 to 5: authenticate, plan the bindings, apply them and answer 200."""
+        now = self.now()
+        try:
+            if not decision.allowed:
+                device = reg.identity.device_name
+                why = decision.warning
+                raise _Reject(self._refuse(reg.req, decision.status, why, reg.source, device))
+            owner = decision.device_name or reg.identity.device_name
+            self._authenticate(reg, decision.credentials, owner, now)
+            change = self._plan_bindings(reg, owner, now)
+        except _Reject as exc:
+            return exc.response
+        self._apply(reg, change, owner)
+        return self._ok(reg, change, now)
+
+    def _read_register(self, req: Request, source: Source) -> _Register:
+        """Step 1: parse and check everything that needs no state and no policy."""
         try:
             ruri = parse_uri(req.uri)
-            to = parse_name_addr(req.headers.get("to") or "")
-            to_uri = parse_uri(to.uri)
+            to_uri = parse_uri(parse_name_addr(req.headers.get("to") or "").uri)
             contacts = parse_contact_list(req.headers)
             call_id = (req.headers.get("call-id") or "").strip()
             cseq = parse_cseq(req.headers.get("cseq") or "").number
         except SIPParseError as exc:
-            return self._bad(req, exc.reason)
-        if s.domains and ruri.host not in s.domains:
-            return self._refuse(req, 404, f"domain {ruri.host} not served here", source, None)
+            raise _Reject(self._bad(req, exc.reason)) from None
+        domains = self.settings.domains
+        if domains and ruri.host not in domains:
+            why = f"domain {ruri.host} not served here"
+            raise _Reject(self._refuse(req, 404, why, source, None))
         if not to_uri.user:
-            return self._bad(req, "To has no user part")
-        aor = to_uri.aor
-        header_expires: int | None = None
-        raw_exp = req.headers.get("expires")
-        if raw_exp is not None:
-            if not raw_exp.strip().isdigit():
-                return self._bad(req, "bad Expires header")
-            header_expires = min(int(raw_exp.strip()), 2**32 - 1)
-        if contacts == WILDCARD and header_expires != 0:
-            return self._bad(req, "Contact: * requires Expires: 0")
-
-        # The Cisco identity comes from the first contact that carries it.
-        device = mac = model = instance = None
-        if isinstance(contacts, list):
-            for c in contacts:
-                device = device or c.param("+u.sip!devicename.ccm.cisco.com")
-                model = model or c.param("+u.sip!model.ccm.cisco.com")
-                inst = c.param("+sip.instance")
-                if inst and instance is None:
-                    instance = inst
-                    m = _INSTANCE_RE.match(inst.strip())
-                    mac = m.group(1).lower() if m else None
-        user_agent = req.headers.get("user-agent")
-
-        # Per-contact expiry, before asking anyone anything (423 costs nothing).
-        planned: list[tuple[NameAddr, int]] = []
-        if isinstance(contacts, list):
-            if len(contacts) > s.max_contacts:
-                return self._bad(req, "too many contacts")
-            for c in contacts:
-                raw = c.param("expires")
-                if raw is not None:
-                    if not raw.isdigit():
-                        return self._bad(req, "bad expires parameter")
-                    exp = min(int(raw), 2**32 - 1)
-                elif header_expires is not None:
-                    exp = header_expires
-                else:
-                    exp = s.default_expires
-                if 0 < exp < s.min_expires:
-                    self.counters.too_brief_423 += 1
-                    self.log.info(
-                        "SIP REGISTER refused: interval too brief {aor} {expires}s",
-                        aor=aor,
-                        expires=exp,
-                        source=source.address,
-                    )
-                    raise _Abort(423, "", Min_Expires=str(s.min_expires))
-                planned.append((c, min(exp, s.max_expires)))
-        is_removal = contacts == WILDCARD or (bool(planned) and all(exp == 0 for _, exp in planned))
-
-        decision = self.policy.decide(
-            RegistrationRequest(
-                device_name=device,
-                mac=mac,
-                model_id=model,
-                aor_user=to_uri.user,
-                source=source.address,
-                transport=source.transport,
-                user_agent=user_agent,
-                client_cert_fingerprint=source.client_cert_fingerprint,
-                is_removal=is_removal,
-                bound_devices=tuple(
-                    sorted(
-                        {
-                            b.device_name
-                            for b in self._bindings.get(aor, {}).values()
-                            if b.device_name and b.expires_at > now
-                        }
-                    )
-                ),
-            )
+            raise _Reject(self._bad(req, "To has no user part"))
+        header_expires = self._header_expires(req)
+        wildcard = contacts == WILDCARD
+        if wildcard and header_expires != 0:
+            raise _Reject(self._bad(req, "Contact: * requires Expires: 0"))
+        listed = contacts if isinstance(contacts, list) else []
+        return _Register(
+            req=req,
+            source=source,
+            aor=to_uri.aor,
+            aor_user=to_uri.user,
+            call_id=call_id,
+            cseq=cseq,
+            wildcard=wildcard,
+            planned=self._plan_expiries(req, source, to_uri.aor, listed, header_expires),
+            identity=CiscoIdentity.of(listed),
+            user_agent=req.headers.get("user-agent"),
+            keepalive=bool(listed)
+            and all(has_param(list(c.params), KEEPALIVE_PARAM) for c in listed),
+            remotecc=self._read_remotecc(req),
+            alarm=parse_reason_alarm(req.headers.get_all("reason")),
         )
-        if not decision.allowed:
-            return self._refuse(req, decision.status, decision.warning, source, device)
-        owner = decision.device_name or device
-        if decision.credentials is not None:
-            auth_name, password = decision.credentials
-            verdict = self.digest.verify(
-                req.headers.get_all("authorization"),
-                method="REGISTER",
-                username=auth_name,
-                password=password,
-                now=now,
-            )
-            if verdict is Verdict.MALFORMED:
-                return self._bad(req, "malformed Authorization")
-            if verdict is Verdict.WRONG:
-                return self._refuse(req, 403, "bad credentials", source, owner)
-            if verdict is not Verdict.OK:
-                self.counters.challenged_401 += 1
-                resp = self._response(req, 401)
-                for value in self.digest.challenges(now, stale=verdict is Verdict.STALE):
-                    resp.headers.add("WWW-Authenticate", value)
-                return resp
 
-        current = self._bindings.get(aor, {})
-        live = {k: b for k, b in current.items() if b.expires_at > now}
-        changed = dict(live)
+    def _read_remotecc(self, req: Request) -> RemoteccRequest | None:
+        """The remotecc parts of the body (Cisco's bulkregisterreq and optionsind); other
+        bodies are ignored, as before; one that cannot be read is a 400."""
+        try:
+            return read_remotecc_request(body_parts(req.headers.get("content-type"), req.body))
+        except (MultipartError, CiscoBodyError) as exc:
+            raise _Reject(self._bad(req, f"REGISTER body: {exc.reason}")) from None
+
+    def _header_expires(self, req: Request) -> int | None:
+        raw = req.headers.get("expires")
+        if raw is None:
+            return None
+        if not is_number(raw.strip()):
+            raise _Reject(self._bad(req, "bad Expires header"))
+        return min(int(raw.strip()), 2**32 - 1)
+
+    def _plan_expiries(
+        self,
+        req: Request,
+        source: Source,
+        aor: str,
+        contacts: list[NameAddr],
+        header_expires: int | None,
+    ) -> tuple[tuple[NameAddr, int], ...]:
+        """Each contact's expiry, before asking anyone anything (a 423 costs nothing)."""
+        s = self.settings
+        if len(contacts) > s.max_contacts:
+            raise _Reject(self._bad(req, "too many contacts"))
+        planned: list[tuple[NameAddr, int]] = []
+        for c in contacts:
+            raw = c.param("expires")
+            if raw is not None:
+                if not is_number(raw):
+                    raise _Reject(self._bad(req, "bad expires parameter"))
+                exp = min(int(raw), 2**32 - 1)
+            elif header_expires is not None:
+                exp = header_expires
+            else:
+                exp = s.default_expires
+            if 0 < exp < s.min_expires:
+                raise _Reject(self._too_brief(req, source, aor, exp))
+            planned.append((c, min(exp, s.max_expires)))
+        return tuple(planned)
+
+    def _policy_request(self, reg: _Register) -> RegistrationRequest:
+        live = self.location.lookup(reg.aor, self.now())
+        return RegistrationRequest(
+            device_name=reg.identity.device_name,
+            mac=reg.identity.mac,
+            model_id=reg.identity.model_id,
+            aor_user=reg.aor_user,
+            source=reg.source.address,
+            transport=reg.source.transport,
+            user_agent=reg.user_agent,
+            client_cert_fingerprint=reg.source.client_cert_fingerprint,
+            is_removal=reg.is_removal,
+            bound_devices=tuple(sorted({b.device_name for b in live.values() if b.device_name})),
+        )
+
+    def _authenticate(
+        self,
+        reg: _Register,
+        credentials: tuple[str, str] | None,
+        owner: str | None,
+        now: float,
+    ) -> None:
+        """Step 3: digest when the policy gave credentials; 400, 403 or 401 otherwise."""
+        if credentials is None:
+            return
+        auth_name, password = credentials
+        verdict = self.digest.verify(
+            reg.req.headers.get_all("authorization"),
+            method="REGISTER",
+            username=auth_name,
+            password=password,
+            now=now,
+        )
+        if verdict is Verdict.OK:
+            return
+        if verdict is Verdict.MALFORMED:
+            raise _Reject(self._bad(reg.req, "malformed Authorization"))
+        if verdict is Verdict.WRONG:
+            raise _Reject(self._refuse(reg.req, 403, "bad credentials", reg.source, owner))
+        raise _Reject(self._challenge(reg.req, now, stale=verdict is Verdict.STALE))
+
+    def _plan_bindings(self, reg: _Register, owner: str | None, now: float) -> _Change:
+        """Step 4: the AoR's new binding set; a stale CSeq or too many bindings change nothing."""
+        live = self.location.lookup(reg.aor, now)
+        after = dict(live)
         added = False
-        if contacts == WILDCARD:
+        if reg.wildcard:
             for key, b in live.items():
-                if b.call_id == call_id and cseq <= b.cseq:
+                if b.call_id == reg.call_id and reg.cseq <= b.cseq:
                     continue  # RFC 3261 §10.3 step 6: this one is newer than the removal
-                del changed[key]
+                del after[key]
         else:
-            for c, exp in planned:
+            for c, exp in reg.planned:
                 key = instance_key(c)
                 old = live.get(key)
-                if old is not None and old.call_id == call_id and cseq <= old.cseq:
-                    return self._bad(req, "CSeq not higher than the stored one for this Call-ID")
+                if old is not None and old.call_id == reg.call_id and reg.cseq <= old.cseq:
+                    why = "CSeq not higher than the stored one for this Call-ID"
+                    raise _Reject(self._bad(reg.req, why))
                 if exp == 0:
-                    changed.pop(key, None)
+                    after.pop(key, None)
                     continue
                 added = True
-                contact = c.with_params(
-                    [(k, v) for k, v in c.params if k.lower() not in ("expires", "x-cisco-newreg")]
-                )
-                changed[key] = _Binding(
-                    aor=aor,
-                    key=key,
-                    contact=contact,
-                    call_id=call_id,
-                    cseq=cseq,
-                    expires_at=now + exp,
-                    registered_at=self.wallclock(),
-                    device_name=owner,
-                    transport=source.transport,
-                    source=source.address,
-                    user_agent=user_agent,
-                    instance=c.param("+sip.instance"),
-                    model_id=c.param("+u.sip!model.ccm.cisco.com"),
-                    client_cert_fingerprint=source.client_cert_fingerprint,
-                )
-            if len(changed) > s.max_contacts:
-                return self._bad(req, "too many bindings for this address")
+                after[key] = self._binding(reg, c, key, now + exp, owner)
+            if len(after) > self.settings.max_contacts:
+                raise _Reject(self._bad(reg.req, "too many bindings for this address"))
+        newreg = added and owner is not None and not self.location.by_device(owner, now)
+        return _Change(live, after, added, newreg)
 
-        newreg = added and owner is not None and not self._device_has_live(owner, now)
-        # Commit: from here on nothing can fail.
-        removed_keys = [k for k in live if k not in changed]
-        if changed:
-            self._bindings[aor] = changed
-        else:
-            self._bindings.pop(aor, None)
-        for key, b in changed.items():
-            if live.get(key) is not b:
-                heapq.heappush(self._heap, (b.expires_at, aor, key))
-                if b.device_name:
-                    self._by_device.setdefault(b.device_name, set()).add(aor)
-        for key in removed_keys:
-            old = live[key]
+    def _binding(
+        self, reg: _Register, c: NameAddr, key: str, expires_at: float, owner: str | None
+    ) -> Binding:
+        drop = ("expires", "x-cisco-newreg")
+        return Binding(
+            aor=reg.aor,
+            key=key,
+            contact=c.with_params([(k, v) for k, v in c.params if k.lower() not in drop]),
+            call_id=reg.call_id,
+            cseq=reg.cseq,
+            expires_at=expires_at,
+            registered_at=self.wall_now(),
+            device_name=owner,
+            transport=reg.source.transport,
+            source=reg.source.address,
+            user_agent=reg.user_agent,
+            instance=c.param("+sip.instance"),
+            model_id=c.param("+u.sip!model.ccm.cisco.com"),
+            client_cert_fingerprint=reg.source.client_cert_fingerprint,
+        )
+
+    def _apply(self, reg: _Register, change: _Change, owner: str | None) -> None:
+        """Step 5a: hand the new set to the location service; count and log what changed."""
+        self.location.replace(reg.aor, change.after)
+        for key, old in change.before.items():
+            if key in change.after:
+                continue
             self.counters.unregistrations += 1
             self.log.info(
                 "SIP unregistered {aor} {contact} device={device}",
-                aor=aor,
+                aor=reg.aor,
                 contact=old.contact.uri,
                 device=old.device_name,
-                source=source.address,
+                source=reg.source.address,
             )
-        if added:
+        if change.added:
             self.counters.registrations += 1
             self.log.info(
                 "SIP registered {aor} device={device} via {transport} from {source}",
-                aor=aor,
+                aor=reg.aor,
                 device=owner,
-                transport=source.transport,
-                source=source.address,
-                user_agent=user_agent,
-                new_registration=newreg,
-                contacts=[str(c.uri) for c, e in planned if e],
+                transport=reg.source.transport,
+                source=reg.source.address,
+                user_agent=reg.user_agent,
+                new_registration=change.newreg,
+                contacts=[str(c.uri) for c, e in reg.planned if e],
             )
-        elif not planned and contacts != WILDCARD:
+            if reg.alarm is not None:
+                self._log_reason_alarm(reg, owner, reg.alarm)
+        elif not reg.planned and not reg.wildcard:
             self.counters.queries += 1
 
+    def _log_reason_alarm(self, reg: _Register, owner: str | None, alarm: ReasonAlarm) -> None:
+        """What the phone says about itself in ``Reason`` (information only: the device is the
+        policy's ``owner``, whatever ``Name=`` claims)."""
+        self.log.info(
+            "SIP {device} reports cisco-alarm {alarm_code}: name={name} active_load={active_load} "
+            "inactive_load={inactive_load} last={last}",
+            device=owner,
+            alarm_code=shown(alarm.code, 8),
+            name=shown(alarm.name),
+            active_load=shown(alarm.active_load),
+            inactive_load=shown(alarm.inactive_load),
+            last=shown(alarm.last),
+            aor=reg.aor,
+            source=reg.source.address,
+        )
+
+    def _ok(self, reg: _Register, change: _Change, now: float) -> Response:
+        """Step 5b: the 200 listing every live binding of the AoR."""
         self.counters.ok += 1
-        resp = self._response(req, 200)
-        own_keys = {instance_key(c) for c, e in planned if e} if newreg else set()
-        for key, b in sorted(changed.items(), key=lambda kv: kv[1].expires_at):
+        resp = self._response(reg.req, 200)
+        own_keys = {instance_key(c) for c, e in reg.planned if e} if change.newreg else set()
+        for key, b in sorted(change.after.items(), key=lambda kv: kv[1].expires_at):
             params = [*b.contact.params, ("expires", str(max(0, round(b.expires_at - now))))]
             if key in own_keys:
                 params.append(("x-cisco-newreg", None))
             resp.headers.add("Contact", str(b.contact.with_params(params)))
-        if added:
-            resp.headers.add("Expires", str(s.keepalive_expires))
-        resp.headers.add("Supported", "X-cisco-srtp-fallback")
+        if change.added:
+            resp.headers.add("Expires", str(self.settings.keepalive_expires))
+        resp.headers.add("Supported", CUCM_SUPPORTED)
+        if reg.remotecc is not None and reg.remotecc.optionsind is not None:
+            self.counters.remotecc_answers += 1
+            resp.headers.add("Content-Type", REMOTECC_RESPONSE)
+            resp.body = optionsind_response(reg.remotecc.optionsind)
         return resp
+
+    def _keepalive_ok(self, reg: _Register) -> Response:
+        """A backup node's keep-alive (``expires=0;cisco-keep-alive``): 200, nothing removed.
+
+        Answered before the policy, as the usecallmanager patch does: it changes nothing and
+        tells nothing but that this node is up (as OPTIONS does).
+        """
+        self.counters.keepalives += 1
+        self.counters.ok += 1
+        self.log.debug(
+            "SIP keep-alive REGISTER {aor} device={device}",
+            aor=reg.aor,
+            device=shown(reg.identity.device_name),
+            source=reg.source.address,
+        )
+        return self._response(reg.req, 200)
+
+    # --- REFER: the alarm Cisco phones send before registering -----------------------------
+
+    def _refer(self, req: Request, source: Source) -> Response:
+        """The out-of-dialog alarm REFER (protocol notes §16): 202, logged and counted.
+
+        Nothing is referred anywhere, so nothing but an alarm is accepted, checked in RFC 3261
+        §8.2 order: an extension other than ``norefersub`` required → 420; another body → 415
+        (with ``Accept``); no single ``Refer-To`` naming the body (``cid:``), or an alarm that
+        cannot be read → 400. The alarm's device name is what the phone claims, no more.
+        """
+        required = [o for o in req.headers.values("require") if o.lower() not in REFER_EXTENSIONS]
+        if required:
+            self.counters.bad_extension_420 += 1
+            resp = self._response(req, 420)
+            resp.headers.add("Unsupported", ", ".join(required))
+            return resp
+        if self._media_type(req) != ALARM:
+            self.counters.unsupported_415 += 1
+            resp = self._response(req, 415)
+            resp.headers.add("Accept", ALARM)
+            why = f"only Cisco alarm REFERs ({ALARM}) are accepted"
+            resp.headers.add("Warning", f"399 {self.settings.warning_host} {quote(why)}")
+            return resp
+        refer_to = req.headers.get_all("refer-to")
+        if len(refer_to) != 1:
+            raise _Reject(self._bad(req, "REFER needs exactly one Refer-To"))
+        if not refer_to[0].strip().lstrip("<").lower().startswith("cid:"):
+            raise _Reject(self._bad(req, "Refer-To must name the alarm body (cid:)"))
+        try:
+            alarm = parse_alarm(req.body)
+            own = self._own_contact(req, source)
+        except CiscoBodyError as exc:
+            raise _Reject(self._bad(req, f"alarm body: {exc.reason}")) from None
+        except SIPParseError as exc:
+            raise _Reject(self._bad(req, exc.reason)) from None
+        self.counters.alarms += 1
+        self._log_alarm(req, source, alarm)
+        resp = self._response(req, 202)
+        resp.headers.add("Contact", own)
+        return resp
+
+    @staticmethod
+    def _media_type(req: Request) -> str | None:
+        value = req.headers.get("content-type")
+        try:
+            return parse_media_type(value).type if value else None
+        except MultipartError:
+            return None
+
+    @staticmethod
+    def _own_contact(req: Request, source: Source) -> str:
+        """Where we answered from, as CUCM's 202 says it: the Request-URI's host and port."""
+        ruri = parse_uri(req.uri)
+        port = ruri.port or _sent_by_port(source.transport)
+        return f"<sip:{ruri.host}:{port};transport={source.transport}>"
+
+    def _log_alarm(self, req: Request, source: Source, alarm: CiscoAlarm) -> None:
+        """One line per alarm: its name, the device it names (or the Contact's devicename),
+        and what it carried that matters (status, reason, loads); every value made printable
+        and short, since the phone wrote it."""
+        contact_device = None
+        try:
+            contacts = parse_contact_list(req.headers)
+            if isinstance(contacts, list):
+                contact_device = CiscoIdentity.of(contacts).device_name
+        except SIPParseError:
+            pass
+        status, reason = shown(alarm.status), shown(alarm.reason)
+        loads = " ".join(f"{shown(k, 32)}={shown(v)}" for k, v in alarm.loads[:4]) or None
+        said = [f"{k}={v}" for k, v in (("status", status), ("reason", reason)) if v]
+        said += [loads] if loads else []
+        self.log.info(
+            "SIP alarm {alarm} from {device}: {summary}",
+            alarm=shown(alarm.name),
+            device=shown(alarm.device_name or contact_device),
+            summary=" ".join(said) or f"{len(alarm.params)} parameters",
+            status=status,
+            reason=reason,
+            loads=loads,
+            parameters=len(alarm.params),
+            contact_device=shown(contact_device),
+            source=source.address,
+            user_agent=shown(req.headers.get("user-agent")),
+        )
+
+    # --- REGISTER: one AoR at a time while a policy answer is pending ---------------------
+
+    def _then_next(self, aor: str, outcome: Deferred[Response]) -> Deferred[Response]:
+        """A Deferred of ``outcome``'s response; the REGISTERs waiting on ``aor`` start after
+        it has been answered (so their answers also leave in order)."""
+        answer: Deferred[Response] = Deferred()
+        outcome.chainDeferred(answer)
+        outcome.addBoth(lambda _: self._next_in_turn(aor))
+        return answer
+
+    def _next_in_turn(self, aor: str) -> None:
+        waiting = self._waiting[aor]
+        while waiting:
+            reg, turn = waiting.popleft()
+            try:
+                outcome = self._decide(reg)
+            except Exception:
+                turn.errback(Failure())
+                continue
+            if isinstance(outcome, Deferred):
+                outcome.chainDeferred(turn)
+                outcome.addBoth(lambda _: self._next_in_turn(aor))
+                return
+            turn.callback(outcome)
+        del self._waiting[aor]
 
     # --- state views ----------------------------------------------------------------------
 
-    def _device_has_live(self, device: str, now: float) -> bool:
-        for aor in self._by_device.get(device, ()):
-            for b in self._bindings.get(aor, {}).values():
-                if b.device_name == device and b.expires_at > now:
-                    return True
-        return False
-
     def bindings_for_device(self, device_name: str) -> list[BindingInfo]:
-        now = self.clock()
-        out = []
-        for aor in sorted(self._by_device.get(device_name, ())):
-            for b in self._bindings.get(aor, {}).values():
-                if b.device_name == device_name and b.expires_at > now:
-                    out.append(self._info(b, now))
-        return out
+        now = self.now()
+        return [self._info(b, now) for b in self.location.by_device(device_name, now)]
 
     def bindings_for_aor(self, aor: str) -> list[BindingInfo]:
-        now = self.clock()
-        return [
-            self._info(b, now) for b in self._bindings.get(aor, {}).values() if b.expires_at > now
-        ]
+        now = self.now()
+        return [self._info(b, now) for b in self.location.lookup(aor, now).values()]
 
     def binding_count(self) -> int:
-        return sum(len(v) for v in self._bindings.values())
+        return self.location.count()
 
     @staticmethod
-    def _info(b: _Binding, now: float) -> BindingInfo:
+    def _info(b: Binding, now: float) -> BindingInfo:
         return BindingInfo(
             aor=b.aor,
             contact=str(b.contact),
@@ -612,14 +956,7 @@ class Registrar:
 
     def drop_device(self, device_name: str) -> int:
         """Remove every binding of a device at once (it went back to awaiting activation)."""
-        dropped = 0
-        for aor in self._by_device.pop(device_name, set()):
-            bindings = self._bindings.get(aor, {})
-            for key in [k for k, b in bindings.items() if b.device_name == device_name]:
-                del bindings[key]
-                dropped += 1
-            if not bindings:
-                self._bindings.pop(aor, None)
+        dropped = len(self.location.remove_device(device_name))
         if dropped:
             self.counters.dropped += dropped
             self.log.info(
@@ -629,43 +966,23 @@ class Registrar:
 
     def sweep(self) -> int:
         """Expire due bindings and forget old transactions; returns bindings expired."""
-        now = self.clock()
-        expired = 0
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            at, aor, key = heapq.heappop(heap)
-            bindings = self._bindings.get(aor)
-            if bindings is None:
-                continue
-            b = bindings.get(key)
-            if b is None or b.expires_at != at:
-                continue  # refreshed or removed since
-            del bindings[key]
-            if not bindings:
-                del self._bindings[aor]
-            expired += 1
+        now = self.now()
+        expired = self.location.sweep(now)
+        for b in expired:
             self.log.info(
                 "SIP binding expired {aor} {contact} device={device}",
-                aor=aor,
+                aor=b.aor,
                 contact=b.contact.uri,
                 device=b.device_name,
             )
-            if b.device_name and not any(
-                x.device_name == b.device_name for x in self._bindings.get(aor, {}).values()
-            ):
-                aors = self._by_device.get(b.device_name)
-                if aors is not None:
-                    aors.discard(aor)
-                    if not aors:
-                        del self._by_device[b.device_name]
-        self.counters.expired += expired
+        self.counters.expired += len(expired)
         tx = self._transactions
         while tx:
             first = next(iter(tx))
             if tx[first][0] > now:
                 break
             del tx[first]
-        return expired
+        return len(expired)
 
     def counters_snapshot(self) -> Mapping[str, int]:
         c = self.counters
@@ -678,7 +995,7 @@ class Registrar:
 
     def _response(self, req: Request, status: int, reason: str = "") -> Response:
         resp = response_to(req, status, reason, to_tag=os.urandom(4).hex())
-        resp.headers.add("Date", formatdate(self.wallclock(), usegmt=True))
+        resp.headers.add("Date", formatdate(self.wall_now(), usegmt=True))
         resp.headers.add("Server", self.settings.server_name)
         return resp
 
@@ -706,6 +1023,46 @@ class Registrar:
         )
         resp = self._response(req, status)
         resp.headers.add("Warning", f"399 {self.settings.warning_host} {quote(why)}")
+        return resp
+
+    def _too_brief(self, req: Request, source: Source, aor: str, expires: int) -> Response:
+        self.counters.too_brief_423 += 1
+        self.log.info(
+            "SIP REGISTER refused: interval too brief {aor} {expires}s",
+            aor=aor,
+            expires=expires,
+            source=source.address,
+        )
+        resp = self._response(req, 423)
+        resp.headers.add("Min-Expires", str(self.settings.min_expires))
+        return resp
+
+    def _challenge(self, req: Request, now: float, stale: bool) -> Response:
+        self.counters.challenged_401 += 1
+        resp = self._response(req, 401)
+        for value in self.digest.challenges(now, stale=stale):
+            resp.headers.add("WWW-Authenticate", value)
+        return resp
+
+    def _policy_failed(self, failure: Failure, reg: _Register) -> Response:
+        """The policy's Deferred failed (its store write did): 500, so the phone retries."""
+        self.counters.policy_failed_500 += 1
+        self.log.failure(
+            "SIP registration policy failed for {aor}",
+            failure,
+            aor=reg.aor,
+            source=reg.source.address,
+        )
+        return self._response(reg.req, 500)
+
+    def _busy(self, reg: _Register) -> Response:
+        """Too many REGISTERs of one AoR already wait on a pending policy answer."""
+        self.counters.busy_503 += 1
+        self.log.info(
+            "SIP REGISTER refused 503: {aor} busy", aor=reg.aor, source=reg.source.address
+        )
+        resp = self._response(reg.req, 503)
+        resp.headers.add("Retry-After", "1")
         return resp
 
     def error_reply(

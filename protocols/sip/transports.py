@@ -2,42 +2,64 @@
 
 Wiring (what the daemon does)::
 
-    registrar = Registrar(policy, RegistrarSettings(realm="callboard"), clock=reactor.seconds)
+    registrar = Registrar(
+        policy, RegistrarSettings(realm="callboard"), now=reactor.seconds, wall_now=time.time
+    )
     service = SIPRegistrarService(
-        registrar, reactor, udp_port=5060, tcp_port=5060, tls_port=5061,
+        registrar, reactor,
+        udp=[ListenerSpec.datagram("192.0.2.10", 5060, receive_buffer=4 << 20)],
+        tcp=[ListenerSpec.stream("192.0.2.10", 5060)],
+        tls=[ListenerSpec.stream("192.0.2.10", 5061)],
         tls_options=make_tls_server_options(cert_pem, key_pem),
     )
     service.setServiceParent(parent)
 
-or piecemeal: ``reactor.listenUDP(5060, make_udp_protocol(registrar))``,
-``reactor.listenTCP(5060, make_stream_factory(registrar, "tcp"))``, and for TLS either
-``reactor.listenSSL(5061, make_stream_factory(registrar, "tls"), opts)``,
-``serverFromString(reactor, "ssl:5061:...").listen(make_stream_factory(registrar, "tls"))`` or
-``TLSMemoryBIOFactory(opts, False, make_stream_factory(registrar, "tls"))``; plus
-``start_sweeper(registrar, reactor)`` for binding expiry (the service does it itself).
+The service owns the listeners and the binding-expiry sweep (a ``TimerService`` on the
+reactor). The pieces stand alone too: ``make_udp_protocol(registrar)`` and
+``make_stream_factory(registrar, "tcp" | "tls")`` (the latter inside a
+``TLSMemoryBIOFactory`` for TLS).
 
-The adapters only move bytes: framing (Content-Length on streams), the client certificate
-fingerprint on TLS, and the reply's destination on UDP. Any exception below them is logged and
-the message dropped, so one bad packet never takes a listener down.
+The adapters only move bytes: framing (Content-Length on streams; a framing error is answered
+and closes the stream), the client certificate fingerprint on TLS, and the reply's destination
+on UDP. A reply may come later (a Deferred, when the registration policy writes): a stream
+answers its messages in order and stops reading meanwhile. Any exception below them is logged
+and the message dropped, so one bad packet never takes a listener down.
 """
 
 from __future__ import annotations
 
-import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from callboard.protocols.sip.message import MessageTooLarge, SIPParseError, StreamFramer
-from callboard.protocols.sip.registrar import Registrar, Source
+from callboard.protocols import tls
+from callboard.protocols.listening import (
+    AtomicMultiService,
+    Bind,
+    Kind,
+    ListenerService,
+    ListenerSpec,
+    listeners_in,
+)
+from callboard.protocols.settings import check_range
+from callboard.protocols.sip.message import Message, MessageTooLarge, SIPParseError, StreamFramer
+from callboard.protocols.sip.registrar import Registrar, Reply, Source
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
 from twisted.internet import ssl
-from twisted.internet.defer import DeferredList, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransport
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 log = Logger(namespace="callboard.sip.transports")
@@ -54,25 +76,46 @@ class SIPDatagramProtocol(DatagramProtocol):
         if not datagram.strip(b"\r\n\x00 "):
             return  # keep-alive (CRLF or NAT-binding junk)
         try:
-            reply = self.registrar.handle_bytes(datagram, Source("udp", host, port))
+            answer = self.registrar.handle_bytes(datagram, Source("udp", host, port))
         except Exception:
             log.failure("SIP/UDP message from {host}:{port} dropped", host=host, port=port)
             return
-        if reply is not None and self.transport is not None:
-            try:
-                self.transport.write(reply.data, (reply.host, reply.port))
-            except OSError as exc:
-                log.warn("SIP/UDP send to {host} failed: {err}", host=reply.host, err=exc)
+        if isinstance(answer, Deferred):
+            answer.addCallbacks(self._send, self._failed, errbackArgs=(host, port))
+        elif answer is not None:
+            self._send(answer)
+
+    def _send(self, reply: Reply) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.transport.write(reply.data, (reply.host, reply.port))
+        except OSError as exc:
+            log.warn("SIP/UDP send to {host} failed: {err}", host=reply.host, err=exc)
+
+    def _failed(self, failure: Failure, host: str, port: int) -> None:
+        log.failure("SIP/UDP message from {host}:{port} dropped", failure, host=host, port=port)
 
 
 class SIPStreamProtocol(Protocol):
-    """SIP over TCP or TLS: Content-Length framing, replies on the same connection."""
+    """SIP over TCP or TLS: Content-Length framing, replies on the same connection.
+
+    Messages are answered one at a time, in order: while the registrar works on one
+    asynchronously (a Deferred), the rest wait and the transport stops reading. A framing
+    error is answered (when the message is readable enough) after everything before it, and
+    the connection is then closed: nothing after it can be trusted to be a message.
+    """
 
     def __init__(self, registrar: Registrar, transport_name: str) -> None:
         self.registrar = registrar
         self.transport_name = transport_name
         self.framer = StreamFramer(registrar.settings.max_message_size)
         self._source: Source | None = None
+        self._inbox: deque[Message] = deque()
+        self._framing_error: SIPParseError | None = None
+        self._awaiting = False  # a reply is being awaited: the inbox waits
+        self._working = False  # inside _work (a Deferred that fired at once must not recurse)
+        self._closed = False  # closing or lost: nothing more is processed or sent
 
     def connectionMade(self) -> None:
         # Each reply is one write the phone waits for: do not let Nagle hold it back.
@@ -95,36 +138,104 @@ class SIPStreamProtocol(Protocol):
         return self._source
 
     def dataReceived(self, data: bytes) -> None:
-        assert self.transport is not None
+        if not self._closed:
+            self._guarded(self._receive, data)
+
+    def _receive(self, data: bytes) -> None:
+        messages, error = self.framer.messages(data)
+        self._inbox.extend(messages)
+        self._framing_error = error
+        self._work()
+
+    def _work(self) -> None:
+        """Answer what is in the inbox, in order, until one reply has to be awaited."""
+        if self._working:
+            return  # the loop below goes on by itself
+        self._working = True
         try:
-            source = self._get_source()
-            try:
-                messages = self.framer.feed(data)
-            except SIPParseError as exc:
-                status = 513 if isinstance(exc, MessageTooLarge) else 400
-                reply = self.registrar.error_reply(exc.partial, status, source, exc.reason)
-                if reply is not None:
-                    self.transport.write(reply.data)
-                log.info(
-                    "SIP/{t} stream from {source} closed: {why}",
-                    t=self.transport_name,
-                    source=source.address,
-                    why=exc.reason,
-                )
-                self.transport.loseConnection()
+            self._answer_inbox(self._get_source())
+        finally:
+            self._working = False
+
+    def _answer_inbox(self, source: Source) -> None:
+        while not self._awaiting and not self._closed:
+            if not self._inbox:
+                if self._framing_error is not None:
+                    self._refuse_stream(self._framing_error, source)
                 return
-            for message in messages:
-                reply = self.registrar.handle_bytes(message, source)
-                if reply is not None:
-                    self.transport.write(reply.data)
-                    if reply.close:
-                        self.transport.loseConnection()
-                        return
+            answer = self.registrar.handle_message(self._inbox.popleft(), source)
+            if isinstance(answer, Deferred):
+                self._await(answer)
+            elif answer is not None:
+                self._send(answer)
+
+    def _await(self, answer: Deferred[Reply]) -> None:
+        self._awaiting = True
+        self._pause(True)
+        answer.addCallback(self._send)
+        answer.addErrback(self._failed)
+        answer.addBoth(self._resume)
+
+    def _resume(self, _: object) -> None:
+        self._awaiting = False
+        if not self._closed:
+            self._pause(False)
+            self._guarded(self._work)
+
+    def _send(self, reply: Reply) -> None:
+        if self._closed or self.transport is None:
+            return
+        self.transport.write(reply.data)
+        if reply.close:
+            self._close()
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("SIP/{t} message dropped", failure, t=self.transport_name)
+
+    def _refuse_stream(self, error: SIPParseError, source: Source) -> None:
+        """A framing error: answer 400 (513 when too large) when possible, then close."""
+        status = 513 if isinstance(error, MessageTooLarge) else 400
+        reply = self.registrar.error_reply(error.partial, status, source, error.reason)
+        if reply is not None and self.transport is not None:
+            self.transport.write(reply.data)
+        log.info(
+            "SIP/{t} stream from {source} closed: {why}",
+            t=self.transport_name,
+            source=source.address,
+            why=error.reason,
+        )
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._inbox.clear()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _pause(self, paused: bool) -> None:
+        """Stop (or restart) reading while a reply is awaited: the inbox stays bounded.
+
+        The reader is the connection itself, or for TLS the connection under the TLS wrapper
+        (which is no producer itself).
+        """
+        reader: Any = self.transport
+        while reader is not None and not IPushProducer.providedBy(reader):
+            reader = getattr(reader, "transport", None)
+        if reader is not None:
+            reader.pauseProducing() if paused else reader.resumeProducing()
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        try:
+            step(*args)
         except Exception:
             log.failure("SIP/{t} stream error; closing", t=self.transport_name)
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._closed = True
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._closed = True
+        self._inbox.clear()
         self._source = None
 
 
@@ -162,69 +273,65 @@ def certificate_identity(cert: Any) -> tuple[str, str | None]:
     return fingerprint, (cn if isinstance(cn, str) else None)
 
 
-class _ClientCertRequestingOptions(ssl.CertificateOptions):
-    """Asks the client for a certificate but accepts any (or none).
-
-    The phone's certificate is recorded, not trusted: chains are checked, if at all, by the
-    policy (which sees the fingerprint), so a self-signed or unknown MIC never fails the
-    handshake.
-    """
-
-    def getContext(self) -> SSL.Context:
-        ctx = super().getContext()
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _accept_any)
-        return ctx
-
-
-def _accept_any(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-    return True
-
-
 def make_tls_server_options(
     certificate_pem: bytes,
     private_key_pem: bytes,
     extra_chain_pem: tuple[bytes, ...] = (),
 ) -> ssl.CertificateOptions:
-    """Server TLS options for 5061 that request (not require) a client certificate."""
-    cert = ssl.Certificate.loadPEM(certificate_pem)
-    key = ssl.KeyPair.load(private_key_pem, crypto.FILETYPE_PEM)
-    chain = [ssl.Certificate.loadPEM(p).original for p in extra_chain_pem]
-    return _ClientCertRequestingOptions(
-        privateKey=key.original,
-        certificate=cert.original,
-        extraCertChain=chain,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+    """Server TLS options for 5061 that request (not require) a client certificate.
 
-
-def set_receive_buffer(port: Any, size: int) -> None:
-    """Ask for a larger UDP receive buffer so a burst (a boot storm) queues instead of dropping.
-
-    The kernel caps it at ``net.core.rmem_max``; failure is harmless.
+    The phone's certificate is recorded, not trusted: chains are checked, if at all, by the
+    policy (which sees the fingerprint), so a self-signed or unknown MIC never fails the
+    handshake.
     """
-    sock = getattr(port, "socket", None)
-    if sock is None or size <= 0:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-    except OSError as exc:
-        log.warn("SIP/UDP receive buffer not enlarged: {err}", err=exc)
+    cert = x509.load_pem_x509_certificate(certificate_pem)
+    chain = [x509.load_pem_x509_certificate(p) for p in extra_chain_pem]
+    return tls.server_options(cert, tls.private_key_from_pem(private_key_pem), chain)
 
 
-def start_sweeper(registrar: Registrar, reactor: IReactorTime) -> LoopingCall:
-    """One periodic sweep for every binding (not a timer per binding)."""
-    loop = LoopingCall(registrar.sweep)
-    loop.clock = reactor
-    loop.start(registrar.settings.sweep_interval, now=False)
-    return loop
+@dataclass(frozen=True)
+class SIPTransportSettings:
+    """Socket knobs of the SIP listeners (the transport part of the [sip] section)."""
+
+    # SO_RCVBUF of each SIP/UDP socket, so a boot storm's burst of REGISTERs queues instead
+    # of being dropped; the kernel caps it at net.core.rmem_max. 0: the kernel's default.
+    udp_receive_buffer: int = 4 * 1024 * 1024
+
+    def validate(self) -> None:
+        check_range("udp_receive_buffer", self.udp_receive_buffer, 0, 1 << 30)
 
 
-class SIPRegistrarService(Service):
-    """Listens on UDP/TCP (and TLS when options are given) and runs the expiry sweep.
+class _FollowingUDPListener(ListenerService):
+    """SIP over UDP bound to port 0 takes the port SIP over TCP got on the same address.
 
-    A port of ``None`` disables that listener; 0 picks a free port (tests). After
-    ``startService`` the ``udp_port``/``tcp_port``/``tls_port`` attributes hold the bound port
-    numbers.
+    Phones are told one SIP port for every transport, so with ports picked by the kernel
+    (tests, ``--sip-port 0``) UDP follows TCP.
+    """
+
+    def __init__(self, spec: ListenerSpec, protocol: SIPDatagramProtocol, reactor: Any) -> None:
+        super().__init__("sip-udp", spec, protocol, reactor)
+        self.leader: ListenerService | None = None
+
+    def spec_to_listen(self) -> ListenerSpec:
+        source = self.spec.source
+        leader = self.leader
+        if not isinstance(source, Bind) or source.port != 0 or leader is None:
+            return self.spec
+        bound = leader.address()
+        if bound is None:
+            return self.spec
+        return replace(self.spec, source=Bind(source.host, bound[1]))
+
+
+class SIPRegistrarService(AtomicMultiService):
+    """SIP over UDP, TCP and TLS on one :class:`Registrar`, plus its expiry sweep.
+
+    Every listener comes from a :class:`~callboard.protocols.listening.ListenerSpec` (bound or
+    adopted); TLS listeners wrap the stream protocol in ``tls_options``. For tests and tools,
+    ``interface`` with ``udp_port``/``tcp_port``/``tls_port`` (None: no such listener; 0: a
+    free port) is short for one spec of each. TCP listeners start first, so UDP on port 0
+    can take TCP's port; after ``startService`` the ``udp_port``/``tcp_port``/``tls_port``
+    attributes hold the first bound port of each transport.
     """
 
     def __init__(
@@ -232,43 +339,54 @@ class SIPRegistrarService(Service):
         registrar: Registrar,
         reactor: Any,
         *,
-        udp_port: int | None = 5060,
-        tcp_port: int | None = 5060,
-        tls_port: int | None = 5061,
+        udp: Sequence[ListenerSpec] = (),
+        tcp: Sequence[ListenerSpec] = (),
+        tls: Sequence[ListenerSpec] = (),
+        tls_options: IOpenSSLServerConnectionCreator | None = None,
         interface: str = "",
-        tls_options: ssl.CertificateOptions | None = None,
-        udp_receive_buffer: int = 4 * 1024 * 1024,
+        udp_port: int | None = None,
+        tcp_port: int | None = None,
+        tls_port: int | None = None,
+        udp_receive_buffer: int = SIPTransportSettings.udp_receive_buffer,
     ) -> None:
-        self.udp_receive_buffer = udp_receive_buffer
+        super().__init__()  # type: ignore[no-untyped-call]
         self.registrar = registrar
         self.reactor = reactor
-        self.interface = interface
-        self.tls_options = tls_options
-        self.udp_port = udp_port
-        self.tcp_port = tcp_port
-        self.tls_port = tls_port if tls_options is not None else None
-        self._listeners: list[IListeningPort] = []
-        self._sweeper: LoopingCall | None = None
+        udp = [*udp, *_shorthand("datagram", interface, udp_port, udp_receive_buffer)]
+        tcp = [*tcp, *_shorthand("stream", interface, tcp_port)]
+        tls = [*tls, *_shorthand("stream", interface, tls_port)]
+        if tls and tls_options is None:
+            raise ValueError("SIP over TLS needs tls_options")
+        tcp_listeners = [
+            self._add("sip", spec, make_stream_factory(registrar, "tcp")) for spec in tcp
+        ]
+        for spec in udp:
+            listener = _FollowingUDPListener(spec, make_udp_protocol(registrar), reactor)
+            listener.leader = _same_host(spec, tcp_listeners)
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+        for spec in tls:
+            assert tls_options is not None
+            factory = TLSMemoryBIOFactory(tls_options, False, make_stream_factory(registrar, "tls"))
+            self._add("sip-tls", spec, factory)
+        # Bindings expire through one periodic sweep, not a timer per binding.
+        sweeper = TimerService(registrar.settings.sweep_interval, registrar.sweep)
+        sweeper.clock = reactor
+        sweeper.setServiceParent(self)
+        self.udp_port: int | None = None
+        self.tcp_port: int | None = None
+        self.tls_port: int | None = None
+
+    def _add(self, label: str, spec: ListenerSpec, factory: IProtocolFactory) -> ListenerService:
+        factory.noisy = False  # type: ignore[attr-defined]  # a line per connection is noise
+        listener = ListenerService(label, spec, factory, self.reactor)
+        listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+        return listener
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        r = self.reactor
-        if self.udp_port is not None:
-            p = r.listenUDP(self.udp_port, make_udp_protocol(self.registrar), self.interface)
-            set_receive_buffer(p, self.udp_receive_buffer)
-            self._listeners.append(p)
-            self.udp_port = p.getHost().port
-        if self.tcp_port is not None:
-            f = make_stream_factory(self.registrar, "tcp")
-            p = r.listenTCP(self.tcp_port, f, interface=self.interface)
-            self._listeners.append(p)
-            self.tcp_port = p.getHost().port
-        if self.tls_port is not None and self.tls_options is not None:
-            f = make_stream_factory(self.registrar, "tls")
-            p = r.listenSSL(self.tls_port, f, self.tls_options, interface=self.interface)
-            self._listeners.append(p)
-            self.tls_port = p.getHost().port
-        self._sweeper = start_sweeper(self.registrar, r)
+        super().startService()
+        self.udp_port = self._first_port("sip-udp")
+        self.tcp_port = self._first_port("sip")
+        self.tls_port = self._first_port("sip-tls")
         log.info(
             "SIP registrar listening udp={udp} tcp={tcp} tls={tls}",
             udp=self.udp_port,
@@ -276,9 +394,27 @@ class SIPRegistrarService(Service):
             tls=self.tls_port,
         )
 
-    def stopService(self) -> Any:
-        super().stopService()  # type: ignore[no-untyped-call]
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
-        listeners, self._listeners = self._listeners, []
-        return DeferredList([maybeDeferred(p.stopListening) for p in listeners])
+    def _first_port(self, label: str) -> int | None:
+        for listener in listeners_in(self):
+            address = listener.address()
+            if listener.label == label and address is not None:
+                return address[1]
+        return None
+
+
+def _shorthand(
+    kind: Kind, interface: str, port: int | None, receive_buffer: int = 0
+) -> list[ListenerSpec]:
+    if port is None:
+        return []
+    return [ListenerSpec(kind, Bind(interface, port), receive_buffer=receive_buffer)]
+
+
+def _same_host(spec: ListenerSpec, listeners: Sequence[ListenerService]) -> ListenerService | None:
+    if not isinstance(spec.source, Bind):
+        return None
+    for listener in listeners:
+        other = listener.spec.source
+        if isinstance(other, Bind) and other.host == spec.source.host:
+            return listener
+    return None

@@ -28,12 +28,14 @@ __all__ = [
     "ReadRequest",
     "WriteRequest",
     "decode",
+    "decode_ack",
     "encode",
     "encode_ack",
     "encode_data",
     "encode_error",
     "encode_oack",
     "negotiate",
+    "opcode",
 ]
 
 MIN_BLKSIZE = 8
@@ -117,6 +119,9 @@ class OptionAck:
 Packet = ReadRequest | WriteRequest | Data | Ack | Error | OptionAck
 
 _HEADER = struct.Struct("!HH")
+# Plain ints for the per-block paths: an IntEnum member costs a lookup and a conversion.
+_DATA = int(Opcode.DATA)
+_ACK = int(Opcode.ACK)
 _MODES = frozenset({"octet", "netascii", "mail"})
 
 
@@ -147,6 +152,24 @@ def _request(opcode: int, body: bytes) -> ReadRequest | WriteRequest:
     if opcode == Opcode.RRQ:
         return ReadRequest(filename, mode, options)
     return WriteRequest(filename, mode, options)
+
+
+def opcode(datagram: bytes) -> int | None:
+    """The opcode field (any value, valid or not), or None when there is none; parses nothing."""
+    if len(datagram) < 2:
+        return None
+    return (datagram[0] << 8) | datagram[1]
+
+
+def decode_ack(datagram: bytes) -> int | None:
+    """The block number if ``datagram`` is a well-formed ACK, else None.
+
+    The transfer's per-block path: the same answer :func:`decode` gives for an ACK, without
+    building a packet object. Anything else goes through :func:`decode`.
+    """
+    if len(datagram) == 4 and datagram[1] == _ACK and datagram[0] == 0:
+        return (datagram[2] << 8) | datagram[3]
+    return None
 
 
 def decode(datagram: bytes) -> Packet:
@@ -185,12 +208,13 @@ def _fields(*parts: str) -> bytes:
     return b"".join(p.encode("utf-8", "surrogateescape") + b"\x00" for p in parts)
 
 
-def encode_data(block: int, payload: bytes) -> bytes:
-    return _HEADER.pack(Opcode.DATA, block & 0xFFFF) + payload
+def encode_data(block: int, payload: bytes | memoryview) -> bytes:
+    """A DATA packet; ``payload`` may be a slice of a larger read (no copy before the join)."""
+    return _HEADER.pack(_DATA, block & 0xFFFF) + payload
 
 
 def encode_ack(block: int) -> bytes:
-    return _HEADER.pack(Opcode.ACK, block & 0xFFFF)
+    return _HEADER.pack(_ACK, block & 0xFFFF)
 
 
 def encode_error(code: int, message: str) -> bytes:

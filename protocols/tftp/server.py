@@ -4,18 +4,21 @@ Wiring (the daemon)::
 
     service = TFTPService(
         source,                      # a FileSource; names arrive normalised
-        addresses=["192.0.2.10"],    # one listening socket per address, never a wildcard
-        port=69,
         settings=TFTPSettings(),     # every knob, with defaults
         reactor=reactor,             # UDP, FD set and time; the global one if omitted
-    )
+        listeners=[ListenerSpec.datagram("192.0.2.10", 69, receive_buffer=...)],
+    )                                # one socket per address, never a wildcard; or adopted
     service.setServiceParent(parent)
     service.ports                    # the bound IListeningPorts (tests listen on port 0)
 
+``TFTPService(source, ["192.0.2.10"], 69, settings)`` is short for one datagram spec per
+address with ``settings.receive_buffer``.
+
 Each RRQ gets its own ephemeral UDP socket (its TID) bound to the address the request arrived
-on, so replies always come from the address the phone asked. The listener only decodes RRQs,
-applies limits and opens the file; the per-block path is one state-machine call, direct
-``sendto`` calls and, at most, a lazy move of the transfer's single ``DelayedCall``.
+on, so replies always come from the address the phone asked. The listener asks
+:mod:`.admission` whether to serve a request (and on what terms) and opens the file; the
+per-block path is one state-machine call, direct ``sendto`` calls and, at most, a lazy move
+of the transfer's single ``DelayedCall``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from callboard.protocols.filesource import (
     AccessViolation,
@@ -35,18 +38,17 @@ from callboard.protocols.filesource import (
     FileNotFound,
     FileSource,
     Requester,
-    normalise_name,
     printable_name,
 )
-from callboard.protocols.tftp import codec
+from callboard.protocols.listening import AtomicMultiService, ListenerService, ListenerSpec
+from callboard.protocols.settings import SettingError, check_range
+from callboard.protocols.tftp import admission, codec
 from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
-from twisted.application.service import Service
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IReactorFDSet,
     IReactorTime,
-    IReactorUDP,
     IReadDescriptor,
 )
 from twisted.internet.protocol import DatagramProtocol
@@ -72,17 +74,30 @@ class TFTPSettings:
     transfer_deadline: float = 600.0  # whole-transfer limit, seconds
     max_transfers: int = 4096  # live transfers, all clients
     max_transfers_per_client: int = 64  # live transfers per client IP address
-    receive_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF on each listening socket
+    receive_buffer: int = 4 * 1024 * 1024  # SO_RCVBUF on each listening socket; 0: kernel's
 
     def __post_init__(self) -> None:
-        if not codec.MIN_BLKSIZE <= self.max_blksize <= codec.MAX_BLKSIZE:
-            raise ValueError("max_blksize must be within 8..65464")
-        if not 1 <= self.max_windowsize <= 32768:
-            raise ValueError("max_windowsize must be within 1..32768")
-        if self.initial_timeout <= 0 or self.transfer_deadline <= 0:
-            raise ValueError("timeouts must be positive")
-        if self.max_retries < 0 or self.max_transfers < 1 or self.max_transfers_per_client < 1:
-            raise ValueError("limits must be positive")
+        # What the transfer machine cannot work with at all; validate() adds sane bounds.
+        check_range("max_blksize", self.max_blksize, codec.MIN_BLKSIZE, codec.MAX_BLKSIZE)
+        check_range("max_windowsize", self.max_windowsize, 1, 32768)
+        if self.initial_timeout <= 0:
+            raise SettingError("initial_timeout", "must be positive")
+        if self.transfer_deadline <= 0:
+            raise SettingError("transfer_deadline", "must be positive")
+        if self.max_retries < 0:
+            raise SettingError("max_retries", "must not be negative")
+        for name in ("max_transfers", "max_transfers_per_client"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, "must be at least 1")
+
+    def validate(self) -> None:
+        """The bounds an operator's configuration is held to (the [tftp] section)."""
+        check_range("initial_timeout", self.initial_timeout, 0.05, 255)
+        check_range("max_retries", self.max_retries, 1, 100)
+        check_range("transfer_deadline", self.transfer_deadline, 1, 86400)
+        check_range("max_transfers", self.max_transfers, 1, 1_000_000)
+        check_range("max_transfers_per_client", self.max_transfers_per_client, 1, 1_000_000)
+        check_range("receive_buffer", self.receive_buffer, 0, 1 << 30)
 
 
 # Linux UDP segmentation offload (since 4.18): socket.UDP_SEGMENT from Python 3.12 on.
@@ -91,6 +106,16 @@ _GSO_MAX_SEGMENTS = 64
 _GSO_MAX_BYTES = 65000
 _GSO_REFUSED = (errno.EINVAL, errno.ENOPROTOOPT, errno.EIO, errno.EOPNOTSUPP)
 _gso_works = sys.platform.startswith("linux")
+
+
+class TransferSocket(Protocol):
+    """What a transfer needs of its socket (its TID); tests give an in-memory one."""
+
+    def send_all(self, datagrams: Sequence[bytes], addr: Address) -> None: ...
+
+    def sendto(self, datagram: bytes, addr: Address, /) -> object: ...
+
+    def close(self) -> None: ...
 
 
 @implementer(IReadDescriptor)
@@ -194,10 +219,10 @@ class _TransferProtocol:
         self.name = name
         self._clock = service.clock
         self._timer: IDelayedCall | None = None
-        self.socket: _TransferSocket | None = None
+        self.socket: TransferSocket | None = None
         self._closed = False
 
-    def attach(self, sock: _TransferSocket) -> None:
+    def attach(self, sock: TransferSocket) -> None:
         self.socket = sock
 
     def begin(self, now: float) -> None:
@@ -245,7 +270,7 @@ class _TransferProtocol:
 
     def _stray(self, datagram: bytes, addr: Address) -> None:
         """RFC 1350: a packet from another TID gets error 5; the transfer goes on."""
-        if datagram[:2] == b"\x00\x05" or self.socket is None:
+        if codec.opcode(datagram) == codec.Opcode.ERROR or self.socket is None:
             return  # never answer an error with an error
         with contextlib.suppress(OSError):
             self.socket.sendto(
@@ -278,9 +303,14 @@ class _ListenProtocol(DatagramProtocol):
 
     noisy = False
 
-    def __init__(self, service: TFTPService, address: str) -> None:
+    def __init__(self, service: TFTPService) -> None:
         self._service = service
-        self._address = address
+        self._address = ""
+
+    def startProtocol(self) -> None:
+        # Bound or adopted, the socket says which address transfers answer from.
+        assert self.transport is not None
+        self._address = self.transport.getHost().host
 
     def datagramReceived(self, datagram: bytes, addr: Address) -> None:
         try:
@@ -296,72 +326,65 @@ class _ListenProtocol(DatagramProtocol):
             self.transport.getHandle().sendto(datagram, addr)  # type: ignore[attr-defined]
 
 
-class TFTPService(Service):
-    """Read-only TFTP on ``port`` at each of ``addresses`` over a :class:`FileSource`."""
+class TFTPService(AtomicMultiService):
+    """Read-only TFTP over a :class:`FileSource`, on one listener per spec.
+
+    Each listener is a :class:`~callboard.protocols.listening.ListenerService` child; they
+    bind (or adopt) in ``startService``, all or none.
+    """
+
+    # Opens each transfer's socket (its TID) on the address the request arrived at; may
+    # raise OSError ("server busy"). Tests substitute sockets that record what is sent.
+    transfer_socket: Callable[[IReactorFDSet, str, _TransferProtocol], TransferSocket] = (
+        _TransferSocket
+    )
 
     def __init__(
         self,
         source: FileSource,
-        addresses: Sequence[str],
+        addresses: Sequence[str] = (),
         port: int = 69,
         settings: TFTPSettings | None = None,
         reactor: Any = None,
+        *,
+        listeners: Sequence[ListenerSpec] = (),
     ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        if not addresses:
-            raise ValueError("TFTPService needs at least one listen address")
         self.source = source
-        self.addresses = list(addresses)
-        self.port = port
         self.settings = settings or TFTPSettings()
-        self.reactor: IReactorUDP = reactor
+        specs = list(listeners) or [
+            ListenerSpec.datagram(address, port, receive_buffer=self.settings.receive_buffer)
+            for address in addresses
+        ]
+        if not specs:
+            raise ValueError("TFTPService needs at least one listener")
         self.clock: IReactorTime = reactor
         self.descriptors: IReactorFDSet = reactor  # transfer sockets are bare read descriptors
-        self.ports: list[IListeningPort] = []
         self._transfers: dict[tuple[str, str, int], _TransferProtocol] = {}
         self._per_client: dict[str, int] = {}
+        for spec in specs:
+            # An RRQ is small, but a stray large datagram must not be read truncated as one.
+            spec = spec.with_options(max_packet_size=65536)
+            listener = ListenerService("tftp", spec, _ListenProtocol(self), reactor)
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        """The bound listening ports, in the order the listeners were given."""
+        return [s.port for s in self if isinstance(s, ListenerService) and s.port is not None]
 
     @property
     def live_transfers(self) -> int:
         return len(self._transfers)
 
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        try:
-            for address in self.addresses:
-                port = self.reactor.listenUDP(
-                    self.port,
-                    _ListenProtocol(self, address),
-                    interface=address,
-                    maxPacketSize=65536,
-                )
-                try:
-                    handle = port.getHandle()  # type: ignore[attr-defined]
-                    handle.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_RCVBUF, self.settings.receive_buffer
-                    )
-                except OSError:
-                    log.warn("tftp: could not enlarge SO_RCVBUF on {address}", address=address)
-                self.ports.append(port)
-        except BaseException:
-            self._close_ports()
-            super().stopService()  # type: ignore[no-untyped-call]
-            raise
-
     def stopService(self) -> Any:
-        super().stopService()  # type: ignore[no-untyped-call]
         for transfer in list(self._transfers.values()):
             transfer.close("shutdown")
-        return self._close_ports()
-
-    def _close_ports(self) -> Any:
-        from twisted.internet.defer import gatherResults, maybeDeferred
-
-        ports, self.ports = self.ports, []
-        return gatherResults([maybeDeferred(p.stopListening) for p in ports])
+        return super().stopService()
 
     # -- the listener's work --------------------------------------------------------------
 
@@ -372,124 +395,76 @@ class TFTPService(Service):
         addr: Address,
         reply: Callable[[bytes, Address], None],
     ) -> None:
+        """A datagram on the well-known port: a repeated RRQ, a new request, or junk."""
         key = (local, addr[0], addr[1])
         live = self._transfers.get(key)
         if live is not None:
-            if datagram[:2] == b"\x00\x01":
+            if codec.opcode(datagram) == codec.Opcode.RRQ:
                 live.rrq_repeated()
             return
         started = time.monotonic()
+        load = admission.Load(len(self._transfers), self._per_client.get(addr[0], 0))
+        verdict = admission.admit(datagram, load, self.settings)
+        if isinstance(verdict, admission.Admitted):
+            verdict = self._open_and_start(key, verdict)
+        if isinstance(verdict, admission.Refusal):
+            reply(verdict.packet, addr)
+            self._log_refusal(addr, verdict, started)
+
+    def _open_and_start(
+        self, key: tuple[str, str, int], request: admission.Admitted
+    ) -> admission.Refusal | None:
+        """Open the admitted file, agree on the options, then start the transfer."""
+        _local, host, port = key
         try:
-            packet = codec.decode(datagram)
-        except codec.MalformedPacket as exc:
-            if datagram[:2] in (b"\x00\x01", b"\x00\x02"):
-                reply(codec.encode_error(exc.code, exc.message), addr)
-                self._log_refusal(addr, "", exc.code, exc.message, started)
-            return  # stray DATA/ACK/ERROR junk on the well-known port: ignore
-        if isinstance(packet, codec.WriteRequest):
-            self._refuse(
-                reply,
-                addr,
-                packet.filename,
-                codec.ErrorCode.ACCESS_VIOLATION,
-                "write requests are not accepted",
-                started,
-            )
-            return
-        if not isinstance(packet, codec.ReadRequest):
-            return
-        name = packet.filename
-        if packet.mode == "mail":
-            self._refuse(
-                reply,
-                addr,
-                name,
-                codec.ErrorCode.ILLEGAL_OPERATION,
-                "mail mode is not supported",
-                started,
-            )
-            return
-        settings = self.settings
-        host = addr[0]
-        if (
-            len(self._transfers) >= settings.max_transfers
-            or self._per_client.get(host, 0) >= settings.max_transfers_per_client
-        ):
-            self._refuse(reply, addr, name, codec.ErrorCode.NOT_DEFINED, "server busy", started)
-            return
-        try:
-            normalised = normalise_name(name)
-            body: FileBody = self.source.open(normalised, Requester(host, addr[1], "tftp"))
-        except FileNotFound:
-            self._refuse(
-                reply, addr, name, codec.ErrorCode.FILE_NOT_FOUND, "file not found", started
-            )
-            return
-        except AccessViolation:
-            self._refuse(
-                reply, addr, name, codec.ErrorCode.ACCESS_VIOLATION, "access violation", started
-            )
-            return
-        netascii = packet.mode == "netascii"
-        try:
-            agreed = codec.negotiate(
-                packet.options,
-                size=None if netascii else body.size,
-                max_blksize=settings.max_blksize,
-                max_windowsize=settings.max_windowsize,
-            )
-        except codec.OptionError as exc:
+            body: FileBody = self.source.open(request.name, Requester(host, port, "tftp"))
+        except (FileNotFound, AccessViolation) as exc:
+            return admission.refusal_for(request.filename, exc)
+        terms = admission.agree(request, body.size, self.settings)
+        if isinstance(terms, admission.Refusal):
             body.close()
-            self._refuse(reply, addr, name, codec.ErrorCode.OPTION_REFUSED, str(exc), started)
-            return
-        if netascii:
+            return terms
+        if request.netascii:
             body = NetasciiBody(body)
+        return self._start(key, request.filename, body, terms)
+
+    def _start(
+        self, key: tuple[str, str, int], filename: str, body: FileBody, terms: admission.Terms
+    ) -> admission.Refusal | None:
+        """A transfer on its own socket, counted against the limits, sending its first reply."""
         now = self.clock.seconds()
         transfer = Transfer(
             body,
             now=now,
-            blksize=agreed.blksize,
-            windowsize=agreed.windowsize,
-            timeout=agreed.timeout or settings.initial_timeout,
-            fixed_timeout=agreed.timeout is not None,
-            max_retries=settings.max_retries,
-            deadline=settings.transfer_deadline,
-            oack=codec.encode_oack(agreed.oack) if agreed.oack else None,
+            blksize=terms.blksize,
+            windowsize=terms.windowsize,
+            timeout=terms.timeout,
+            fixed_timeout=terms.fixed_timeout,
+            max_retries=self.settings.max_retries,
+            deadline=self.settings.transfer_deadline,
+            oack=terms.oack,
         )
-        protocol = _TransferProtocol(self, key, transfer, body, name)
+        protocol = _TransferProtocol(self, key, transfer, body, filename)
         try:
-            protocol.attach(_TransferSocket(self.descriptors, local, protocol))
+            protocol.attach(self.transfer_socket(self.descriptors, key[0], protocol))
         except OSError:
             body.close()
-            self._refuse(reply, addr, name, codec.ErrorCode.NOT_DEFINED, "server busy", started)
-            return
+            return admission.Refusal(filename, codec.ErrorCode.NOT_DEFINED, "server busy")
         self._transfers[key] = protocol
+        host = key[1]
         self._per_client[host] = self._per_client.get(host, 0) + 1
         protocol.begin(now)
+        return None
 
-    def _refuse(
-        self,
-        reply: Callable[[bytes, Address], None],
-        addr: Address,
-        name: str,
-        code: int,
-        message: str,
-        started: float,
-    ) -> None:
-        reply(codec.encode_error(code, message), addr)
-        self._log_refusal(addr, name, code, message, started)
-
-    def _log_refusal(
-        self, addr: Address, name: str, code: int, message: str, started: float
-    ) -> None:
+    def _log_refusal(self, addr: Address, refusal: admission.Refusal, started: float) -> None:
         log.info(
             "tftp {client_host}:{client_port} {file} refused: error {error_code} ({reason})",
             client_host=addr[0],
             client_port=addr[1],
-            file=printable_name(name),
-            outcome=f"error {code}",
-            error_code=code,
-            reason=message,
+            file=printable_name(refusal.filename),
+            outcome=f"error {refusal.code}",
+            error_code=refusal.code,
+            reason=refusal.message,
             bytes=0,
             duration=time.monotonic() - started,
             blksize=None,

@@ -16,18 +16,15 @@ ignored. Block numbers wrap from 65535 to 0; internally blocks are counted witho
 from __future__ import annotations
 
 import bisect
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from callboard.protocols.filesource import FileBody
 from callboard.protocols.tftp import codec
+from callboard.protocols.tftp.codec import decode_ack, encode_data
 
 __all__ = ["NetasciiBody", "Outcome", "Transfer"]
 
-_DATA = struct.Struct("!HH")
-_ACK_OPCODE = b"\x00\x04"
-_ERROR_OPCODE = b"\x00\x05"
 _NOTHING: tuple[bytes, ...] = ()
 
 
@@ -186,15 +183,10 @@ class Transfer:
         """A datagram from the client's TID."""
         if self.outcome is not None:
             return _NOTHING
-        if len(data) == 4 and data[:2] == _ACK_OPCODE:
-            return self._ack((data[2] << 8) | data[3], now)
-        if data[:2] == _ERROR_OPCODE:
-            code = (data[2] << 8) | data[3] if len(data) >= 4 else 0
-            self._finish(now, False, f"client error {code}", code)
-            return _NOTHING
-        # Anything else from the client's own TID is a protocol violation: end cleanly.
-        self._finish(now, False, "illegal operation", codec.ErrorCode.ILLEGAL_OPERATION)
-        return (codec.encode_error(codec.ErrorCode.ILLEGAL_OPERATION, "expected ACK"),)
+        block = decode_ack(data)  # the per-block path: an int, no packet object
+        if block is not None:
+            return self._ack(block, now)
+        return self._not_an_ack(data, now)
 
     def timer_fired(self, now: float) -> Sequence[bytes]:
         """The adapter's timer: retransmit if the last send went unanswered."""
@@ -223,6 +215,19 @@ class Transfer:
             self._finish(now, False, reason, None)
 
     # -- internals ------------------------------------------------------------------------
+
+    def _not_an_ack(self, data: bytes, now: float) -> Sequence[bytes]:
+        """The client's ERROR ends the transfer quietly; anything else is a protocol violation."""
+        try:
+            packet: codec.Packet | None = codec.decode(data)
+        except codec.MalformedPacket:
+            packet = None
+        if isinstance(packet, codec.Error) or codec.opcode(data) == codec.Opcode.ERROR:
+            code = packet.code if isinstance(packet, codec.Error) else 0  # a truncated ERROR
+            self._finish(now, False, f"client error {code}", code)
+            return _NOTHING  # never answer an error with an error
+        self._finish(now, False, "illegal operation", codec.ErrorCode.ILLEGAL_OPERATION)
+        return (codec.encode_error(codec.ErrorCode.ILLEGAL_OPERATION, "expected ACK"),)
 
     def _arm(self, now: float) -> None:
         if self._fixed_timeout:
@@ -269,7 +274,6 @@ class Transfer:
         if self._last is not None:
             end = min(end, self._last + 1)
         size = self._blksize
-        pack = _DATA.pack
         try:
             # One read for the whole window, sliced per block.
             chunk = memoryview(self._body.read_at((block - 1) * size, (end - block) * size))
@@ -280,7 +284,7 @@ class Transfer:
         while block < end:
             payload = chunk[offset : offset + size]
             offset += size
-            out.append(pack(3, block & 0xFFFF) + payload)
+            out.append(encode_data(block, payload))
             if len(payload) < size:
                 self._last = block
                 end = block + 1

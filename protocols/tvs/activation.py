@@ -1,8 +1,9 @@
 """The TVS rules, sans-I/O: MIC chain checks, the throttle, and request handling.
 
 Everything here is a function of its inputs: frames, the peer's certificates, the source address
-and the time. The registry sits behind ``ActivationAuthority``; the manufacturing trust store is
-a ``ManufacturingTrust`` built from parsed certificates (the daemon loads the files).
+and the time. The registry sits behind ``ActivationAuthority`` (asynchronous: an activation is
+answered only once it is durable); failure counts sit behind ``ThrottleStore``; the manufacturing
+trust store is a ``ManufacturingTrust`` built from parsed certificates (the daemon loads the files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from callboard.protocols.settings import check_range, config_key
 from callboard.protocols.tvs import codec
 from callboard.protocols.tvs.codec import (
     ActivateRequest,
@@ -38,7 +40,9 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger(namespace="callboard.tvs")
 
@@ -54,7 +58,12 @@ class Redemption:
 
 
 class ActivationAuthority(Protocol):
-    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Redemption: ...
+    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Deferred[Redemption]:
+        """Fires with the final outcome: for an activation, once it is durable.
+
+        A refusal may fire at once; the handler answers the phone only when it has fired.
+        """
+        ...
 
 
 # Settings ------------------------------------------------------------------------------------
@@ -62,16 +71,37 @@ class ActivationAuthority(Protocol):
 
 @dataclass(frozen=True)
 class TVSSettings:
+    """Every TVS knob; also the [tvs] configuration section (keys as in ``metadata``)."""
+
     idle_timeout: float = 10.0
     max_message: int = 64 * 1024
     max_connections: int = 1024
     allow_sha1_mic: bool = False
-    throttle_budget: int = 5  # failures per device name (and per source, unless set below)
-    throttle_source_budget: int | None = None  # per source address; raise it for sites behind NAT
-    throttle_window: float = 15 * 60.0
-    throttle_base_lockout: float = 60.0
-    throttle_max_lockout: float = 24 * 3600.0
+    # Failures per device name (and per source, unless set below) ...
+    throttle_budget: int = field(default=5, metadata=config_key("failure_budget"))
+    # ... per source address; 0: the same as throttle_budget. Raise it for sites behind NAT.
+    throttle_source_budget: int = field(default=0, metadata=config_key("failure_budget_per_source"))
+    # ... within this window; then locked out for the base lockout, doubling up to the max.
+    throttle_window: float = field(default=15 * 60.0, metadata=config_key("failure_window_seconds"))
+    throttle_base_lockout: float = field(default=60.0, metadata=config_key("lockout_seconds"))
+    throttle_max_lockout: float = field(
+        default=24 * 3600.0, metadata=config_key("max_lockout_seconds")
+    )
     verify_ttl: int = 86400
+
+    def validate(self) -> None:
+        """The bounds a configuration is held to."""
+        check_range("idle_timeout", self.idle_timeout, 0.1, 3600)
+        check_range("max_message", self.max_message, 4096, 1 << 24)
+        check_range("max_connections", self.max_connections, 1, 1_000_000)
+        check_range("throttle_budget", self.throttle_budget, 1, 1_000_000)
+        check_range("throttle_source_budget", self.throttle_source_budget, 0, 1_000_000)
+        check_range("throttle_window", self.throttle_window, 1, 1e7)
+        check_range("throttle_base_lockout", self.throttle_base_lockout, 1, 1e7)
+        check_range(
+            "throttle_max_lockout", self.throttle_max_lockout, self.throttle_base_lockout, 1e8
+        )
+        check_range("verify_ttl", self.verify_ttl, 1, 2**32 - 1)
 
 
 # Manufacturing trust -------------------------------------------------------------------------
@@ -256,6 +286,22 @@ def name_of(name: x509.Name) -> str:
 # Throttle ------------------------------------------------------------------------------------
 
 
+class ThrottleStore(Protocol):
+    """Failed attempts per key and the lockouts they earn.
+
+    :class:`Throttle` keeps them in this process's memory; a store shared by several
+    processes (or nodes) can stand in for it behind the same two calls.
+    """
+
+    def locked_for(self, key: str, now: float) -> float:
+        """Seconds the key stays locked (0 when it may try)."""
+        ...
+
+    def failure(self, key: str, now: float) -> None:
+        """Count one failed attempt for the key at ``now``."""
+        ...
+
+
 @dataclass
 class _Entry:
     failures: deque[float] = field(default_factory=deque)
@@ -265,7 +311,8 @@ class _Entry:
 
 
 class Throttle:
-    """Failed attempts per key (source address, device name) with a doubling lockout.
+    """The in-memory :class:`ThrottleStore`: failed attempts per key (source address, device
+    name) with a doubling lockout.
 
     ``budget`` failures inside ``window`` seconds lock the key for ``base_lockout``, then twice
     that on the next lock, up to ``max_lockout``; strikes are forgotten after a quiet window.
@@ -337,6 +384,10 @@ class Outcome:
     close: bool = False
 
 
+Answer = Outcome | Deferred[Outcome]
+"""What :meth:`TVSHandler.handle` returns: an outcome now, or later once the authority answers."""
+
+
 GENERIC_REJECTION = "activation code not accepted"
 
 
@@ -361,19 +412,21 @@ class TVSHandler:
         authority: ActivationAuthority,
         role_certs: Iterable[tuple[int, x509.Certificate]],
         settings: TVSSettings,
+        device_throttle: ThrottleStore | None = None,
+        source_throttle: ThrottleStore | None = None,
     ) -> None:
         self.trust = trust
         self.authority = authority
         self.settings = settings
         self.roles: Mapping[bytes, tuple[int, ...]] = role_index(role_certs)
-        self.throttle = Throttle(
+        self.throttle: ThrottleStore = device_throttle or Throttle(
             settings.throttle_budget,
             settings.throttle_window,
             settings.throttle_base_lockout,
             settings.throttle_max_lockout,
         )
         # Per source address: its own budget, since a whole site may share one NAT address.
-        self.source_throttle = Throttle(
+        self.source_throttle: ThrottleStore = source_throttle or Throttle(
             settings.throttle_source_budget or settings.throttle_budget,
             settings.throttle_window,
             settings.throttle_base_lockout,
@@ -392,7 +445,9 @@ class TVSHandler:
         resp = ActivateResponse(session_id, ActivateStatus.MALFORMED, f"malformed: {why}")
         return Outcome(resp.encode(), close=True)
 
-    def handle(self, frame: Frame, peer: PeerContext, now: float) -> Outcome:
+    def handle(self, frame: Frame, peer: PeerContext, now: float) -> Answer:
+        """Answer one frame: at once, or (when the authority is asked) through a Deferred
+        that never fails. Frames of one connection must be answered in order."""
         try:
             if frame.command == Command.VERIFY_REQUEST:
                 return Outcome(self._verify(VerifyRequest.from_frame(frame)))
@@ -403,7 +458,10 @@ class TVSHandler:
         except codec.CodecError as exc:
             log.info("TVS malformed request from {source}: {why}", source=peer.source, why=str(exc))
             return self.malformed(frame.command, frame.session_id, str(exc))
-        return Outcome(self._activate(request, peer, now))
+        answer = self._activate(request, peer, now)
+        if isinstance(answer, bytes):
+            return Outcome(answer)
+        return answer.addCallback(Outcome)
 
     def _verify(self, request: VerifyRequest) -> bytes:
         roles = self.roles.get(hashlib.sha256(request.certificate_der).digest())
@@ -413,7 +471,9 @@ class TVSHandler:
             request.session_id, VerifyStatus.TRUSTED, roles, self.settings.verify_ttl
         ).encode()
 
-    def _activate(self, request: ActivateRequest, peer: PeerContext, now: float) -> bytes:
+    def _activate(
+        self, request: ActivateRequest, peer: PeerContext, now: float
+    ) -> bytes | Deferred[bytes]:
         device = request.device
         sid = request.session_id
         src_key = f"src:{peer.source}"
@@ -447,27 +507,39 @@ class TVSHandler:
             ).encode()
 
         try:
-            result = self.authority.redeem(
+            pending = self.authority.redeem(
                 mac=device.mac, model=device.model, code=request.code, mic_sha256=verdict.sha256
             )
-        except Exception as exc:  # the registry failed: refuse, never leak details or the code
-            log.error(
-                "TVS activation authority failed for {device}: {error_type}",
-                device=device.name,
-                error_type=type(exc).__name__,
-            )
-            return ActivateResponse(
-                sid, ActivateStatus.REJECTED, "activation service unavailable"
-            ).encode()
-        if result.activated and result.device_name:
-            self._log(device, peer, ActivateStatus.ACTIVATED, result.reason)
-            return ActivateResponse(
-                sid, ActivateStatus.ACTIVATED, result.reason or "activated", result.device_name
-            ).encode()
-        self._fail(src_key, dev_key, now)
-        self._log(device, peer, ActivateStatus.REJECTED, result.reason)
-        # One status and one wording for every refusal, so a guesser learns nothing.
-        return ActivateResponse(sid, ActivateStatus.REJECTED, GENERIC_REJECTION).encode()
+        except Exception as exc:
+            return self._unavailable(device, sid, exc)
+
+        def answer(result: Redemption) -> bytes:
+            if result.activated and result.device_name:
+                self._log(device, peer, ActivateStatus.ACTIVATED, result.reason)
+                return ActivateResponse(
+                    sid, ActivateStatus.ACTIVATED, result.reason or "activated", result.device_name
+                ).encode()
+            self._fail(src_key, dev_key, now)
+            self._log(device, peer, ActivateStatus.REJECTED, result.reason)
+            # One status and one wording for every refusal, so a guesser learns nothing.
+            return ActivateResponse(sid, ActivateStatus.REJECTED, GENERIC_REJECTION).encode()
+
+        def failed(failure: Failure) -> bytes:
+            error = failure.value
+            return self._unavailable(device, sid, error if error is not None else Exception())
+
+        return pending.addCallbacks(answer, failed)
+
+    def _unavailable(self, device: DeviceName, sid: int, error: BaseException) -> bytes:
+        """The registry failed: refuse, never leak details or the code."""
+        log.error(
+            "TVS activation authority failed for {device}: {error_type}",
+            device=device.name,
+            error_type=type(error).__name__,
+        )
+        return ActivateResponse(
+            sid, ActivateStatus.REJECTED, "activation service unavailable"
+        ).encode()
 
     def _fail(self, src_key: str, dev_key: str, now: float) -> None:
         self.source_throttle.failure(src_key, now)

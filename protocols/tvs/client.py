@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from callboard.protocols import tls
 from callboard.protocols.tvs import codec
 from callboard.protocols.tvs.codec import (
     ActivateRequest,
@@ -24,7 +25,6 @@ from callboard.protocols.tvs.codec import (
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from OpenSSL import SSL, crypto
 from twisted.internet import defer, endpoints, ssl
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -45,30 +45,6 @@ class PinMismatch(Exception):
 
 class ConnectionClosed(Exception):
     """The server closed the connection before answering."""
-
-
-def _accept_any(
-    _conn: SSL.Connection, _cert: crypto.X509, _errno: int, _depth: int, _ok: int
-) -> bool:
-    return True  # trust comes from the pin, checked after the handshake
-
-
-def make_client_context(
-    mic: tuple[x509.Certificate, PrivateKey] | None = None,
-    extra_chain: tuple[x509.Certificate, ...] = (),
-) -> ssl.CertificateOptions:
-    if mic is not None:
-        cert, key = mic
-        options = ssl.CertificateOptions(
-            privateKey=crypto.PKey.from_cryptography_key(key),
-            certificate=crypto.X509.from_cryptography(cert),
-            extraCertChain=[crypto.X509.from_cryptography(c) for c in extra_chain] or None,
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        )
-    else:
-        options = ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-    options.getContext().set_verify(SSL.VERIFY_PEER, _accept_any)
-    return options
 
 
 @implementer(IHandshakeListener)
@@ -152,7 +128,7 @@ def connect(
 
     ``pinned_der=None`` disables pinning (trust on first use); callers must opt in explicitly.
     """
-    options = context if context is not None else make_client_context(mic, extra_chain)
+    options = context if context is not None else tls.client_options(mic, extra_chain)
     endpoint = endpoints.SSL4ClientEndpoint(reactor, host, port, options, timeout=int(timeout))
     proto = TVSClientProtocol(pinned_der)
     connected: defer.Deferred[Any] = endpoint.connect(Factory.forProtocol(lambda: proto))

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from callboard.protocols import tls
 from callboard.protocols.tvs import codec
 from callboard.protocols.tvs.activation import (
     ActivationAuthority,
     ManufacturingTrust,
+    Outcome,
     PeerContext,
     TVSHandler,
     TVSSettings,
 )
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -34,25 +36,11 @@ log = Logger(namespace="callboard.tvs")
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
-def _accept_any(
-    _conn: SSL.Connection, _cert: crypto.X509, _errno: int, _depth: int, _ok: int
-) -> bool:
-    return True
-
-
 def make_server_context(
     cert: x509.Certificate, key: PrivateKey, chain: Iterable[x509.Certificate] = ()
 ) -> ssl.CertificateOptions:
     """TLS >= 1.2 options presenting ``cert``; requests (not requires) a client certificate."""
-    options = ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(cert),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain] or None,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
-    # getContext() caches the context, so this setting sticks for every connection.
-    options.getContext().set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _accept_any)
-    return options
+    return tls.server_options(cert, key, chain)
 
 
 class TVSProtocol(Protocol):
@@ -64,6 +52,8 @@ class TVSProtocol(Protocol):
         self._idle: IDelayedCall | None = None
         self._peer: PeerContext | None = None
         self._closing = False
+        self._waiting = False  # an answer from the authority is pending
+        self._draining = False
 
     def connectionMade(self) -> None:
         # Request/response over TLS: without TCP_NODELAY the answer can sit behind Nagle
@@ -109,28 +99,63 @@ class TVSProtocol(Protocol):
             return
         self._arm_idle()
         self._buffer += data
+        if self._waiting and len(self._buffer) > self.factory.settings.max_message:
+            log.info("TVS peer {source} floods while awaiting an answer", source=self._source())
+            self._close()
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        """Answer buffered frames in order; wait while an answer is still pending."""
+        if self._draining:
+            return  # an answer that arrived at once: the loop below carries on
+        self._draining = True
+        try:
+            while self._buffer and not self._closing and not self._waiting:
+                if not self._next_frame():
+                    return
+        finally:
+            self._draining = False
+
+    def _next_frame(self) -> bool:
+        """Decode and answer one frame; False when the buffer holds only part of one."""
         max_frame = self.factory.settings.max_message
-        while self._buffer and not self._closing:
-            try:
-                frame, used = codec.decode_frame(self._buffer, max_frame)
-            except codec.IncompleteFrame:
-                return
-            except codec.CodecError as exc:
-                command, session_id = _best_effort_ids(self._buffer)
-                log.info(
-                    "TVS malformed frame from {source}: {why}", source=self._source(), why=str(exc)
-                )
-                out = self.factory.handler.malformed(command, session_id, str(exc))
-                if self.transport is not None:
-                    self.transport.write(out.response)
-                self._close()
-                return
-            del self._buffer[:used]
-            outcome = self.factory.handler.handle(frame, self._peer_context(), self.factory.clock())
-            if self.transport is not None:
-                self.transport.write(outcome.response)
-            if outcome.close:
-                self._close()
+        try:
+            frame, used = codec.decode_frame(self._buffer, max_frame)
+        except codec.IncompleteFrame:
+            return False
+        except codec.CodecError as exc:
+            command, session_id = _best_effort_ids(self._buffer)
+            log.info(
+                "TVS malformed frame from {source}: {why}", source=self._source(), why=str(exc)
+            )
+            self._send(self.factory.handler.malformed(command, session_id, str(exc)))
+            self._close()
+            return True
+        del self._buffer[:used]
+        answer = self.factory.handler.handle(frame, self._peer_context(), self.factory.clock())
+        if isinstance(answer, Outcome):
+            self._send(answer)
+            return True
+        # The authority is asked: nothing more is read from this phone until it answers
+        # (an activation is answered only once it is durable).
+        self._waiting = True
+        answer.addCallback(self._answered)
+        return True
+
+    def _answered(self, outcome: Outcome) -> None:
+        self._waiting = False
+        if self._closing or self.transport is None:
+            return  # the phone left (or timed out) while the authority was working
+        self._send(outcome)
+        self._arm_idle()
+        self._drain()
+
+    def _send(self, outcome: Outcome) -> None:
+        if self.transport is not None:
+            self.transport.write(outcome.response)
+        if outcome.close:
+            self._close()
 
     def _close(self) -> None:
         self._closing = True

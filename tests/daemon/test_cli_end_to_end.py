@@ -7,6 +7,8 @@ import json
 import os
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +188,7 @@ def test_certs_init_honours_the_global_state_dir(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "st" / "certs" / "tvs.pem").exists()
     keys = sorted(p.name for p in (tmp_path / "st" / "certs").glob("*.key"))
-    assert keys == ["ccm-tftp.key", "sast.key", "tvs.key"]
+    assert keys == ["ccm-tftp.key", "https-tftp.key", "sast.key", "tvs.key"]
     assert all(
         stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "st" / "certs").glob("*.key")
     )
@@ -201,3 +203,46 @@ def test_the_sample_import_file_imports(daemon: Any) -> None:
         "8851": "awaiting-activation",
         "7821": "provisioned",
     }
+
+
+SECOND_WRITER = """
+import sys
+from pathlib import Path
+
+from callboard.daemon.registry.registry import DeviceSpec, Registry
+from callboard.daemon.registry.store import SQLiteStore
+from twisted.internet import defer, task
+
+
+async def main(reactor):
+    store = SQLiteStore(Path(sys.argv[1]), reactor)
+    registry = Registry(store, reactor.seconds)
+    await registry.add_device(DeviceSpec(model="8841", mac=sys.argv[2], description="elsewhere"))
+    await store.close()
+
+
+task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+"""
+
+
+def test_a_second_process_writing_the_database_reaches_the_daemon(daemon: Any) -> None:
+    """Another process (a future worker or node) writes; the daemon's view follows the feed."""
+    database = daemon.state_dir / "callboard.sqlite3"
+    writer = subprocess.run(
+        [sys.executable, "-c", SECOND_WRITER, str(database), "00AABBCC0001"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert writer.returncode == 0, writer.stderr
+    deadline = time.monotonic() + 15
+    while True:
+        shown = daemon.cli("device", "show", "SEP00AABBCC0001", "--json")
+        if shown.returncode == 0:
+            break
+        assert time.monotonic() < deadline, shown.stderr
+        time.sleep(0.2)
+    device = json.loads(shown.stdout)
+    assert device["description"] == "elsewhere" and device["state"] == "awaiting-activation"
+    # The daemon can act on it: its code, written by the other process, is there too.
+    assert len(daemon.json("code", "show", "SEP00AABBCC0001")["code"]) == 19

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from callboard.daemon.config import ConfigError, load_config
+from callboard.daemon.config import SECTIONS, ConfigError, load_config, section_keys
+from callboard.daemon.provisioning import ProvisioningSettings
+from callboard.daemon.registry.registry import RegistrySettings
+from callboard.protocols.listening import Adopt, ListenerSpec
+from callboard.protocols.sip.registrar import RegistrarSettings
+from callboard.protocols.tftp.server import TFTPSettings
+from callboard.protocols.tvs.activation import TVSSettings
 from support.harness import run_cli, serve_args
 
 
@@ -63,6 +71,25 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ('[loads]\n"7960" = "x"\n', ["loads.7960"]),
         ("[network\n", ["not valid TOML"]),
         ("[tvs]\nallow_sha1_mic = 1\n", ["tvs.allow_sha1_mic", "true or false"]),
+        # Keys that became settable are held to bounds too.
+        ("[tftp]\nreceive_buffer = -1\n", ["tftp.receive_buffer", "out of range"]),
+        ("[sip]\nudp_receive_buffer = -1\n", ["sip.udp_receive_buffer", "out of range"]),
+        ("[sip]\nmax_contacts = 0\n", ["sip.max_contacts", "out of range"]),
+        ('[sip]\nrealm = "a\\"b"\n', ["sip.realm", "SIP header"]),
+        ('[sip]\ndomains = ["a b"]\n', ["sip.domains"]),
+        ("[sip]\nnonce_secret = 1\n", ["sip.nonce_secret", "unknown"]),
+        ('[sip]\ntransport = "sctp"\n', ["sip.transport", "sctp"]),
+        (
+            "[tvs]\nlockout_seconds = 600\nmax_lockout_seconds = 60\n",
+            ["tvs.max_lockout_seconds", "out of range"],
+        ),
+        ('[tvs]\nkey_type = "dsa"\n', ["tvs.key_type", "dsa"]),
+        ("[tvs]\nthrottle_budget = 3\n", ["tvs.throttle_budget", "unknown"]),
+        ('[endpoints]\nhttp = "ssl:443"\n', ["endpoints.http", "ssl"]),
+        ('[endpoints]\nsip = "tcp:5060:interface=phone.example"\n', ["endpoints.sip", "IP"]),
+        ('[endpoints]\ntvs = "systemd:domain=INET"\n', ["endpoints.tvs", "index="]),
+        ('[registry]\ncode_ttl_hours = "a week"\n', ["registry.code_ttl_hours", "a number"]),
+        ('log_level = "loud"\n', ["log_level", "loud"]),
     ],
 )
 def test_bad_config_is_refused_naming_key_and_file(
@@ -128,3 +155,77 @@ def test_any_key_can_be_set_on_the_command_line() -> None:
     for bad in ("tftp.max_blksize=huge", "nope.key=1", "loads.7960=x", "novalue"):
         with pytest.raises(ConfigError):
             serve_config(build_parser().parse_args(["serve", "--set", bad]))
+
+
+def test_keys_that_could_not_be_set_before_reach_their_settings(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[tftp]
+receive_buffer = 1048576
+[tvs]
+lockout_seconds = 120
+max_lockout_seconds = 3600
+max_message = 32768
+verify_ttl = 600
+failure_budget_per_source = 50
+[sip]
+udp_receive_buffer = 0
+max_contacts = 3
+domains = ["pbx.example", "192.0.2.10"]
+nonce_lifetime = 60
+max_message_size = 8192
+sweep_interval = 0.5
+server_name = "Exchange"
+keepalive_expires = 90
+[endpoints]
+http = "fd:5"
+sip = "systemd:domain=INET6:name=sip"
+""",
+    )
+    config = load_config(path, {"sip.max_contacts": 4})
+    assert config.tftp.receive_buffer == 1 << 20
+    tvs = config.tvs
+    assert (tvs.throttle_base_lockout, tvs.throttle_max_lockout) == (120, 3600)
+    assert (tvs.max_message, tvs.verify_ttl, tvs.throttle_source_budget) == (32768, 600, 50)
+    assert config.sip_transport.udp_receive_buffer == 0
+    sip = config.sip
+    assert sip.max_contacts == 4  # the flag wins over the file
+    assert sip.domains == frozenset({"pbx.example", "192.0.2.10"})
+    assert (sip.nonce_lifetime, sip.max_message_size, sip.sweep_interval) == (60, 8192, 0.5)
+    assert sip.server_name == "Exchange"
+    # One key, two owners: what the registrar answers and what configs tell phones.
+    assert sip.keepalive_expires == config.provisioning.keepalive_expires == 90
+    assert config.endpoints.spec("http") == ListenerSpec.adopt("stream", 5)
+    assert config.endpoints.spec("sip") == ListenerSpec(
+        "stream", Adopt(family="INET6", systemd_name="sip")
+    )
+
+
+def test_the_settings_classes_are_the_sections() -> None:
+    config = load_config(None)
+    assert isinstance(config.tftp, TFTPSettings) and config.tftp == TFTPSettings()
+    assert isinstance(config.tvs, TVSSettings) and config.tvs == TVSSettings()
+    assert isinstance(config.sip, RegistrarSettings) and config.sip == RegistrarSettings()
+    assert isinstance(config.registry, RegistrySettings)
+    assert config.provisioning == ProvisioningSettings()
+    assert not config.autoregistration.enabled
+
+
+def test_the_example_names_every_key_with_its_default() -> None:
+    example = Path(__file__).parents[2] / "configs" / "callboard.toml"
+    text = example.read_text()
+    parsed = tomllib.loads(text)
+    defaults = load_config(None)
+    for section in SECTIONS:
+        block = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+        for key in section_keys(section):
+            line = re.search(rf"^#? ?{key} = (.*)$", block, re.MULTILINE)
+            assert line, f"configs/callboard.toml does not show {section}.{key}"
+            value = parsed.get(section, {}).get(key)
+            if value is None or "example" in line.group(1):
+                continue
+            config = load_config(None, {f"{section}.{key}": value})
+            assert config == defaults, (
+                f"{section}.{key} = {value!r} in the example is not the default"
+            )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
+import pytest_twisted
 from callboard.daemon.provisioning import ProvisioningSettings, ProvisioningTree
 from callboard.daemon.registry.model import Line, Onboarding
 from callboard.daemon.registry.registry import DeviceSpec, Registry
@@ -23,9 +25,11 @@ from callboard.protocols.filesource import (
 PHONE = Requester("127.0.0.1", 50000, "tftp")
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(SQLiteStore(tmp_path / "db.sqlite3"), lambda: 1_800_000_000.0)
+@pytest_twisted.async_yield_fixture
+async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    yield Registry(store, lambda: 1_800_000_000.0)
+    await store.close()
 
 
 @pytest.fixture
@@ -50,7 +54,8 @@ def fetch(tree: ProvisioningTree, name: str) -> bytes:
     return body.read_at(0, body.size)
 
 
-def test_xml_default_names_servers_loads_and_activation_models(
+@pytest_twisted.ensureDeferred
+async def test_xml_default_names_servers_loads_and_activation_models(
     tree: ProvisioningTree, registry: Registry
 ) -> None:
     root = ET.fromstring(fetch(tree, "XMLDefault.cnf.xml"))
@@ -66,16 +71,17 @@ def test_xml_default_names_servers_loads_and_activation_models(
     assert load.text == "sip88xx.14-2-1"
     ids = {m.get("id") for m in root.iterfind("activationCodeOnboarding/model")}
     assert {"683", "684", "621"} <= ids
-    registry.set_default("7821", Onboarding.AUTOREGISTRATION)
+    await registry.set_default("7821", Onboarding.AUTOREGISTRATION)
     root = ET.fromstring(fetch(tree, "xmldefault.cnf.xml"))
     names = {m.get("name") for m in root.iterfind("activationCodeOnboarding/model")}
     assert "Cisco 7821" not in names and "Cisco 8841" in names
 
 
-def test_sep_config_only_once_active_and_never_for_bat(
+@pytest_twisted.ensureDeferred
+async def test_sep_config_only_once_active_and_never_for_bat(
     tree: ProvisioningTree, registry: Registry
 ) -> None:
-    device = registry.add_device(
+    device = await registry.add_device(
         DeviceSpec(
             model="8841",
             mac="001122334455",
@@ -87,7 +93,9 @@ def test_sep_config_only_once_active_and_never_for_bat(
         fetch(tree, "SEP001122334455.cnf.xml")
     code = registry.outstanding_code(device)
     assert code is not None
-    assert registry.redeem(mac="001122334455", model="8841", code=code.code, mic_sha256="").ok
+    assert (
+        await registry.redeem(mac="001122334455", model="8841", code=code.code, mic_sha256="")
+    ).ok
     xml = fetch(tree, "sep001122334455.cnf.xml")  # MAC matched case-insensitively
     root = ET.fromstring(xml)
     line = root.find("sipProfile/sipLines/line")
@@ -99,14 +107,14 @@ def test_sep_config_only_once_active_and_never_for_bat(
     assert root.findtext("sipProfile/sipStack/timerRegisterExpires") == "3600"
     assert root.findtext("loadInformation") == "sip88xx.14-2-1"
     stamp = root.findtext("versionStamp")
-    registry.generate_code(device.name)
+    await registry.generate_code(device.name)
     with pytest.raises(FileNotFound):  # back to awaiting activation: no longer served
         fetch(tree, "SEP001122334455.cnf.xml")
-    registry.set_requires_activation(device.name, False)
+    await registry.set_requires_activation(device.name, False)
     again = ET.fromstring(fetch(tree, "SEP001122334455.cnf.xml"))
     assert again.findtext("versionStamp") != stamp
 
-    bat = registry.add_device(DeviceSpec(model="8841", requires_activation=False))
+    bat = await registry.add_device(DeviceSpec(model="8841", requires_activation=False))
     with pytest.raises(FileNotFound):
         fetch(tree, f"{bat.name}.cnf.xml")
 
@@ -316,14 +324,15 @@ def test_daemon_listens_on_ipv4_and_ipv6_loopback(daemon_factory: Any, tmp_path:
     assert http == tftp
 
 
-def test_a_code_required_of_one_phone_of_an_auto_registering_model(
+@pytest_twisted.ensureDeferred
+async def test_a_code_required_of_one_phone_of_an_auto_registering_model(
     tree: ProvisioningTree, registry: Registry
 ) -> None:
-    registry.set_default("7821", Onboarding.AUTOREGISTRATION)
-    one = registry.add_device(
+    await registry.set_default("7821", Onboarding.AUTOREGISTRATION)
+    one = await registry.add_device(
         DeviceSpec(model="7821", mac="0011223344AA", requires_activation=True)
     )
-    registry.add_device(DeviceSpec(model="7821", mac="0011223344BB"))  # follows the default
+    await registry.add_device(DeviceSpec(model="7821", mac="0011223344BB"))  # follows the default
     root = ET.fromstring(fetch(tree, "XMLDefault.cnf.xml"))
     assert [d.get("name") for d in root.iterfind("activationCodeOnboarding/device")] == [one.name]
     assert "Cisco 7821" not in {
@@ -331,6 +340,8 @@ def test_a_code_required_of_one_phone_of_an_auto_registering_model(
     }
     code = registry.outstanding_code(one)
     assert code is not None
-    assert registry.redeem(mac="0011223344AA", model="7821", code=code.code, mic_sha256="").ok
+    assert (
+        await registry.redeem(mac="0011223344AA", model="7821", code=code.code, mic_sha256="")
+    ).ok
     root = ET.fromstring(fetch(tree, "XMLDefault.cnf.xml"))
     assert root.find("activationCodeOnboarding/device") is None

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest_twisted
 from callboard.daemon import certs
-from callboard.phone.boot import BootOptions, BootResult, Outcome, PhoneIdentity, boot_phone
+from callboard.phone.boot import BootOptions, BootResult, Outcome, PhoneIdentity
+from callboard.phone.driver import boot_phone
 from callboard.phone.http_client import HttpFetcher
 from callboard.protocols.tvs import client as tvs_client
 from callboard.protocols.tvs.codec import ActivateStatus, DeviceName

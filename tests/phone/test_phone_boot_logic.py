@@ -22,9 +22,8 @@ from callboard.phone.boot import (
     Registered,
     Sleep,
     Slept,
-    parse_default_config,
-    parse_device_config,
 )
+from callboard.phone.config import parse_default_config, parse_device_config
 from callboard.protocols.tvs.codec import ActivateResponse, ActivateStatus
 from cryptography.hazmat.primitives import serialization
 

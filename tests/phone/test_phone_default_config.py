@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from callboard.phone.boot import parse_default_config
+from callboard.phone.config import parse_default_config
 
 XML = b"""<Default>
   <callManagerGroup><members><member priority="0"><callManager>

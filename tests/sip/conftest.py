@@ -130,6 +130,20 @@ def build_register(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def smuggling(contact_host: str = "192.0.2.50:50057") -> bytes:
+    """A REGISTER declaring ``Content-Length: 0`` and then the length of a second REGISTER
+    that rides in its body (it would bind the phone if it were read as a request)."""
+    inner = build_register(
+        transport="TCP", contact_host=contact_host, call_id="smuggled", extra=("X-Smuggled: 1",)
+    )
+    outer = build_register(transport="TCP", contact_host=contact_host)
+    assert outer.endswith(b"Content-Length: 0\r\n\r\n")
+    head = outer[: -len(b"\r\n")]
+    return head.replace(
+        b"Content-Length: 0\r\n", f"Content-Length: 0\r\nContent-Length: {len(inner)}\r\n".encode()
+    ) + b"\r\n" + inner  # fmt: skip
+
+
 @pytest.fixture
 def make_register() -> Callable[..., bytes]:
     return build_register
@@ -157,8 +171,8 @@ def make_registrar(policy: MemoryPolicy, clock: FakeClock) -> Callable[..., Regi
         return Registrar(
             policy,
             RegistrarSettings(**settings),
-            clock=clock,
-            wallclock=lambda: 1553819486.0,
+            now=clock,
+            wall_now=lambda: 1553819486.0,
         )
 
     return make

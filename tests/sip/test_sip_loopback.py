@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +16,8 @@ from OpenSSL import crypto
 from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
+
+from .conftest import smuggling  # type: ignore[import-not-found]
 
 TIMEOUT = 5
 
@@ -109,7 +112,8 @@ async def server(
     registrar = Registrar(
         policy,
         RegistrarSettings(max_message_size=4096),
-        clock=reactor.seconds,  # type: ignore[attr-defined]
+        now=reactor.seconds,  # type: ignore[attr-defined]
+        wall_now=time.time,
     )
     svc = SIPRegistrarService(
         registrar,
@@ -172,7 +176,7 @@ async def test_register_rules(
         assert len(server.registrar.bindings_for_device("SEP001122334455")) == 2
         assert (await peer.request(reg(max_forwards=0))).status == 483
         r = await peer.request(reg(method="OPTIONS"))
-        assert r.status == 200 and r.headers.get("allow") == "REGISTER, OPTIONS"
+        assert r.status == 200 and r.headers.get("allow") == "REGISTER, OPTIONS, REFER"
         assert (await peer.request(reg(method="SUBSCRIBE"))).status == 405
         bad = reg(cseq=9).replace(b"CSeq: 9 REGISTER", b"CSeq: nine REGISTER")
         assert (await peer.request(bad)).status == 400
@@ -245,6 +249,26 @@ async def test_stream_framing(
         await d
     finally:
         await peer.close() if peer.stream and not peer.stream.closed.called else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_request_smuggling_closes_the_stream(
+    server: SIPRegistrarService, make_register: Callable[..., bytes]
+) -> None:
+    """``Content-Length: 0`` then ``Content-Length: N``: one 400, then the stream is closed, and
+    the body is never read as a second request."""
+    peer = Peer("tcp", port_of(server, "tcp"))
+    await peer.open()
+    assert peer.stream is not None
+    peer.send(smuggling(contact_host=f"127.0.0.1:{peer.local_port}"))
+    answer = await peer.recv()
+    assert answer.status == 400 and "Content-Length" in answer.headers.get("warning", "")
+    closed = peer.stream.closed
+    closed.addTimeout(TIMEOUT, reactor)
+    await closed
+    assert peer.stream.queue.pending == []  # no answer to a smuggled request
+    assert server.registrar.bindings_for_device("SEP001122334455") == []
+    assert server.registrar.counters.requests == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -204,7 +204,7 @@ class _AllowAll:
         return PolicyDecision.allow(request.device_name, ("u", "p"))
 
 
-_REGISTRAR = Registrar(_AllowAll(), clock=lambda: 1.0)
+_REGISTRAR = Registrar(_AllowAll(), now=lambda: 1.0, wall_now=lambda: 1553819486.0)
 _SRC = Source("udp", "127.0.0.1", 5060)
 
 _HEADER_NAMES = st.sampled_from(
@@ -247,6 +247,9 @@ def test_fuzz_parse_never_raises_other(data: bytes) -> None:
         parse_message(data)
     with contextlib.suppress(SIPParseError):
         StreamFramer(max_size=256).feed(data)
+    messages, _ = StreamFramer(max_size=256).messages(data)  # the server's side never raises
+    for msg in messages:
+        _REGISTRAR.handle_message(msg, _SRC)
     # The whole registrar path answers or drops; it never raises.
     reply = _REGISTRAR.handle_bytes(data, _SRC)
     if reply is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,13 @@ SCENARIOS = Path(__file__).resolve().parents[1] / "sipp"
 
 @pytest_twisted.async_yield_fixture
 async def sip_server(policy: Any) -> AsyncIterator[SIPRegistrarService]:
-    # sipp 3.6 answers only the first WWW-Authenticate and knows MD5 alone: offer MD5 first.
-    settings = RegistrarSettings(digest_algorithms=("MD5", "SHA-256"))
-    registrar = Registrar(policy, settings, clock=reactor.seconds)  # type: ignore[attr-defined]
+    # The defaults: one MD5 challenge, which is all sipp 3.6 (like a Cisco phone) can answer.
+    registrar = Registrar(
+        policy,
+        RegistrarSettings(),
+        now=reactor.seconds,  # type: ignore[attr-defined]
+        wall_now=time.time,
+    )
     svc = SIPRegistrarService(
         registrar, reactor, udp_port=0, tcp_port=0, tls_port=None, interface="127.0.0.1"
     )
@@ -48,7 +53,23 @@ CASES = [
     ("register_digest.xml", "1002", "001122334455", "u1", 1),
     ("register_digest.xml", "1002", "001122334455", "t1", 1),
     ("unregister.xml", "1001", "001122334455", "u1", 0),
+    # Cisco firmware (protocol notes §10, §16): the 7821's REGISTER with its multipart body,
+    # Reason and Contact parameters, digest MD5, then a refresh; the keep-alive to a backup
+    # node; the alarm REFER.
+    ("cisco_register.xml", "1002", "001122334455", "u1", 1),
+    ("cisco_register.xml", "1002", "001122334455", "t1", 1),
+    ("cisco_keepalive.xml", "1001", "001122334455", "u1", 1),
+    ("cisco_keepalive.xml", "1001", "001122334455", "t1", 1),
+    ("cisco_alarm_refer.xml", "1001", "001122334455", "u1", 0),
+    ("cisco_alarm_refer.xml", "1001", "001122334455", "t1", 0),
 ]
+
+#: Registrar counters each scenario must leave (beyond the binding count).
+COUNTERS: dict[str, dict[str, int]] = {
+    "cisco_register.xml": {"remotecc_answers": 1, "challenged_401": 1, "registrations": 2},
+    "cisco_keepalive.xml": {"keepalives": 1, "unregistrations": 0, "registrations": 1},
+    "cisco_alarm_refer.xml": {"refer": 2, "alarms": 1, "unsupported_415": 1},
+}
 
 
 @pytest.mark.parametrize(("scenario", "dn", "mac", "transport", "bindings"), CASES)
@@ -86,3 +107,6 @@ async def test_sipp_scenario(
     errors = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*_errors.log"))
     assert code == 0, f"sipp exit {code}\n{out[-2000:]!r}\n{err[-2000:]!r}\n{errors}"
     assert sip_server.registrar.binding_count() == bindings
+    counters = sip_server.registrar.counters_snapshot()
+    expected = COUNTERS.get(scenario, {})
+    assert {k: counters[k] for k in expected} == expected

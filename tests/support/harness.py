@@ -33,21 +33,55 @@ def serve_args(state_dir: Path, **ports: int) -> list[str]:
     return args
 
 
-class Daemon:
-    """A ``callboard serve`` subprocess with its own state dir."""
+# Runs the daemon the way systemd socket activation does: the given descriptors become 3, 4, ...
+# and LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES describe them (argv: fds, names, then serve args).
+_SYSTEMD_SHIM = """
+import os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+for target, fd in enumerate(fds, 3):
+    os.dup2(fd, target)
+os.environ.update(
+    LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=sys.argv[2]
+)
+os.execv(sys.executable, [sys.executable, "-m", "callboard.daemon.main", *sys.argv[3:]])
+"""
 
-    def __init__(self, state_dir: Path, *extra: str, socket: Path | None = None) -> None:
+
+def systemd_launcher(fds: list[int], names: list[str]) -> list[str]:
+    """A command prefix that hands ``fds`` to the daemon as systemd would (pass them too)."""
+    return [sys.executable, "-c", _SYSTEMD_SHIM, ",".join(map(str, fds)), ":".join(names)]
+
+
+class Daemon:
+    """A ``callboard serve`` subprocess with its own state dir.
+
+    ``launcher`` replaces ``python -m callboard.daemon.main`` (e.g. :func:`systemd_launcher`);
+    ``pass_fds`` are descriptors the child inherits.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *extra: str,
+        socket: Path | None = None,
+        launcher: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.state_dir = state_dir
         self.extra = list(extra)
         self.socket = socket or state_dir / "admin.sock"
+        self.launcher = launcher or CALLBOARD
+        self.pass_fds = pass_fds
         self.proc: subprocess.Popen[str] | None = None
         self.log_path = state_dir.parent / f"{state_dir.name}-daemon.log"
         self.status: dict[str, Any] = {}
 
     def start(self, timeout: float = 30) -> Daemon:
-        args = [*CALLBOARD, *serve_args(self.state_dir), *self.extra]
+        args = [*self.launcher, *serve_args(self.state_dir), *self.extra]
         log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, text=True, pass_fds=self.pass_fds
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -132,3 +132,19 @@ def test_structured_requests_decode_or_fail_typed(
     assert isinstance(packet, codec.ReadRequest | codec.WriteRequest)
     with contextlib.suppress(codec.OptionError):
         codec.negotiate(packet.options, size=10, max_blksize=1468, max_windowsize=64)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=6), st.binary(min_size=2, max_size=2).map(lambda b: b"\x00\x04" + b)
+    )
+)
+def test_decode_ack_agrees_with_decode(raw: bytes) -> None:
+    try:
+        packet: codec.Packet | None = codec.decode(raw)
+    except codec.MalformedPacket:
+        packet = None
+    expected = packet.block if isinstance(packet, codec.Ack) else None
+    assert codec.decode_ack(raw) == expected
+    assert codec.opcode(raw) == (int.from_bytes(raw[:2], "big") if len(raw) >= 2 else None)

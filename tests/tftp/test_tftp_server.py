@@ -1,7 +1,9 @@
-"""TFTPService over real loopback sockets: refusals, limits, windows, and real clients.
+"""TFTPService: timing on an injected clock, then real loopback sockets and real clients.
 
-External clients (curl, tftp-hpa, atftp) run as subprocesses while the reactor keeps
-running; tftpy's blocking client runs in a thread.
+Retransmits, windows and "nothing more is sent" are checked on a ``MemoryReactorClock`` with
+in-memory transfer sockets, so no test waits for time to pass. Refusals, limits and TIDs are
+then checked over real loopback sockets; external clients (curl, tftp-hpa, atftp) run as
+subprocesses while the reactor keeps running, and tftpy's blocking client runs in a thread.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,10 @@ import tftpy
 from callboard.protocols.filesource import DirectorySource
 from callboard.protocols.tftp import codec
 from callboard.protocols.tftp.server import TFTPService, TFTPSettings
-from twisted.internet import reactor, task, threads
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
 
 SMALL = b'<?xml version="1.0"?>\n<device>\r\n' + b"<x/>\n" * 180 + b"</device>\n"
@@ -79,11 +82,6 @@ class Probe(DatagramProtocol):
         data, addr = await d
         return codec.decode(data), addr
 
-    async def quiet(self, seconds: float) -> int:
-        """How many datagrams arrive within ``seconds``."""
-        await task.deferLater(reactor, seconds, lambda: None)
-        return len(self.queue.pending)
-
 
 @pytest.fixture
 def probes() -> Iterator[Any]:
@@ -125,6 +123,218 @@ async def fetch_raw(probe: Probe, addr: Addr, name: str, **options: str) -> byte
         packet, tid = await probe.recv()
 
 
+# -- timing, on an injected clock ---------------------------------------------------------------
+
+
+class MemorySocket:
+    """A transfer's socket (its TID) in memory: records what the service sends, and to whom."""
+
+    def __init__(self, local: str, protocol: Any) -> None:
+        self.local = local
+        self.protocol = protocol
+        self.sent: list[tuple[bytes, Addr]] = []
+        self.closed = False
+
+    def send_all(self, datagrams: Any, addr: Addr) -> None:
+        self.sent.extend((d, addr) for d in datagrams)
+
+    def sendto(self, datagram: bytes, addr: Addr) -> int:
+        self.sent.append((datagram, addr))
+        return len(datagram)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> list[Any]:
+        """The packets sent since the last call, decoded."""
+        out = [codec.decode(d) for d, _ in self.sent]
+        self.sent.clear()
+        return out
+
+
+class Clocked:
+    """A TFTPService on a MemoryReactorClock whose transfer sockets are MemorySockets."""
+
+    CLIENT: Addr = ("192.0.2.50", 40000)
+
+    def __init__(self, root: Path, **settings: Any) -> None:
+        self.clock = MemoryReactorClock()
+        self.service = TFTPService(
+            DirectorySource(str(root)), ["127.0.0.1"], 0, TFTPSettings(**settings), self.clock
+        )
+        self.sockets: list[MemorySocket] = []
+        self.replies: list[tuple[bytes, Addr]] = []
+        self.service.transfer_socket = self._open  # type: ignore[method-assign]
+
+    def _open(self, _fds: Any, local: str, protocol: Any) -> MemorySocket:
+        sock = MemorySocket(local, protocol)
+        self.sockets.append(sock)
+        return sock
+
+    def request(self, datagram: bytes, client: Addr = CLIENT) -> MemorySocket | None:
+        """An RRQ on the well-known port; the new transfer's socket, if one was opened."""
+        before = len(self.sockets)
+        self.service._request("127.0.0.1", datagram, client, self._reply)
+        return self.sockets[-1] if len(self.sockets) > before else None
+
+    def _reply(self, datagram: bytes, addr: Addr) -> None:
+        self.replies.append((datagram, addr))
+
+    def ack(self, sock: MemorySocket, block: int, client: Addr = CLIENT) -> None:
+        sock.protocol.datagramReceived(ack(block), client)
+
+
+@pytest.fixture
+def clocked(root: Path) -> Callable[..., Clocked]:
+    return lambda **settings: Clocked(root, **settings)
+
+
+def test_unacknowledged_data_is_retransmitted_with_backoff_then_abandoned(
+    clocked: Callable[..., Clocked],
+) -> None:
+    c = clocked(initial_timeout=0.1, max_retries=2)
+    sock = c.request(rrq("SEP001122334455.cnf.xml"))
+    assert sock is not None and sock.take() == [codec.Data(1, SMALL[:512])]
+    c.clock.advance(0.099)
+    assert sock.take() == []  # not yet
+    c.clock.advance(0.001)
+    assert sock.take() == [codec.Data(1, SMALL[:512])]  # first retry after 0.1 s
+    c.clock.advance(0.199)
+    assert sock.take() == []
+    c.clock.advance(0.001)
+    assert sock.take() == [codec.Data(1, SMALL[:512])]  # second retry 0.2 s later
+    assert c.service.live_transfers == 1
+    c.clock.advance(0.4)
+    assert sock.take() == [] and sock.closed  # given up, silently
+    assert c.service.live_transfers == 0 and c.clock.getDelayedCalls() == []
+    c.clock.advance(60)
+    assert sock.take() == []
+
+
+def test_no_amplification_oack_then_one_window_per_ack(clocked: Callable[..., Clocked]) -> None:
+    c = clocked(initial_timeout=3.0)
+    sock = c.request(rrq("firmware/big.loads", blksize="1468", windowsize="16"))
+    assert sock is not None
+    assert sock.take() == [codec.OptionAck({"blksize": "1468", "windowsize": "16"})]
+    c.clock.advance(2.9)
+    assert sock.take() == []  # no DATA before ACK 0
+    c.ack(sock, 0)
+    window = sock.take()
+    assert [p.block for p in window] == list(range(1, 17))
+    assert b"".join(p.payload for p in window) == BIG[: 16 * 1468]
+    c.ack(sock, 0)  # a late duplicate of ACK 0
+    assert sock.take() == []
+    c.ack(sock, 16)
+    assert [p.block for p in sock.take()] == list(range(17, 33))
+    c.ack(sock, 16)  # duplicate: must not yield another window
+    c.ack(sock, 10)  # stale
+    assert sock.take() == []
+    c.clock.advance(2.999)
+    assert sock.take() == []
+    c.clock.advance(0.001)
+    assert [p.block for p in sock.take()] == list(range(17, 33))  # the timer resends it
+
+
+def test_progress_moves_the_retransmit_later(clocked: Callable[..., Clocked]) -> None:
+    c = clocked(initial_timeout=1.0)
+    sock = c.request(rrq("firmware/big.loads"))
+    assert sock is not None and [p.block for p in sock.take()] == [1]
+    c.clock.advance(0.9)
+    c.ack(sock, 1)
+    assert [p.block for p in sock.take()] == [2]
+    c.clock.advance(0.1)  # block 1's timer would have fired now
+    assert sock.take() == []
+    c.clock.advance(0.9)
+    assert [p.block for p in sock.take()] == [2]
+
+
+def test_deadline_ends_a_slow_transfer_with_an_error(clocked: Callable[..., Clocked]) -> None:
+    c = clocked(initial_timeout=1.0, transfer_deadline=2.5, max_retries=100)
+    sock = c.request(rrq("firmware/big.loads"))
+    assert sock is not None
+    for _ in range(4):
+        c.clock.advance(0.5)
+        c.ack(sock, sock.take()[-1].block)
+    c.clock.advance(0.5)
+    assert sock.take()[-1] == codec.Error(0, "transfer took too long")
+    assert sock.closed and c.service.live_transfers == 0
+
+
+def test_completed_transfer_is_released(clocked: Callable[..., Clocked]) -> None:
+    c = clocked()
+    sock = c.request(rrq("SEP001122334455.cnf.xml"))
+    assert sock is not None
+    data = []
+    while not sock.closed:
+        packet = sock.take()[-1]
+        data.append(packet.payload)
+        c.ack(sock, packet.block)
+    assert b"".join(data) == SMALL
+    assert c.service.live_transfers == 0 and c.clock.getDelayedCalls() == []
+
+
+def test_refused_requests_open_no_transfer(clocked: Callable[..., Clocked]) -> None:
+    c = clocked()
+    for datagram in (rrq("missing.cnf.xml"), rrq("../secret.txt"), rrq("escape"), rrq("a", "mail")):
+        assert c.request(datagram) is None
+    assert [codec.decode(d).code for d, _ in c.replies] == [1, 2, 2, 4]  # type: ignore[union-attr]
+    assert all(addr == Clocked.CLIENT for _, addr in c.replies)
+    assert c.service.live_transfers == 0 and c.clock.getDelayedCalls() == []
+
+
+def test_global_cap_refuses_other_clients(clocked: Callable[..., Clocked]) -> None:
+    c = clocked(max_transfers=1)
+    assert c.request(rrq("firmware/big.loads")) is not None
+    assert c.request(rrq("SEP001122334455.cnf.xml"), ("192.0.2.51", 1234)) is None
+    assert c.replies == [(codec.encode_error(0, "server busy"), ("192.0.2.51", 1234))]
+
+
+def test_no_socket_for_the_transfer_means_busy(clocked: Callable[..., Clocked]) -> None:
+    c = clocked()
+
+    def exhausted(*_: Any) -> MemorySocket:
+        raise OSError(24, "Too many open files")
+
+    c.service.transfer_socket = exhausted  # type: ignore[method-assign]
+    assert c.request(rrq("SEP001122334455.cnf.xml")) is None
+    assert c.replies == [(codec.encode_error(0, "server busy"), Clocked.CLIENT)]
+    assert c.service.live_transfers == 0
+
+
+def test_stray_and_repeated_packets(clocked: Callable[..., Clocked]) -> None:
+    c = clocked(initial_timeout=5.0, max_retries=1)
+    sock = c.request(rrq("SEP001122334455.cnf.xml"))
+    assert sock is not None and len(sock.take()) == 1
+    c.request(ack(1), ("192.0.2.99", 5))  # stray ACK on the well-known port: ignored
+    assert c.replies == []
+    sock.protocol.datagramReceived(ack(1), ("192.0.2.99", 5))  # another TID: error 5
+    sock.protocol.datagramReceived(codec.encode_error(0, "x"), ("192.0.2.99", 5))  # not answered
+    assert sock.sent == [(codec.encode_error(5, "unknown transfer ID"), ("192.0.2.99", 5))]
+    sock.sent.clear()
+    assert c.request(rrq("SEP001122334455.cnf.xml")) is None  # the same TID asks again
+    assert sock.take() == [codec.Data(1, SMALL[:512])]  # a retry, not a second transfer
+    assert c.request(rrq("SEP001122334455.cnf.xml")) is None
+    assert sock.take() == [] and sock.closed  # retries are bounded: max_retries=1
+    assert c.service.live_transfers == 0
+
+
+def test_client_error_ends_the_transfer_quietly(clocked: Callable[..., Clocked]) -> None:
+    c = clocked()
+    sock = c.request(rrq("firmware/big.loads"))
+    assert sock is not None
+    sock.take()
+    sock.protocol.datagramReceived(codec.encode_error(3, "disk full"), Clocked.CLIENT)
+    assert sock.take() == [] and sock.closed and c.service.live_transfers == 0
+
+
+def test_shutdown_aborts_live_transfers(clocked: Callable[..., Clocked]) -> None:
+    c = clocked()
+    socks = [c.request(rrq("firmware/big.loads"), ("192.0.2.60", p)) for p in (1, 2)]
+    c.service.stopService()
+    assert all(s is not None and s.closed for s in socks)
+    assert c.service.live_transfers == 0 and c.clock.getDelayedCalls() == []
+
+
 # -- refusals -------------------------------------------------------------------------------
 
 
@@ -158,9 +368,8 @@ async def test_refusals_carry_exact_code_and_server_keeps_serving(
     packet, source = await probe.recv()
     assert isinstance(packet, codec.Error) and packet.code == code, packet
     assert source == addr
+    assert server.live_transfers == 0  # a refusal never leaves a transfer behind
     assert await fetch_raw(probes(), addr, "SEP001122334455.cnf.xml") == SMALL
-    await task.deferLater(reactor, 0.05, lambda: None)
-    assert server.live_transfers == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -209,20 +418,6 @@ async def test_repeated_rrq_is_a_retry_not_a_second_transfer(
 
 
 @pytest_twisted.ensureDeferred
-async def test_unacknowledged_data_is_retransmitted_then_abandoned(root: Path, probes: Any) -> None:
-    service = start(root, initial_timeout=0.1, max_retries=2)
-    try:
-        probe = probes()
-        probe.send(rrq("SEP001122334455.cnf.xml"), ("127.0.0.1", port_of(service)))
-        seen = [await probe.recv() for _ in range(3)]
-        assert all(p == seen[0][0] for p, _ in seen)
-        assert await probe.quiet(1.0) == 0
-        assert service.live_transfers == 0
-    finally:
-        await service.stopService()
-
-
-@pytest_twisted.ensureDeferred
 async def test_busy_past_per_client_cap_and_others_still_served(root: Path, probes: Any) -> None:
     service = start(root, max_transfers_per_client=2, initial_timeout=5.0)
     addr = ("127.0.0.1", port_of(service))
@@ -246,35 +441,13 @@ async def test_global_cap(root: Path, probes: Any) -> None:
     service = start(root, max_transfers=1, initial_timeout=5.0)
     addr = ("127.0.0.1", port_of(service))
     try:
-        probes().send(rrq("firmware/big.loads"), addr)
-        await task.deferLater(reactor, 0.1, lambda: None)
+        holder = probes()
+        holder.send(rrq("firmware/big.loads"), addr)
+        await holder.recv()  # its transfer is live
         probe = probes("127.0.0.3")
         probe.send(rrq("SEP001122334455.cnf.xml"), addr)
         packet, _ = await probe.recv()
         assert packet == codec.Error(0, "server busy")
-    finally:
-        await service.stopService()
-
-
-@pytest_twisted.ensureDeferred
-async def test_no_amplification_oack_then_one_window(root: Path, probes: Any) -> None:
-    service = start(root, initial_timeout=3.0)
-    try:
-        probe = probes()
-        probe.send(
-            rrq("firmware/big.loads", blksize="1468", windowsize="16"),
-            ("127.0.0.1", port_of(service)),
-        )
-        packet, tid = await probe.recv()
-        assert packet == codec.OptionAck({"blksize": "1468", "windowsize": "16"})
-        assert await probe.quiet(0.4) == 0  # no DATA before ACK 0
-        probe.send(ack(0), tid)
-        assert await probe.quiet(0.4) == 16
-        window = [await probe.recv() for _ in range(16)]
-        assert [p.block for p, _ in window] == list(range(1, 17))
-        probe.send(ack(16), tid)
-        probe.send(ack(16), tid)  # duplicate: must not yield another window
-        assert await probe.quiet(0.4) == 16
     finally:
         await service.stopService()
 

@@ -11,13 +11,20 @@ from typing import Any
 
 import pytest
 from callboard.daemon import certs
-from callboard.protocols.tvs.activation import ManufacturingTrust, Redemption, TVSSettings
+from callboard.protocols.tvs.activation import (
+    Answer,
+    ManufacturingTrust,
+    Outcome,
+    Redemption,
+    TVSSettings,
+)
 from callboard.protocols.tvs.codec import DeviceName
 from callboard.protocols.tvs.server import TVSTLSFactory, make_tvs_factory
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import endpoints
 from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, succeed
 
 reactor: Any = _reactor
 
@@ -48,7 +55,10 @@ class FakeAuthority:
     def add(self, code: str, **kw: Any) -> None:
         self.codes[code] = CodeState(code, **kw)
 
-    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Redemption:
+    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Deferred[Redemption]:
+        return succeed(self._decide(mac=mac, model=model, code=code, mic_sha256=mic_sha256))
+
+    def _decide(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Redemption:
         with self.lock:
             self.calls.append({"mac": mac, "model": model, "mic": mic_sha256})
             state = self.codes.get(code)
@@ -66,6 +76,16 @@ class FakeAuthority:
                 return Redemption(False, None, "code bound to another model")
             state.used = True
             return Redemption(True, f"SEP{mac}", "activated")
+
+
+def settled(answer: Answer) -> Outcome:
+    """The outcome of a handler answer that has already fired (the fake authority's do)."""
+    if isinstance(answer, Outcome):
+        return answer
+    results: list[Outcome] = []
+    answer.addCallback(results.append)
+    assert results, "the answer is still pending"
+    return results[0]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from callboard.daemon import certs
+from callboard.protocols.tvs import labpki
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -22,12 +23,13 @@ def test_init_certs_files_modes_and_no_overwrite(tmp_path: Path) -> None:
     first = certs.init_certs(tmp_path)
     d = tmp_path / "certs"
     assert _mode(d) == 0o700
-    for stem in ("sast", "tvs", "ccm-tftp"):
+    for stem in ("sast", "tvs", "ccm-tftp", "https-tftp"):
         assert _mode(d / f"{stem}.key") == 0o600
         assert (d / f"{stem}.pem").exists()
     assert isinstance(first.sast.key, rsa.RSAPrivateKey) and first.sast.key.key_size == 2048
     assert isinstance(first.tvs.key, ec.EllipticCurvePrivateKey)
-    assert isinstance(first.ccm_tftp.key, ec.EllipticCurvePrivateKey)
+    assert isinstance(first.ccm_tftp.key, rsa.RSAPrivateKey)  # it signs .sgn files
+    assert isinstance(first.https_tftp.key, ec.EllipticCurvePrivateKey)  # HTTPS 6971
     again = certs.init_certs(tmp_path, key_type="rsa")  # no force: nothing replaced
     assert again.tvs.cert == first.tvs.cert
     forced = certs.init_certs(tmp_path, key_type="rsa", force=True)
@@ -46,9 +48,9 @@ def test_missing_certificate_is_reissued_from_kept_key(tmp_path: Path) -> None:
 
 
 def test_mic_layout_like_real_mics(tmp_path: Path) -> None:
-    lab = certs.make_lab_ca()
+    lab = labpki.make_lab_ca()
     assert "Callboard Lab" in lab.root.subject.rfc4514_string()
-    mic = certs.issue_mic(lab, model="CP-8841", mac="00:aa:bb:cc:dd:ee", serial="LAB12345678")
+    mic = labpki.issue_mic(lab, model="CP-8841", mac="00:aa:bb:cc:dd:ee", serial="LAB12345678")
     subject = mic.cert.subject
     oids = [a.oid for a in subject]
     assert oids == [
@@ -67,10 +69,37 @@ def test_mic_layout_like_real_mics(tmp_path: Path) -> None:
         mic.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     with pytest.raises(x509.ExtensionNotFound):
         mic.cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-    sha1 = certs.issue_mic(lab, model="8841", mac="00AABBCCDDEE", sha1=True)
+    sha1 = labpki.issue_mic(lab, model="8841", mac="00AABBCCDDEE", sha1=True)
     assert isinstance(sha1.cert.signature_hash_algorithm, hashes.SHA1)
-    with pytest.raises(certs.CertError):
-        certs.issue_mic(lab, model="8841", mac="nothex")
+    with pytest.raises(labpki.CertError):
+        labpki.issue_mic(lab, model="8841", mac="nothex")
+
+
+def test_daemon_and_phone_share_one_lab_pki(tmp_path: Path) -> None:
+    assert certs.issue_mic is labpki.issue_mic and certs.CertError is labpki.CertError
+    lab = labpki.make_lab_ca()
+    certs.write_lab_ca(tmp_path, lab)
+    issuer = labpki.load_issuing_ca(tmp_path)  # what `callboard phone storm --lab-ca` reads
+    assert issuer.ca == lab.ca and issuer.ca_key.public_key() == lab.ca_key.public_key()
+    assert labpki.load_lab_ca(tmp_path).root == lab.root
+    mic = labpki.issue_mic(issuer, model="8841", mac="0A0000000001", serial="STORM0A1B2C")
+    mic.cert.verify_directly_issued_by(lab.ca)
+    lab.ca.verify_directly_issued_by(lab.root)
+    cn = mic.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == "CP-8841-SEP0A0000000001"
+    assert mic.cert.subject == labpki.mic_subject("8841", "0A0000000001", "STORM0A1B2C")
+
+
+def test_lab_pki_errors_are_one_line_and_name_no_key(tmp_path: Path) -> None:
+    with pytest.raises(labpki.CertError, match="cannot load certificate"):
+        labpki.load_issuing_ca(tmp_path)
+    (tmp_path / "lab-ca.pem").write_bytes(b"junk")
+    with pytest.raises(labpki.CertError, match="cannot load certificate"):
+        labpki.load_issuing_ca(tmp_path)
+    with pytest.raises(labpki.CertError, match="model"):
+        labpki.issue_mic(labpki.make_lab_ca(), model="88-41", mac="00AABBCCDDEE")
+    with pytest.raises(labpki.CertError, match="key type"):
+        labpki.new_key("dsa")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -82,14 +82,14 @@ def test_itl_round_trip_and_independent_check(pki: Pki, algo: HashAlgorithm) -> 
     assert itl.filename == "ITLFile.tlv"
     assert itl.timestamp == TS
     assert itl.hash_algorithm == algo
-    assert [r.role for r in itl.records] == [Role.SAST, Role.CCM_TFTP, Role.TVS]
+    assert [r.role for r in itl.records] == [Role.SAST, Role.CCM_TFTP, Role.TVS, Role.TFTP]
     assert itl.certificates(Role.TVS) == [pki.server.tvs.cert]
 
     ind = _independent_parse(data)
     assert ind["version"] == (1, 2) and ind["filename"] == b"ITLFile.tlv\x00"
     assert ind["hash"] == int(algo) and ind["modulus_index"] == 2 and len(ind["signature"]) == 256
     roles = [struct.unpack(">H", r[4])[0] for r in ind["records"]]
-    assert roles == [0, 2, 21]
+    assert roles == [0, 2, 21, 3]
     sast = x509.load_der_x509_certificate(ind["records"][0][9])
     assert sast.serial_number == ind["serial"]
     h = hashes.SHA512() if algo == HashAlgorithm.SHA512 else hashes.SHA1()

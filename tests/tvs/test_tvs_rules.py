@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from callboard.daemon import certs
 from callboard.protocols.tvs import codec
 from callboard.protocols.tvs.activation import (
     ManufacturingTrust,
+    Outcome,
     PeerContext,
+    Redemption,
     Throttle,
+    ThrottleStore,
     TVSHandler,
     TVSSettings,
 )
 from callboard.protocols.tvs.codec import ActivateRequest, ActivateResponse, ActivateStatus
+from twisted.internet.defer import Deferred, fail
 
-from .conftest import DEVICE, GOOD_CODE, MAC, FakeAuthority, Pki  # type: ignore[import-not-found]
+from .conftest import (  # type: ignore[import-not-found]
+    DEVICE,
+    GOOD_CODE,
+    MAC,
+    FakeAuthority,
+    Pki,
+    settled,
+)
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -101,13 +113,17 @@ def test_handler_checks_chain_once_per_connection(pki: Pki) -> None:
     auth.add(GOOD_CODE, mac=MAC)
     handler = TVSHandler(trust=pki.trust, authority=auth, role_certs=[], settings=TVSSettings())
     peer = PeerContext("192.0.2.1", pki.mic.cert, [])
-    out = handler.handle(
-        _frame(ActivateRequest(1, DEVICE, "0000000000000000")), peer, NOW.timestamp()
+    out = settled(
+        handler.handle(
+            _frame(ActivateRequest(1, DEVICE, "0000000000000000")), peer, NOW.timestamp()
+        )
     )
     assert ActivateResponse.from_frame(codec.decode_frame(out.response)[0]).status == 1
     verdict = peer.verdict
     assert verdict is not None
-    out = handler.handle(_frame(ActivateRequest(2, DEVICE, GOOD_CODE)), peer, NOW.timestamp())
+    out = settled(
+        handler.handle(_frame(ActivateRequest(2, DEVICE, GOOD_CODE)), peer, NOW.timestamp())
+    )
     assert peer.verdict is verdict
     resp = ActivateResponse.from_frame(codec.decode_frame(out.response)[0])
     assert resp.status == ActivateStatus.ACTIVATED and resp.session_id == 2
@@ -125,7 +141,9 @@ def test_authority_failure_is_a_refusal_without_details(pki: Pki) -> None:
         settings=TVSSettings(),  # type: ignore[arg-type]
     )
     peer = PeerContext("192.0.2.1", pki.mic.cert, [])
-    out = handler.handle(_frame(ActivateRequest(1, DEVICE, GOOD_CODE)), peer, NOW.timestamp())
+    out = settled(
+        handler.handle(_frame(ActivateRequest(1, DEVICE, GOOD_CODE)), peer, NOW.timestamp())
+    )
     resp = ActivateResponse.from_frame(codec.decode_frame(out.response)[0])
     assert resp.status == ActivateStatus.REJECTED and GOOD_CODE not in resp.reason
 
@@ -155,3 +173,93 @@ def test_logs_never_contain_the_code(pki: Pki) -> None:
         assert e["device"] == "CP-8841-SEP00AABBCCDDEE" and e["source"] == "192.0.2.7"
         flat = repr(e)
         assert GOOD_CODE not in flat and "0000000000000000" not in flat
+
+
+class HeldAuthority:
+    """An authority whose answers wait until the test releases them (a slow, durable write)."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Redemption]] = []
+
+    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Deferred[Redemption]:
+        d: Deferred[Redemption] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def _status_of(outcome: Outcome) -> ActivateResponse:
+    return ActivateResponse.from_frame(codec.decode_frame(outcome.response)[0])
+
+
+def test_activated_is_answered_only_when_the_authority_has_answered(pki: Pki) -> None:
+    auth = HeldAuthority()
+    handler = TVSHandler(trust=pki.trust, authority=auth, role_certs=[], settings=TVSSettings())
+    peer = PeerContext("192.0.2.1", pki.mic.cert, [])
+    answer = handler.handle(_frame(ActivateRequest(1, DEVICE, GOOD_CODE)), peer, NOW.timestamp())
+    assert isinstance(answer, Deferred) and not answer.called
+    results: list[Outcome] = []
+    answer.addCallback(results.append)
+    assert results == []
+    auth.pending[0].callback(Redemption(True, f"SEP{MAC}", "activated"))
+    assert _status_of(results[0]).status == ActivateStatus.ACTIVATED
+
+
+def test_a_refusal_counts_against_the_throttle_when_it_arrives(pki: Pki) -> None:
+    auth = HeldAuthority()
+    settings = TVSSettings(throttle_budget=1)
+    handler = TVSHandler(trust=pki.trust, authority=auth, role_certs=[], settings=settings)
+    peer = PeerContext("192.0.2.1", pki.mic.cert, [])
+    now = NOW.timestamp()
+    answer = handler.handle(_frame(ActivateRequest(1, DEVICE, GOOD_CODE)), peer, now)
+    assert handler.throttle.locked_for(f"dev:{DEVICE.name}", now) == 0
+    auth.pending[0].callback(Redemption(False, None, "activation code is used"))
+    assert _status_of(settled(answer)).status == ActivateStatus.REJECTED
+    assert handler.throttle.locked_for(f"dev:{DEVICE.name}", now) > 0
+
+
+def test_a_failed_authority_deferred_is_a_refusal_without_details(pki: Pki) -> None:
+    class Failing:
+        def redeem(self, **_: Any) -> Deferred[Redemption]:
+            return fail(RuntimeError(f"disk I/O error while storing {GOOD_CODE}"))
+
+    handler = TVSHandler(
+        trust=pki.trust,
+        authority=Failing(),  # type: ignore[arg-type]
+        role_certs=[],
+        settings=TVSSettings(),
+    )
+    peer = PeerContext("192.0.2.1", pki.mic.cert, [])
+    out = settled(
+        handler.handle(_frame(ActivateRequest(1, DEVICE, GOOD_CODE)), peer, NOW.timestamp())
+    )
+    resp = _status_of(out)
+    assert (
+        resp.status == ActivateStatus.REJECTED and resp.reason == "activation service unavailable"
+    )
+
+
+def test_the_throttle_stores_can_be_supplied(pki: Pki) -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.failures: list[str] = []
+
+        def locked_for(self, key: str, now: float) -> float:
+            return 0.0
+
+        def failure(self, key: str, now: float) -> None:
+            self.failures.append(key)
+
+    device_store, source_store = Recording(), Recording()
+    stores: tuple[ThrottleStore, ThrottleStore] = (device_store, source_store)
+    handler = TVSHandler(
+        trust=pki.trust,
+        authority=FakeAuthority(),
+        role_certs=[],
+        settings=TVSSettings(),
+        device_throttle=stores[0],
+        source_throttle=stores[1],
+    )
+    peer = PeerContext("192.0.2.9", pki.mic.cert, [])
+    settled(handler.handle(_frame(ActivateRequest(1, DEVICE, GOOD_CODE)), peer, NOW.timestamp()))
+    assert device_store.failures == [f"dev:{DEVICE.name}"]
+    assert source_store.failures == ["src:192.0.2.9"]

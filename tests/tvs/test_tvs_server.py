@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest_twisted
 from callboard.protocols.tvs import client
-from callboard.protocols.tvs.activation import TVSSettings
+from callboard.protocols.tvs.activation import Redemption, TVSSettings
 from callboard.protocols.tvs.codec import (
     ActivateResponse,
     ActivateStatus,
@@ -20,7 +20,7 @@ from callboard.protocols.tvs.codec import (
 )
 from callboard.protocols.tvs.itl import Role
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from .conftest import (  # type: ignore[import-not-found]
     DEVICE,
@@ -378,3 +378,29 @@ async def test_trust_reload_swaps_the_store(pki: Pki, start_server: Any) -> None
     assert resp.status == ActivateStatus.CERTIFICATE_NOT_ACCEPTED
     resp = await _activate(server, pki, pki.mic)
     assert resp.status == ActivateStatus.ACTIVATED
+
+
+@pytest_twisted.ensureDeferred
+async def test_activated_is_sent_only_after_the_authority_fires(
+    pki: Pki, start_server: Any
+) -> None:
+    held: list[defer.Deferred[Redemption]] = []
+
+    class Held(FakeAuthority):
+        def redeem(
+            self, *, mac: str, model: str, code: str, mic_sha256: str
+        ) -> defer.Deferred[Redemption]:
+            d: defer.Deferred[Redemption] = defer.Deferred()
+            held.append(d)
+            return d
+
+    server = start_server(authority=Held())
+    answer = _activate(server, pki, pki.mic)
+    while not held:  # until the request has reached the authority
+        await task.deferLater(reactor, 0.01, lambda: None)
+    for _ in range(5):
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert not answer.called  # the phone hears nothing while the commit is on its way
+    held[0].callback(Redemption(True, f"SEP{MAC}", "activated"))
+    resp = await answer
+    assert resp.status == ActivateStatus.ACTIVATED and resp.device_name_assigned == f"SEP{MAC}"

@@ -1,0 +1,243 @@
+"""The Twisted driver of the boot: performs :class:`~callboard.phone.boot.BootSequence` actions.
+
+Fetches go to the provisioning servers in option-150 order (HTTP 6970 first, TFTP as the
+fallback, the first server and transport that answers is kept), ACTIVATE goes to the TVS over
+TLS with the MIC, REGISTER to the SIP user agent. :func:`boot_phone` never errbacks: every
+failure, even a bug, ends as a :class:`~callboard.phone.boot.BootResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from callboard.protocols import tls
+from callboard.protocols.tvs import client as tvs_client
+from callboard.protocols.tvs.codec import DeviceName
+from twisted.internet import defer
+
+from . import tftp_client
+from .boot import (
+    Action,
+    Activate,
+    Activated,
+    BootOptions,
+    BootResult,
+    BootSequence,
+    Feed,
+    Fetch,
+    Fetched,
+    FetchFailed,
+    Outcome,
+    PhoneIdentity,
+    Registered,
+    Sleep,
+    Slept,
+)
+from .config import DeviceConfig
+from .http_client import HttpFetcher
+
+__all__ = ["boot_phone"]
+
+
+def _describe(failure: BaseException) -> str:
+    text = str(failure) or type(failure).__name__
+    if isinstance(failure, defer.TimeoutError | defer.CancelledError):
+        return "timed out"
+    return text.splitlines()[0][:200]
+
+
+class _Fetcher:
+    """Server and transport selection: option-150 order, first that answers is kept."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        servers: Sequence[str],
+        options: BootOptions,
+        http: HttpFetcher,
+    ) -> None:
+        self.reactor = reactor
+        self.options = options
+        self.http = http
+        vias = ("http", "tftp") if options.transport == "auto" else (options.transport,)
+        self.candidates = [(server, via) for server in servers for via in vias]
+        self.current: tuple[str, str] | None = None
+
+    def _port(self, via: str) -> int:
+        return self.options.http_port if via == "http" else self.options.tftp_port
+
+    def _get(self, server: str, via: str, name: str) -> defer.Deferred[bytes | None]:
+        opts = self.options
+        if via == "http":
+            return self.http.fetch(server, opts.http_port, name, timeout=opts.timeout)
+        interval = max(0.05, min(1.0, opts.timeout / (opts.tftp_retries + 1)))
+        return tftp_client.fetch(
+            self.reactor,
+            server,
+            opts.tftp_port,
+            name,
+            blksize=opts.tftp_blksize,
+            timeout=interval,
+            max_retries=opts.tftp_retries,
+        )
+
+    async def fetch(self, name: str) -> Fetched | FetchFailed:
+        order = list(self.candidates)
+        if self.current is not None:
+            order.remove(self.current)
+            order.insert(0, self.current)
+        errors: list[str] = []
+        for server, via in order:
+            try:
+                data = await self._get(server, via, name)
+            except Exception as exc:
+                errors.append(f"{via} {server}:{self._port(via)}: {_describe(exc)}")
+                continue
+            self.current = (server, via)
+            return Fetched(name, data, via, f"{server}:{self._port(via)}")
+        return FetchFailed(name, "; ".join(errors) or "no servers given")
+
+
+async def _activate(
+    reactor: Any, identity: PhoneIdentity, action: Activate, options: BootOptions
+) -> Activated:
+    assert identity.code is not None
+    device = DeviceName(identity.model, identity.mac)
+    context = tls.client_options((identity.mic_cert, identity.mic_key), identity.mic_chain)
+    errors: list[str] = []
+    for member in action.members:
+        where = f"{member.address}:{member.port}"
+        try:
+            response = await tvs_client.activate(
+                reactor,
+                member.address,
+                member.port,
+                device=device,
+                code=identity.code,
+                pinned_der=action.pinned_der,
+                timeout=options.timeout,
+                context=context,
+            )
+        except tvs_client.PinMismatch:
+            return Activated(
+                None,
+                where,
+                f"{where} presented a certificate that is not the ITL's TVS certificate",
+                untrusted=True,
+            )
+        except Exception as exc:
+            errors.append(f"{where}: {_describe(exc)}")
+            continue
+        return Activated(response, where)
+    return Activated(None, "", "no TVS server answered: " + "; ".join(errors))
+
+
+async def _register(
+    reactor: Any, identity: PhoneIdentity, config: DeviceConfig, options: BootOptions
+) -> Registered:
+    from .sip_ua import SipRegistrationError, SipUserAgent
+
+    server = config.sip_server
+    assert server is not None
+    transport = "tls" if config.transport == "tls" else "tcp"  # the UA speaks TCP and TLS
+    port = server.secured_sip_port if transport == "tls" else server.sip_port
+    tls_options = None
+    if transport == "tls":
+        tls_options = tls.client_options((identity.mic_cert, identity.mic_key), identity.mic_chain)
+    ua = SipUserAgent(
+        reactor,
+        server.address,
+        port,
+        transport=transport,
+        device_name=identity.sep_name,
+        mac=identity.mac,
+        model_id=identity.model_id,
+        model=identity.model,
+        lines=[(ln.name, ln.auth_name or ln.name, ln.auth_password) for ln in config.lines],
+        load=config.load or identity.load,
+        response_timeout=options.timeout,
+        tls_options=tls_options,
+    )
+    where = f"{transport}:{server.address}:{port}"
+    try:
+        try:
+            result = await ua.register()
+        except SipRegistrationError as exc:
+            return Registered(False, None, f"REGISTER to {where}: {exc}")
+        dns = ", ".join(f"{ln.dn}={ln.status}" for ln in result.lines)
+        detail = f"REGISTER to {where}: {dns}" + (" (x-cisco-newreg)" if result.newreg else "")
+        if result.ok and options.unregister:
+            await ua.unregister()
+            detail += "; unregistered"
+        return Registered(result.ok, result.status, detail)
+    finally:
+        await ua.close()
+
+
+def boot_phone(
+    reactor: Any,
+    identity: PhoneIdentity,
+    servers: Sequence[str],
+    options: BootOptions | None = None,
+    *,
+    http: HttpFetcher | None = None,
+    emit: Callable[[str], None] | None = None,
+) -> defer.Deferred[BootResult]:
+    """Boot one emulated phone against ``servers`` (option-150 order); never errbacks.
+
+    Pass one shared :class:`HttpFetcher` when booting many phones; without it the phone makes
+    its own and closes it at the end. ``emit`` receives each step line as it happens.
+    """
+    opts = options or BootOptions()
+    own_http = http is None
+    fetcher_http = http if http is not None else HttpFetcher(reactor, connect_timeout=opts.timeout)
+    fetcher = _Fetcher(reactor, servers, opts, fetcher_http)
+    started = time.monotonic()
+
+    async def perform(action: Action) -> Feed:
+        if isinstance(action, Fetch):
+            return await fetcher.fetch(action.name)
+        if isinstance(action, Activate):
+            return await _activate(reactor, identity, action, opts)
+        if isinstance(action, Sleep):
+            await _sleep(reactor, action.seconds)
+            return Slept()
+        return await _register(reactor, identity, action.config, opts)
+
+    async def run() -> BootResult:
+        try:
+            result = await _drive(BootSequence(identity, opts, emit), perform)
+        finally:
+            if own_http:
+                await fetcher_http.close()
+        return replace(result, elapsed=time.monotonic() - started)
+
+    return defer.Deferred.fromCoroutine(run())
+
+
+async def _drive(
+    sequence: BootSequence, perform: Callable[[Action], Awaitable[Feed]]
+) -> BootResult:
+    """Run the sequence to its end, performing each action it asks for."""
+    step = sequence.start()
+    try:
+        while not isinstance(step, BootResult):
+            step = sequence.feed(await perform(step))
+    except Exception as exc:  # a bug or an unexpected failure: still a result, not a crash
+        sequence.note("fail", f"internal error: {type(exc).__name__}: {exc}")
+        step = BootResult(
+            Outcome.ERROR,
+            f"internal error: {exc}",
+            sequence.identity.sep_name,
+            tuple(sequence.steps),
+        )
+    return step
+
+
+async def _sleep(reactor: Any, seconds: float) -> None:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d

@@ -1,0 +1,156 @@
+"""Where each address-of-record can be reached: the SIP location service (RFC 3261 §10.3).
+
+The registrar decides *what* the bindings of an AoR become (RFC 3261 §10.3 rules, policy,
+digest); the location service only keeps them and forgets them when they expire. Keeping the
+two apart lets several registrar processes share bindings later (a store-backed service)
+without touching the REGISTER pipeline: :class:`LocationService` is the whole contract, and
+:class:`MemoryLocationService` the one-process implementation.
+
+Times are on the registrar's clock (the ``now`` it is given), passed in by the caller; the
+service has no clock of its own.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from callboard.protocols.sip.message import NameAddr
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One contact bound to an AoR, as the registrar accepted it.
+
+    ``key`` identifies the binding within its AoR (``+sip.instance`` when present, else the
+    contact URI); ``expires_at`` is on the registrar's clock, ``registered_at`` wall-clock
+    epoch seconds (shown to people only).
+    """
+
+    aor: str
+    key: str
+    contact: NameAddr
+    call_id: str
+    cseq: int
+    expires_at: float
+    registered_at: float
+    device_name: str | None
+    transport: str
+    source: str
+    user_agent: str | None
+    instance: str | None
+    model_id: str | None
+    client_cert_fingerprint: str | None
+
+
+class LocationService(Protocol):
+    """The bindings store the registrar needs. Must not block (called on the reactor).
+
+    An AoR's bindings change as a whole (:meth:`replace`): RFC 3261 §10.3 applies every
+    contact of a REGISTER or none, so the registrar computes the new set and hands it over in
+    one call.
+    """
+
+    def lookup(self, aor: str, now: float) -> dict[str, Binding]:
+        """The live (unexpired at ``now``) bindings of ``aor`` by key, in binding order."""
+        ...
+
+    def replace(self, aor: str, bindings: Mapping[str, Binding]) -> None:
+        """Make ``bindings`` the whole binding set of ``aor`` (empty: remove the AoR)."""
+        ...
+
+    def by_device(self, device_name: str, now: float) -> list[Binding]:
+        """The live bindings held by a device, AoR by AoR (sorted)."""
+        ...
+
+    def remove_device(self, device_name: str) -> list[Binding]:
+        """Remove every binding of a device at once; returns the removed ones."""
+        ...
+
+    def sweep(self, now: float) -> list[Binding]:
+        """Remove the bindings that expired by ``now``; returns them."""
+        ...
+
+    def count(self) -> int:
+        """How many bindings are held (expired ones not yet swept included)."""
+        ...
+
+
+class MemoryLocationService:
+    """Bindings in this process's memory; expiry through one heap (not a timer per binding).
+
+    The heap may hold stale entries (a binding refreshed or removed since): :meth:`sweep`
+    skips any entry that no longer names the stored binding with that expiry.
+    """
+
+    def __init__(self) -> None:
+        self._bindings: dict[str, dict[str, Binding]] = {}
+        self._by_device: dict[str, set[str]] = {}  # device name → AoRs it holds bindings on
+        self._heap: list[tuple[float, str, str]] = []
+
+    def lookup(self, aor: str, now: float) -> dict[str, Binding]:
+        return {k: b for k, b in self._bindings.get(aor, {}).items() if b.expires_at > now}
+
+    def replace(self, aor: str, bindings: Mapping[str, Binding]) -> None:
+        before = self._bindings.pop(aor, {})
+        after = dict(bindings)
+        if after:
+            self._bindings[aor] = after
+        for key, b in after.items():
+            if before.get(key) is not b:
+                heapq.heappush(self._heap, (b.expires_at, aor, key))
+        devices = {b.device_name for b in (*before.values(), *after.values())}
+        for device in devices:
+            if device is not None:
+                self._index(device, aor)
+
+    def by_device(self, device_name: str, now: float) -> list[Binding]:
+        return [
+            b
+            for aor in sorted(self._by_device.get(device_name, ()))
+            for b in self._bindings.get(aor, {}).values()
+            if b.device_name == device_name and b.expires_at > now
+        ]
+
+    def remove_device(self, device_name: str) -> list[Binding]:
+        removed: list[Binding] = []
+        for aor in sorted(self._by_device.pop(device_name, set())):
+            bindings = self._bindings.get(aor, {})
+            for key in [k for k, b in bindings.items() if b.device_name == device_name]:
+                removed.append(bindings.pop(key))
+            if not bindings:
+                self._bindings.pop(aor, None)
+        return removed
+
+    def sweep(self, now: float) -> list[Binding]:
+        expired: list[Binding] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, aor, key = heapq.heappop(heap)
+            bindings = self._bindings.get(aor)
+            b = bindings.get(key) if bindings is not None else None
+            if bindings is None or b is None or b.expires_at != at:
+                continue  # refreshed or removed since
+            del bindings[key]
+            if not bindings:
+                del self._bindings[aor]
+            if b.device_name is not None:
+                self._index(b.device_name, aor)
+            expired.append(b)
+        return expired
+
+    def count(self) -> int:
+        return sum(len(v) for v in self._bindings.values())
+
+    def _index(self, device_name: str, aor: str) -> None:
+        """Keep ``aor`` under ``device_name`` exactly while the device holds a binding there."""
+        holds = any(b.device_name == device_name for b in self._bindings.get(aor, {}).values())
+        aors = self._by_device.setdefault(device_name, set())
+        if holds:
+            aors.add(aor)
+        else:
+            aors.discard(aor)
+            if not aors:
+                del self._by_device[device_name]

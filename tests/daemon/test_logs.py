@@ -1,0 +1,229 @@
+"""Logging: journald priority prefixes, the console format, and no Twisted start-up chatter."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from callboard.daemon.logs import (
+    journal_stream,
+    make_renderer,
+    twisted_chatter,
+    with_priority_prefix,
+)
+from twisted.internet import protocol, reactor
+from twisted.logger import formatEvent, globalLogPublisher
+
+# -- journald detection -----------------------------------------------------------------------
+
+
+def test_journal_stream_matches_device_and_inode(tmp_path: Path) -> None:
+    with open(tmp_path / "out", "w") as out:
+        st = os.fstat(out.fileno())
+        assert journal_stream(out, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        # Set, but for another stream (stdout was redirected): no prefixes.
+        assert not journal_stream(out, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+        assert not journal_stream(out, {})
+        for bad in ("", "x:y", "12", f"{st.st_dev}:", f":{st.st_ino}"):
+            assert not journal_stream(out, {"JOURNAL_STREAM": bad})
+    assert not journal_stream(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
+
+
+# -- renderers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("level", "priority"),
+    [("debug", 7), ("info", 6), ("warning", 4), ("error", 3), ("critical", 2)],
+)
+def test_json_lines_carry_the_syslog_priority(level: str, priority: int) -> None:
+    render = make_renderer("json", journal=True)
+    line = render(None, level, {"event": "hello", "level": level, "device": "SEP00AABBCCDDEE"})
+    assert isinstance(line, str)
+    prefix = f"<{priority}>"
+    assert line.startswith(prefix)
+    assert json.loads(line.removeprefix(prefix)) == {
+        "event": "hello",
+        "level": level,
+        "device": "SEP00AABBCCDDEE",
+    }
+
+
+def test_without_journal_json_is_unprefixed() -> None:
+    line = make_renderer("json", journal=False)(None, "info", {"event": "x", "level": "info"})
+    assert isinstance(line, str) and json.loads(line) == {"event": "x", "level": "info"}
+
+
+def test_every_line_of_a_multiline_event_is_prefixed() -> None:
+    render = with_priority_prefix(lambda _l, _n, e: f"{e['event']}\nTraceback\n  line")
+    assert render(None, "error", {"event": "boom", "level": "error"}) == (
+        "<3>boom\n<3>Traceback\n<3>  line"
+    )
+
+
+def test_console_format_is_for_people() -> None:
+    render = make_renderer("console", journal=False, colors=False)
+    line = render(None, "warning", {"event": "lockout", "level": "warning", "device": "SEP1"})
+    assert isinstance(line, str)
+    assert "lockout" in line and "device=SEP1" in line and "warning" in line
+    assert not line.lstrip().startswith("{") and "\x1b[" not in line
+    journal = make_renderer("console", journal=True, colors=True)(
+        None, "warning", {"event": "lockout", "level": "warning"}
+    )
+    assert isinstance(journal, str)
+    assert journal.startswith("<4>") and "\x1b[" not in journal  # no colours into the journal
+
+
+def test_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="log format 'xml'"):
+        make_renderer("xml", journal=False)
+
+
+# -- Twisted's chatter, as Twisted itself emits it ---------------------------------------------
+
+
+@pytest.fixture
+def twisted_events() -> Iterator[list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+class Noisy(protocol.DatagramProtocol):
+    noisy = True
+
+
+def test_chatter_is_recognised(twisted_events: list[dict[str, Any]]) -> None:
+    factory = protocol.Factory()
+    factory.noisy = True
+    factory.doStart()
+    factory.doStop()
+    udp = reactor.listenUDP(0, Noisy(), interface="127.0.0.1")  # type: ignore[attr-defined]
+    udp.stopListening()
+    tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    tcp.stopListening()
+    verdicts = {twisted_chatter(e) for e in twisted_events}
+    texts = [(twisted_chatter(e), str(e.get("log_format"))) for e in twisted_events]
+    assert "drop" in verdicts and "debug" in verdicts, texts
+    for event in twisted_events:
+        text = formatEvent(event)
+        if text.startswith(("Starting ", "Stopping ")):
+            assert twisted_chatter(event) == "drop", text
+        elif " starting on " in text or text.endswith("Closed)"):
+            assert twisted_chatter(event) == "debug", text
+
+
+def test_ordinary_events_are_not_chatter() -> None:
+    ours = {"log_format": "tftp {file} ok", "log_namespace": "callboard.x", "file": "a"}
+    assert twisted_chatter(ours) is None
+    legacy = {"log_namespace": "log_legacy", "log_format": "{log_text}"}
+    assert twisted_chatter({**legacy, "log_text": "Received SIGTERM, shutting down."}) is None
+    assert twisted_chatter({**legacy, "log_text": "Starting protocol handshake"}) == "drop"
+
+
+# -- the whole pipeline in a process of its own ------------------------------------------------
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from callboard.daemon.logs import configure_logging, get_logger
+    from twisted.internet import protocol, reactor
+    from twisted.logger import Logger
+
+    configure_logging(sys.argv[1], log_format=sys.argv[2])
+
+    class Noisy(protocol.DatagramProtocol):
+        noisy = True
+
+    class NoisyFactory(protocol.Factory):
+        noisy = True
+
+    def run():
+        udp = reactor.listenUDP(0, Noisy(), interface="127.0.0.1")
+        tcp = reactor.listenTCP(0, NoisyFactory(), interface="127.0.0.1")
+        get_logger("callboard.test").warning("code redeemed", device="SEP00AABBCCDDEE",
+                                             code="1234567812345678")
+        Logger(namespace="callboard.protocols.x").info("tftp {file} ok", file="XMLDefault.cnf.xml")
+        Logger(namespace="callboard.protocols.x").error("tvs went wrong")
+        udp.stopListening()
+        tcp.stopListening()
+        reactor.callLater(0.05, reactor.stop)
+
+    reactor.callWhenRunning(run)
+    reactor.run()
+    """
+)
+
+
+def run_script(tmp_path: Path, level: str, fmt: str, journal: bool) -> list[str]:
+    out_path = tmp_path / f"out-{level}-{fmt}-{journal}.log"
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = str(Path("build/typecheck").resolve())
+    environ.pop("JOURNAL_STREAM", None)
+    with open(out_path, "w") as out:
+        if journal:
+            st = os.fstat(out.fileno())
+            environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        result = subprocess.run(
+            [sys.executable, "-c", SCRIPT, level, fmt],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environ,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    return out_path.read_text().splitlines()
+
+
+def test_under_journald_every_line_has_a_priority(tmp_path: Path) -> None:
+    lines = run_script(tmp_path, "info", "json", journal=True)
+    assert lines
+    events = []
+    for line in lines:
+        assert line[0] == "<" and line[2] == ">", line
+        event = json.loads(line[3:])
+        events.append((int(line[1]), event))
+    by_text = {e["event"]: (p, e) for p, e in events}
+    assert by_text["code redeemed"][0] == 4
+    assert by_text["code redeemed"][1]["code"] == "[redacted]"
+    assert by_text["code redeemed"][1]["device"] == "SEP00AABBCCDDEE"
+    assert by_text["tftp XMLDefault.cnf.xml ok"][0] == 6
+    assert by_text["tvs went wrong"][0] == 3
+    text = "\n".join(lines)
+    assert "Starting protocol" not in text and "Starting factory" not in text
+    assert "Stopping protocol" not in text and "Stopping factory" not in text
+    assert " object at 0x" not in text
+    assert "starting on" not in text and "Port" not in text  # debug only
+
+
+def test_port_notes_remain_at_debug(tmp_path: Path) -> None:
+    lines = run_script(tmp_path, "debug", "json", journal=True)
+    debug = [json.loads(line[3:])["event"] for line in lines if line.startswith("<7>")]
+    assert any(" starting on " in text for text in debug), lines
+    assert any(text.endswith("Closed)") for text in debug), lines
+    assert not any("Starting protocol" in line or "object at 0x" in line for line in lines)
+
+
+def test_plain_json_without_journald(tmp_path: Path) -> None:
+    lines = run_script(tmp_path, "info", "json", journal=False)
+    assert lines and all(json.loads(line)["event"] for line in lines)
+
+
+def test_console_format_end_to_end(tmp_path: Path) -> None:
+    lines = run_script(tmp_path, "info", "console", journal=False)
+    redeemed = [line for line in lines if "code redeemed" in line]
+    assert len(redeemed) == 1
+    assert "device=SEP00AABBCCDDEE" in redeemed[0] and "1234567812345678" not in redeemed[0]
+    assert not any(line.startswith("{") for line in lines)
+    assert not any("Starting protocol" in line for line in lines)
