@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.python.failure import Failure
 
 from .admin.app import Actor, Problem, problem_from
@@ -87,6 +87,9 @@ class AccountsApp:
         if not actor.is_admin and actor.name != name:
             return fail(Problem.forbidden(f"{actor.name} may not see other users"))
         return succeed(user)
+
+    def knows_user(self, name: str) -> bool:
+        return self.store.user(name) is not None
 
     def owned_devices(self, name: str) -> list[Device]:
         return [d for d in self.registry.devices() if d.owner_user == name]
@@ -175,7 +178,8 @@ class AccountsApp:
         return d.addCallback(self._audited(actor, "user.update", user=name, **changes))
 
     def delete_user(self, actor: Actor, name: str, *, force: bool = False) -> Deferred[User]:
-        """Refused while the user owns phones, unless ``force`` (the phones keep the name)."""
+        """Refused while the user owns phones, unless ``force``: then the phones lose their
+        user first (each a conditional registry write), and only then is the user deleted."""
         try:
             _require_admin(actor, "delete users")
             user = self.store.user(name)
@@ -189,8 +193,25 @@ class AccountsApp:
                 )
         except Problem as exc:
             return fail(exc)
-        d = self.store.delete_user(name).addCallback(lambda _: user)
-        return d.addCallback(self._audited(actor, "user.delete", user=name, force=force))
+        d = ensureDeferred(self._disown(actor, owned))
+        d.addErrback(_as_problem)
+        d.addCallback(lambda _: self.store.delete_user(name))
+        d.addCallback(lambda _: user)
+        return d.addCallback(
+            self._audited(actor, "user.delete", user=name, force=force, devices=len(owned))
+        )
+
+    async def _disown(self, actor: Actor, devices: list[Device]) -> None:
+        for device in devices:
+            changed = await self.registry.update_device(device.name, owner_user="")
+            log.info(
+                "admin change",
+                action="device.update",
+                **actor.audit_fields(),
+                device=changed.name,
+                changed=["user"],
+                owner="",
+            )
 
     def authenticate(self, name: str, password: str) -> Deferred[User | None]:
         """The user if the password matches; None otherwise (same time either way)."""
@@ -319,6 +340,12 @@ class AccountsApp:
 def _require_admin(actor: Actor, what: str) -> None:
     if not actor.is_admin:
         raise Problem.forbidden(f"{actor.name or 'this actor'} may not {what}")
+
+
+def _as_problem(failure: Failure) -> Failure:
+    """Registry refusals become problems; anything else stays an internal failure."""
+    problem = problem_from(failure.value) if failure.value is not None else None
+    return Failure(problem) if problem is not None else failure
 
 
 def _problem(exc: Problem | RegistryError) -> Problem:

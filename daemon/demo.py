@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from . import certs
+from .admin.app import Actor
 from .logs import get_logger
 from .registry.model import Device, Line, group_code
 from .registry.registry import DeviceSpec
@@ -61,24 +62,33 @@ def provision_demo(service: CallboardService, out: TextIO) -> Deferred[None]:
     mic_cert, mic_key = certs.write_mic(
         state_dir / "demo-phone", certs.issue_mic(lab, model=DEMO_MODEL, mac=DEMO_MAC)
     )
-    added = registry.add_device(
-        DeviceSpec(
-            model=DEMO_MODEL,
-            description="Callboard demo phone",
-            owner_user=DEMO_USER,
-            lines=(Line("1001", "Demo Phone", "1001", secrets.token_urlsafe(12)),),
-            requires_activation=True,
+
+    def add_phone(password: str | None) -> Deferred[None]:
+        # With the web on, the phone belongs to the demo user (made first: a device's user
+        # must exist), who sees its code in Self-Care.
+        added = registry.add_device(
+            DeviceSpec(
+                model=DEMO_MODEL,
+                description="Callboard demo phone",
+                owner_user=DEMO_USER if password else "",
+                lines=(Line("1001", "Demo Phone", "1001", secrets.token_urlsafe(12)),),
+                requires_activation=True,
+            )
         )
-    )
+
+        def announce(device: Device) -> None:
+            _announce(service, device, mic_cert, mic_key, lab_dir, out)
+            if password:
+                _announce_web_user(service, password, out)
+
+        return added.addCallback(announce)
 
     def failed(failure: Failure) -> None:
         log.error("demo phone not provisioned", error=str(failure.value))
         print(f"\nThe demo phone could not be added: {failure.value}", file=out)
 
-    def announce(device: Device) -> None:
-        _announce(service, device, mic_cert, mic_key, lab_dir, out)
-
-    return added.addCallbacks(announce, failed)
+    d = _demo_web_user(service).addCallback(add_phone)
+    return d.addErrback(failed)
 
 
 def _announce(
@@ -108,33 +118,26 @@ A lab manufacturing CA in {lab_dir} is trusted by this daemon; the demo phone's 
         file=out,
         flush=True,
     )
-    _demo_web_user(service, out)
 
 
-def _demo_web_user(service: CallboardService, out: TextIO) -> None:
-    """With the web listener on: a demo admin who owns the demo phone, and its password."""
-    places = service.listening().streams.get("web")
-    accounts = getattr(service, "accounts", None)
-    if not places or accounts is None:
-        return
-    from .admin.app import Actor
-
+def _demo_web_user(service: CallboardService) -> Deferred[str | None]:
+    """With the web listener on: a demo admin (its password), else None."""
+    if not service.listening().streams.get("web"):
+        return succeed(None)
     password = secrets.token_urlsafe(12)
     actor = Actor("callboard-demo", True, "demo")
-    d = accounts.add_user(
+    d = service.accounts.add_user(
         actor, DEMO_USER, is_admin=True, display_name="Demo User", password=password
     )
+    return d.addCallback(lambda _: password)
 
-    def announce(_: object) -> None:
-        print(
-            f"""Self-Care and the admin console (self-signed certificate):
-  https://{places[0]}/self-care/   user {DEMO_USER}, password {password}
+
+def _announce_web_user(service: CallboardService, password: str, out: TextIO) -> None:
+    place = service.listening().streams["web"][0]
+    print(
+        f"""Self-Care and the admin console (self-signed certificate):
+  https://{place}/self-care/   user {DEMO_USER}, password {password}
 """,
-            file=out,
-            flush=True,
-        )
-
-    def failed(failure: Failure) -> None:
-        print(f"demo web user not created: {failure.getErrorMessage()}", file=out, flush=True)
-
-    d.addCallbacks(announce, failed)
+        file=out,
+        flush=True,
+    )

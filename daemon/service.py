@@ -131,7 +131,9 @@ class CallboardService(AtomicMultiService):
         self._wire_file_service()
         self.tvs = self._wire_tvs()
         self._wire_registrar()
-        self.admin_app = AdminApp(self.registry, self.registrations, self.status)
+        self.admin_app = AdminApp(
+            self.registry, self.registrations, self.status, known_user=self.accounts.knows_user
+        )
         self.admin_api = AdminAPI(self.admin_app)
         # Other writers of the same database reach this registry through the change feed.
         follower = TimerService(self.registry.settings.feed_interval, self.registry.follow)
@@ -257,13 +259,15 @@ class CallboardService(AtomicMultiService):
         self.sip.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
-        """A device deleted, renamed or back to awaiting activation loses its bindings."""
+        """A device deleted, renamed, back to awaiting activation or given other lines loses
+        its bindings (a removed line's, or one registered with an old password)."""
         if old is None:
             return
         stays = (
             new is not None
             and new.name == old.name
             and new.state is not DeviceState.AWAITING_ACTIVATION
+            and new.lines == old.lines
         )
         if not stays and self.registrar.drop_device(old.name):
             log.info("registrations dropped", device=old.name)

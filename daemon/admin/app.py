@@ -13,7 +13,7 @@ and a front door never needs to know which calls could have answered at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from callboard.protocols.models import MODELS
@@ -25,6 +25,7 @@ from ..registry.model import (
     ActivationCode,
     Conflict,
     Device,
+    Line,
     NotFound,
     Onboarding,
     RegistryError,
@@ -184,6 +185,9 @@ class AdminApp:
     Reads need an actor (the audit of reads is left to the front door's access log, but a
     future read-only actor must not see codes); changes need an admin and are logged as
     ``admin change`` with the actor, never with a code or a password.
+
+    ``known_user`` says whether a user name exists (the web's accounts); with it, a device's
+    user must be one (None: any name is taken as it is).
     """
 
     def __init__(
@@ -191,10 +195,12 @@ class AdminApp:
         registry: Registry,
         registrations: Registrations = lambda _name: [],
         status: Callable[[], dict[str, Any]] = dict,
+        known_user: Callable[[str], bool] | None = None,
     ) -> None:
         self._registry = registry
         self._registrations = registrations
         self._status = status
+        self._known_user = known_user
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -246,7 +252,53 @@ class AdminApp:
             self._audit(actor, "device.add", device=device.name, model=device.model)
             return self._view(device, reveal_code=True)
 
-        return self._change(actor, lambda: self._registry.add_device(spec), audit)
+        def start() -> Deferred[Device]:
+            self._check_user(spec.owner_user)
+            return self._registry.add_device(spec)
+
+        return self._change(actor, start, audit)
+
+    def update_device(
+        self,
+        actor: Actor,
+        name: str,
+        *,
+        description: str | None = None,
+        owner_user: str | None = None,
+        lines: Sequence[Line] | None = None,
+    ) -> Deferred[DeviceView]:
+        """Edit a device's description, user or lines (None leaves a field as it is).
+
+        A line given without a password keeps the one its directory number had (a new
+        password replaces it), so a form that never shows passwords can be sent back as is.
+        """
+
+        def start() -> Deferred[Device]:
+            if owner_user is not None:
+                self._check_user(owner_user)
+            kept: list[Line] | None = None
+            if lines is not None:
+                old = {ln.directory_number: ln for ln in self._registry.get(name).lines}
+                kept = [_keep_password(ln, old) for ln in lines]
+            return self._registry.update_device(
+                name, description=description, owner_user=owner_user, lines=kept
+            )
+
+        def audit(device: Device) -> DeviceView:
+            changed = [
+                key
+                for key, value in (
+                    ("description", description),
+                    ("user", owner_user),
+                    ("lines", lines),
+                )
+                if value is not None
+            ]
+            extra = {"owner": owner_user} if owner_user is not None else {}
+            self._audit(actor, "device.update", device=device.name, changed=changed, **extra)
+            return self._view(device, reveal_code=False)
+
+        return self._change(actor, start, audit)
 
     def import_devices(
         self, actor: Actor, rows: Sequence[ImportRow], *, dummy_mac: bool
@@ -353,7 +405,9 @@ class AdminApp:
         problems: list[dict[str, Any]] = []
         for row in rows:
             try:
-                specs.append(row_to_spec(row.cells, dummy_mac=dummy_mac))
+                spec = row_to_spec(row.cells, dummy_mac=dummy_mac)
+                self._check_user(spec.owner_user)
+                specs.append(spec)
                 lines.append(row.line)
             except RegistryError as exc:
                 problems.append({"line": row.line, "message": str(exc)})
@@ -379,6 +433,12 @@ class AdminApp:
 
         return d.addBoth(judged)
 
+    def _check_user(self, name: str) -> None:
+        """A device's user must exist (when this app knows the users)."""
+        name = name.strip()
+        if name and self._known_user is not None and not self._known_user(name):
+            raise RegistryError(f"no user named {name!r}; add the user first")
+
     def _imported(self, actor: Actor, devices: list[Device]) -> ImportResult:
         self._audit(actor, "import", devices=len(devices))
         return ImportResult(devices)
@@ -403,6 +463,14 @@ class AdminApp:
 
     def _audit(self, actor: Actor, action: str, **fields: Any) -> None:
         log.info("admin change", action=action, **actor.audit_fields(), **fields)
+
+
+def _keep_password(line: Line, old: Mapping[str, Line]) -> Line:
+    """A line without a password keeps the password its directory number had."""
+    if line.auth_password:
+        return line
+    before = old.get(line.directory_number.strip())
+    return replace(line, auth_password=before.auth_password) if before else line
 
 
 def _require_admin(actor: Actor, what: str) -> None:

@@ -196,6 +196,28 @@ def cmd_device_add(client: AdminClient, args: argparse.Namespace) -> Any:
     return client.call("POST", "devices", body)
 
 
+def cmd_device_edit(client: AdminClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {}
+    if args.description is not None:
+        body["description"] = args.description
+    if args.user is not None:
+        body["user"] = args.user
+    if args.line is not None:
+        body["lines"] = [_parse_line(spec) for spec in args.line]
+        for line in body["lines"]:
+            if args.password:
+                line["auth_password"] = args.password
+    elif args.password:
+        raise CLIError("--password goes with --line (the lines it is for)")
+    if not body:
+        raise CLIError("give --description, --user or --line")
+    result = client.call("PATCH", f"devices/{args.name}", body)
+    code = result.get("activation_code") if isinstance(result, dict) else None
+    if isinstance(code, dict) and code.get("code") is None:
+        code.pop("code", None)
+    return result
+
+
 def cmd_device_list(client: AdminClient, args: argparse.Namespace) -> Any:
     return client.call("GET", "devices")
 
@@ -403,6 +425,7 @@ def _render(command: str, result: Any) -> str:
     if command in (
         "device show",
         "device add",
+        "device edit",
         "device set-mac",
         "device delete",
         "device require-activation",
@@ -483,6 +506,23 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         const=False,
         help="no code; the phone may fetch its config at once",
     )
+    p = leaf(
+        device,
+        "edit",
+        cmd_device_edit,
+        "device edit",
+        "change a phone's description, user or lines (what is not given stays)",
+    )
+    p.add_argument("name")
+    p.add_argument("--description")
+    p.add_argument("--user", help="owner user id ('' for none)")
+    p.add_argument(
+        "--line",
+        action="append",
+        metavar="DN[:DISPLAY NAME]",
+        help="the phone's lines, all of them (repeatable); a line keeps its password",
+    )
+    p.add_argument("--password", help="a new SIP digest password for the --line lines")
     leaf(device, "list", cmd_device_list, "device list", "list phones")
     leaf(device, "show", cmd_device_show, "device show", "show one phone").add_argument("name")
     p = leaf(

@@ -361,6 +361,45 @@ class Registry:
         return self._commit(changes).addCallback(lambda _: released.code)
 
     @_refusals_as_failures
+    def update_device(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        owner_user: str | None = None,
+        lines: Sequence[Line] | None = None,
+    ) -> Deferred[Device]:
+        """Change a device's description, owner or lines (None leaves a field as it is).
+
+        Conditional on the version read, like every write: if another writer changed the
+        device meanwhile nothing is written and the Deferred fails with :class:`Stale`.
+        Lines are checked as for a new device; with unique directory numbers, a number the
+        device did not have must be free.
+        """
+        device = self.get(name)
+        changes: dict[str, object] = {}
+        if description is not None:
+            changes["description"] = description.strip()
+        if owner_user is not None:
+            changes["owner_user"] = owner_user.strip()
+        added_dns: set[str] = set()
+        if lines is not None:
+            checked = self._checked_lines(lines)
+            added_dns = {ln.directory_number for ln in checked} - {
+                ln.directory_number for ln in device.lines
+            }
+            if self.settings.unique_directory_numbers:
+                taken = sorted(dn for dn in added_dns if self.directory_number_in_use(dn))
+                if taken:
+                    raise Conflict(f"directory number {taken[0]} is already in use")
+            changes["lines"] = checked
+        if all(getattr(device, key) == value for key, value in changes.items()):
+            return succeed(device)
+        new = device.changed(self._clock(), **changes)
+        d = self._commit([PutDevice(new, expect_version=device.version)], dns=added_dns)
+        return d.addCallback(lambda _: new)
+
+    @_refusals_as_failures
     def delete(self, name: str) -> Deferred[Device]:
         device = self.get(name)
         d = self._commit([DeleteDevice(device.id, expect_version=device.version)])
@@ -523,17 +562,7 @@ class Registry:
     def _new_device(self, spec: DeviceSpec, now: float) -> Device:
         info = model_info(spec.model)
         name = sep_name(spec.mac) if spec.mac else self._unused_bat_name()
-        lines = tuple(
-            replace(
-                ln,
-                directory_number=check_directory_number(ln.directory_number),
-                auth_name=ln.auth_name or ln.directory_number.strip(),
-            )
-            for ln in spec.lines
-        )
-        dns = [ln.directory_number for ln in lines]
-        if len(set(dns)) != len(dns):
-            raise RegistryError("a directory number appears twice on one device")
+        lines = self._checked_lines(spec.lines)
         required = (
             spec.requires_activation
             if spec.requires_activation is not None
@@ -551,6 +580,22 @@ class Registry:
             created_at=now,
             updated_at=now,
         )
+
+    @staticmethod
+    def _checked_lines(lines: Iterable[Line]) -> tuple[Line, ...]:
+        """Lines with well-formed, distinct directory numbers (auth name: the number)."""
+        checked = tuple(
+            replace(
+                ln,
+                directory_number=check_directory_number(ln.directory_number),
+                auth_name=ln.auth_name or ln.directory_number.strip(),
+            )
+            for ln in lines
+        )
+        dns = [ln.directory_number for ln in checked]
+        if len(set(dns)) != len(dns):
+            raise RegistryError("a directory number appears twice on one device")
+        return checked
 
     def _name_taken(self, name: str) -> bool:
         return name in self._by_name or self._pending_names[name] > 0

@@ -188,6 +188,8 @@ class ApiArea(Area):
                        "devices", "admin", s.DeviceOut, 201, s.DeviceCreate), self.add_device),
             (Operation("GET", d, "Show a device", "devices", "read", s.DeviceDetail),
              self.show_device),
+            (Operation("PATCH", d, "Edit a device's description, user or lines", "devices",
+                       "admin", s.DeviceOut, 200, s.DeviceUpdate), self.update_device),
             (Operation("DELETE", d, "Delete a device", "devices", "admin", s.DeviceOut),
              self.delete_device),
             (Operation("PUT", d + "/mac", "Set the MAC, or null to blank it (re-onboarding)",
@@ -287,6 +289,19 @@ class ApiArea(Area):
             bound_to=binding_of(d),
             registrations=[s.Registration.model_validate(r) for r in view.registrations or []],
         )
+
+    async def update_device(self, ctx: Ctx, actor: Actor, body: s.DeviceUpdate) -> s.DeviceOut:
+        lines = (
+            [Line(ln.directory_number, ln.display_name, ln.auth_name, ln.auth_password)
+             for ln in body.lines]
+            if body.lines is not None
+            else None
+        )  # fmt: skip
+        view = await self.admin.update_device(
+            actor, ctx.params["name"], description=body.description, owner_user=body.user,
+            lines=lines,
+        )  # fmt: skip
+        return device_out(view)
 
     async def delete_device(self, ctx: Ctx, actor: Actor) -> s.DeviceOut:
         return device_out(await self.admin.delete_device(actor, ctx.params["name"]))

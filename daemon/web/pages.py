@@ -138,6 +138,7 @@ class PagesArea(Area):
         r("POST", "/admin/devices/{name}/code/release")(self.device_release)
         r("POST", "/admin/devices/{name}/code/generate")(self.device_generate)
         r("POST", "/admin/devices/{name}/code/send")(self.device_send)
+        r("POST", "/admin/devices/{name}/edit")(self.device_edit)
         r("POST", "/admin/devices/{name}/mac")(self.device_mac)
         r("POST", "/admin/devices/{name}/requires-activation")(self.device_require)
         r("POST", "/admin/devices/{name}/delete")(self.device_delete)
@@ -278,19 +279,14 @@ class PagesArea(Area):
         self.need_admin(ctx)
         assert ctx.actor is not None
         form = self._device_form(ctx)
-        password = ctx.form("password")
-        lines = []
-        for raw in form["lines"].splitlines():
-            if raw.strip():
-                dn, _, display = raw.strip().partition(":")
-                lines.append(Line(dn.strip(), display.strip(), "", password))
+        lines = form_lines(form["lines"], ctx.form("password"))
         flag = form["requires_activation"]
         spec = DeviceSpec(
             model=form["model"],
             mac=form["mac"].strip() or None,
             description=form["description"].strip(),
             owner_user=form["user"].strip(),
-            lines=tuple(lines),
+            lines=lines,
             requires_activation=True if flag == "yes" else False if flag == "no" else None,
         )
         try:
@@ -312,10 +308,11 @@ class PagesArea(Area):
         view = await self.admin.show_device(ctx.actor, ctx.params["name"])
         d = view.device
         current = view.code
-        notice = extra.pop("notice", "Device added." if ctx.query("added") else None)
+        notice = extra.pop("notice", _device_notice(ctx))
         return self.page(
             ctx,
             "admin_device.html",
+            extra.pop("status", 200),
             d={
                 "name": d.name,
                 "model": d.model,
@@ -324,6 +321,12 @@ class PagesArea(Area):
                 "description": d.description,
                 "user": d.owner_user,
                 "lines": lines_text(d),
+                "lines_form": "\n".join(
+                    f"{ln.directory_number}:{ln.display_name}"
+                    if ln.display_name
+                    else ln.directory_number
+                    for ln in d.lines
+                ),
                 "mac": d.mac,
                 "bound_to": ("mac:" + d.mac) if d.mac else f"model:{d.model}",
                 "code_state": current.effective_state(view.as_of).value if current else "none",
@@ -373,6 +376,25 @@ class PagesArea(Area):
         except Problem as problem:
             return await self.device(ctx, error=problem.detail)
         return await self.device(ctx, notice=f"Code sent to {sent.to}.")
+
+    async def device_edit(self, ctx: Ctx) -> Response:
+        """Description, user and lines; a line keeps its SIP password unless a new one is
+        given."""
+        self.need_admin(ctx)
+        assert ctx.actor is not None
+        try:
+            view = await self.admin.update_device(
+                ctx.actor,
+                ctx.params["name"],
+                description=ctx.form("description"),
+                owner_user=ctx.form("user"),
+                lines=form_lines(ctx.form("lines"), ctx.form("password")),
+            )
+        except Problem as problem:
+            if problem.status == 404:
+                raise
+            return await self.device(ctx, status=problem.status, error=problem.detail)
+        return redirect(f"/admin/devices/{view.device.name}?updated=1")
 
     async def device_mac(self, ctx: Ctx) -> Response:
         self.need_admin(ctx)
@@ -571,6 +593,24 @@ def export_row(device: Device, code: ActivationCode) -> dict[str, str]:
         "expires": dt.datetime.fromtimestamp(code.expires_at, dt.UTC).isoformat(timespec="seconds"),
         "bound_to": f"mac:{device.mac}" if device.mac else f"model:{device.model}",
     }
+
+
+def form_lines(text: str, password: str) -> tuple[Line, ...]:
+    """The lines textarea: one per line, ``DN`` or ``DN:Display name``."""
+    lines = []
+    for raw in text.splitlines():
+        if raw.strip():
+            dn, _, display = raw.strip().partition(":")
+            lines.append(Line(dn.strip(), display.strip(), "", password))
+    return tuple(lines)
+
+
+def _device_notice(ctx: Ctx) -> str | None:
+    if ctx.query("added"):
+        return "Device added."
+    if ctx.query("updated"):
+        return "Device updated."
+    return None
 
 
 def _matches(device: Device, q: str) -> bool:

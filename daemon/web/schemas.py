@@ -48,6 +48,21 @@ class DeviceCreate(Strict):
     )
 
 
+class DeviceUpdate(Strict):
+    """Fields left out (or null) stay as they are."""
+
+    description: str | None = Field(default=None, max_length=200)
+    user: str | None = Field(
+        default=None, max_length=64, description="the owner user's name; empty: no user"
+    )
+    lines: list[LineIn] | None = Field(
+        default=None,
+        max_length=16,
+        description="every line of the device; a line without auth_password keeps the "
+        "password its directory number had",
+    )
+
+
 class MacChange(Strict):
     mac: str | None = Field(max_length=40, description="null: blank the MAC (re-onboard)")
 

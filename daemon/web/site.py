@@ -192,7 +192,8 @@ def open_accounts(
 
 
 class SocketAccountRoutes(Resource):
-    """The admin socket: user, token and code-send routes here, the rest to the old API.
+    """The admin socket: user, token, device-edit and code-send routes here, the rest to
+    :class:`~callboard.daemon.admin.api.AdminAPI`.
 
     The socket's peer is root (or the daemon's user): an admin actor named after the uid,
     whose requests run through the REST API's handlers, so both doors behave the same.
@@ -207,17 +208,18 @@ class SocketAccountRoutes(Resource):
         self.api = next(a for a in root.areas if isinstance(a, ApiArea))
         self.clock = clock
 
-    def _ours(self, path: str) -> bool:
+    def _ours(self, method: str, path: str) -> bool:
         return path.startswith(self.PREFIXES) or (
-            path.startswith("v1/devices/") and path.endswith("/code/send")
+            path.startswith("v1/devices/")
+            and (path.endswith("/code/send") or (method == "PATCH" and path.count("/") == 2))
         )
 
     def render(self, request: Request) -> Any:
         path = "/".join(p.decode("utf-8", "replace") for p in request.postpath or [])
-        if not self._ours(path):
+        method = (request.method or b"GET").decode()
+        if not self._ours(method, path):
             return self.fallback.render(request)
         request.setHeader(b"content-type", b"application/json")
-        method = (request.method or b"GET").decode()
         route, params, _ = self.api.match(method, "/api/" + path)
         ctx = Ctx(request, self.clock(), params, actor=socket_actor(request))
 

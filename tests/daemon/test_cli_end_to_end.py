@@ -15,6 +15,43 @@ from typing import Any
 from callboard.daemon.admin.csvio import unguard_cell
 from support.harness import CALLBOARD, run_cli
 
+OTHER_WRITER = """
+import sys, time
+from pathlib import Path
+from twisted.internet import defer, task
+from callboard.daemon.registry.registry import DeviceSpec, Registry
+from callboard.daemon.registry.store import SQLiteStore
+
+async def add(reactor):
+    store = SQLiteStore(Path(sys.argv[1]), reactor)
+    try:
+        spec = DeviceSpec(model="8841", description=sys.argv[2], owner_user=sys.argv[3])
+        print((await Registry(store, time.time).add_device(spec)).name)
+    finally:
+        await store.close()
+
+task.react(lambda reactor: defer.ensureDeferred(add(reactor)))
+"""
+
+
+def other_writer_adds(daemon: Any, description: str, user: str) -> dict[str, Any]:
+    """Add a device from another process (its own store on the daemon's database); return
+    its code as the daemon shows it once the change feed has brought the device in."""
+    database = str(daemon.state_dir / "callboard.sqlite3")
+    result = subprocess.run(
+        [sys.executable, "-c", OTHER_WRITER, database, description, user],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    name = ok(result).strip()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if daemon.cli("device", "show", name).returncode == 0:
+            return {"name": name, **daemon.json("code", "show", name)}
+        time.sleep(0.1)
+    raise AssertionError(f"the daemon never saw {name}")
+
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, result.stderr
@@ -31,6 +68,9 @@ def fails(result: subprocess.CompletedProcess[str], *words: str) -> str:
 
 
 def test_add_show_list_and_codes(daemon: Any) -> None:
+    # A device's user must be a known user.
+    fails(daemon.cli("device", "add", "--model", "8841", "--user", "alice"), "no user named")
+    ok(daemon.cli("user", "add", "alice"))
     added = daemon.json(
         "device", "add", "--model", "8841", "--line", "1001:Alice Example", "--user", "alice"
     )
@@ -111,6 +151,9 @@ def test_import_all_or_nothing_reports_every_bad_line(daemon: Any, tmp_path: Pat
         "00aabbccdd01,8851,desk,bob,2002,Bob,false\n"
     )
     fails(daemon.cli("import", str(good)), "--dummy-mac")
+    fails(daemon.cli("import", str(good), "--dummy-mac"), "line 3:", "no user named 'bob'")
+    assert daemon.json("device", "list") == []
+    ok(daemon.cli("user", "add", "bob"))
     assert json.loads(ok(daemon.cli("import", str(good), "--dummy-mac", "--json")))["imported"] == 2
     names = {d["name"]: d for d in daemon.json("device", "list")}
     assert "SEP00AABBCCDD01" in names and names["SEP00AABBCCDD01"]["state"] == "provisioned"
@@ -119,9 +162,13 @@ def test_import_all_or_nothing_reports_every_bad_line(daemon: Any, tmp_path: Pat
 
 def test_codes_export_round_trip_with_hostile_cells(daemon: Any, tmp_path: Path) -> None:
     hostile = '=HYPERLINK("http://evil.example/","x")'
-    added = daemon.json(
-        "device", "add", "--model", "8841", "--description", hostile, "--user", "+cmd|' /C calc'!A0"
-    )
+    hostile_user = "+cmd|' /C calc'!A0"
+    # No such user can be made, nor named on a device through the admin API...
+    fails(daemon.cli("user", "add", hostile_user), "invalid user name")
+    fails(daemon.cli("device", "add", "--model", "8841", "--user", hostile_user), "no user named")
+    # ...but a device may carry one from elsewhere (another writer of the database, older
+    # data): the export still guards the cell.
+    added = other_writer_adds(daemon, hostile, hostile_user)
     export = tmp_path / "codes.csv"
     ok(daemon.cli("codes", "export", str(export)))
     assert stat.S_IMODE(export.stat().st_mode) == 0o600
@@ -132,7 +179,7 @@ def test_codes_export_round_trip_with_hostile_cells(daemon: Any, tmp_path: Path)
     assert row["device"] == added["name"]
     assert row["description"] == "'" + hostile
     assert row["user"].startswith("'+")
-    assert row["activation_code"] == added["activation_code"]["code"]
+    assert row["activation_code"] == added["code"]
     assert len(row["activation_code"].split("-")) == 4
     # The guarded cell reads back as the original text.
     assert unguard_cell(row["description"]) == hostile
@@ -196,6 +243,7 @@ def test_certs_init_honours_the_global_state_dir(tmp_path: Path) -> None:
 
 def test_the_sample_import_file_imports(daemon: Any) -> None:
     sample = Path(__file__).parents[2] / "configs" / "import-sample.csv"
+    ok(daemon.cli("user", "add", "jdoe"))  # the sample's one user
     assert daemon.json("import", str(sample), "--dummy-mac")["imported"] == 3
     states = {d["model"]: d["state"] for d in daemon.json("device", "list")}
     assert states == {

@@ -228,15 +228,73 @@ def test_tokens_are_hashed_read_only_tokens_see_no_codes_revoked_tokens_fail(
 
 
 def test_cli_user_rules(web: Daemon) -> None:
-    alice_phone(web)
+    name, code = alice_phone(web)
     refused = web.cli("user", "delete", "alice")
     assert refused.returncode == 1 and "owns 1 device" in refused.stderr
     assert web.cli("user", "add", "alice").returncode == 1  # exists
     assert web.cli("user", "add", "bad name!").returncode == 1
     assert web.cli("user", "delete", "alice", "--force").returncode == 0
     assert [u["name"] for u in web.json("user", "list")] == ["bob", "root1"]
+    # The phone stays, with no user (and its code), rather than naming a user who is gone.
+    shown = web.json("device", "show", name)
+    assert shown["user"] == "" and web.json("code", "show", name)["code"] == code
+    assert "device.update" in web.log()
     c = client(web)
     assert c.sign_in("alice", PASSWORD).status == 401
+    # A user of the same name made later does not inherit the phone.
+    add_user(web, "alice", PASSWORD)
+    c = client(web)
+    c.sign_in("alice", PASSWORD)
+    assert "No phones are assigned to you" in c.get("/self-care/").text
+
+
+def test_a_device_is_edited_from_the_console_the_api_and_the_cli(web: Daemon) -> None:
+    name, code = alice_phone(web)
+    web.json("device", "add", "--model", "8841", "--line", "2009")  # another phone's number
+    admin = client(web)
+    admin.sign_in("root1", PASSWORD)
+    page = admin.get(f"/admin/devices/{name}").text
+    assert 'id="edit-device"' in page and ">2001:Alice</textarea>" in page
+    csrf = admin.csrf(f"/admin/devices/{name}")
+    form = {"csrf": csrf, "description": "Front desk", "user": "bob", "lines": "2001:Desk\n2002"}
+    reply = admin.post_form(f"/admin/devices/{name}/edit", form)
+    assert reply.status == 303 and reply.headers["location"] == f"/admin/devices/{name}?updated=1"
+    assert "Device updated." in admin.get(reply.headers["location"]).text
+    shown = web.json("device", "show", name)
+    assert (shown["description"], shown["user"]) == ("Front desk", "bob")
+    assert [ln["directory_number"] for ln in shown["lines"]] == ["2001", "2002"]
+    assert web.json("code", "show", name)["code"] == code  # an edit keeps the code
+    # An unknown user or a bad line: a clear refusal on the page, and nothing changes.
+    for bad, words in (({"user": "nobody"}, "no user named"), ({"lines": "2001\n2001"}, "twice")):
+        reply = admin.post_form(f"/admin/devices/{name}/edit", {**form, **bad})
+        assert reply.status == 400 and words in reply.text, reply.text[:300]
+    assert web.json("device", "show", name)["user"] == "bob"
+    # Bob now sees it in Self-Care; Alice does not.
+    bob = client(web)
+    bob.sign_in("bob", PASSWORD)
+    assert codes_of(bob.get("/self-care/").text) == [code]
+    alice = client(web)
+    alice.sign_in("alice", PASSWORD)
+    assert not codes_of(alice.get("/self-care/").text)
+    # The REST API: PATCH with only what changes; an admin route.
+    token = new_token(web, "ops")
+    api = client(web)
+    reply = api.api("PATCH", f"/api/v1/devices/{name}", token, {"user": "alice"})
+    assert reply.status == 200 and reply.json()["user"] == "alice"
+    assert reply.json()["description"] == "Front desk"
+    reply = api.api("PATCH", f"/api/v1/devices/{name}", token, {"user": "ghost"})
+    assert reply.status == 400 and "no user named" in reply.json()["detail"]
+    reply = api.api("PATCH", f"/api/v1/devices/{name}", token, {"lines": "2001"})
+    assert reply.status == 400
+    bob_token = new_token(web, "bob-edit", "--user", "bob")
+    assert api.api("PATCH", f"/api/v1/devices/{name}", bob_token, {"user": "bob"}).status == 403
+    # The CLI, over the admin socket.
+    edited = web.json("device", "edit", name, "--line", "2003:Three", "--description", "")
+    assert [ln["directory_number"] for ln in edited["lines"]] == ["2003"]
+    assert edited["description"] == "" and edited["user"] == "alice"
+    refused = web.cli("device", "edit", name, "--user", "ghost")
+    assert refused.returncode == 1 and "no user named 'ghost'" in refused.stderr
+    assert web.cli("device", "edit", name).returncode != 0  # nothing to change
 
 
 def test_self_care_hides_codes_when_the_setting_is_off(daemon_factory: Any) -> None:
