@@ -26,7 +26,7 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
-from .provisioning import ProvisioningSettings
+from .provisioning import PhoneSettings, ProvisioningSettings
 from .registry.registry import RegistrySettings
 from .sip_policy import AutoRegistration
 
@@ -48,6 +48,7 @@ class NetworkConfig:
     tvs_port: int = 2445
     sip_port: int = 5060
     sip_tls_port: int = 5061
+    https_port: int = 6971  # HTTPS provisioning (ITL 1.1 phones); 0 = off
     # Ports written into configs for phones when they differ from the listened ones
     # (NAT, port forwarding); 0 means "the port actually listened on".
     advertise_tvs_port: int = 0
@@ -99,6 +100,7 @@ class EndpointsConfig:
     tvs: str = ""
     sip: str = ""  # SIP over TCP; SIP over UDP stays on the listen addresses
     sip_tls: str = ""
+    https: str = ""  # HTTPS provisioning; a spec here turns it on even with https_port 0
     admin: str = ""
 
     def spec(self, name: str) -> ListenerSpec | None:
@@ -144,6 +146,7 @@ class Config:
     sip_transport: SIPTransportSettings = field(default_factory=SIPTransportSettings)
     autoregistration: AutoRegistration = field(default_factory=AutoRegistration)
     provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
+    phones: PhoneSettings = field(default_factory=PhoneSettings)
 
     @property
     def loads(self) -> dict[str, str]:
@@ -182,6 +185,7 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
         ("autoregistration", AutoRegistration),
         ("provisioning", ProvisioningSettings),
     ),
+    "phones": (("phones", PhoneSettings),),
 }
 _TOP_LEVEL = ("state_dir", "tftp_root", "admin_socket", "demo", "log_level")
 LOG_LEVELS = ("debug", "info", "warning", "error")
