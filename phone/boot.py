@@ -445,13 +445,10 @@ class BootSequence:
             signer = find_signer(self.itl, parse_sgn(blob))
             body = verify_sgn(blob, signer, filename=got.name.rsplit("/", 1)[-1])
         except SgnError as exc:
-            return self._done(
-                Outcome.UNTRUSTED, f"{got.name} refused: not validly signed: {exc}"
-            )
+            return self._done(Outcome.UNTRUSTED, f"{got.name} refused: not validly signed: {exc}")
         self.note(
             got.via,
-            f"{got.name}: {len(blob)} bytes, signature ok "
-            f"({signer.subject.rfc4514_string()})",
+            f"{got.name}: {len(blob)} bytes, signature ok ({signer.subject.rfc4514_string()})",
         )
         return replace(got, data=body)
 

@@ -171,9 +171,7 @@ class _Exchange:
         self.host, self.port = _client(request)
         self.transport = transport
         raw_path = request.path or b"/"
-        self.name = unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode(
-            "utf-8", "surrogateescape"
-        )
+        self.name = unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode("utf-8", "surrogateescape")
 
     def finish(self, status: int, sent: int) -> None:
         log.info(
