@@ -263,11 +263,13 @@ class ProvisioningTree:
         if match and requester.transport == "https":
             # HTTPS 6971: the phone asks for the .sgn name but wants the plain config.
             return MemoryBody(self._device_config(match.group(1).upper(), requester))
+        # Rendered files are signed under their canonical names, whatever the request's case.
         if lowered == "xmldefault.cnf.xml":
-            return _later(self._signer.sign_bytes(unsigned, self.xml_default()))
+            return _later(self._signer.sign_bytes("XMLDefault.cnf.xml", self.xml_default()))
         if match:
-            data = self._device_config(match.group(1).upper(), requester)
-            return _later(self._signer.sign_bytes(unsigned, data))
+            mac = match.group(1).upper()
+            data = self._device_config(mac, requester)
+            return _later(self._signer.sign_bytes(f"SEP{mac}.cnf.xml", data))
         if _ITL.match(lowered) or _CTL.match(lowered) or _RENDERED_ONLY.match(lowered):
             raise FileNotFound(unsigned + ".sgn")
         if _SIGNED_NEVER.search(lowered):
