@@ -138,16 +138,16 @@ def test_device_security_mode_follows_the_transport(
 
 @pytest.mark.parametrize(("transport", "mode"), [("tls", 1), ("tcp", 2), ("udp", 3), ("tcp", 7)])
 def test_inconsistent_security_mode_is_refused_at_start(transport: str, mode: int) -> None:
-    with pytest.raises(ConfigError, match="sip.device_security_mode"):
+    with pytest.raises(ConfigError, match=r"sip\.device_security_mode"):
         load_config(None, {"sip.transport": transport, "sip.device_security_mode": mode})
 
 
 def test_phones_section_is_checked() -> None:
     config = load_config(None, {"phones.ntp_servers": ["192.0.2.1"], "phones.max_calls": 2})
     assert config.phones.ntp_servers == ("192.0.2.1",)
-    with pytest.raises(ConfigError, match="phones.busy_trigger"):
+    with pytest.raises(ConfigError, match=r"phones\.busy_trigger"):
         load_config(None, {"phones.max_calls": 2, "phones.busy_trigger": 3})
-    with pytest.raises(ConfigError, match="phones.softkey_file"):
+    with pytest.raises(ConfigError, match=r"phones\.softkey_file"):
         load_config(None, {"phones.softkey_file": "../etc/passwd"})
 
 
