@@ -26,7 +26,7 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
-from .provisioning import ProvisioningSettings
+from .provisioning import PhoneSettings, ProvisioningSettings
 from .registry.registry import RegistrySettings
 from .sip_policy import AutoRegistration
 from .web.settings import SelfCareSettings, SMTPSettings, WebSettings
@@ -49,6 +49,7 @@ class NetworkConfig:
     tvs_port: int = 2445
     sip_port: int = 5060
     sip_tls_port: int = 5061
+    https_port: int = 6971  # HTTPS provisioning (ITL 1.1 phones); 0 = off
     # Ports written into configs for phones when they differ from the listened ones
     # (NAT, port forwarding); 0 means "the port actually listened on".
     advertise_tvs_port: int = 0
@@ -101,6 +102,7 @@ class EndpointsConfig:
     tvs: str = ""
     sip: str = ""  # SIP over TCP; SIP over UDP stays on the listen addresses
     sip_tls: str = ""
+    https: str = ""  # HTTPS provisioning; a spec here turns it on even with https_port 0
     admin: str = ""
     web: str = ""
 
@@ -147,6 +149,7 @@ class Config:
     sip_transport: SIPTransportSettings = field(default_factory=SIPTransportSettings)
     autoregistration: AutoRegistration = field(default_factory=AutoRegistration)
     provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
+    phones: PhoneSettings = field(default_factory=PhoneSettings)
     web: WebSettings = field(default_factory=WebSettings)
     smtp: SMTPSettings = field(default_factory=SMTPSettings)
     self_care: SelfCareSettings = field(default_factory=SelfCareSettings)
@@ -188,6 +191,7 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
         ("autoregistration", AutoRegistration),
         ("provisioning", ProvisioningSettings),
     ),
+    "phones": (("phones", PhoneSettings),),
     "web": (("web", WebSettings),),
     "smtp": (("smtp", SMTPSettings),),
     "self_care": (("self_care", SelfCareSettings),),

@@ -46,6 +46,11 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--tvs-port", "network.tvs_port", {"type": int}),
     ("--sip-port", "network.sip_port", {"type": int}),
     ("--sip-tls-port", "network.sip_tls_port", {"type": int}),
+    (
+        "--https-port",
+        "network.https_port",
+        {"type": int, "help": "HTTPS provisioning for ITL 1.1 phones (default 6971; 0 = off)"},
+    ),
     ("--web-port", "network.web_port", {"type": int, "help": "HTTPS web and REST API port"}),
     ("--tftp-root", "tftp_root", {"help": "firmware and other served files"}),
     ("--admin-socket", "admin_socket", {"help": "the admin API's UNIX socket"}),

@@ -4,6 +4,17 @@ Phones ask for a fixed set of names (``CTLSEP<MAC>.tlv``, ``ITLSEP<MAC>.tlv``,
 ``ITLFile.tlv``, ``SEP<MAC>.cnf.xml``, ``XMLDefault.cnf.xml``) and then firmware by name.
 The first group is rendered here from the registry and the trust lists; anything else comes
 from the TFTP root on disk. A device's config is rendered once per record version.
+
+Signed files: once a phone's ITL holds a TFTP-role certificate it asks for ``<name>.sgn``
+(cisco-protocols.md sections 2, 5 and 16). With a signer (:class:`~.signing.SgnSigner`) every
+file above except the trust lists is also served as ``<name>.sgn``: the unsigned file behind
+a header signed with the CCM+TFTP key, its FILENAME the base name plus ``.sgn``. A ``.sgn``
+already under the TFTP root is served as it is. Over HTTPS (6971) a phone asking for
+``SEP<MAC>.cnf.xml.sgn`` wants the unsigned config, which TLS already authenticates.
+
+Templates (``configs/templates/README.md``): the device config is ``SEP<MAC>.cnf.xml``,
+``SEPDevice-<model>.cnf.xml`` or ``SEPDevice.cnf.xml`` from ``<state-dir>/templates``, else
+the packaged one; its ``vendorConfig`` fragment likewise (per device, model, family, default).
 """
 
 from __future__ import annotations
@@ -23,14 +34,17 @@ from callboard.protocols.filesource import (
     FileBody,
     FileNotFound,
     MemoryBody,
+    Opened,
     Requester,
 )
 from callboard.protocols.models import MODELS
-from callboard.protocols.settings import check_choice, check_range, config_key
+from callboard.protocols.settings import SettingError, check_choice, check_range, config_key
+from twisted.internet.defer import Deferred
 
 from .logs import get_logger
 from .registry.model import Device, DeviceState, Line, Onboarding
 from .registry.registry import Registry
+from .signing import SgnSigner
 
 log = get_logger("callboard.provisioning")
 
@@ -40,8 +54,11 @@ _CTL = re.compile(r"^(ctlfile\.tlv|ctlsep[0-9a-f]{12}\.tlv)$")
 _RENDERED_ONLY = re.compile(
     r"^(sep|bat)[0-9a-f]{12}\.cnf\.xml(\.sgn|\.enc\.sgn)?$|^sepdefault\.cnf$"
 )
+_SIGNED_NEVER = re.compile(r"\.(sgn|enc|tlv)$")  # no .sgn of a .sgn, an .enc or a trust list
 _VERSION_NAMESPACE = uuid.UUID("6f1e3a52-8f0b-4c55-9d2e-3c1b7e0a9d41")
 _TRANSPORT_CODES = {"tcp": "1", "udp": "2", "tls": "3"}
+_SECURITY_MODES = {"tls": (2, 3), "tcp": (1,), "udp": (1,)}
+_SECURITY_DEFAULT = {"tls": 2, "tcp": 1, "udp": 1}
 
 
 @dataclass(frozen=True)
@@ -60,12 +77,56 @@ class ProvisioningSettings:
     register_expires: int = 3600  # timerRegisterExpires
     keepalive_expires: int = 120
     transport: str = "tcp"  # the transport phones are told to use
+    # deviceSecurityMode: 1 non-secure, 2 authenticated, 3 encrypted; 0 = follow the
+    # transport (TLS needs 2 or 3, TCP and UDP need 1: "Device Security").
+    device_security_mode: int = 0
     loads: dict[str, str] = field(default_factory=dict, metadata=config_key(None))
 
     def validate(self) -> None:
         check_range("register_expires", self.register_expires, 1, 7 * 86400)
         check_range("keepalive_expires", self.keepalive_expires, 1, 86400)
         check_choice("transport", self.transport, tuple(_TRANSPORT_CODES))
+        mode = self.device_security_mode
+        if mode and mode not in _SECURITY_MODES[self.transport]:
+            raise SettingError(
+                "device_security_mode",
+                f"{mode} does not go with transport {self.transport!r} (SIP over TLS needs "
+                "2 or 3, TCP and UDP need 1)",
+            )
+
+    @property
+    def security_mode(self) -> int:
+        """The deviceSecurityMode written into configs (consistent with the transport)."""
+        return self.device_security_mode or _SECURITY_DEFAULT[self.transport]
+
+
+@dataclass(frozen=True)
+class PhoneSettings:
+    """[phones]: what every SEP config carries besides servers and lines (CUCM's defaults).
+
+    Per model and per device, templates override all of it (see the module docstring).
+    """
+
+    time_zone: str = "Greenwich Standard Time"  # a Cisco time-zone name
+    olson_time_zone: str = "Etc/UTC"
+    date_template: str = "D/M/Y"
+    ntp_servers: tuple[str, ...] = ()  # unicast NTP servers, in order; empty: none
+    user_locale: str = "English_United_States"
+    user_locale_language: str = "en_US"
+    network_locale: str = "United_States"
+    softkey_file: str = ""  # e.g. "softkeys.xml" under the TFTP root; empty: built-in keys
+    dial_template: str = ""  # e.g. "dialplan.xml" under the TFTP root; empty: none
+    messages_number: str = ""  # voicemail pilot number on every line
+    max_calls: int = 4  # maxNumCalls per line
+    busy_trigger: int = 2  # busyTrigger per line
+
+    def validate(self) -> None:
+        check_range("max_calls", self.max_calls, 1, 50)
+        check_range("busy_trigger", self.busy_trigger, 1, self.max_calls)
+        for name in ("softkey_file", "dial_template"):
+            value = getattr(self, name)
+            if value and (value.startswith("/") or ".." in value.split("/")):
+                raise SettingError(name, f"{value!r} must be a name under the TFTP root")
 
 
 def load_template(name: str, override_dir: Path | None) -> Template:
@@ -74,6 +135,28 @@ def load_template(name: str, override_dir: Path | None) -> Template:
         return Template((override_dir / name).read_text(encoding="utf-8"))
     text = resources.files("callboard.daemon.templates").joinpath(name).read_text("utf-8")
     return Template(text)
+
+
+def _template_files(override_dir: Path | None) -> dict[str, Template]:
+    """Every template that may be picked per model or device, read once at start.
+
+    The packaged ones first, then the state dir's (same name wins), so rendering a config
+    never touches the disk.
+    """
+    found: dict[str, Template] = {}
+    packaged = resources.files("callboard.daemon.templates")
+    sources = [(entry.name, entry) for entry in packaged.iterdir()]
+    if override_dir is not None and override_dir.is_dir():
+        sources += [(entry.name, entry) for entry in sorted(override_dir.iterdir())]
+    for name, entry in sources:
+        if name.endswith((".xml", ".cnf.xml")) and entry.is_file():
+            found[name] = Template(entry.read_text(encoding="utf-8"))
+    return found
+
+
+def model_family(model: str) -> str:
+    """``8841`` → ``88xx``, ``7821`` → ``78xx``: the load families of section 3."""
+    return model[:2] + "xx"
 
 
 class ProvisioningTree:
@@ -86,28 +169,71 @@ class ProvisioningTree:
         root: DirectorySource,
         trust_list: Callable[[], bytes | None] = lambda: None,
         template_dir: Path | None = None,
+        *,
+        phones: PhoneSettings | None = None,
+        signer: SgnSigner | None = None,
     ) -> None:
         self._registry = registry
         self._settings = settings
+        self._phones = phones or PhoneSettings()
         self._root = root
         self._trust_list = trust_list
+        self._signer = signer
         self._default_template = load_template("XMLDefault.cnf.xml", template_dir)
         self._device_template = load_template("SEPDevice.cnf.xml", template_dir)
+        self._templates = _template_files(template_dir)
         self._device_cache: dict[str, tuple[int, bytes]] = {}
         self._default_cache: tuple[int, bytes] | None = None  # (defaults version, bytes)
         registry.subscribe(self._forget)
         self._check_templates()
 
     def _check_templates(self) -> None:
-        """Render both templates once, so a broken override stops start-up, not a phone."""
-        sample = Device(
-            id="0" * 32, name="SEP000000000000", model="8841", lines=(Line("1000", "Check"),)
-        )
+        """Render every template once, so a broken override stops start-up, not a phone."""
+        samples = [
+            Device(id="0" * 32, name="SEP000000000000", model=m, lines=(Line("1000", "Check"),))
+            for m in sorted({"8841", "7821", *self._template_models()})
+        ]
+        samples += [
+            Device(id="0" * 32, name=name, model="8841", lines=(Line("1000", "Check"),))
+            for name in self._template_devices()
+        ]
         try:
             ET.fromstring(self.xml_default())
-            ET.fromstring(self.render_device(sample))
+            for sample in samples:
+                ET.fromstring(self.render_device(sample))
         except (KeyError, ValueError, ET.ParseError) as exc:
             raise ValueError(f"phone-config template is broken: {exc!r}") from None
+
+    def _template_models(self) -> set[str]:
+        out = set()
+        for name in self._templates:
+            match = re.match(r"^(?:SEPDevice|vendorConfig)-([0-9A-Z]+)\.", name)
+            if match and match.group(1) in MODELS:
+                out.add(match.group(1))
+        return out
+
+    def _template_devices(self) -> list[str]:
+        names = {
+            m.group(1)
+            for m in (
+                re.match(r"^(?:vendorConfig-)?(SEP[0-9A-F]{12})\.", n) for n in self._templates
+            )
+            if m
+        }
+        return sorted(names)
+
+    def missing_loads(self) -> list[str]:
+        """Configured firmware loads with no ``<load>.loads`` under the TFTP root."""
+        root = Path(self._root.root)
+        loads = set(self._settings.loads.values())
+        return sorted(load for load in loads if not (root / f"{load}.loads").is_file())
+
+    def warnings(self) -> list[str]:
+        """What an operator should fix, for the log and ``callboard status``."""
+        return [
+            f"firmware load {load} is configured but {load}.loads is not in the TFTP root"
+            for load in self.missing_loads()
+        ]
 
     def advertise(self, settings: ProvisioningSettings) -> None:
         """Change what configs advertise (the daemon learns bound ports after listening)."""
@@ -119,8 +245,42 @@ class ProvisioningTree:
     def settings(self) -> ProvisioningSettings:
         return self._settings
 
-    def open(self, name: str, requester: Requester) -> FileBody:
+    @property
+    def signer(self) -> SgnSigner | None:
+        return self._signer
+
+    def open(self, name: str, requester: Requester) -> Opened:
         lowered = name.lower()
+        if self._signer is not None and lowered.endswith(".sgn"):
+            return self._open_signed(name[: -len(".sgn")], requester)
+        return self._open_plain(name, lowered, requester)
+
+    def _open_signed(self, unsigned: str, requester: Requester) -> Opened:
+        """``<unsigned>.sgn``: signed here, or unsigned for a SEP config asked over HTTPS."""
+        assert self._signer is not None
+        lowered = unsigned.lower()
+        match = _SEP_CONFIG.match(lowered)
+        if match and requester.transport == "https":
+            # HTTPS 6971: the phone asks for the .sgn name but wants the plain config.
+            return MemoryBody(self._device_config(match.group(1).upper(), requester))
+        # Rendered files are signed under their canonical names, whatever the request's case.
+        if lowered == "xmldefault.cnf.xml":
+            return _later(self._signer.sign_bytes("XMLDefault.cnf.xml", self.xml_default()))
+        if match:
+            mac = match.group(1).upper()
+            data = self._device_config(mac, requester)
+            return _later(self._signer.sign_bytes(f"SEP{mac}.cnf.xml", data))
+        if _ITL.match(lowered) or _CTL.match(lowered) or _RENDERED_ONLY.match(lowered):
+            raise FileNotFound(unsigned + ".sgn")
+        if _SIGNED_NEVER.search(lowered):
+            raise FileNotFound(unsigned + ".sgn")
+        try:
+            return self._root.open(unsigned + ".sgn", requester)  # signed by its supplier
+        except FileNotFound:
+            pass
+        return _later(self._signer.sign_disk(unsigned, self._root.open(unsigned, requester)))
+
+    def _open_plain(self, name: str, lowered: str, requester: Requester) -> FileBody:
         if lowered == "xmldefault.cnf.xml":
             return MemoryBody(self.xml_default())
         match = _SEP_CONFIG.match(lowered)
@@ -186,34 +346,89 @@ class ProvisioningTree:
         return data
 
     def render_device(self, device: Device) -> bytes:
-        s = self._settings
+        s, p = self._settings, self._phones
         lines = "\n".join(
             f"""      <line button="{i}" lineIndex="{i}">
         <featureID>9</featureID>
         <featureLabel>{escape(ln.display_name or ln.directory_number)}</featureLabel>
-        <proxy>{escape(s.address)}</proxy>
+        <proxy>USECALLMANAGER</proxy>
         <port>{s.sip_port}</port>
         <name>{escape(ln.directory_number)}</name>
         <displayName>{escape(ln.display_name)}</displayName>
+        <autoAnswer>
+          <autoAnswerEnabled>2</autoAnswerEnabled>
+        </autoAnswer>
+        <callWaiting>3</callWaiting>
         <authName>{escape(ln.auth_name or ln.directory_number)}</authName>
         <authPassword>{escape(ln.auth_password)}</authPassword>
         <contact>{escape(ln.directory_number)}</contact>
+        <messagesNumber>{escape(p.messages_number)}</messagesNumber>
+        <maxNumCalls>{p.max_calls}</maxNumCalls>
+        <busyTrigger>{p.busy_trigger}</busyTrigger>
       </line>"""
             for i, ln in enumerate(device.lines, start=1)
         )
         load = s.loads.get(device.model)
         stamp = uuid.uuid5(_VERSION_NAMESPACE, f"{device.id}:{device.version}")
-        return self._device_template.substitute(
-            call_manager_members=self._call_manager_members("        "),
-            tvs_members=self._tvs_members("      "),
-            register_expires=s.register_expires,
-            keepalive_expires=s.keepalive_expires,
-            lines=lines,
-            load_information=f"  <loadInformation>{escape(load)}</loadInformation>" if load else "",
-            description=escape(device.description),
-            version_stamp=stamp,
-            transport_layer_protocol=_TRANSPORT_CODES[s.transport],
-        ).encode("utf-8")
+        template = self._pick(device, "SEPDevice", ".cnf.xml", self._device_template)
+        assert template is not None
+        vendor = self._pick(device, "vendorConfig", ".xml", None)
+        values = {
+            "call_manager_members": self._call_manager_members("        "),
+            "tvs_members": self._tvs_members("      "),
+            "register_expires": s.register_expires,
+            "keepalive_expires": s.keepalive_expires,
+            "lines": lines,
+            "load_information": (
+                f"  <loadInformation>{escape(load)}</loadInformation>" if load else ""
+            ),
+            "description": escape(device.description),
+            "version_stamp": stamp,
+            "transport_layer_protocol": _TRANSPORT_CODES[s.transport],
+            "device_security_mode": s.security_mode,
+            "device_name": escape(device.name),
+            "model": escape(device.model),
+            "date_time_setting": self._date_time_setting("    "),
+            "user_locale": escape(p.user_locale),
+            "user_locale_language": escape(p.user_locale_language),
+            "network_locale": escape(p.network_locale),
+            "softkey_file": _optional("    ", "softKeyFile", p.softkey_file),
+            "dial_template": _optional("    ", "dialTemplate", p.dial_template),
+        }
+        values["vendor_config"] = vendor.substitute(values).rstrip("\n") if vendor else ""
+        return template.substitute(values).encode("utf-8")
+
+    def _pick(
+        self, device: Device, stem: str, suffix: str, fallback: Template | None
+    ) -> Template | None:
+        """The most specific template: this device, its model, its family, the default."""
+        names = [f"{device.name}{suffix}"] if stem == "SEPDevice" else []
+        names += [
+            f"{stem}-{device.name}{suffix}",
+            f"{stem}-{device.model}{suffix}",
+            f"{stem}-{model_family(device.model)}{suffix}",
+        ]
+        for name in names:
+            if name in self._templates:
+                return self._templates[name]
+        return fallback if fallback is not None else self._templates.get(stem + suffix)
+
+    def _date_time_setting(self, indent: str) -> str:
+        p = self._phones
+        ntps = "".join(
+            f"\n{indent}    <ntp>\n{indent}      <name>{escape(server)}</name>\n"
+            f"{indent}      <ntpMode>Unicast</ntpMode>\n{indent}    </ntp>"
+            for server in p.ntp_servers
+        )
+        return (
+            f"{indent}<dateTimeSetting>\n"
+            f"{indent}  <name>{escape(p.time_zone)}</name>\n"
+            f"{indent}  <dateTemplate>{escape(p.date_template)}</dateTemplate>\n"
+            f"{indent}  <timeZone>{escape(p.time_zone)}</timeZone>\n"
+            f"{indent}  <olsonTimeZone>{escape(p.olson_time_zone)}</olsonTimeZone>\n"
+            f"{indent}  <ntps>{ntps}\n{indent}  </ntps>\n"
+            f"{indent}</dateTimeSetting>"
+        )
 
     def _call_manager_members(self, indent: str) -> str:
         s = self._settings
@@ -264,3 +479,15 @@ class ProvisioningTree:
                 self._device_cache.pop(device.id, None)
                 if self._listed_individually(device):
                     self._default_cache = None
+
+
+def _optional(indent: str, element: str, value: str) -> str:
+    """``<element>value</element>`` on its own line, or nothing for an unset value."""
+    return f"{indent}<{element}>{escape(value)}</{element}>" if value else ""
+
+
+def _later(result: bytes | Deferred[bytes]) -> Opened:
+    """Signed bytes as a body: now when cached, else when the signature is done."""
+    if isinstance(result, bytes):
+        return MemoryBody(result)
+    return result.addCallback(MemoryBody)

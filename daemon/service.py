@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from callboard.protocols import tls
 from callboard.protocols.filesource import DirectorySource
 from callboard.protocols.http.resource import provisioning_site
 from callboard.protocols.listening import (
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -49,6 +51,7 @@ from .provisioning import ProvisioningTree
 from .registry.model import Device, DeviceState
 from .registry.registry import Registry
 from .registry.store import SQLiteStore
+from .signing import SgnSigner
 from .sip_policy import RegistryPolicy
 from .web import site as web_site
 
@@ -129,6 +132,7 @@ class CallboardService(AtomicMultiService):
 
     def _wire(self) -> None:
         self._wire_file_service()
+        self._wire_https()
         self.tvs = self._wire_tvs()
         self._wire_registrar()
         self.admin_app = AdminApp(
@@ -189,7 +193,11 @@ class CallboardService(AtomicMultiService):
             DirectorySource(str(config.tftp_root_path)),
             trust_list=lambda: itl,
             template_dir=config.state_dir / "templates",
+            phones=config.phones,
+            signer=self._wire_signer(),
         )
+        for warning in self.tree.warnings():
+            log.warning(warning)
         self.tftp = TFTPService(
             self.tree,
             settings=config.tftp,
@@ -205,6 +213,26 @@ class CallboardService(AtomicMultiService):
         site = provisioning_site(self.tree)
         for spec in self._stream_specs("http", net.http_port):
             self._add_listener("http", spec, site)
+
+    def _wire_signer(self) -> SgnSigner:
+        """The CCM+TFTP key signs ``.sgn`` files in its own small thread pool."""
+        cert, key = self.server_certs.sgn_signer()
+        self.signer = SgnSigner(cert, key, self.reactor, self.now)
+        self.signer.setServiceParent(self)  # type: ignore[no-untyped-call]
+        return self.signer
+
+    def _wire_https(self) -> None:
+        """HTTPS provisioning (6971) for ITL 1.1 phones: the EC TFTP-role certificate, and the
+        same tree as HTTP, told the requests come over HTTPS (a SEP config's .sgn name gets
+        the unsigned config). Off with port 0 unless ``[endpoints] https`` names a listener."""
+        net = self.config.network
+        if not net.https_port and self.config.endpoints.spec("https") is None:
+            return
+        pair = self.server_certs.https_tftp
+        options = tls.server_options(pair.cert, pair.key)
+        site = provisioning_site(self.tree, transport="https")
+        for spec in self._stream_specs("https", net.https_port):
+            self._add_listener("https", spec, TLSMemoryBIOFactory(options, False, site))
 
     def _wire_tvs(self) -> TVSTLSFactory:
         tvs = make_tvs_factory(
@@ -356,8 +384,11 @@ class CallboardService(AtomicMultiService):
         return {
             "tftp": [f"{h}:{p}" for h, p in where.tftp],
             **where.streams,
+            "warnings": self.tree.warnings(),
             "counters": {
                 "tftp_live_transfers": self.tftp.live_transfers,
+                "sgn_signed": self.signer.counters.signed,
+                "sgn_cache_hits": self.signer.counters.cache_hits,
                 **{f"sip_{k}": v for k, v in self.registrar.counters_snapshot().items()},
             },
         }

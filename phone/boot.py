@@ -11,6 +11,13 @@ The order follows the research notes (cisco-protocols.md §2, §9, §13):
 ``CTLSEP<MAC>.tlv`` → ``ITLSEP<MAC>.tlv`` (else ``ITLFile.tlv``: verify, pin the TVS
 certificate) → ``SEP<MAC>.cnf.xml`` (else ``XMLDefault.cnf.xml``: does my model need a code?)
 → ACTIVATE at the TVS named there → ``SEP<MAC>.cnf.xml`` → REGISTER.
+
+Signed files (§2, §5, §16): once the installed ITL holds a TFTP-role certificate, configs are
+asked for as ``<name>.sgn`` and each signature is checked against the ITL's RSA TFTP-role
+certificate; an unsigned or badly signed file ends the boot (UNTRUSTED) with the reason. With
+an ITL of version 1.1 and an EC TFTP-role certificate the phone first asks HTTPS 6971 for
+``SEP<MAC>.cnf.xml.sgn``, which answers with the unsigned config once the server's
+certificate hash matched that ITL record; HTTP 6970 (signed) is the fallback.
 """
 
 from __future__ import annotations
@@ -27,7 +34,16 @@ from callboard.protocols.tvs.codec import (
     ActivateStatus,
     normalise_activation_code,
 )
-from callboard.protocols.tvs.itl import ITLError, Role, parse_itl
+from callboard.protocols.tvs.itl import (
+    HashAlgorithm,
+    ITLError,
+    ITLFile,
+    KeyType,
+    Role,
+    certificate_hash,
+    parse_itl,
+)
+from callboard.protocols.tvs.sgn import SgnError, find_signer, parse_sgn, verify_sgn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -106,6 +122,7 @@ class BootOptions:
     transport: Transport = "auto"  # auto = HTTP 6970 first, then TFTP, per server
     tftp_port: int = 69
     http_port: int = 6970
+    https_port: int = 6971  # SEP config over HTTPS when the ITL says 1.1; 0 = never
     timeout: float = 10.0  # per HTTP request, per TVS exchange; TFTP retransmits within it
     tftp_retries: int = 4
     tftp_blksize: int = TFTP_BLKSIZE
@@ -119,9 +136,19 @@ class BootOptions:
 # Actions and their results ----------------------------------------------------------------
 
 
+Pin = tuple[int, bytes]  # (hash algorithm code, certificate hash) of an ITL record
+
+
 @dataclass(frozen=True)
 class Fetch:
+    """Fetch ``name``; with ``pins``, over HTTPS from a server whose certificate hashes to one."""
+
     name: str
+    pins: tuple[Pin, ...] = ()
+
+    @property
+    def secure(self) -> bool:
+        return bool(self.pins)
 
 
 @dataclass(frozen=True)
@@ -138,6 +165,8 @@ class Sleep:
 @dataclass(frozen=True)
 class Register:
     config: DeviceConfig
+    itl_signature: str | None = None  # for the DeviceTLInfo alarm: the installed ITL's
+    itl_tftp_server: str | None = None
 
 
 Action = Fetch | Activate | Sleep | Register
@@ -155,10 +184,12 @@ class Fetched:
 
 @dataclass(frozen=True)
 class FetchFailed:
-    """No server answered over any allowed transport."""
+    """No server answered over any allowed transport (``untrusted``: one answered, but its
+    certificate is not the ITL's)."""
 
     name: str
     reason: str
+    untrusted: bool = False
 
 
 @dataclass(frozen=True)
@@ -249,6 +280,8 @@ class BootSequence:
         self._gen = self._run()
         self._via: tuple[str, str] | None = None
         self.pinned_der: bytes | None = None
+        self.itl: ITLFile | None = None  # the installed trust list
+        self.itl_server = ""
         self.result: BootResult | None = None
 
     def start(self) -> Action | BootResult:
@@ -340,15 +373,93 @@ class BootSequence:
             pinned = "TVS pinned"
         else:
             pinned = "no TVS certificate in it"
+        self.itl = parsed
+        self.itl_server = itl.server.rsplit(":", 1)[0]
+        if parsed.wants_signed_files:
+            pinned += ", TFTP role: signed files"
+            if parsed.https_provisioning:
+                pinned += f", ITL {parsed.signer_version[0]}.{parsed.signer_version[1]}: HTTPS"
         self.note(itl.via, f"{itl.name}: {len(data)} bytes, signature ok, {pinned}")
         return None
+
+    # Signed files ---------------------------------------------------------------------------
+
+    def _https_pins(self) -> tuple[Pin, ...]:
+        """The ITL's EC TFTP-role records as (hash algorithm, certificate hash), for 6971."""
+        itl = self.itl
+        if itl is None or not itl.https_provisioning or not self.options.https_port:
+            return ()
+        if self.options.transport == "tftp":
+            return ()
+        pins: list[Pin] = []
+        for record in itl.records:
+            if record.has_tftp_role and record.key_type == KeyType.EC:
+                if record.hash_algorithm is not None and record.certificate_hash:
+                    pins.append((record.hash_algorithm, record.certificate_hash))
+                else:  # no hash in the record: hash its certificate ourselves
+                    sha256 = HashAlgorithm.SHA256
+                    pins.append((sha256, certificate_hash(record.certificate, sha256)))
+        return tuple(pins)
+
+    def _fetch_config(self, name: str) -> Step[Fetched | FetchFailed | BootResult]:
+        """A config file: plain without a TFTP-role ITL, else ``<name>.sgn`` checked.
+
+        ``SEP<MAC>.cnf.xml`` goes to HTTPS 6971 first when the ITL says 1.1.
+        """
+        itl = self.itl
+        if itl is None or not itl.wants_signed_files:
+            return (yield from self._fetch(name))
+        signed = name + ".sgn"
+        pins = self._https_pins() if name.startswith("SEP") else ()
+        if pins:
+            secure = yield from self._fetch_secure(signed, pins)
+            if secure is not None:
+                return secure
+        got = yield from self._fetch(signed)
+        if isinstance(got, FetchFailed) or got.data is None:
+            return got
+        return self._check_signed(got, got.data)
+
+    def _fetch_secure(
+        self, signed: str, pins: tuple[Pin, ...]
+    ) -> Step[Fetched | BootResult | None]:
+        """HTTPS 6971: the unsigned file, or None to fall back to 6970 (not answering)."""
+        got = yield Fetch(signed, pins)
+        if isinstance(got, FetchFailed):
+            if got.untrusted:
+                return self._done(Outcome.UNTRUSTED, f"HTTPS {signed}: {got.reason}")
+            self.note("https", f"{signed}: {got.reason}; falling back to HTTP")
+            return None
+        if not isinstance(got, Fetched):
+            raise TypeError(f"expected a fetch result for {signed}, got {got!r}")
+        if got.data is not None:
+            self.note(
+                "https", f"{signed}: {len(got.data)} bytes, unsigned over TLS, server pinned by ITL"
+            )
+        return got
+
+    def _check_signed(self, got: Fetched, blob: bytes) -> Fetched | BootResult:
+        """The body of a ``.sgn`` signed by the ITL's RSA TFTP-role certificate, or the end."""
+        assert self.itl is not None
+        try:
+            signer = find_signer(self.itl, parse_sgn(blob))
+            body = verify_sgn(blob, signer, filename=got.name.rsplit("/", 1)[-1])
+        except SgnError as exc:
+            return self._done(Outcome.UNTRUSTED, f"{got.name} refused: not validly signed: {exc}")
+        self.note(
+            got.via,
+            f"{got.name}: {len(blob)} bytes, signature ok ({signer.subject.rfc4514_string()})",
+        )
+        return replace(got, data=body)
 
     # 2. My own config, else the default one (and maybe activation) ----------------------------
 
     def _own_config(self) -> Step[OwnConfig | BootResult]:
         """``SEP<MAC>.cnf.xml`` as (file, bytes, activation), or the :class:`BootResult`."""
         me = self.identity
-        sep = yield from self._fetch(f"{me.sep_name}.cnf.xml")
+        sep = yield from self._fetch_config(f"{me.sep_name}.cnf.xml")
+        if isinstance(sep, BootResult):
+            return sep
         if isinstance(sep, FetchFailed):
             return self._lost(sep)
         if sep.data is not None:
@@ -368,7 +479,9 @@ class BootSequence:
     def _default_config(self) -> Step[DefaultConfig | BootResult]:
         """``XMLDefault.cnf.xml`` parsed: does my model need a code? Or the BootResult."""
         me = self.identity
-        dflt = yield from self._fetch("XMLDefault.cnf.xml")
+        dflt = yield from self._fetch_config("XMLDefault.cnf.xml")
+        if isinstance(dflt, BootResult):
+            return dflt
         if isinstance(dflt, FetchFailed):
             return self._lost(dflt)
         if dflt.data is None:
@@ -439,7 +552,9 @@ class BootSequence:
         me = self.identity
         retries = self.options.config_retries
         for attempt in range(1, retries + 1):
-            sep = yield from self._fetch(f"{me.sep_name}.cnf.xml")
+            sep = yield from self._fetch_config(f"{me.sep_name}.cnf.xml")
+            if isinstance(sep, BootResult):
+                return sep
             if isinstance(sep, FetchFailed):
                 return self._lost(sep)
             if sep.data is not None:
@@ -509,7 +624,12 @@ class BootSequence:
         if not config.lines:
             self.note("sip", "no lines to register")
             return None
-        reg = yield Register(config)
+        itl = self.itl
+        reg = yield Register(
+            config,
+            itl_signature=itl.signature.hex() if itl is not None else None,
+            itl_tftp_server=self.itl_server if itl is not None else None,
+        )
         if not isinstance(reg, Registered):
             raise TypeError(f"expected a registration result, got {reg!r}")
         self.note("sip", reg.detail)

@@ -60,6 +60,7 @@ def _options(args: argparse.Namespace) -> BootOptions:
         transport=args.transport,
         tftp_port=args.tftp_port,
         http_port=args.http_port,
+        https_port=args.https_port,
         timeout=args.timeout,
         config_retries=args.config_retries,
         register=args.register,
@@ -162,6 +163,12 @@ def _network_arguments() -> argparse.ArgumentParser:
     )
     net.add_argument("--tftp-port", type=int, default=69)
     net.add_argument("--http-port", type=int, default=6970)
+    net.add_argument(
+        "--https-port",
+        type=int,
+        default=6971,
+        help="HTTPS for SEP<MAC>.cnf.xml when the ITL is version 1.1 (default 6971; 0 = never)",
+    )
     net.add_argument(
         "--transport",
         choices=("auto", "http", "tftp"),

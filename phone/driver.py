@@ -32,12 +32,12 @@ from .boot import (
     FetchFailed,
     Outcome,
     PhoneIdentity,
+    Register,
     Registered,
     Sleep,
     Slept,
 )
-from .config import DeviceConfig
-from .http_client import HttpFetcher
+from .http_client import HttpFetcher, PinMismatch
 
 __all__ = ["boot_phone"]
 
@@ -83,6 +83,23 @@ class _Fetcher:
             timeout=interval,
             max_retries=opts.tftp_retries,
         )
+
+    async def fetch_pinned(self, action: Fetch) -> Fetched | FetchFailed:
+        """HTTPS (6971) from each server in order, the server pinned by the ITL's records."""
+        port = self.options.https_port
+        errors: list[str] = []
+        for server in dict.fromkeys(server for server, _via in self.candidates):
+            try:
+                data = await self.http.fetch_pinned(
+                    server, port, action.name, action.pins, timeout=self.options.timeout
+                )
+            except PinMismatch as exc:
+                return FetchFailed(action.name, str(exc), untrusted=True)
+            except Exception as exc:
+                errors.append(f"https {server}:{port}: {_describe(exc)}")
+                continue
+            return Fetched(action.name, data, "https", f"{server}:{port}")
+        return FetchFailed(action.name, "; ".join(errors) or "no servers given")
 
     async def fetch(self, name: str) -> Fetched | FetchFailed:
         order = list(self.candidates)
@@ -136,10 +153,11 @@ async def _activate(
 
 
 async def _register(
-    reactor: Any, identity: PhoneIdentity, config: DeviceConfig, options: BootOptions
+    reactor: Any, identity: PhoneIdentity, action: Register, options: BootOptions
 ) -> Registered:
     from .sip_ua import SipRegistrationError, SipUserAgent
 
+    config = action.config
     server = config.sip_server
     assert server is not None
     transport = "tls" if config.transport == "tls" else "tcp"  # the UA speaks TCP and TLS
@@ -160,6 +178,8 @@ async def _register(
         load=config.load or identity.load,
         response_timeout=options.timeout,
         tls_options=tls_options,
+        itl_signature=action.itl_signature,
+        itl_tftp_server=action.itl_tftp_server,
     )
     where = f"{transport}:{server.address}:{port}"
     try:
@@ -199,13 +219,15 @@ def boot_phone(
 
     async def perform(action: Action) -> Feed:
         if isinstance(action, Fetch):
+            if action.secure:
+                return await fetcher.fetch_pinned(action)
             return await fetcher.fetch(action.name)
         if isinstance(action, Activate):
             return await _activate(reactor, identity, action, opts)
         if isinstance(action, Sleep):
             await _sleep(reactor, action.seconds)
             return Slept()
-        return await _register(reactor, identity, action.config, opts)
+        return await _register(reactor, identity, action, opts)
 
     async def run() -> BootResult:
         try:

@@ -8,16 +8,21 @@ the boot driver reads as "this server/transport is not answering". One :class:`H
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
+from callboard.protocols import tls
+from cryptography.hazmat.primitives import hashes, serialization
+from OpenSSL import SSL, crypto
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
 
@@ -29,6 +34,55 @@ class HTTPStatusError(Exception):
         super().__init__(f"HTTP {status} for {url}")
         self.status = status
         self.url = url
+
+
+class PinMismatch(Exception):
+    """The HTTPS server's certificate hashes to none of the ITL's pins."""
+
+
+_PIN_HASHES: dict[int, type[hashes.HashAlgorithm]] = {
+    1: hashes.SHA1,
+    2: hashes.SHA256,
+    3: hashes.SHA512,
+}
+
+
+@implementer(IPolicyForHTTPS)
+class PinnedPolicy:
+    """Accept only a server whose leaf certificate hashes to one of ``pins``.
+
+    ``pins`` are (hash algorithm code, hash) pairs as an ITL record carries them (1 SHA-1,
+    2 SHA-256, 3 SHA-512). The check runs inside the handshake, so nothing is sent to a server
+    that fails it; ``refused`` then says why.
+    """
+
+    def __init__(self, pins: Sequence[tuple[int, bytes]]) -> None:
+        self.pins = tuple(pins)
+        self.refused: str | None = None
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        options = tls.client_options()
+        options.getContext().set_verify(SSL.VERIFY_PEER, self._verify)
+        return options
+
+    def _verify(
+        self, _conn: SSL.Connection, cert: crypto.X509, _errno: int, depth: int, _ok: int
+    ) -> bool:
+        if depth != 0:
+            return True  # the leaf decides; chain certificates are not pinned
+        der = cert.to_cryptography().public_bytes(serialization.Encoding.DER)
+        for algorithm, expected in self.pins:
+            hash_type = _PIN_HASHES.get(algorithm)
+            if hash_type is not None and _digest(hash_type(), der) == expected:
+                return True
+        self.refused = "server certificate is not the ITL's TFTP-role EC certificate"
+        return False
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()
 
 
 class HttpFetcher:
@@ -69,6 +123,50 @@ class HttpFetcher:
             if isinstance(response.length, int) and response.length > self.max_size:
                 response.deliverBody(_Collector(0))
                 raise HTTPStatusError(413, url)
+            collector = _Collector(self.max_size)
+            response.deliverBody(collector)
+            body = await collector.done
+            if response.code == 404:
+                return None
+            if response.code != 200:
+                raise HTTPStatusError(response.code, url)
+            return body
+
+        d = defer.Deferred.fromCoroutine(run())
+        d.addTimeout(timeout, self.reactor)
+        return d
+
+    def fetch_pinned(
+        self,
+        host: str,
+        port: int,
+        name: str,
+        pins: Sequence[tuple[int, bytes]],
+        *,
+        timeout: float = 10.0,
+    ) -> defer.Deferred[bytes | None]:
+        """Fetch ``name`` over HTTPS from a server pinned by ``pins`` (an ITL's records).
+
+        Raises :class:`PinMismatch` when the server's certificate is not one of them.
+        """
+        shown = f"[{host}]" if ":" in host else host
+        url = f"https://{shown}:{port}/{quote(name.lstrip('/'))}"
+        policy = PinnedPolicy(pins)
+        agent = Agent(
+            self.reactor,
+            contextFactory=policy,
+            connectTimeout=timeout,
+            pool=HTTPConnectionPool(self.reactor, persistent=False),
+        )
+
+        async def run() -> bytes | None:
+            headers = Headers({b"User-Agent": [self.user_agent.encode("ascii")]})
+            try:
+                response: IResponse = await agent.request(b"GET", url.encode("ascii"), headers)
+            except Exception:
+                if policy.refused is not None:
+                    raise PinMismatch(f"{url}: {policy.refused}") from None
+                raise
             collector = _Collector(self.max_size)
             response.deliverBody(collector)
             body = await collector.done

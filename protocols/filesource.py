@@ -12,7 +12,9 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
+
+from twisted.internet.defer import Deferred
 
 
 class FileSourceError(Exception):
@@ -49,13 +51,20 @@ class Requester:
     transport: str  # "tftp" or "http"
 
 
+Opened: TypeAlias = FileBody | Deferred[FileBody]
+"""What :meth:`FileSource.open` gives: a body now, or later (a file still being signed)."""
+
+
 class FileSource(Protocol):
     """What TFTP and HTTP need from the daemon."""
 
-    def open(self, name: str, requester: Requester) -> FileBody:
+    def open(self, name: str, requester: Requester) -> Opened:
         """Open a normalised name (see :func:`normalise_name`).
 
-        Raises :class:`FileNotFound` or :class:`AccessViolation`.
+        Most names answer at once with a body. A file that takes work off the reactor thread
+        first (a ``.sgn`` not yet signed) answers with a Deferred that fires with the body or
+        fails with the same errors. Raises (or fails with) :class:`FileNotFound` or
+        :class:`AccessViolation`.
         """
         ...
 
@@ -95,6 +104,11 @@ class DiskBody:
     @property
     def size(self) -> int:
         return self._size
+
+    def identity(self) -> tuple[int, ...]:
+        """Device, inode, size and change times: equal while the file's bytes are the same."""
+        st = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
@@ -147,7 +161,7 @@ class DirectorySource:
     def root(self) -> str:
         return self._root
 
-    def open(self, name: str, requester: Requester) -> FileBody:
+    def open(self, name: str, requester: Requester) -> DiskBody:
         relative = normalise_name(name)
         fd = None
         if "/" not in relative:

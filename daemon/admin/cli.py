@@ -437,15 +437,17 @@ def _render(command: str, result: Any) -> str:
         rows = [
             {"listener": label, "address": place}
             for label, places in result.items()
-            if isinstance(places, list)
+            if isinstance(places, list) and label != "warnings"
             for place in places
         ]
         counters = result.get("counters", {})
         live = ", ".join(f"{k}={v}" for k, v in counters.items() if v)
+        warnings = "".join(f"\nwarning: {w}" for w in result.get("warnings", []))
         return (
             f"devices: {result.get('devices', 0)}\n"
             + _table(rows, ["listener", "address"])
             + (f"\ncounters: {live}" if live else "")
+            + warnings
         )
     if command == "defaults show":
         return _table(result, ["model", "model_id", "onboarding"])

@@ -30,6 +30,7 @@ from callboard.protocols.filesource import (
     normalise_name,
     printable_name,
 )
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -114,53 +115,106 @@ class _BodyProducer:
 
 
 class ProvisioningResource(resource.Resource):
-    """Serve every path from the file source: GET and HEAD, single byte ranges."""
+    """Serve every path from the file source: GET and HEAD, single byte ranges.
+
+    ``transport`` is what the file source is told the request came over (``http`` on 6970,
+    ``https`` on 6971, where a phone asking for ``SEP<MAC>.cnf.xml.sgn`` wants the unsigned
+    file). A file the source prepares off the reactor (a Deferred) is answered when ready.
+    """
 
     isLeaf = True
 
-    def __init__(self, source: FileSource) -> None:
+    def __init__(self, source: FileSource, transport: str = "http") -> None:
         super().__init__()
         self._source = source
+        self._transport = transport
 
     def render(self, request: server.Request) -> bytes | int:
-        started = time.monotonic()
-        host, port = _client(request)
-        raw_path = request.path or b"/"
-        name = unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode("utf-8", "surrogateescape")
-
-        def finish(status: int, sent: int) -> None:
-            log.info(
-                "http {client_host}:{client_port} {method} {file} {status} {bytes} bytes",
-                client_host=host,
-                client_port=port,
-                method=(request.method or b"").decode("ascii", "replace"),
-                file=printable_name(name),
-                status=status,
-                bytes=sent,
-                duration=time.monotonic() - started,
-            )
-
-        def plain(status: int, text: bytes) -> bytes:
-            request.setResponseCode(status)
-            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-            request.setHeader(b"Content-Length", str(len(text)).encode())
-            finish(status, 0)
-            return b"" if request.method == b"HEAD" else text
-
+        exchange = _Exchange(request, self._transport)
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"Allow", b"GET, HEAD")
-            return plain(http.NOT_ALLOWED, b"method not allowed\n")
+            return exchange.plain(http.NOT_ALLOWED, b"method not allowed\n")
         try:
-            normalised = normalise_name(name)
-            body = self._source.open(normalised, Requester(host, port, "http"))
-        except FileNotFound:
-            return plain(http.NOT_FOUND, b"not found\n")
-        except AccessViolation:
-            return plain(http.FORBIDDEN, b"forbidden\n")
-        except Exception:
-            log.failure("http: file source failed for {file}", file=printable_name(name))
-            return plain(http.INTERNAL_SERVER_ERROR, b"internal error\n")
+            normalised = normalise_name(exchange.name)
+            opened = self._source.open(
+                normalised, Requester(exchange.host, exchange.port, self._transport)
+            )
+        except Exception as exc:
+            return exchange.refused(exc)
+        if isinstance(opened, Deferred):
+            gone: list[Failure] = []
+            request.notifyFinish().addErrback(gone.append)
 
+            def ready(body: FileBody) -> None:
+                if gone:
+                    body.close()
+                    return
+                exchange.finish_now(exchange.respond(body, normalised))
+
+            def failed(failure: Failure) -> None:
+                if not gone:
+                    exchange.finish_now(exchange.refused(failure.value or Exception("failed")))
+
+            opened.addCallbacks(ready, failed).addErrback(
+                lambda f: log.failure("http: answer failed", f)
+            )
+            return server.NOT_DONE_YET
+        return exchange.respond(opened, normalised)
+
+
+class _Exchange:
+    """One request's answer: status lines, the log line, the streamed body."""
+
+    def __init__(self, request: server.Request, transport: str) -> None:
+        self.request = request
+        self.started = time.monotonic()
+        self.host, self.port = _client(request)
+        self.transport = transport
+        raw_path = request.path or b"/"
+        self.name = unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode("utf-8", "surrogateescape")
+
+    def finish(self, status: int, sent: int) -> None:
+        log.info(
+            "{transport} {client_host}:{client_port} {method} {file} {status} {bytes} bytes",
+            transport=self.transport,
+            client_host=self.host,
+            client_port=self.port,
+            method=(self.request.method or b"").decode("ascii", "replace"),
+            file=printable_name(self.name),
+            status=status,
+            bytes=sent,
+            duration=time.monotonic() - self.started,
+        )
+
+    def plain(self, status: int, text: bytes) -> bytes:
+        request = self.request
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Content-Length", str(len(text)).encode())
+        self.finish(status, 0)
+        return b"" if request.method == b"HEAD" else text
+
+    def refused(self, exc: BaseException) -> bytes:
+        if isinstance(exc, FileNotFound):
+            return self.plain(http.NOT_FOUND, b"not found\n")
+        if isinstance(exc, AccessViolation):
+            return self.plain(http.FORBIDDEN, b"forbidden\n")
+        log.failure(
+            "http: file source failed for {file}", Failure(exc), file=printable_name(self.name)
+        )
+        return self.plain(http.INTERNAL_SERVER_ERROR, b"internal error\n")
+
+    def finish_now(self, answer: bytes | int) -> None:
+        """Send what :meth:`respond` or :meth:`refused` returned, after NOT_DONE_YET."""
+        if answer is server.NOT_DONE_YET:
+            return
+        assert isinstance(answer, bytes)
+        if answer:
+            self.request.write(answer)
+        self.request.finish()
+
+    def respond(self, body: FileBody, normalised: str) -> bytes | int:
+        request = self.request
         size = body.size
         first, last = 0, size - 1
         status = http.OK
@@ -170,7 +224,7 @@ class ProvisioningResource(resource.Resource):
             if wanted is False:
                 body.close()
                 request.setHeader(b"Content-Range", f"bytes */{size}".encode())
-                return plain(http.REQUESTED_RANGE_NOT_SATISFIABLE, b"range not satisfiable\n")
+                return self.plain(http.REQUESTED_RANGE_NOT_SATISFIABLE, b"range not satisfiable\n")
             if isinstance(wanted, tuple):
                 first, last = wanted
                 status = http.PARTIAL_CONTENT
@@ -183,12 +237,12 @@ class ProvisioningResource(resource.Resource):
         request.setHeader(b"Accept-Ranges", b"bytes")
         if request.method == b"HEAD" or length == 0:
             body.close()
-            finish(status, 0)
+            self.finish(status, 0)
             return b""
 
         def done(result: Failure | None) -> None:
             body.close()
-            finish(status if result is None else 499, producer.sent)  # 499: client went away
+            self.finish(status if result is None else 499, producer.sent)  # 499: went away
             if result is None:
                 request.finish()
 
@@ -209,9 +263,14 @@ class _QuietSite(server.Site):
         pass
 
 
-def provisioning_site(source: FileSource, timeout: float = 60.0) -> server.Site:
-    """The Site to listen on TCP 6970 with (``timeout`` closes idle connections)."""
-    site = _QuietSite(ProvisioningResource(source), timeout=timeout)
+def provisioning_site(
+    source: FileSource, timeout: float = 60.0, *, transport: str = "http"
+) -> server.Site:
+    """The Site to listen on TCP 6970 with (``timeout`` closes idle connections).
+
+    The same Site serves HTTPS 6971 behind a TLS listener with ``transport="https"``.
+    """
+    site = _QuietSite(ProvisioningResource(source, transport), timeout=timeout)
     site.displayTracebacks = False
     site.noisy = False
     return site

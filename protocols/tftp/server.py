@@ -44,6 +44,7 @@ from callboard.protocols.listening import AtomicMultiService, ListenerService, L
 from callboard.protocols.settings import SettingError, check_range
 from callboard.protocols.tftp import admission, codec
 from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -366,6 +367,9 @@ class TFTPService(AtomicMultiService):
         self.descriptors: IReactorFDSet = reactor  # transfer sockets are bare read descriptors
         self._transfers: dict[tuple[str, str, int], _TransferProtocol] = {}
         self._per_client: dict[str, int] = {}
+        # Requests whose file is still being prepared (a .sgn being signed): a repeated RRQ
+        # from the same TID is ignored meanwhile, and each counts against the limits.
+        self._pending: set[tuple[str, str, int]] = set()
         for spec in specs:
             # An RRQ is small, but a stray large datagram must not be read truncated as one.
             spec = spec.with_options(max_packet_size=65536)
@@ -402,24 +406,84 @@ class TFTPService(AtomicMultiService):
             if codec.opcode(datagram) == codec.Opcode.RRQ:
                 live.rrq_repeated()
             return
+        if key in self._pending:
+            return  # the first RRQ's file is still being prepared; it will be answered
         started = time.monotonic()
-        load = admission.Load(len(self._transfers), self._per_client.get(addr[0], 0))
+        load = admission.Load(
+            len(self._transfers) + len(self._pending), self._per_client.get(addr[0], 0)
+        )
         verdict = admission.admit(datagram, load, self.settings)
         if isinstance(verdict, admission.Admitted):
-            verdict = self._open_and_start(key, verdict)
+            verdict = self._open_and_start(key, verdict, reply, started)
         if isinstance(verdict, admission.Refusal):
             reply(verdict.packet, addr)
             self._log_refusal(addr, verdict, started)
 
     def _open_and_start(
-        self, key: tuple[str, str, int], request: admission.Admitted
+        self,
+        key: tuple[str, str, int],
+        request: admission.Admitted,
+        reply: Callable[[bytes, Address], None],
+        started: float,
     ) -> admission.Refusal | None:
-        """Open the admitted file, agree on the options, then start the transfer."""
+        """Open the admitted file, agree on the options, then start the transfer.
+
+        A file the source prepares off the reactor (a Deferred) is answered when it is ready.
+        """
         _local, host, port = key
         try:
-            body: FileBody = self.source.open(request.name, Requester(host, port, "tftp"))
+            opened = self.source.open(request.name, Requester(host, port, "tftp"))
         except (FileNotFound, AccessViolation) as exc:
             return admission.refusal_for(request.filename, exc)
+        if isinstance(opened, Deferred):
+            self._pending.add(key)
+            opened.addCallbacks(
+                lambda body: self._opened_later(key, request, body),
+                lambda failure: self._refused_later(request, failure),
+            ).addCallback(self._answer_later, key, reply, started).addErrback(
+                self._failed_later, key, request.filename
+            )
+            return None
+        return self._agree_and_start(key, request, opened)
+
+    def _opened_later(
+        self, key: tuple[str, str, int], request: admission.Admitted, body: FileBody
+    ) -> admission.Refusal | None:
+        self._pending.discard(key)
+        if not self.running:
+            body.close()
+            return None
+        return self._agree_and_start(key, request, body)
+
+    def _refused_later(self, request: admission.Admitted, failure: Failure) -> admission.Refusal:
+        error = failure.check(FileNotFound, AccessViolation)
+        if error is not None:
+            exc = failure.value
+            assert isinstance(exc, FileNotFound | AccessViolation)
+            return admission.refusal_for(request.filename, exc)
+        log.failure("tftp: file source failed for {file}", failure, file=request.filename)
+        return admission.Refusal(request.filename, codec.ErrorCode.NOT_DEFINED, "internal error")
+
+    def _answer_later(
+        self,
+        refusal: admission.Refusal | None,
+        key: tuple[str, str, int],
+        reply: Callable[[bytes, Address], None],
+        started: float,
+    ) -> None:
+        self._pending.discard(key)
+        if refusal is not None:
+            addr = (key[1], key[2])
+            reply(refusal.packet, addr)
+            self._log_refusal(addr, refusal, started)
+
+    def _failed_later(self, failure: Failure, key: tuple[str, str, int], filename: str) -> None:
+        self._pending.discard(key)
+        log.failure("tftp: could not start {file}", failure, file=printable_name(filename))
+
+    def _agree_and_start(
+        self, key: tuple[str, str, int], request: admission.Admitted, body: FileBody
+    ) -> admission.Refusal | None:
         terms = admission.agree(request, body.size, self.settings)
         if isinstance(terms, admission.Refusal):
             body.close()

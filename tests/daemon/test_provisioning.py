@@ -102,7 +102,10 @@ async def test_sep_config_only_once_active_and_never_for_bat(
     assert line is not None
     assert line.findtext("displayName") == "Al & <Bo>"
     assert line.findtext("authName") == "al" and line.findtext("authPassword") == "p<w"
-    assert line.findtext("proxy") == "192.0.2.10"
+    # The server comes from callManagerGroup; an address here stops real phones registering.
+    assert line.findtext("proxy") == "USECALLMANAGER"
+    member = "devicePool/callManagerGroup/members/member/callManager"
+    assert root.findtext(f"{member}/processNodeName") == "192.0.2.10"
     assert root.findtext("description") == '"quoted" & <tagged>'
     assert root.findtext("sipProfile/sipStack/timerRegisterExpires") == "3600"
     assert root.findtext("loadInformation") == "sip88xx.14-2-1"

@@ -21,7 +21,7 @@ from twisted.internet.error import CannotListenError
 
 
 def config_for(tmp_path: Path, **overrides: Any) -> Config:
-    ports = ("tftp", "http", "tvs", "sip", "sip_tls")
+    ports = ("tftp", "http", "tvs", "sip", "sip_tls", "https")
     return load_config(
         None,
         {

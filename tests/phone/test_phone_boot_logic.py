@@ -25,7 +25,9 @@ from callboard.phone.boot import (
 )
 from callboard.phone.config import parse_default_config, parse_device_config
 from callboard.protocols.tvs.codec import ActivateResponse, ActivateStatus
+from callboard.protocols.tvs.itl import Role, build_itl
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 MAC = "00AABBCCDDEE"
 CODE = "1234567812345678"
@@ -70,7 +72,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> certs.ServerCertificates
 
 @pytest.fixture(scope="module")
 def itl(server: certs.ServerCertificates) -> bytes:
-    return server.build_itl(timestamp=1_800_000_000)
+    """An ITL without a TFTP role, so the phone fetches plain files (the daemon's ITL has
+    one: signed files are tested in test_phone_signed_boot.py)."""
+    assert isinstance(server.sast.key, rsa.RSAPrivateKey)
+    records = [(Role.SAST, server.sast.cert), (Role.TVS, server.tvs.cert)]
+    return build_itl(server.sast.cert, server.sast.key, records, timestamp=1_800_000_000)
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,12 @@ def run_cli(
 
 
 def serve_args(state_dir: Path, **ports: int) -> list[str]:
-    """``serve`` on 127.0.0.1 with every port 0 unless given (``tvs=2445``, ``sip_tls=…``)."""
+    """``serve`` on 127.0.0.1 with every port 0 unless given (``tvs=2445``, ``sip_tls=…``).
+
+    HTTPS (6971) is off with port 0; turn it on with ``--set endpoints.https=tcp:0:…``.
+    """
     args = ["serve", "--state-dir", str(state_dir), "--listen-address", "127.0.0.1"]
-    for name in ("tftp", "http", "tvs", "sip", "sip_tls"):
+    for name in ("tftp", "http", "tvs", "sip", "sip_tls", "https"):
         args += [f"--{name.replace('_', '-')}-port", str(ports.get(name, 0))]
     return args
 
