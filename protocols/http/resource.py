@@ -121,6 +121,8 @@ class ProvisioningResource(resource.Resource):
     def __init__(self, source: FileSource) -> None:
         super().__init__()
         self._source = source
+        # Told of every answered request once (metrics): path, status, seconds, bytes sent.
+        self.on_finish: Callable[[str, int, float, int], None] | None = None
 
     def render(self, request: server.Request) -> bytes | int:
         started = time.monotonic()
@@ -129,6 +131,8 @@ class ProvisioningResource(resource.Resource):
         name = unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode("utf-8", "surrogateescape")
 
         def finish(status: int, sent: int) -> None:
+            if self.on_finish is not None:
+                self.on_finish(name, status, time.monotonic() - started, sent)
             log.info(
                 "http {client_host}:{client_port} {method} {file} {status} {bytes} bytes",
                 client_host=host,
