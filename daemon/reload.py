@@ -119,6 +119,7 @@ def apply_reload(service: Any, new: Config) -> bool:
         return False
     _apply(service, target)
     service.tvs.set_trust(trust)
+    log.info("manufacturing trust store reloaded", certificates=len(trust))
     service.config = target
     for key, _attribute, _attr in restart:
         log.warning("configuration change needs a restart; not applied", key=key)
