@@ -113,7 +113,7 @@ def apply_reload(service: Any, new: Config) -> bool:
     except Exception as exc:
         log.error(
             "reload refused: the manufacturing trust store cannot be read; keeping the old one",
-            key="tvs.manufacturing_trust",
+            setting="tvs.manufacturing_trust",
             error=str(exc),
         )
         return False
@@ -122,7 +122,7 @@ def apply_reload(service: Any, new: Config) -> bool:
     log.info("manufacturing trust store reloaded", certificates=len(trust))
     service.config = target
     for key, _attribute, _attr in restart:
-        log.warning("configuration change needs a restart; not applied", key=key)
+        log.warning("configuration change needs a restart; not applied", setting=key)
     applied = [key for key, attribute, _ in changes if not needs_restart(key, attribute)]
     log.info(
         "configuration reloaded",
