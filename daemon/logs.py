@@ -66,6 +66,7 @@ def _device_from_file(
             event["device"] = match.group(1).upper()
     return event
 
+
 # syslog(3) priorities, as journald reads them from a "<N>" line prefix.
 SYSLOG_PRIORITIES = {
     "critical": 2,

@@ -137,9 +137,7 @@ def test_systemd_sockets_are_found_by_index_or_name_when_listening() -> None:
 def test_systemd_specs_resolve_to_the_descriptor_they_name() -> None:
     inherited = {"tvs": [3], "sip": [4, 5]}
     spec = ListenerSpec("stream", Adopt(family="INET6", systemd_name="sip"))
-    assert resolve_inherited(spec, inherited) == ListenerSpec(
-        "stream", Adopt(fd=4, family="INET6")
-    )
+    assert resolve_inherited(spec, inherited) == ListenerSpec("stream", Adopt(fd=4, family="INET6"))
     bound = ListenerSpec.stream("127.0.0.1", 0)
     assert resolve_inherited(bound, inherited) is bound
     with pytest.raises(CannotListenError):

@@ -215,8 +215,8 @@ def test_the_phone_boots_from_dhcp_to_registered(
     environ["PYTHONPATH"] = str(ROOT / "build" / "typecheck")
     try:
         daemon.start()
-        daemon.json("device", "add", "--model", "8841", "--mac", "00AABBCCDDEE",
-                    "--line", "5001", "--password", "pw-5001", "--no-require-activation")  # fmt: skip
+        daemon.json("device", "add", "--model", "8841", "--mac", "00AABBCCDDEE", "--line",
+                    "5001", "--password", "pw-5001", "--no-require-activation")  # fmt: skip
         result = subprocess.run(
             ["ip", "netns", "exec", lab.phone_ns, sys.executable, "-m", "callboard.daemon.main",
              "phone", "boot", "--dhcp", lab.phone_if, "--model", "8841", "--mac", "00AABBCCDDEE",
