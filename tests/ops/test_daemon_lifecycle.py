@@ -65,6 +65,7 @@ def test_socket_activated_daemon_serves_tftp_http_and_sip_through_adopted_socket
 ) -> None:
     notify = NotifySocket(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # WatchdogSec=1s: a ping every 0.5 s
     tftp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tftp.bind(("127.0.0.1", 0))
     http = socket.socket()
@@ -94,6 +95,7 @@ def test_socket_activated_daemon_serves_tftp_http_and_sip_through_adopted_socket
         assert status["http"] == [f"127.0.0.1:{http_port}"]
         assert "tvs" not in status and "sip" not in status  # no socket: that listener is off
         notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1")
         assert any(
             line.startswith("STATUS=starting") for m in notify.messages for line in m.split("\n")
         )
@@ -206,8 +208,10 @@ def wait_for_log(daemon: Daemon, text: str, count: int = 1, timeout: float = 15)
 
 
 def test_sighup_applies_templates_and_settings_refuses_bad_config_reports_restarts(
-    daemon_factory: Any, tmp_path: Path
+    daemon_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    notify = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
     config = tmp_path / "callboard.toml"
     config.write_text("[tftp]\nmax_blksize = 1428\n")
     daemon = daemon_factory("--config", str(config))
@@ -225,6 +229,13 @@ def test_sighup_applies_templates_and_settings_refuses_bad_config_reports_restar
     config.write_text("[tftp]\nmax_blksize = 8192\n")
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for_log(daemon, "configuration reloaded")
+    notify.wait_for("RELOADING=1")
+    reloading = next(i for i, m in enumerate(notify.messages) if "RELOADING=1" in m.split("\n"))
+    deadline = time.monotonic() + 10
+    while not any("READY=1" in m.split("\n") for m in notify.messages[reloading + 1 :]):
+        assert time.monotonic() < deadline, notify.messages
+        with contextlib.suppress(TimeoutError):
+            notify.messages.append(notify.sock.recv(4096).decode())
     assert "reloaded-by-sighup" in http_text(daemon, f"SEP{SEP_MAC}.cnf.xml")
     assert "tftp.max_blksize" in daemon.log()  # applied, and said so
 
