@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -129,6 +130,38 @@ def test_socket_activated_daemon_serves_tftp_http_and_sip_through_adopted_socket
     notify.wait_for("STOPPING=1")
     log = daemon.log()
     assert "Starting protocol" not in log and "Starting factory" not in log
+
+
+def test_debian_systemd_socket_activate_hands_the_daemon_its_http_socket(tmp_path: Path) -> None:
+    port = free_port()
+    typecheck = Path(__file__).resolve().parents[2] / "build" / "typecheck"
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=http",
+         "-E", f"PYTHONPATH={typecheck}", sys.executable, "-m", "callboard.daemon.main",
+         *serve_args(state)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the socket is listening once systemd-socket-activate has bound it
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        got = subprocess.run(
+            ["curl", "-sS", "-f", "-m", "30", f"http://127.0.0.1:{port}/XMLDefault.cnf.xml"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert got.returncode == 0 and "<Default>" in got.stdout, got.stderr
+        status = run_cli("--state-dir", str(state), "status", "--json")
+        assert status.returncode == 0, status.stderr
+        listening = json.loads(status.stdout)
+        assert listening["http"] == [f"127.0.0.1:{port}"] and listening["tftp"] == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
 
 
 SHIM = """
