@@ -235,6 +235,20 @@ class ProvisioningTree:
             for load in self.missing_loads()
         ]
 
+    def reload_templates(self, template_dir: Path | None) -> None:
+        """SIGHUP: read the templates again; a broken one raises and the old ones stay."""
+        old = (self._default_template, self._device_template, self._default_cache)
+        self._default_template = load_template("XMLDefault.cnf.xml", template_dir)
+        self._device_template = load_template("SEPDevice.cnf.xml", template_dir)
+        self._default_cache = None
+        try:
+            self._check_templates()
+        except ValueError:
+            self._default_template, self._device_template, self._default_cache = old
+            raise
+        self._device_cache.clear()
+        self._default_cache = None
+
     def advertise(self, settings: ProvisioningSettings) -> None:
         """Change what configs advertise (the daemon learns bound ports after listening)."""
         self._settings = settings

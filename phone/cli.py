@@ -83,20 +83,66 @@ def cmd_boot(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as exc:
         print(f"callboard phone boot: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.server and not args.dhcp:
+        print("callboard phone boot: give --server or --dhcp IFACE", file=sys.stderr)
+        return EXIT_USAGE
     outcome: list[BootResult] = []
+    failed: list[str] = []
 
     async def main(reactor: Any) -> None:
-        result = await boot_phone(reactor, identity, args.server, _options(args), emit=_print)
+        servers = args.server
+        if args.dhcp:
+            servers = await _servers_from_dhcp(reactor, args, failed)
+            if not servers:
+                return
+        result = await boot_phone(reactor, identity, servers, _options(args), emit=_print)
         outcome.append(result)
 
     _react_exit(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+    if failed:
+        print(f"callboard phone boot: {failed[0]}", file=sys.stderr)
+        return Outcome.UNREACHABLE.value
     result = outcome[0]
     if not result.ok:
         print(f"callboard phone boot: {result.reason}", file=sys.stderr)
     return result.exit_code
 
 
+async def _servers_from_dhcp(
+    reactor: Any, args: argparse.Namespace, failed: list[str]
+) -> list[str]:
+    """Option 150's addresses in order, else option 66's name: what a phone boots from."""
+    from .dhcp import request_lease
+
+    try:
+        lease = await request_lease(
+            reactor,
+            args.dhcp,
+            args.mac,
+            timeout=args.timeout * 3,
+            retransmit=min(2.0, args.timeout / 4),
+            vendor_class=f"Cisco Systems, Inc. IP Phone CP-{args.model}",
+        )
+    except defer.TimeoutError:
+        failed.append(f"no DHCP lease on {args.dhcp}")
+        return []
+    except (OSError, ValueError) as exc:
+        failed.append(f"DHCP on {args.dhcp}: {exc}")
+        return []
+    servers = list(lease.provisioning_servers)
+    _print(
+        f"[dhcp] lease {lease.address} from {lease.server_id}: option 150 "
+        f"{','.join(lease.tftp_servers) or '-'}, option 66 {lease.tftp_server_name or '-'}"
+    )
+    if not servers:
+        failed.append(f"the DHCP lease on {args.dhcp} names no TFTP server (options 150, 66)")
+    return servers
+
+
 def cmd_storm(args: argparse.Namespace) -> int:
+    if not args.server:
+        print("callboard phone storm: give --server", file=sys.stderr)
+        return EXIT_USAGE
     try:
         codes = read_bat_codes(Path(args.codes).read_text(encoding="utf-8-sig"), args.model)
         issuer = labpki.load_issuing_ca(Path(args.lab_ca))
@@ -156,10 +202,9 @@ def _network_arguments() -> argparse.ArgumentParser:
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument(
         "--server",
-        required=True,
         type=_servers,
         metavar="ADDR[,ADDR…]",
-        help="provisioning servers in DHCP option-150 order",
+        help="provisioning servers in DHCP option-150 order (or learn them with --dhcp)",
     )
     net.add_argument("--tftp-port", type=int, default=69)
     net.add_argument("--http-port", type=int, default=6970)
@@ -215,6 +260,12 @@ def _add_boot(
     p.add_argument("--mic", required=True, help="the MIC certificate (PEM; chain may follow)")
     p.add_argument("--mic-key", required=True, help="the MIC private key (PEM)")
     p.add_argument("--code", help="the 16-digit activation code, as keyed in by a user")
+    p.add_argument(
+        "--dhcp",
+        metavar="IFACE",
+        help="learn the servers from DHCP on IFACE (option 150 in order, option 66 as the "
+        "fallback) instead of --server; needs root",
+    )
     p.set_defaults(func=cmd_boot)
 
 

@@ -195,6 +195,10 @@ class AdminApp:
         self._registry = registry
         self._registrations = registrations
         self._status = status
+        # Told the action of every change made (metrics); the audit line is logged anyway.
+        self.on_change: Callable[[str], None] | None = None
+        # Writes a consistent copy of the registry to a path (the store's backup).
+        self.backup_to: Callable[[str], Deferred[None]] | None = None
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -403,6 +407,27 @@ class AdminApp:
 
     def _audit(self, actor: Actor, action: str, **fields: Any) -> None:
         log.info("admin change", action=action, **actor.audit_fields(), **fields)
+        if self.on_change is not None:
+            self.on_change(action)
+
+    def backup(self, actor: Actor, path: str) -> Deferred[dict[str, Any]]:
+        """A consistent online copy of the registry at ``path`` (admins only)."""
+        _require_admin(actor, "back up the registry")
+        if self.backup_to is None:
+            return fail(Problem(501, "Not implemented", "this daemon cannot make backups"))
+
+        def written(_: object) -> dict[str, Any]:
+            log.info("registry backed up", file=path, **actor.audit_fields())
+            return {"file": path, "devices": len(self._registry)}
+
+        def refused(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, OSError | ValueError):
+                why = getattr(error, "strerror", None) or str(error)
+                return Failure(Problem.bad_request(f"cannot write {path}: {why}"))
+            return failure
+
+        return self.backup_to(path).addCallbacks(written, refused)
 
 
 def _require_admin(actor: Actor, what: str) -> None:

@@ -372,6 +372,15 @@ class SQLiteStore:
     def changes_since(self, seq: int) -> Deferred[FeedBatch]:
         return self._thread.submit(lambda: self._changes_since(seq))
 
+    def backup(self, path: Path) -> Deferred[None]:
+        """A consistent copy of the database at ``path``, while the daemon runs.
+
+        SQLite's online backup, on the store thread (so between two writes, never across
+        one); written beside ``path`` and renamed into place, so ``path`` is never a torn
+        copy. A path that cannot be written fails with :class:`OSError`.
+        """
+        return self._thread.submit(lambda: _backup(self._db, path))
+
     def close(self) -> Deferred[None]:
         """Finish the queued work, close the file and end the store thread."""
         if self._closed:
@@ -459,6 +468,24 @@ class SQLiteStore:
 
     def _is_own(self, seq: int) -> bool:
         return any(first <= seq <= last for first, last in self._own)
+
+
+def _backup(db: sqlite3.Connection, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            db.backup(copy)
+        finally:
+            copy.close()
+        os.replace(partial, path)
+    except sqlite3.Error as exc:
+        partial.unlink(missing_ok=True)
+        raise OSError(str(exc)) from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _user_version(db: sqlite3.Connection) -> int:

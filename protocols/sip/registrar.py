@@ -406,6 +406,8 @@ class Registrar:
             s.realm, s.nonce_secret or os.urandom(32), s.nonce_lifetime, s.digest_algorithms
         )
         self.counters = Counters()
+        # Told the status of every REGISTER answer (metrics); not of retransmitted ones.
+        self.on_register_answer: Callable[[int], None] | None = None
         self._transactions: dict[tuple[str, str, str], tuple[float, Reply | None]] = {}
         # AoR → REGISTERs waiting behind one whose policy answer is pending (key present while
         # one is pending), each with the Deferred its answer goes to.
@@ -1089,6 +1091,8 @@ class Registrar:
 
     def _route(self, req: Request, resp: Response, source: Source, top: Via | None = None) -> Reply:
         """RFC 3261 §18.2.2 + RFC 3581: stamp received/rport on the top Via and pick the port."""
+        if self.on_register_answer is not None and req.method.upper() == "REGISTER":
+            self.on_register_answer(resp.status)
         vias = req.headers.values("via")
         if top is None:
             top = parse_via(vias[0])
