@@ -26,6 +26,7 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
+from .ivr import IVRSettings
 from .provisioning import ProvisioningSettings
 from .registry.registry import RegistrySettings
 from .sip_policy import AutoRegistration
@@ -144,6 +145,7 @@ class Config:
     sip_transport: SIPTransportSettings = field(default_factory=SIPTransportSettings)
     autoregistration: AutoRegistration = field(default_factory=AutoRegistration)
     provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
+    ivr: IVRSettings = field(default_factory=IVRSettings)
 
     @property
     def loads(self) -> dict[str, str]:
@@ -182,6 +184,7 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
         ("autoregistration", AutoRegistration),
         ("provisioning", ProvisioningSettings),
     ),
+    "ivr": (("ivr", IVRSettings),),
 }
 _TOP_LEVEL = ("state_dir", "tftp_root", "admin_socket", "demo", "log_level")
 LOG_LEVELS = ("debug", "info", "warning", "error")
