@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import itertools
 import os
 import wave
 from collections.abc import Callable
@@ -406,6 +407,11 @@ class IVRService:
             self.dialogs.hangup(dialog, "no media")
             return
         call = IVRCall(self, dialog, pending["endpoint"], pending["port"])
+        account = self.accounts.by_user(dialog.call.caller_user or "")
+        binding = self._binding(account, dialog.call.source.address) if account else None
+        # The NOTIFYs after success name the phone's registration, as Cisco's service-control
+        # body does (and a tool that maps messages by Call-ID can follow them).
+        dialog.extra["register_call_id"] = binding.call_id if binding else os.urandom(12).hex()
         pending["endpoint"].on_packet = call.rtp
         self.calls[dialog.call_id] = call
         self.counters["calls"] += 1
@@ -516,8 +522,9 @@ class IVRService:
         target = dialog.remote_target
         headers.add("From", f"<sip:callboard@{_host_of(dialog)}>;tag={os.urandom(4).hex()}")
         headers.add("To", f"<{target}>")
-        headers.add("Call-ID", os.urandom(12).hex())
-        headers.add("CSeq", "1 NOTIFY")
+        register_call_id = str(dialog.extra["register_call_id"])
+        headers.add("Call-ID", register_call_id)
+        headers.add("CSeq", f"{_notify_cseq()} NOTIFY")
         headers.add("Event", "check-sync")
         headers.add("Subscription-State", "terminated")
         headers.add("Content-Length", "0")
@@ -526,12 +533,15 @@ class IVRService:
             cisco = Headers()
             cisco.add("From", f"<sip:callboard@{_host_of(dialog)}>;tag={os.urandom(4).hex()}")
             cisco.add("To", f"<{target}>")
-            cisco.add("Call-ID", os.urandom(12).hex())
-            cisco.add("CSeq", "1 NOTIFY")
+            cisco.add("Call-ID", register_call_id)
+            cisco.add("CSeq", f"{_notify_cseq()} NOTIFY")
             cisco.add("Event", "service-control")
             cisco.add("Subscription-State", "active")
             cisco.add("Content-Type", "text/plain")
-            body = b"action=restart\r\nRegisterCallId={}\r\nConfigVersionStamp={}\r\n"
+            body = (
+                f"action=restart\r\nRegisterCallId={{{register_call_id}}}\r\n"
+                "ConfigVersionStamp={}\r\nDialplanVersionStamp={}\r\nSoftkeyVersionStamp={}\r\n"
+            ).encode()
             self.dialogs.send_request("NOTIFY", target, dialog.call.source, cisco, body,
                                       own=dialog)  # fmt: skip
 
@@ -549,6 +559,13 @@ class IVRService:
 
     def stop(self) -> None:
         self.dialogs.stop()
+
+
+_notify_counter = itertools.count(1000)
+
+
+def _notify_cseq() -> int:
+    return next(_notify_counter)
 
 
 def _host_of(dialog: Dialog) -> str:
