@@ -7,6 +7,7 @@ as SIP INFO. Scenarios are written per test: sipp does not expand keys inside
 ``[authentication]``, and the digits are the code's.
 """
 
+# ruff: noqa: E501 - SIP messages and sipp XML lines are as long as they are
 from __future__ import annotations
 
 import re
