@@ -312,11 +312,14 @@ def test_hang_up_mid_code_activates_nothing(served: Daemon, tmp_path: Path) -> N
     phone = Phone(served)
     phone.learn_account()
     body = phone.register(1) + phone.call()
+    # A flood of digits first: kept up to a bound, then one refusal; nothing activated.
+    body += info("7" * 60 + "#", "activate", phone.user, first_cseq=100)
     body += info(code[:7], "activate", phone.user) + BYE_OUT.format(number="activate",
                                                                     user=phone.user)  # fmt: skip
     run_sipp(served, body, tmp_path, "hangup")
     assert served.json("device", "show", f"SEP{MAC}")["state"] == "awaiting-activation"
-    assert "abandoned" in served.log()
+    log = served.log()
+    assert "abandoned" in log and '"digits": 7' in log and '"digits": 24' in log
 
 
 def test_used_code_and_other_numbers_are_refused(served: Daemon, tmp_path: Path) -> None:

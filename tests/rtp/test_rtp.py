@@ -167,3 +167,17 @@ def test_prompts_are_real_audio() -> None:
         rate = subprocess.run(["soxi", "-r", str(path)], capture_output=True, text=True,
                               check=True).stdout.strip()  # fmt: skip
         assert rate == "8000"
+
+
+def test_rtp_from_another_address_is_ignored() -> None:
+    from callboard.daemon.ivr import RTPEndpoint
+
+    got: list[bytes] = []
+    endpoint = RTPEndpoint(got.append)
+    endpoint.remote = ("192.0.2.5", 40000)
+    packet = RTPPacket(101, 1, 1, 1, encode_event(1, end=True, duration=160)).to_bytes()
+    endpoint.datagramReceived(packet, ("192.0.2.6", 40000))
+    endpoint.datagramReceived(packet, ("192.0.2.5", 40001))
+    assert got == [] and endpoint.ignored == 2
+    endpoint.datagramReceived(packet, ("192.0.2.5", 40000))
+    assert got == [packet]
