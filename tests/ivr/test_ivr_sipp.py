@@ -338,3 +338,21 @@ def test_unknown_phone_gets_file_not_found_by_default(served: Daemon) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         phone.fetch_config()
     assert err.value.code == 404
+
+
+def test_unknown_phone_claims_a_bat_record_with_the_model_from_its_register(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    served: Daemon = daemon_factory("--set", "ivr.unknown_phones=true", "--set",
+                                    "ivr.answer_delay=0.2")  # fmt: skip
+    assert served.cli("defaults", "set", "8841", "--onboarding", "ivr").returncode == 0
+    bat = served.json("device", "add", "--model", "8841", "--line", "4001:Desk")
+    assert bat["name"].startswith("BAT")
+    code = served.json("code", "show", bat["name"])["code"].replace("-", "")
+    phone = Phone(served, mac="00AABB445566")
+    phone.learn_account()
+    body = phone.register(1) + phone.call() + info(code + "#", "activate", phone.user)
+    body += BYE_IN.format(timeout=15000)
+    run_sipp(served, body, tmp_path, "bat")
+    device = served.json("device", "show", "SEP00AABB445566")
+    assert device["state"] == "active" and device["model"] == "8841"
