@@ -26,6 +26,7 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
+from .ivr import IVRSettings
 from .provisioning import PhoneSettings, ProvisioningSettings
 from .registry.registry import RegistrySettings
 from .sip_policy import AutoRegistration
@@ -166,6 +167,7 @@ class Config:
     provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
     phones: PhoneSettings = field(default_factory=PhoneSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ivr: IVRSettings = field(default_factory=IVRSettings)
 
     @property
     def loads(self) -> dict[str, str]:
@@ -206,6 +208,7 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
     ),
     "phones": (("phones", PhoneSettings),),
     "metrics": (("metrics", MetricsConfig),),
+    "ivr": (("ivr", IVRSettings),),
 }
 _TOP_LEVEL = (
     "state_dir",

@@ -184,6 +184,8 @@ class ProvisioningTree:
         self._templates = _template_files(template_dir)
         self._device_cache: dict[str, tuple[int, bytes]] = {}
         self._default_cache: tuple[int, bytes] | None = None  # (defaults version, bytes)
+        #: The bootstrap config of a MAC that may activate by voice (None: not that MAC).
+        self.bootstrap: Callable[[str], bytes | None] | None = None
         registry.subscribe(self._forget)
         self._check_templates()
 
@@ -343,6 +345,10 @@ class ProvisioningTree:
     def _device_config(self, mac: str, requester: Requester) -> bytes:
         device = self._registry.find("SEP" + mac)
         if device is None or not device.may_fetch_config:
+            bootstrap = self.bootstrap(mac) if self.bootstrap is not None else None
+            if bootstrap is not None:  # it may activate by voice (daemon/ivr.py)
+                log.info("bootstrap config served", mac=mac, client=requester.host)
+                return bootstrap
             raise FileNotFound(f"SEP{mac}.cnf.xml")
         cached = self._device_cache.get(device.id)
         if cached and cached[0] == device.version:
@@ -484,7 +490,7 @@ class ProvisioningTree:
         return (
             device.state is DeviceState.AWAITING_ACTIVATION
             and not device.is_placeholder
-            and self._registry.onboarding(device.model) is not Onboarding.ACTIVATION_CODE
+            and self._registry.onboarding(device.model) is Onboarding.AUTOREGISTRATION
         )
 
     def _forget(self, old: Device | None, new: Device | None) -> None:

@@ -149,6 +149,7 @@ class CallboardService(AtomicMultiService):
         self._wire_https()
         self.tvs = self._wire_tvs()
         self._wire_registrar()
+        self._wire_ivr()
         self.admin_app = AdminApp(self.registry, self.registrations, self.status)
         self.admin_api = AdminAPI(self.admin_app)
         self.admin_app.backup_to = self._backup
@@ -299,6 +300,32 @@ class CallboardService(AtomicMultiService):
             ),
         )
         self.sip.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _wire_ivr(self) -> None:
+        """Activation by voice: bootstrap configs and accounts, the activation number's UAS."""
+        from . import ivr
+
+        settings = self.config.ivr
+        self.ivr: ivr.IVRService | None = None
+        if not settings.enabled:
+            return
+        key = ivr.load_key(self.config.state_dir / "ivr.key")
+        accounts = ivr.BootstrapAccounts(self.registry, key, settings)
+        tree = self.tree
+        self.tree.bootstrap = lambda mac: ivr.bootstrap_config(tree.render_device, accounts, mac)
+        self.registrar.policy = ivr.BootstrapPolicy(self.registrar.policy, accounts)
+        self.ivr = ivr.IVRService(
+            self.registry,
+            self.registrar,
+            accounts,
+            ivr.Prompts(self.config.state_dir / "prompts"),
+            self.reactor,
+            rtp_address=settings.rtp_address or self.config.advertise_address,
+            device_throttle=self.tvs.handler.throttle,  # the same budgets as TVS
+            source_throttle=self.tvs.handler.source_throttle,
+        )
+        self.registrar.request_handler = self.ivr.dialogs
+        ivr.IVRLifecycle(self.ivr).setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
         """A device deleted, renamed or back to awaiting activation loses its bindings."""

@@ -458,7 +458,9 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     leaf(defaults, "show", cmd_defaults_show, "defaults show", "show per-model defaults")
     p = leaf(defaults, "set", cmd_defaults_set, "defaults set", "set a model's onboarding method")
     p.add_argument("model")
-    p.add_argument("--onboarding", required=True, choices=["activation-code", "autoregistration"])
+    p.add_argument(
+        "--onboarding", required=True, choices=["activation-code", "autoregistration", "ivr"]
+    )
 
 
 def _run_admin(args: argparse.Namespace) -> int:
