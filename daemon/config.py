@@ -26,6 +26,7 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
+from .ivr import IVRSettings
 from .provisioning import PhoneSettings, ProvisioningSettings
 from .registry.registry import RegistrySettings
 from .sip_policy import AutoRegistration
@@ -132,12 +133,30 @@ class TrustConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus ``/metrics`` listener (plain HTTP); port 0 means off."""
+
+    port: int = 0
+    address: str = "127.0.0.1"
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingError("port", f"{self.port} is not a port number")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise SettingError("address", f"{self.address!r} is not an IP address") from None
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     tftp_root: Path | None = None
     admin_socket: Path | None = None
     demo: bool = False
     log_level: str = "info"
+    log_format: str = "json"  # or "console"
+    shutdown_grace: float = 5.0  # seconds in-flight transfers and TVS requests get at SIGTERM
     source: str = "<defaults>"  # the file this came from, for messages
     network: NetworkConfig = field(default_factory=NetworkConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
@@ -150,6 +169,8 @@ class Config:
     autoregistration: AutoRegistration = field(default_factory=AutoRegistration)
     provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
     phones: PhoneSettings = field(default_factory=PhoneSettings)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ivr: IVRSettings = field(default_factory=IVRSettings)
     web: WebSettings = field(default_factory=WebSettings)
     smtp: SMTPSettings = field(default_factory=SMTPSettings)
     self_care: SelfCareSettings = field(default_factory=SelfCareSettings)
@@ -192,11 +213,22 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
         ("provisioning", ProvisioningSettings),
     ),
     "phones": (("phones", PhoneSettings),),
+    "metrics": (("metrics", MetricsConfig),),
+    "ivr": (("ivr", IVRSettings),),
     "web": (("web", WebSettings),),
     "smtp": (("smtp", SMTPSettings),),
     "self_care": (("self_care", SelfCareSettings),),
 }
-_TOP_LEVEL = ("state_dir", "tftp_root", "admin_socket", "demo", "log_level")
+_TOP_LEVEL = (
+    "state_dir",
+    "tftp_root",
+    "admin_socket",
+    "demo",
+    "log_level",
+    "log_format",
+    "shutdown_grace",
+)
+LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -287,6 +319,15 @@ class _Values:
             raise ConfigError(
                 f"{self.source}: log_level: {config.log_level!r} is not one of "
                 + ", ".join(LOG_LEVELS)
+            )
+        if config.log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"{self.source}: log_format: {config.log_format!r} is not one of "
+                + ", ".join(LOG_FORMATS)
+            )
+        if not 0 <= config.shutdown_grace <= 3600:
+            raise ConfigError(
+                f"{self.source}: shutdown_grace: {config.shutdown_grace} is not between 0 and 3600"
             )
         return config
 

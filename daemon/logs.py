@@ -51,6 +51,22 @@ def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutabl
 
 LOG_FORMATS = ("json", "console")
 
+# A file a phone asks for by its own name (CTLSEP…tlv, ITLSEP…tlv, SEP….cnf.xml[.sgn]).
+_DEVICE_IN_FILE = re.compile(r"(?:^|/|ctl|itl)(sep[0-9a-f]{12})\.", re.IGNORECASE)
+
+
+def _device_from_file(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``device=SEP…`` on a transfer of a phone's own file, so one grep tells its story."""
+    if "device" not in event:
+        name = event.get("file")
+        match = _DEVICE_IN_FILE.search(name) if isinstance(name, str) else None
+        if match is not None:
+            event["device"] = match.group(1).upper()
+    return event
+
+
 # syslog(3) priorities, as journald reads them from a "<N>" line prefix.
 SYSLOG_PRIORITIES = {
     "critical": 2,
@@ -140,6 +156,7 @@ def configure_logging(
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _device_from_file,
             _redact,
             structlog.processors.format_exc_info,
             renderer,

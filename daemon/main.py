@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from . import inherited as socket_activation  # first: reads LISTEN_FDS before Twisted can
 from .admin import cli as admin_cli
 from .config import Config, ConfigError, load_config
 
@@ -60,6 +61,21 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         {"help": "directory of manufacturing root/intermediate PEM files"},
     ),
     ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error"]}),
+    (
+        "--log-format",
+        "log_format",
+        {"choices": ["json", "console"], "help": "JSON lines (default) or lines for humans"},
+    ),
+    (
+        "--metrics-port",
+        "metrics.port",
+        {"type": int, "help": "serve Prometheus /metrics on this port (off unless set)"},
+    ),
+    (
+        "--metrics-address",
+        "metrics.address",
+        {"help": "the address /metrics listens on (default 127.0.0.1)"},
+    ),
 ]
 
 
@@ -159,14 +175,27 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"callboard serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from .serve import start_checks
+
+    inherited = getattr(args, "inherited", None) or socket_activation.InheritedSockets()
+    checked = start_checks(config, inherited)
+    if isinstance(checked, int):
+        return checked
     from .runner import run_daemon
 
-    return run_daemon(config)
+    try:
+        return run_daemon(config, inherited=inherited, reload_config=lambda: serve_config(args))
+    finally:
+        checked.release()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Socket activation's variables, read before anything imports twisted.internet.endpoints
+    # (building the parser does), which would remove them.
+    inherited = socket_activation.capture()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.inherited = inherited
     if args.command != "serve":
         # Short-lived clients die quietly when piped into `head`; the daemon must not.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

@@ -184,6 +184,8 @@ class ProvisioningTree:
         self._templates = _template_files(template_dir)
         self._device_cache: dict[str, tuple[int, bytes]] = {}
         self._default_cache: tuple[int, bytes] | None = None  # (defaults version, bytes)
+        #: The bootstrap config of a MAC that may activate by voice (None: not that MAC).
+        self.bootstrap: Callable[[str], bytes | None] | None = None
         registry.subscribe(self._forget)
         self._check_templates()
 
@@ -234,6 +236,20 @@ class ProvisioningTree:
             f"firmware load {load} is configured but {load}.loads is not in the TFTP root"
             for load in self.missing_loads()
         ]
+
+    def reload_templates(self, template_dir: Path | None) -> None:
+        """SIGHUP: read the templates again; a broken one raises and the old ones stay."""
+        old = (self._default_template, self._device_template, self._default_cache)
+        self._default_template = load_template("XMLDefault.cnf.xml", template_dir)
+        self._device_template = load_template("SEPDevice.cnf.xml", template_dir)
+        self._default_cache = None
+        try:
+            self._check_templates()
+        except ValueError:
+            self._default_template, self._device_template, self._default_cache = old
+            raise
+        self._device_cache.clear()
+        self._default_cache = None
 
     def advertise(self, settings: ProvisioningSettings) -> None:
         """Change what configs advertise (the daemon learns bound ports after listening)."""
@@ -329,6 +345,10 @@ class ProvisioningTree:
     def _device_config(self, mac: str, requester: Requester) -> bytes:
         device = self._registry.find("SEP" + mac)
         if device is None or not device.may_fetch_config:
+            bootstrap = self.bootstrap(mac) if self.bootstrap is not None else None
+            if bootstrap is not None:  # it may activate by voice (daemon/ivr.py)
+                log.info("bootstrap config served", mac=mac, client=requester.host)
+                return bootstrap
             raise FileNotFound(f"SEP{mac}.cnf.xml")
         cached = self._device_cache.get(device.id)
         if cached and cached[0] == device.version:
@@ -470,7 +490,7 @@ class ProvisioningTree:
         return (
             device.state is DeviceState.AWAITING_ACTIVATION
             and not device.is_placeholder
-            and self._registry.onboarding(device.model) is not Onboarding.ACTIVATION_CODE
+            and self._registry.onboarding(device.model) is Onboarding.AUTOREGISTRATION
         )
 
     def _forget(self, old: Device | None, new: Device | None) -> None:

@@ -46,7 +46,10 @@ from .activation import RegistryAuthority
 from .admin.api import AdminAPI, iso
 from .admin.app import AdminApp
 from .config import Config
+from .inherited import InheritedSockets
+from .instrument import CountingAuthority, instrument
 from .logs import get_logger
+from .metrics import CallboardMetrics, metrics_site
 from .provisioning import ProvisioningTree
 from .registry.model import Device, DeviceState
 from .registry.registry import Registry
@@ -58,6 +61,15 @@ from .web import site as web_site
 log = get_logger("callboard.service")
 
 DATABASE_NAME = "callboard.sqlite3"
+# [endpoints] keys and the socket-activation role (FileDescriptorName=) of each.
+_ROLES = {
+    "http": "http",
+    "https": "https",
+    "tvs": "tvs",
+    "sip": "sip-tcp",
+    "sip_tls": "sip-tls",
+    "web": "web",
+}
 
 
 @dataclass
@@ -71,10 +83,15 @@ class Listening:
 class CallboardService(AtomicMultiService):
     """The root of the tree; holds the shared parts for wiring and for tests."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, inherited: InheritedSockets | None = None
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
+        # Sockets handed over by systemd socket activation; empty: bind as configured.
+        self.inherited = inherited or InheritedSockets()
+        self.started_at: float | None = None
         # The tree's one time source: the reactor's clock (wall-clock seconds, which code
         # expiry and the SIP Date header need; a test's MemoryReactorClock drives it all).
         # Timers go through the reactor itself (IReactorTime).
@@ -89,6 +106,7 @@ class CallboardService(AtomicMultiService):
             self._wire()
             super().startService()
             self._advertise_bound_ports()
+            self.started_at = self.now()
         except BaseException:
             for child in list(self):
                 self.removeService(child)  # type: ignore[no-untyped-call]
@@ -96,7 +114,13 @@ class CallboardService(AtomicMultiService):
             raise
 
     def stopService(self) -> Deferred[Any]:
-        d = super().stopService()
+        from .lifecycle import drain
+
+        # Stop accepting, let in-flight transfers and TVS requests finish (within
+        # shutdown_grace), then stop the rest and close the registry.
+        d = drain(self, self.config.shutdown_grace).addCallback(
+            lambda _: super(CallboardService, self).stopService()
+        )
 
         def close(result: object) -> Deferred[object]:
             return self._close_state().addBoth(lambda _: result)
@@ -135,10 +159,10 @@ class CallboardService(AtomicMultiService):
         self._wire_https()
         self.tvs = self._wire_tvs()
         self._wire_registrar()
-        self.admin_app = AdminApp(
-            self.registry, self.registrations, self.status, known_user=self.accounts.knows_user
-        )
+        self._wire_ivr()
+        self.admin_app = AdminApp(self.registry, self.registrations, self.status)
         self.admin_api = AdminAPI(self.admin_app)
+        self.admin_app.backup_to = self._backup
         # Other writers of the same database reach this registry through the change feed.
         follower = TimerService(self.registry.settings.feed_interval, self.registry.follow)
         follower.clock = self.reactor
@@ -146,16 +170,32 @@ class CallboardService(AtomicMultiService):
         admin = self.config.endpoints.spec("admin") or ListenerSpec.unix(
             str(self.config.admin_socket_path), mode=0o600, lockfile=True
         )
-        self._add_listener("admin", admin, Site(self._wire_web()))
+        self._add_listener("admin", self.inherited.resolve(admin), Site(self._wire_web()))
+        self._wire_metrics()
+
+    def _wire_metrics(self) -> None:
+        """Metrics hooked into every part; ``/metrics`` served when a port (or socket) is set."""
+        from .main import package_version
+
+        self.metrics = CallboardMetrics(version=package_version())
+        instrument(self, self.metrics)
+        settings = self.config.metrics
+        specs = self.inherited.for_role("metrics", "stream") or (
+            [ListenerSpec.stream(settings.address, settings.port)] if settings.port else []
+        )
+        for spec in specs:
+            self._add_listener("metrics", spec, metrics_site(self.metrics.registry))
 
     def _open_web_state(self) -> None:
         """The web's I/O: users and tokens (read from the store) and, with the web listener
-        on, its certificate (made at first start unless ``web.cert`` names one)."""
+        on (a port, an ``[endpoints]`` spec or an inherited ``web`` socket), its certificate
+        (made at first start unless ``web.cert`` names one)."""
         assert self.store is not None
         self.accounts = web_site.open_accounts(
             self.registry, self.store, self.reactor, self.config.smtp
         )
-        self.web_tls = web_site.web_tls(self.config)
+        adopted = self.inherited.for_role("web", "stream")
+        self.web_tls = web_site.web_tls(self.config, adopted=bool(adopted))
 
     def _wire_web(self) -> Resource:
         """The HTTPS listener (when ``network.web_port`` or ``endpoints.web`` is set) over the
@@ -169,6 +209,7 @@ class CallboardService(AtomicMultiService):
             factory = web_site.web_factory(self.web_root, self.web_tls)
             for spec in self._stream_specs("web", max(config.network.web_port, 0)):
                 self._add_listener("web", spec, factory)
+        self.admin_app.known_user = self.accounts.knows_user
         return web_site.SocketAccountRoutes(self.admin_api, self.web_root, self.now)
 
     def _wire_file_service(self) -> None:
@@ -198,19 +239,24 @@ class CallboardService(AtomicMultiService):
         )
         for warning in self.tree.warnings():
             log.warning(warning)
-        self.tftp = TFTPService(
-            self.tree,
-            settings=config.tftp,
-            reactor=self.reactor,
-            listeners=[
+        tftp_specs = self.inherited.for_role(
+            "tftp", "datagram", receive_buffer=config.tftp.receive_buffer
+        )
+        if tftp_specs is None:
+            tftp_specs = [
                 ListenerSpec.datagram(
                     address, net.tftp_port, receive_buffer=config.tftp.receive_buffer
                 )
                 for address in net.listen_addresses
-            ],
-        )
-        self.tftp.setServiceParent(self)  # type: ignore[no-untyped-call]
+            ]
+        self.tftp: TFTPService | None = None
+        if tftp_specs:  # socket activation without a tftp socket: TFTP is off
+            self.tftp = TFTPService(
+                self.tree, settings=config.tftp, reactor=self.reactor, listeners=tftp_specs
+            )
+            self.tftp.setServiceParent(self)  # type: ignore[no-untyped-call]
         site = provisioning_site(self.tree)
+        self.http_resource: Any = site.resource
         for spec in self._stream_specs("http", net.http_port):
             self._add_listener("http", spec, site)
 
@@ -235,11 +281,12 @@ class CallboardService(AtomicMultiService):
             self._add_listener("https", spec, TLSMemoryBIOFactory(options, False, site))
 
     def _wire_tvs(self) -> TVSTLSFactory:
+        self.authority = CountingAuthority(RegistryAuthority(self.registry))
         tvs = make_tvs_factory(
             self.server_certs.tvs.cert,
             self.server_certs.tvs.key,
             self.trust,
-            RegistryAuthority(self.registry),
+            self.authority,
             self.server_certs.itl_records(),
             self.config.tvs,
             self.reactor,
@@ -266,13 +313,17 @@ class CallboardService(AtomicMultiService):
             self.reactor,
             tcp=self._stream_specs("sip", net.sip_port),
             # With port 0, SIP over UDP takes the number SIP over TCP was given.
-            udp=[
+            udp=self.inherited.for_role(
+                "sip-udp", "datagram", receive_buffer=config.sip_transport.udp_receive_buffer
+            )
+            or [
                 ListenerSpec.datagram(
                     address,
                     net.sip_port,
                     receive_buffer=config.sip_transport.udp_receive_buffer,
                 )
                 for address in net.listen_addresses
+                if not self.inherited.activated
             ],
             tls=self._stream_specs("sip_tls", net.sip_tls_port),
             tls_options=make_tls_server_options(
@@ -285,6 +336,32 @@ class CallboardService(AtomicMultiService):
             ),
         )
         self.sip.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _wire_ivr(self) -> None:
+        """Activation by voice: bootstrap configs and accounts, the activation number's UAS."""
+        from . import ivr
+
+        settings = self.config.ivr
+        self.ivr: ivr.IVRService | None = None
+        if not settings.enabled:
+            return
+        key = ivr.load_key(self.config.state_dir / "ivr.key")
+        accounts = ivr.BootstrapAccounts(self.registry, key, settings)
+        tree = self.tree
+        self.tree.bootstrap = lambda mac: ivr.bootstrap_config(tree.render_device, accounts, mac)
+        self.registrar.policy = ivr.BootstrapPolicy(self.registrar.policy, accounts)
+        self.ivr = ivr.IVRService(
+            self.registry,
+            self.registrar,
+            accounts,
+            ivr.Prompts(self.config.state_dir / "prompts"),
+            self.reactor,
+            rtp_address=settings.rtp_address or self.config.advertise_address,
+            device_throttle=self.tvs.handler.throttle,  # the same budgets as TVS
+            source_throttle=self.tvs.handler.source_throttle,
+        )
+        self.registrar.request_handler = self.ivr.dialogs
+        ivr.IVRLifecycle(self.ivr).setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
         """A device deleted, renamed, back to awaiting activation or given other lines loses
@@ -304,7 +381,10 @@ class CallboardService(AtomicMultiService):
         """The ``[endpoints]`` spec, else one TCP listener per listen address."""
         override = self.config.endpoints.spec(key)
         if override is not None:
-            return [override]
+            return [self.inherited.resolve(override)]
+        adopted = self.inherited.for_role(_ROLES[key], "stream")
+        if adopted is not None:
+            return adopted  # socket activation: this role's sockets, or none (off)
         return [
             ListenerSpec.stream(address, port) for address in self.config.network.listen_addresses
         ]
@@ -351,17 +431,23 @@ class CallboardService(AtomicMultiService):
             )
         return trust
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the manufacturing trust store (a bad store keeps the old one)."""
+    def reload(self, new_config: Config | None = None) -> bool:
+        """SIGHUP: apply a re-read configuration's hot settings, templates and trust store.
+
+        Returns False when nothing changed because something was refused (logged why).
+        """
         if not self.running:
-            return
-        try:
-            trust = self._load_trust()
-        except Exception as exc:
-            log.error("trust store reload failed; keeping the old one", error=str(exc))
-            return
-        self.tvs.set_trust(trust)
-        log.info("manufacturing trust store reloaded", certificates=len(trust))
+            return False
+        from .reload import apply_reload
+
+        return apply_reload(self, new_config or self.config)
+
+    def _backup(self, path: str) -> Deferred[None]:
+        """``callboard backup``: the store's online copy of the registry."""
+        from pathlib import Path
+
+        assert self.store is not None
+        return self.store.backup(Path(path))
 
     def registrations(self, device_name: str) -> list[dict[str, Any]]:
         return [
@@ -380,13 +466,25 @@ class CallboardService(AtomicMultiService):
 
     def status(self) -> dict[str, Any]:
         """Where each listener is, plus live counters (for `callboard status`)."""
+        from collections import Counter
+
+        from .instrument import lockouts
+        from .main import package_version
+
         where = self.listening()
+        registry = self.registry
         return {
             "tftp": [f"{h}:{p}" for h, p in where.tftp],
             **where.streams,
             "warnings": self.tree.warnings(),
+            "version": package_version(),
+            "uptime_seconds": round(self.now() - (self.started_at or self.now()), 1),
+            "devices_by_state": dict(Counter(d.state.value for d in registry.devices())),
+            "codes_outstanding": len(registry.outstanding_codes()),
+            "registrations": self.registrar.binding_count(),
+            "lockouts": lockouts(self),
             "counters": {
-                "tftp_live_transfers": self.tftp.live_transfers,
+                "tftp_live_transfers": self.tftp.live_transfers if self.tftp else 0,
                 "sgn_signed": self.signer.counters.signed,
                 "sgn_cache_hits": self.signer.counters.cache_hits,
                 **{f"sip_{k}": v for k, v in self.registrar.counters_snapshot().items()},

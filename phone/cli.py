@@ -7,7 +7,11 @@ its own reactor with :func:`twisted.internet.task.react` and returns the boot's 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,9 @@ from twisted.internet import defer, task
 
 from .boot import BootOptions, BootResult, Outcome, PhoneIdentity, PrivateKey, normalise_model
 from .driver import boot_phone
-from .storm import StormReport, read_bat_codes, run_storm, sequential_macs, storm_phones
+from .provision import ProvisionError, provision_bat
+from .storm import MicCache, default_mic_cache, read_bat_codes, sequential_macs
+from .storm_run import PhoneSpec, Progress, StormSpec, storm_in_process, storm_in_processes
 
 EXIT_USAGE = 2
 
@@ -83,49 +89,171 @@ def cmd_boot(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as exc:
         print(f"callboard phone boot: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.server and not args.dhcp:
+        print("callboard phone boot: give --server or --dhcp IFACE", file=sys.stderr)
+        return EXIT_USAGE
     outcome: list[BootResult] = []
+    failed: list[str] = []
 
     async def main(reactor: Any) -> None:
-        result = await boot_phone(reactor, identity, args.server, _options(args), emit=_print)
+        servers = args.server
+        if args.dhcp:
+            servers = await _servers_from_dhcp(reactor, args, failed)
+            if not servers:
+                return
+        result = await boot_phone(reactor, identity, servers, _options(args), emit=_print)
         outcome.append(result)
 
     _react_exit(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+    if failed:
+        print(f"callboard phone boot: {failed[0]}", file=sys.stderr)
+        return Outcome.UNREACHABLE.value
     result = outcome[0]
     if not result.ok:
         print(f"callboard phone boot: {result.reason}", file=sys.stderr)
     return result.exit_code
 
 
-def cmd_storm(args: argparse.Namespace) -> int:
+async def _servers_from_dhcp(
+    reactor: Any, args: argparse.Namespace, failed: list[str]
+) -> list[str]:
+    """Option 150's addresses in order, else option 66's name: what a phone boots from."""
+    from .dhcp import request_lease
+
     try:
-        codes = read_bat_codes(Path(args.codes).read_text(encoding="utf-8-sig"), args.model)
+        lease = await request_lease(
+            reactor,
+            args.dhcp,
+            args.mac,
+            timeout=args.timeout * 3,
+            retransmit=min(2.0, args.timeout / 4),
+            vendor_class=f"Cisco Systems, Inc. IP Phone CP-{args.model}",
+        )
+    except defer.TimeoutError:
+        failed.append(f"no DHCP lease on {args.dhcp}")
+        return []
+    except (OSError, ValueError) as exc:
+        failed.append(f"DHCP on {args.dhcp}: {exc}")
+        return []
+    servers = list(lease.provisioning_servers)
+    _print(
+        f"[dhcp] lease {lease.address} from {lease.server_id}: option 150 "
+        f"{','.join(lease.tftp_servers) or '-'}, option 66 {lease.tftp_server_name or '-'}"
+    )
+    if not servers:
+        failed.append(f"the DHCP lease on {args.dhcp} names no TFTP server (options 150, 66)")
+    return servers
+
+
+MAX_STORM_PHONES = 100_000
+
+
+def cmd_storm(args: argparse.Namespace) -> int:
+    """A whole storm in one command: provision (or read codes), MICs, boot, report."""
+    if not args.server:
+        print("callboard phone storm: give --server", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        check_storm_targets(args.server)
+        if not 1 <= args.processes <= 64:
+            raise ValueError("--processes must be 1..64")
+        if args.concurrency < 1:
+            raise ValueError("--concurrency must be at least 1")
+        if args.count is not None and not 1 <= args.count <= MAX_STORM_PHONES:
+            raise ValueError(f"--count must be 1..{MAX_STORM_PHONES}")
         issuer = labpki.load_issuing_ca(Path(args.lab_ca))
+        model = normalise_model(args.model)
+        codes = _storm_codes(args, model)
         count = args.count if args.count is not None else len(codes)
         if count > len(codes):
             raise ValueError(f"{args.codes} holds {len(codes)} BAT code(s) for {args.model}")
+        count = min(count, MAX_STORM_PHONES)
         macs = sequential_macs(args.first_mac, count)
-    except (OSError, ValueError, labpki.CertError) as exc:
+        cache = MicCache(Path(args.mic_cache) if args.mic_cache else default_mic_cache(), issuer)
+        phones = [
+            PhoneSpec(str(cache.ensure(model, mac)), mac, model, code)
+            for mac, code in zip(macs, codes, strict=False)
+        ]
+    except (OSError, ValueError, labpki.CertError, ProvisionError) as exc:
         print(f"callboard phone storm: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    phones = storm_phones(issuer, args.model, macs, codes)
-    print(f"storm: {len(phones)} phone(s) of model {args.model}, {args.concurrency} in flight")
-    reports: list[StormReport] = []
+    print(
+        f"storm: {len(phones)} phone(s) of model {model}, {args.concurrency} in flight, "
+        f"{args.processes} process(es); MICs: {cache.issued} issued, {cache.reused} reused "
+        f"from {cache.directory}",
+        flush=True,
+    )
+    spec = StormSpec(tuple(args.server), _options(args), args.concurrency, args.time_limit)
+    progress = Progress(len(phones), sys.stdout)
+    try:
+        if args.processes == 1:
+            report = storm_in_process(phones, spec, progress.update)
+        else:
+            report = storm_in_processes(phones, spec, args.processes, progress.update)
+    except (OSError, ValueError, RuntimeError) as exc:
+        progress.close()
+        print(f"callboard phone storm: {exc}", file=sys.stderr)
+        return 1
+    progress.update(report.phones, report.phones - report.onboarded, force=True)
+    progress.close()
+    for line in report.report_lines():
+        print(line)
+    return 0 if report.phones and report.onboarded == report.phones else 1
 
-    def show(result: BootResult) -> None:
-        if not result.ok:
-            print(f"  {result.device_name}: {result.reason}", flush=True)
 
-    async def main(reactor: Any) -> None:
-        report = await run_storm(
-            reactor, phones, args.server, _options(args), concurrency=args.concurrency,
-            on_result=show,
-        )  # fmt: skip
-        reports.append(report)
+def _storm_codes(args: argparse.Namespace, model: str) -> list[str]:
+    """The codes to boot with: provisioned now through the admin API, or read from a CSV."""
+    if args.provision:
+        if args.count is None:
+            raise ValueError("--provision needs --count")
+        socket_path = _admin_socket(args)
+        started = time.monotonic()
+        codes = provision_bat(socket_path, model=model, count=args.count)
+        print(
+            f"storm: {len(codes)} BAT device(s) added through {socket_path} "
+            f"in {time.monotonic() - started:.2f} s",
+            flush=True,
+        )
+        return codes
+    return read_bat_codes(Path(args.codes).read_text(encoding="utf-8-sig"), model)
 
-    _react_exit(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
-    report = reports[0]
-    print(report.summary())
-    return 0 if report.onboarded == report.phones else 1
+
+def _admin_socket(args: argparse.Namespace) -> Path:
+    """``--admin-socket`` (here or before ``phone``), else $CALLBOARD_ADMIN_SOCKET, else
+    ``<state-dir>/admin.sock`` (default state dir /var/lib/callboard)."""
+    given = args.storm_admin_socket or getattr(args, "admin_socket", None)
+    if given:
+        return Path(given)
+    env = os.environ.get("CALLBOARD_ADMIN_SOCKET")
+    if env:
+        return Path(env)
+    return Path(getattr(args, "state_dir", None) or "/var/lib/callboard") / "admin.sock"
+
+
+def check_storm_targets(servers: list[str]) -> None:
+    """A storm is a load test: loopback only, or any address inside a network namespace
+    (where it cannot reach a production network). :class:`ValueError` otherwise."""
+    inside_namespace = _in_network_namespace()
+    for server in servers:
+        try:
+            infos = socket.getaddrinfo(server, None, proto=socket.IPPROTO_UDP)
+        except OSError as exc:
+            raise ValueError(f"cannot resolve {server}: {exc}") from None
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if not address.is_loopback and not inside_namespace:
+                raise ValueError(
+                    f"refusing to storm {server} ({address}): a storm runs against loopback "
+                    "or inside a network namespace only"
+                )
+
+
+def _in_network_namespace() -> bool:
+    """True when this process's network namespace is not the init process's."""
+    try:
+        return os.readlink("/proc/self/ns/net") != os.readlink("/proc/1/ns/net")
+    except OSError:
+        return False
 
 
 def _react_exit(run: Any) -> int:
@@ -156,10 +284,9 @@ def _network_arguments() -> argparse.ArgumentParser:
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument(
         "--server",
-        required=True,
         type=_servers,
         metavar="ADDR[,ADDR…]",
-        help="provisioning servers in DHCP option-150 order",
+        help="provisioning servers in DHCP option-150 order (or learn them with --dhcp)",
     )
     net.add_argument("--tftp-port", type=int, default=69)
     net.add_argument("--http-port", type=int, default=6970)
@@ -215,6 +342,12 @@ def _add_boot(
     p.add_argument("--mic", required=True, help="the MIC certificate (PEM; chain may follow)")
     p.add_argument("--mic-key", required=True, help="the MIC private key (PEM)")
     p.add_argument("--code", help="the 16-digit activation code, as keyed in by a user")
+    p.add_argument(
+        "--dhcp",
+        metavar="IFACE",
+        help="learn the servers from DHCP on IFACE (option 150 in order, option 66 as the "
+        "fallback) instead of --server; needs root",
+    )
     p.set_defaults(func=cmd_boot)
 
 
@@ -224,16 +357,48 @@ def _add_storm(
     p = sub.add_parser(
         "storm",
         parents=[net],
-        help="boot many phones at once (BAT codes from a CSV)",
-        description="Boot N phones with sequential MACs against BAT codes exported by "
-        "`callboard codes export`, MICs issued from a lab CA; report phones/s.",
+        help="boot many phones at once (provisioned now, or BAT codes from a CSV)",
+        description="Boot N phones with sequential MACs against BAT codes (added now through "
+        "the admin API with --provision, or exported by `callboard codes export`), MICs "
+        "issued from a lab CA and cached by MAC; report phones/s and per-step times. "
+        "Loopback (or a network namespace) only. Exit 0 only when every phone onboarded.",
     )
     p.add_argument("--model", required=True, help="the BAT devices' model, e.g. 8841")
-    p.add_argument("--codes", required=True, help="CSV written by `callboard codes export`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--codes", help="CSV written by `callboard codes export`")
+    source.add_argument(
+        "--provision",
+        action="store_true",
+        help="add --count BAT devices through the admin API (one bulk import) and use their "
+        "codes; nothing is removed afterwards",
+    )
+    p.add_argument(
+        "--admin-socket",
+        dest="storm_admin_socket",
+        metavar="PATH",
+        help="with --provision: the daemon's admin socket (else $CALLBOARD_ADMIN_SOCKET)",
+    )
     p.add_argument("--lab-ca", required=True, help="directory made by `callboard certs lab-ca`")
-    p.add_argument("--count", type=int, help="how many phones (default: one per code)")
+    p.add_argument(
+        "--count",
+        type=int,
+        help=f"how many phones, at most {MAX_STORM_PHONES} (default: one per code)",
+    )
     p.add_argument("--first-mac", default="0A0000000000", help="first MAC; the rest follow")
     p.add_argument("--concurrency", type=int, default=64, help="phones booting at once")
+    p.add_argument(
+        "--processes", type=int, default=1, help="client processes to spread the phones over"
+    )
+    p.add_argument(
+        "--mic-cache",
+        help="where issued MICs are kept by MAC (default ~/.cache/callboard/storm-mics)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=3600.0,
+        help="seconds after which phones not yet started are not booted (default 3600)",
+    )
     p.set_defaults(func=cmd_storm)
 
 

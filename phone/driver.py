@@ -205,11 +205,13 @@ def boot_phone(
     *,
     http: HttpFetcher | None = None,
     emit: Callable[[str], None] | None = None,
+    observe: Callable[[Action, float], None] | None = None,
 ) -> defer.Deferred[BootResult]:
     """Boot one emulated phone against ``servers`` (option-150 order); never errbacks.
 
     Pass one shared :class:`HttpFetcher` when booting many phones; without it the phone makes
-    its own and closes it at the end. ``emit`` receives each step line as it happens.
+    its own and closes it at the end. ``emit`` receives each step line as it happens;
+    ``observe`` each action performed and the seconds it took (a storm's per-step times).
     """
     opts = options or BootOptions()
     own_http = http is None
@@ -218,6 +220,15 @@ def boot_phone(
     started = time.monotonic()
 
     async def perform(action: Action) -> Feed:
+        if observe is None:
+            return await act(action)
+        began = time.monotonic()
+        try:
+            return await act(action)
+        finally:
+            observe(action, time.monotonic() - began)
+
+    async def act(action: Action) -> Feed:
         if isinstance(action, Fetch):
             if action.secure:
                 return await fetcher.fetch_pinned(action)

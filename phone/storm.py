@@ -10,31 +10,124 @@ line (``callboard phone storm``) is in :mod:`callboard.phone.cli`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from callboard.protocols.models import normalise_mac
 from callboard.protocols.tvs import labpki
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import defer
 
-from .boot import BootOptions, BootResult, PhoneIdentity, normalise_model
+from .boot import (
+    Action,
+    Activate,
+    BootOptions,
+    BootResult,
+    Fetch,
+    PhoneIdentity,
+    Register,
+    normalise_model,
+)
 from .driver import boot_phone
 from .http_client import HttpFetcher
+
+STEPS = ("trust list", "XMLDefault", "TVS activate", "SEP config", "REGISTER")
+"""The steps a storm times separately, in boot order."""
+
+_TRUST_FILES = ("CTLSEP", "ITLSEP", "ITLFile")
+
+
+def step_of(action: Action) -> str:
+    """Which of :data:`STEPS` an action belongs to (the polls' sleeps count as SEP config)."""
+    if isinstance(action, Activate):
+        return "TVS activate"
+    if isinstance(action, Register):
+        return "REGISTER"
+    if isinstance(action, Fetch):
+        if action.name.startswith(_TRUST_FILES):
+            return "trust list"
+        if action.name == "XMLDefault.cnf.xml":
+            return "XMLDefault"
+    return "SEP config"
+
+
+_MAC_IN_TEXT = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{12}(?![0-9A-Fa-f])")
+
+
+def reason_class(reason: str) -> str:
+    """A failure reason with the phone's own MAC taken out, so that like failures group."""
+    return _MAC_IN_TEXT.sub("<MAC>", reason)
+
+
+@dataclass(frozen=True)
+class PhoneRecord:
+    """One phone's boot in a storm: how long each step took, and where and why it failed."""
+
+    device: str
+    ok: bool
+    elapsed: float
+    steps: dict[str, float] = field(default_factory=dict)
+    failed_step: str = ""
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "ok": self.ok, "elapsed": self.elapsed, "steps": self.steps,
+            "failed_step": self.failed_step, "reason": self.reason,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PhoneRecord:
+        return cls(
+            device=str(data["device"]), ok=bool(data["ok"]), elapsed=float(data["elapsed"]),
+            steps={str(k): float(v) for k, v in data["steps"].items()},
+            failed_step=str(data["failed_step"]), reason=str(data["reason"]),
+        )  # fmt: skip
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]
 
 
 @dataclass(frozen=True)
 class StormReport:
-    """What a storm achieved; ``failures`` holds (device, reason) for every phone not onboarded."""
+    """What a storm achieved; ``failures`` holds (device, reason) for every phone not onboarded.
+
+    ``records`` (when the storm kept them) has every phone's per-step times.
+    """
 
     phones: int
     onboarded: int
     elapsed: float
     durations: tuple[float, ...]
     failures: tuple[tuple[str, str], ...] = field(default=())
+    records: tuple[PhoneRecord, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def of(cls, records: Sequence[PhoneRecord], elapsed: float) -> StormReport:
+        return cls(
+            phones=len(records),
+            onboarded=sum(r.ok for r in records),
+            elapsed=elapsed,
+            durations=tuple(r.elapsed for r in records if r.ok),
+            failures=tuple((r.device, r.reason) for r in records if not r.ok),
+            records=tuple(records),
+        )
 
     @property
     def rate(self) -> float:
@@ -42,11 +135,7 @@ class StormReport:
         return self.onboarded / self.elapsed if self.elapsed > 0 else 0.0
 
     def percentile(self, q: float) -> float:
-        if not self.durations:
-            return 0.0
-        ordered = sorted(self.durations)
-        index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
-        return ordered[index]
+        return percentile(self.durations, q)
 
     def summary(self) -> str:
         return (
@@ -55,6 +144,53 @@ class StormReport:
             f"per phone p50 {self.percentile(50) * 1000:.0f} ms, "
             f"p95 {self.percentile(95) * 1000:.0f} ms"
         )
+
+    def step_times(self) -> dict[str, list[float]]:
+        """Seconds each step took, per step, over the phones that onboarded."""
+        times: dict[str, list[float]] = {step: [] for step in STEPS}
+        for record in self.records:
+            if record.ok:
+                for step, seconds in record.steps.items():
+                    times.setdefault(step, []).append(seconds)
+        return times
+
+    def failure_groups(self) -> list[tuple[str, str, int]]:
+        """(step, reason, how many) for every kind of failure, most frequent first."""
+        counts: dict[tuple[str, str], int] = {}
+        if self.records:
+            for r in self.records:
+                if not r.ok:
+                    key = (r.failed_step or "start", reason_class(r.reason))
+                    counts[key] = counts.get(key, 0) + 1
+        else:
+            for _device, reason in self.failures:
+                key = ("?", reason_class(reason))
+                counts[key] = counts.get(key, 0) + 1
+        return sorted(((s, r, n) for (s, r), n in counts.items()), key=lambda g: (-g[2], g[0]))
+
+    def final_line(self) -> str:
+        """The machine-readable last line of ``callboard phone storm``."""
+        return (
+            f"phones={self.phones} ok={self.onboarded} failed={self.phones - self.onboarded} "
+            f"phones_per_s={self.rate:.1f} p50_ms={self.percentile(50) * 1000:.1f} "
+            f"p95_ms={self.percentile(95) * 1000:.1f} p99_ms={self.percentile(99) * 1000:.1f}"
+        )
+
+    def report_lines(self) -> list[str]:
+        """The full end-of-storm report; its last line is :meth:`final_line`."""
+        lines = [self.summary(), "per step (phones that onboarded): p50 / p95 / p99 ms"]
+        for step, times in self.step_times().items():
+            if times:
+                ms = [percentile(times, q) * 1000 for q in (50, 95, 99)]
+                lines.append(f"  {step:<13} {ms[0]:8.1f} {ms[1]:8.1f} {ms[2]:8.1f}  ({len(times)})")
+            else:
+                lines.append(f"  {step:<13} {'-':>8} {'-':>8} {'-':>8}  (0)")
+        groups = self.failure_groups()
+        if groups:
+            lines.append("failures by step and reason:")
+            lines += [f"  {n:6d}  {step}: {reason}" for step, reason, n in groups]
+        lines.append(self.final_line())
+        return lines
 
 
 def run_storm(
@@ -65,42 +201,65 @@ def run_storm(
     *,
     concurrency: int = 64,
     on_result: Callable[[BootResult], None] | None = None,
+    on_record: Callable[[PhoneRecord], None] | None = None,
+    time_limit: float | None = None,
 ) -> defer.Deferred[StormReport]:
-    """Boot every phone, at most ``concurrency`` at a time, over one shared HTTP pool."""
+    """Boot every phone, at most ``concurrency`` at a time, over one shared HTTP pool.
+
+    With ``time_limit`` (seconds), phones not started by then are not booted and count as
+    failed; phones already booting stop by their own per-step timeouts.
+    """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
 
     async def run() -> StormReport:
         http = HttpFetcher(reactor, connect_timeout=options.timeout, max_per_host=concurrency)
         semaphore = defer.DeferredSemaphore(concurrency)
-        results: list[BootResult] = []
+        records: list[PhoneRecord] = []
+        started = time.monotonic()
 
         def one(phone: PhoneIdentity) -> defer.Deferred[None]:
             def start() -> defer.Deferred[None]:
-                d = boot_phone(reactor, phone, servers, options, http=http)
+                if time_limit is not None and time.monotonic() - started > time_limit:
+                    keep_record(
+                        PhoneRecord(phone.sep_name, False, 0.0, {}, "start", "storm time limit")
+                    )
+                    return defer.succeed(None)
+                steps: dict[str, float] = {}
+                last: list[str] = ["trust list"]
+
+                def observe(action: Action, seconds: float) -> None:
+                    step = step_of(action)
+                    steps[step] = steps.get(step, 0.0) + seconds
+                    last[0] = step
+
+                d = boot_phone(reactor, phone, servers, options, http=http, observe=observe)
 
                 def keep(result: BootResult) -> None:
-                    results.append(result)
                     if on_result is not None:
                         on_result(result)
+                    failed_step = "" if result.ok else last[0]
+                    keep_record(
+                        PhoneRecord(
+                            result.device_name, result.ok, result.elapsed, steps, failed_step,
+                            "" if result.ok else result.reason,
+                        )
+                    )  # fmt: skip
 
                 return d.addCallback(keep)
 
             return semaphore.run(start)
 
-        started = time.monotonic()
+        def keep_record(record: PhoneRecord) -> None:
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
+
         try:
             await defer.gatherResults([one(p) for p in phones], consumeErrors=True)
         finally:
             await http.close()
-        elapsed = time.monotonic() - started
-        return StormReport(
-            phones=len(phones),
-            onboarded=sum(r.ok for r in results),
-            elapsed=elapsed,
-            durations=tuple(r.elapsed for r in results if r.ok),
-            failures=tuple((r.device_name, r.reason) for r in results if not r.ok),
-        )
+        return StormReport.of(records, time.monotonic() - started)
 
     return defer.Deferred.fromCoroutine(run())
 
@@ -146,3 +305,60 @@ def storm_phones(
         )
         phones.append(identity)
     return phones
+
+
+# The MIC cache: one PEM (certificate, then key) per model and MAC, per issuing CA -----------
+
+
+class MicCache:
+    """Lab MICs kept on disk by model and MAC, so a storm run again reuses them.
+
+    One sub-directory per issuing CA (named by its certificate's SHA-256), so MICs from
+    another lab CA are never taken for this one's. Lab keys only: files are owner-only.
+    """
+
+    def __init__(self, root: Path, issuer: labpki.Issuer) -> None:
+        fingerprint = hashlib.sha256(issuer.ca.public_bytes(serialization.Encoding.DER))
+        self.directory = root / fingerprint.hexdigest()[:32]
+        self.issuer = issuer
+        self.issued = 0
+        self.reused = 0
+
+    def path(self, model: str, mac: str) -> Path:
+        return self.directory / f"{normalise_model(model)}-{normalise_mac(mac)}.pem"
+
+    def ensure(self, model: str, mac: str) -> Path:
+        """The MIC file for ``model``/``mac``, issued and written if not cached yet."""
+        path = self.path(model, mac)
+        if path.exists():
+            self.reused += 1
+            return path
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mic = issue_storm_mic(self.issuer, model=model, mac=mac)
+        pem = mic.cert.public_bytes(serialization.Encoding.PEM) + mic.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        os.replace(partial, path)
+        self.issued += 1
+        return path
+
+
+def default_mic_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "callboard" / "storm-mics"
+
+
+def load_cached_phone(path: Path, *, mac: str, model: str, code: str | None) -> PhoneIdentity:
+    """A phone from a cached MIC file (:class:`ValueError` if the file is unusable)."""
+    data = path.read_bytes()
+    cert = x509.load_pem_x509_certificate(data)
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path}: not an RSA or EC key")
+    return PhoneIdentity(mac=mac, model=model, mic_cert=cert, mic_key=key, code=code)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
@@ -33,7 +33,6 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.systemd import ListenFDs
 
 __all__ = [
     "Adopt",
@@ -41,6 +40,7 @@ __all__ = [
     "Bind",
     "BindUNIX",
     "Family",
+    "Inherited",
     "Kind",
     "ListenerService",
     "ListenerSpec",
@@ -48,6 +48,7 @@ __all__ = [
     "listen",
     "listeners_in",
     "parse_endpoint",
+    "resolve_inherited",
 ]
 
 log = Logger(namespace="callboard.listening")
@@ -95,7 +96,8 @@ class Adopt:
 
     Named by descriptor number (``fd``: a parent process or a supervisor handed it over), or
     by systemd socket activation (``systemd_index`` into ``LISTEN_FDS``, or ``systemd_name``
-    from ``LISTEN_FDNAMES``), which is looked up only when the listener starts.
+    from ``LISTEN_FDNAMES``), which the daemon resolves with :func:`resolve_inherited`
+    against the sockets it read from its environment at start-up.
     """
 
     fd: int | None = None
@@ -112,17 +114,22 @@ class Adopt:
         if self.fd is not None and self.fd < 0:
             raise ValueError(f"fd {self.fd} is not a file descriptor")
 
-    def fileno(self, environ: Mapping[str, str] | None = None) -> int:
-        """The descriptor to adopt; systemd's are resolved from the environment now."""
+    def fileno(self, inherited: Inherited | None = None) -> int:
+        """The descriptor to adopt; a systemd one is looked up in ``inherited``.
+
+        ``inherited`` maps each ``LISTEN_FDNAMES`` name to its descriptors, as the daemon read
+        them from the environment at start-up (``callboard.daemon.systemd_fds``): this module
+        never reads the environment itself.
+        """
         if self.fd is not None:
             return self.fd
-        inherited = _systemd_sockets(_SYSTEMD_ENVIRON if environ is None else environ)
+        sockets = inherited or {}
         if self.systemd_name is not None:
-            named = inherited.inheritedNamedDescriptors()
-            if self.systemd_name not in named:
+            named = sockets.get(self.systemd_name, ())
+            if not named:
                 raise self._missing(f"systemd passed no socket named {self.systemd_name!r}")
-            return named[self.systemd_name]
-        descriptors = inherited.inheritedDescriptors()
+            return named[0]
+        descriptors = sorted(fd for fds in sockets.values() for fd in fds)
         assert self.systemd_index is not None
         if not 0 <= self.systemd_index < len(descriptors):
             raise self._missing(
@@ -142,20 +149,20 @@ class Adopt:
 
 Source = Bind | BindUNIX | Adopt
 
-# systemd's socket-activation variables as this process started with them. The first reader
-# of the environment consumes them (Twisted's endpoint module does when it is imported), so
-# this module keeps its own copy from the moment it is imported and never changes os.environ.
-_SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
-_SYSTEMD_ENVIRON = {k: os.environ[k] for k in _SYSTEMD_VARIABLES if k in os.environ}
+# Sockets a process inherited from systemd: ``LISTEN_FDNAMES`` name -> descriptors, in order.
+Inherited = Mapping[str, Sequence[int]]
 
 
-def _systemd_sockets(environ: Mapping[str, str]) -> ListenFDs:
-    """The sockets systemd passed to this process (none if LISTEN_PID names another)."""
-    copy = {k: environ[k] for k in _SYSTEMD_VARIABLES if k in environ}
-    if "LISTEN_FDNAMES" not in copy and copy.get("LISTEN_FDS", "").isdigit():
-        # Before systemd 227 sockets had no names; sd_listen_fds_with_names(3) says "unknown".
-        copy["LISTEN_FDNAMES"] = ":".join(["unknown"] * int(copy["LISTEN_FDS"]))
-    return ListenFDs.fromEnvironment(copy)
+def resolve_inherited(spec: ListenerSpec, inherited: Inherited) -> ListenerSpec:
+    """A ``systemd:`` spec made concrete: adopt the descriptor its index or name picks.
+
+    Raises :class:`~twisted.internet.error.CannotListenError` when systemd passed no such
+    socket. Any other spec is returned as it is.
+    """
+    source = spec.source
+    if not isinstance(source, Adopt) or source.fd is not None:
+        return spec
+    return replace(spec, source=Adopt(fd=source.fileno(inherited), family=source.family))
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,11 @@ class AdminAPI(Resource):
         match method, parts[1:]:
             case "GET", ["status"]:
                 return _reply(200, app.status(actor), views.status_json)
+            case "POST", ["backup"]:
+                path = body.get("file")
+                if not isinstance(path, str) or not path.startswith("/"):
+                    raise Problem.bad_request("file: an absolute path is needed")
+                return _reply(200, app.backup(actor, path), lambda result: result)
             case "GET", ["devices"]:
                 return _reply(
                     200, app.list_devices(actor), lambda ds: [views.device_json(d) for d in ds]

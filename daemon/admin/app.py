@@ -200,7 +200,12 @@ class AdminApp:
         self._registry = registry
         self._registrations = registrations
         self._status = status
-        self._known_user = known_user
+        # Told the action of every change made (metrics); the audit line is logged anyway.
+        self.on_change: Callable[[str], None] | None = None
+        # Writes a consistent copy of the registry to a path (the store's backup).
+        self.backup_to: Callable[[str], Deferred[None]] | None = None
+        # Whether a user name exists (the web's accounts): a device's user must be one.
+        self.known_user = known_user
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -436,7 +441,7 @@ class AdminApp:
     def _check_user(self, name: str) -> None:
         """A device's user must exist (when this app knows the users)."""
         name = name.strip()
-        if name and self._known_user is not None and not self._known_user(name):
+        if name and self.known_user is not None and not self.known_user(name):
             raise RegistryError(f"no user named {name!r}; add the user first")
 
     def _imported(self, actor: Actor, devices: list[Device]) -> ImportResult:
@@ -463,6 +468,27 @@ class AdminApp:
 
     def _audit(self, actor: Actor, action: str, **fields: Any) -> None:
         log.info("admin change", action=action, **actor.audit_fields(), **fields)
+        if self.on_change is not None:
+            self.on_change(action)
+
+    def backup(self, actor: Actor, path: str) -> Deferred[dict[str, Any]]:
+        """A consistent online copy of the registry at ``path`` (admins only)."""
+        _require_admin(actor, "back up the registry")
+        if self.backup_to is None:
+            return fail(Problem(501, "Not implemented", "this daemon cannot make backups"))
+
+        def written(_: object) -> dict[str, Any]:
+            log.info("registry backed up", file=path, **actor.audit_fields())
+            return {"file": path, "devices": len(self._registry)}
+
+        def refused(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, OSError | ValueError):
+                why = getattr(error, "strerror", None) or str(error)
+                return Failure(Problem.bad_request(f"cannot write {path}: {why}"))
+            return failure
+
+        return self.backup_to(path).addCallbacks(written, refused)
 
 
 def _keep_password(line: Line, old: Mapping[str, Line]) -> Line:

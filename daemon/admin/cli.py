@@ -293,6 +293,11 @@ def cmd_status(client: AdminClient, args: argparse.Namespace) -> Any:
     return client.call("GET", "status")
 
 
+def cmd_backup(client: AdminClient, args: argparse.Namespace) -> Any:
+    # The daemon writes the file (as its own user), so it gets an absolute path.
+    return client.call("POST", "backup", {"file": os.path.abspath(args.file)})
+
+
 def cmd_defaults_show(client: AdminClient, args: argparse.Namespace) -> Any:
     return client.call("GET", "defaults")
 
@@ -444,11 +449,13 @@ def _render(command: str, result: Any) -> str:
         live = ", ".join(f"{k}={v}" for k, v in counters.items() if v)
         warnings = "".join(f"\nwarning: {w}" for w in result.get("warnings", []))
         return (
-            f"devices: {result.get('devices', 0)}\n"
+            _status_summary(result)
             + _table(rows, ["listener", "address"])
             + (f"\ncounters: {live}" if live else "")
             + warnings
         )
+    if command == "backup":
+        return f"wrote a copy of the registry ({result['devices']} device(s)) to {result['file']}"
     if command == "defaults show":
         return _table(result, ["model", "model_id", "onboarding"])
     if command == "defaults set":
@@ -458,6 +465,27 @@ def _render(command: str, result: Any) -> str:
     if command == "import":
         return f"imported {result['imported']} device(s)"
     return json.dumps(result, indent=2)
+
+
+def _status_summary(result: dict[str, Any]) -> str:
+    by_state = result.get("devices_by_state") or {}
+    states = ", ".join(f"{state} {n}" for state, n in sorted(by_state.items()))
+    lines = [
+        f"version: {result.get('version', '?')}",
+        f"uptime: {_duration(float(result.get('uptime_seconds', 0)))}",
+        f"devices: {result.get('devices', 0)}" + (f" ({states})" if states else ""),
+        f"codes outstanding: {result.get('codes_outstanding', 0)}",
+        f"registrations: {result.get('registrations', 0)}",
+        f"lockouts: {result.get('lockouts', 0)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
 def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -570,6 +598,16 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         codes, "export", cmd_codes_export, "codes export", "write outstanding codes to a CSV file"
     ).add_argument("file")
 
+    p = sub.add_parser(
+        "backup",
+        parents=[output],
+        help="write a consistent copy of the registry while the daemon runs",
+        description="Write a consistent copy of the registry (the SQLite database) to FILE, "
+        "while the daemon runs. The daemon writes the file, as its own user.",
+    )
+    p.set_defaults(func=_run_admin, admin_func=cmd_backup, command="backup")
+    p.add_argument("file")
+
     p = sub.add_parser("import", parents=[output], help="bulk-add phones from a CSV file")
     p.set_defaults(func=_run_admin, admin_func=cmd_import, command="import")
     p.add_argument("file")
@@ -581,7 +619,9 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     leaf(defaults, "show", cmd_defaults_show, "defaults show", "show per-model defaults")
     p = leaf(defaults, "set", cmd_defaults_set, "defaults set", "set a model's onboarding method")
     p.add_argument("model")
-    p.add_argument("--onboarding", required=True, choices=["activation-code", "autoregistration"])
+    p.add_argument(
+        "--onboarding", required=True, choices=["activation-code", "autoregistration", "ivr"]
+    )
 
 
 def _run_admin(args: argparse.Namespace) -> int:

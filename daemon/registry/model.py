@@ -51,6 +51,7 @@ class Onboarding(StrEnum):
 
     ACTIVATION_CODE = "activation-code"
     AUTOREGISTRATION = "autoregistration"
+    IVR = "ivr"  # activation code keyed in on a voice-prompt call (daemon/ivr.py)
 
 
 class DeviceState(StrEnum):

@@ -566,7 +566,7 @@ class Registry:
         required = (
             spec.requires_activation
             if spec.requires_activation is not None
-            else self.onboarding(info.name) is Onboarding.ACTIVATION_CODE
+            else self.onboarding(info.name) is not Onboarding.AUTOREGISTRATION  # code or ivr
         )
         return Device(
             id=uuid.uuid4().hex,

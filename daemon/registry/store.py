@@ -271,23 +271,72 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 # -- the store thread ------------------------------------------------------------------------
 
 
+_STOP = object()
+MAX_GROUP = 256  # writes in one group commit at most
+
+
+class _Grouped:
+    """A write waiting on the store thread to join a group commit."""
+
+    __slots__ = ("d", "item")
+
+    def __init__(self, item: Any, d: Deferred[Any]) -> None:
+        self.item = item
+        self.d = d
+
+
+GroupRunner = Callable[[list[Any]], list[Any]]
+"""Runs waiting writes as one group: one outcome (a result or the exception) per write."""
+
+
 class _StoreThread:
     """One thread draining a queue of jobs in order; results come back on the reactor.
 
-    A queue rather than a thread pool so that a later group commit can take several waiting
-    writes into one transaction.
+    A queue rather than a thread pool so that writes waiting together become one group
+    commit (:meth:`submit_grouped`): every write queued behind the first is taken into the
+    same transaction, up to a job of another kind, which runs after the group, in order.
     """
 
-    def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
+    def __init__(
+        self, reactor: IReactorFromThreads, name: str, run_group: GroupRunner | None = None
+    ) -> None:
         self._reactor = reactor
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._run_group = run_group
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # A daemon thread: a write still queued at a hard exit was never acknowledged.
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
+        held: Any = None
+        while True:
+            job = held if held is not None else self._jobs.get()
+            held = None
+            if job is _STOP:
+                return
+            if isinstance(job, _Grouped):
+                group = [job]
+                while len(group) < MAX_GROUP:
+                    try:
+                        more = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not isinstance(more, _Grouped):
+                        held = more
+                        break
+                    group.append(more)
+                self._commit_group(group)
+            else:
+                job()
+
+    def _commit_group(self, group: list[_Grouped]) -> None:
+        assert self._run_group is not None
+        try:
+            outcomes: list[Any] = self._run_group([g.item for g in group])
+        except BaseException:
+            failure = Failure()
+            outcomes = [failure] * len(group)
+        self._reactor.callFromThread(_deliver, [g.d for g in group], outcomes)
 
     def submit(self, work: Callable[[], T]) -> Deferred[T]:
         """Run ``work`` on the store thread; the Deferred fires on the reactor thread."""
@@ -306,6 +355,12 @@ class _StoreThread:
         self._jobs.put(job)
         return d
 
+    def submit_grouped(self, item: Any) -> Deferred[Any]:
+        """Queue a write for the next group commit; fires with its own outcome."""
+        d: Deferred[Any] = Deferred()
+        self._jobs.put(_Grouped(item, d))
+        return d
+
     def call_blocking(self, work: Callable[[], T]) -> T:
         """Run ``work`` on the store thread and wait for it (start-up and tests only)."""
         future: Future[T] = Future()
@@ -320,9 +375,20 @@ class _StoreThread:
         return future.result()
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        self._jobs.put(_STOP)
         if threading.current_thread() is not self._thread:
             self._thread.join()
+
+
+def _deliver(waiting: list[Deferred[Any]], outcomes: list[Any]) -> None:
+    """On the reactor: fire each write's Deferred with its outcome, in commit order."""
+    for d, outcome in zip(waiting, outcomes, strict=True):
+        if isinstance(outcome, Failure):
+            d.errback(outcome)
+        elif isinstance(outcome, BaseException):
+            d.errback(Failure(outcome))
+        else:
+            d.callback(outcome)
 
 
 # -- SQLite ----------------------------------------------------------------------------------
@@ -367,7 +433,10 @@ class SQLiteStore:
         os.chmod(path, 0o600)
         self._own: list[tuple[int, int]] = []  # feed ranges this store wrote (store thread)
         self._closed = False
-        self._thread = _StoreThread(reactor, f"callboard-store:{path.name}")
+        self.transactions = 0  # write transactions committed (tests count group commits)
+        self._thread = _StoreThread(
+            reactor, f"callboard-store:{path.name}", run_group=self._apply_group
+        )
         try:
             self._db = self._thread.call_blocking(lambda: self._open(busy_timeout))
         except BaseException:
@@ -400,11 +469,19 @@ class SQLiteStore:
     def apply(self, changes: Sequence[Change]) -> Deferred[Committed]:
         if not changes:
             return succeed(Committed((), 0, 0))
-        frozen = tuple(changes)
-        return self._thread.submit(lambda: self._apply(frozen))
+        return self._thread.submit_grouped(tuple(changes))
 
     def changes_since(self, seq: int) -> Deferred[FeedBatch]:
         return self._thread.submit(lambda: self._changes_since(seq))
+
+    def backup(self, path: Path) -> Deferred[None]:
+        """A consistent copy of the database at ``path``, while the daemon runs.
+
+        SQLite's online backup, on the store thread (so between two writes, never across
+        one); written beside ``path`` and renamed into place, so ``path`` is never a torn
+        copy. A path that cannot be written fails with :class:`OSError`.
+        """
+        return self._thread.submit(lambda: _backup(self._db, path))
 
     def transaction(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
         """Run ``work`` as one write transaction on the store thread, in order with this
@@ -457,26 +534,48 @@ class SQLiteStore:
             db.execute("COMMIT")
         return Snapshot(devices, codes, defaults, seq)
 
-    def _apply(self, changes: tuple[Change, ...]) -> Committed:
+    def _apply_group(self, group: list[tuple[Change, ...]]) -> list[Committed | Exception]:
+        """Group commit: every waiting write in one transaction, one fsync for them all.
+
+        Each write runs inside its own SAVEPOINT with its own conditions: a failed one is
+        rolled back alone and fails alone. Nothing is acknowledged before the COMMIT (the
+        outcomes go back to the reactor only after this returns); if the COMMIT fails, every
+        write of the group fails.
+        """
         db = self._db
         db.execute("BEGIN IMMEDIATE")
+        try:
+            outcomes = [self._apply_one(db, changes) for changes in group]
+            db.execute("COMMIT")
+        except BaseException:
+            _roll_back(db)
+            raise
+        self.transactions += 1
+        for outcome in outcomes:
+            if isinstance(outcome, Committed):
+                self._own.append((outcome.first_seq, outcome.seq))
+        if len(self._own) > _OWN_RANGES:
+            # Nobody follows this store: forget the oldest (re-reading our own rows later
+            # would only find them already held).
+            del self._own[: len(self._own) - _OWN_RANGES]
+        return outcomes
+
+    @staticmethod
+    def _apply_one(db: sqlite3.Connection, changes: tuple[Change, ...]) -> Committed | Exception:
+        db.execute("SAVEPOINT write")
         try:
             for batch in _batches(changes):
                 _write(db, batch)
             keys = _feed_keys(changes)
             db.executemany("INSERT INTO changes (kind, key) VALUES (?, ?)", keys)
             last = _feed_position(db)
-            db.execute("COMMIT")
-        except BaseException:
-            _roll_back(db)
-            raise
-        first = last - len(keys) + 1  # this transaction held the write lock: no gaps
-        self._own.append((first, last))
-        if len(self._own) > _OWN_RANGES:
-            # Nobody follows this store: forget the oldest (re-reading our own rows later
-            # would only find them already held).
-            del self._own[: len(self._own) - _OWN_RANGES]
-        return Committed(changes, first, last)
+        except (ConditionFailed, sqlite3.IntegrityError) as exc:
+            db.execute("ROLLBACK TO write")
+            db.execute("RELEASE write")
+            return exc
+        db.execute("RELEASE write")
+        # The group holds the write lock: this write's feed rows have no gaps.
+        return Committed(changes, last - len(keys) + 1, last)
 
     def _changes_since(self, after: int) -> FeedBatch:
         # The follower is past ``after``: our own rows up to there need no filtering any more.
@@ -514,6 +613,24 @@ class SQLiteStore:
 
     def _is_own(self, seq: int) -> bool:
         return any(first <= seq <= last for first, last in self._own)
+
+
+def _backup(db: sqlite3.Connection, path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            db.backup(copy)
+        finally:
+            copy.close()
+        os.replace(partial, path)
+    except sqlite3.Error as exc:
+        partial.unlink(missing_ok=True)
+        raise OSError(str(exc)) from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _user_version(db: sqlite3.Connection) -> int:

@@ -490,7 +490,7 @@ class PagesArea(Area):
             onboarding = Onboarding(ctx.form("onboarding"))
         except ValueError:
             raise Problem.bad_request(
-                "onboarding must be activation-code or autoregistration"
+                "onboarding must be activation-code, autoregistration or ivr"
             ) from None
         await self.admin.set_default(ctx.actor, ctx.params["model"], onboarding)
         return redirect("/admin/defaults")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DeviceName = str
-Onboarding = Literal["activation-code", "autoregistration"]
+Onboarding = Literal["activation-code", "autoregistration", "ivr"]
 DeviceStateName = Literal["provisioned", "awaiting-activation", "active"]
 CodeStateName = Literal["issued", "used", "released", "expired"]
 

@@ -165,13 +165,14 @@ def web_factory(root: WebRoot, options: ssl.CertificateOptions) -> IProtocolFact
     return TLSMemoryBIOFactory(options, False, site)
 
 
-def web_tls(config: Config) -> ssl.CertificateOptions | None:
-    """The web listener's TLS options, or None when the web listener is off.
+def web_tls(config: Config, *, adopted: bool = False) -> ssl.CertificateOptions | None:
+    """The web listener's TLS options, or None when the web listener is off (no port, no
+    ``[endpoints]`` spec and no ``adopted`` socket from systemd).
 
     ``web.cert``/``web.key`` when configured; else ``<state_dir>/certs/web.{pem,key}``,
     self-signed at first start.
     """
-    if config.network.web_port < 0 and not config.endpoints.web:
+    if config.network.web_port < 0 and not config.endpoints.web and not adopted:
         return None
     settings = config.web
     if settings.cert:

@@ -128,9 +128,11 @@ class ProvisioningResource(resource.Resource):
         super().__init__()
         self._source = source
         self._transport = transport
+        # Told of every answered request once (metrics): path, status, seconds, bytes sent.
+        self.on_finish: Callable[[str, int, float, int], None] | None = None
 
     def render(self, request: server.Request) -> bytes | int:
-        exchange = _Exchange(request, self._transport)
+        exchange = _Exchange(request, self._transport, self.on_finish)
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"Allow", b"GET, HEAD")
             return exchange.plain(http.NOT_ALLOWED, b"method not allowed\n")
@@ -165,8 +167,14 @@ class ProvisioningResource(resource.Resource):
 class _Exchange:
     """One request's answer: status lines, the log line, the streamed body."""
 
-    def __init__(self, request: server.Request, transport: str) -> None:
+    def __init__(
+        self,
+        request: server.Request,
+        transport: str,
+        on_finish: Callable[[str, int, float, int], None] | None = None,
+    ) -> None:
         self.request = request
+        self.on_finish = on_finish
         self.started = time.monotonic()
         self.host, self.port = _client(request)
         self.transport = transport
@@ -174,6 +182,8 @@ class _Exchange:
         self.name = unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode("utf-8", "surrogateescape")
 
     def finish(self, status: int, sent: int) -> None:
+        if self.on_finish is not None:
+            self.on_finish(self.name, status, time.monotonic() - self.started, sent)
         log.info(
             "{transport} {client_host}:{client_port} {method} {file} {status} {bytes} bytes",
             transport=self.transport,

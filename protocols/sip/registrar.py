@@ -181,6 +181,24 @@ class RegistrationPolicy(Protocol):
     def decide(self, request: RegistrationRequest) -> PolicyDecision | Deferred[PolicyDecision]: ...
 
 
+class RequestHandler(Protocol):
+    """Takes the requests the registrar does not answer itself (INVITE, ACK, BYE, CANCEL,
+    INFO, ...) and the responses to requests it sent; a user agent server implements it.
+
+    ``respond`` sends a response to ``req`` back the way RFC 3261 §18.2.2 says (Via
+    received/rport), now or later (provisional then final). A response returned instead is
+    sent and kept for the request's retransmissions; None means nothing more to send now.
+    """
+
+    allow: str  # the methods it answers, for the registrar's ``Allow``
+
+    def handle_request(
+        self, req: Request, source: Source, respond: Callable[[Response], None]
+    ) -> Response | None: ...
+
+    def handle_response(self, resp: Response, source: Source) -> None: ...
+
+
 # --- settings, sources, replies ----------------------------------------------------------
 
 
@@ -241,6 +259,9 @@ class Source:
     port: int
     client_cert_fingerprint: str | None = None
     client_cert_subject: str | None = None
+    #: How to send to this peer later (the transport fills it in): a UDP reply goes to the
+    #: Reply's host and port, a stream writes on the connection the message came on.
+    send: Callable[[Reply], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def address(self) -> str:
@@ -406,10 +427,14 @@ class Registrar:
             s.realm, s.nonce_secret or os.urandom(32), s.nonce_lifetime, s.digest_algorithms
         )
         self.counters = Counters()
+        # Told the status of every REGISTER answer (metrics); not of retransmitted ones.
+        self.on_register_answer: Callable[[int], None] | None = None
         self._transactions: dict[tuple[str, str, str], tuple[float, Reply | None]] = {}
         # AoR → REGISTERs waiting behind one whose policy answer is pending (key present while
         # one is pending), each with the Deferred its answer goes to.
         self._waiting: dict[str, deque[tuple[_Register, Deferred[Response]]]] = {}
+        #: Methods other than REGISTER, OPTIONS and REFER go here; None: 405.
+        self.request_handler: RequestHandler | None = None
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -432,7 +457,9 @@ class Registrar:
 
     def _handle(self, msg: Message, source: Source) -> Answer:
         if isinstance(msg, Response):
-            return None  # we send no requests; stray responses are dropped
+            if self.request_handler is not None:
+                self.request_handler.handle_response(msg, source)
+            return None  # responses to what the handler sent; stray ones are dropped
         return self.handle_request(msg, source)
 
     def handle_request(self, req: Request, source: Source) -> Answer:
@@ -448,6 +475,8 @@ class Registrar:
             return self.error_reply(req, 400, source, reason)
         method = req.method.upper()
         if method == "ACK":
+            if self.request_handler is not None:
+                self.request_handler.handle_request(req, source, self._responder(req, source, via))
             return None
         branch = via.branch
         tkey: tuple[str, str, str] | None = None
@@ -473,6 +502,8 @@ class Registrar:
             response = exc.response
         if isinstance(response, Deferred):
             return response.addCallback(lambda resp: self._route(req, resp, source, via))
+        if response is None:
+            return None
         return self._route(req, response, source, via)
 
     def _remember(self, tkey: tuple[str, str, str], answer: Answer) -> None:
@@ -489,11 +520,14 @@ class Registrar:
 
         answer.addCallback(answered)
 
-    def _dispatch(self, req: Request, method: str, source: Source) -> Response | Deferred[Response]:
+    def _dispatch(
+        self, req: Request, method: str, source: Source
+    ) -> Response | Deferred[Response] | None:
         if method == "OPTIONS":
             self.counters.options += 1
             resp = self._response(req, 200)
-            resp.headers.add("Allow", ALLOW)
+            handler = self.request_handler
+            resp.headers.add("Allow", f"{ALLOW}, {handler.allow}" if handler else ALLOW)
             resp.headers.add("Accept", "application/sdp")
             return resp
         mf = req.headers.get("max-forwards")
@@ -509,10 +543,23 @@ class Registrar:
         if method == "REFER":
             self.counters.refer += 1
             return self._refer(req, source)
+        if self.request_handler is not None:
+            via = parse_via(req.headers.values("via")[0])
+            respond = self._responder(req, source, via)
+            return self.request_handler.handle_request(req, source, respond)
         self.counters.not_allowed_405 += 1
         resp = self._response(req, 405)
         resp.headers.add("Allow", ALLOW)
         return resp
+
+    def _responder(self, req: Request, source: Source, via: Via) -> Callable[[Response], None]:
+        """Send a response to ``req`` later, routed as an immediate reply would be."""
+
+        def respond(resp: Response) -> None:
+            if source.send is not None:
+                source.send(self._route(req, resp, source, via))
+
+        return respond
 
     # --- REGISTER: the pipeline -----------------------------------------------------------
 
@@ -1089,6 +1136,8 @@ class Registrar:
 
     def _route(self, req: Request, resp: Response, source: Source, top: Via | None = None) -> Reply:
         """RFC 3261 §18.2.2 + RFC 3581: stamp received/rport on the top Via and pick the port."""
+        if self.on_register_answer is not None and req.method.upper() == "REGISTER":
+            self.on_register_answer(resp.status)
         vias = req.headers.values("via")
         if top is None:
             top = parse_via(vias[0])

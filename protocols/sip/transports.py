@@ -76,7 +76,8 @@ class SIPDatagramProtocol(DatagramProtocol):
         if not datagram.strip(b"\r\n\x00 "):
             return  # keep-alive (CRLF or NAT-binding junk)
         try:
-            answer = self.registrar.handle_bytes(datagram, Source("udp", host, port))
+            source = Source("udp", host, port, send=self._send)
+            answer = self.registrar.handle_bytes(datagram, source)
         except Exception:
             log.failure("SIP/UDP message from {host}:{port} dropped", host=host, port=port)
             return
@@ -134,7 +135,9 @@ class SIPStreamProtocol(Protocol):
                 cert = self.transport.getPeerCertificate()
                 if cert is not None:
                     fingerprint, subject = certificate_identity(cert)
-            self._source = Source(self.transport_name, host, port, fingerprint, subject)
+            self._source = Source(
+                self.transport_name, host, port, fingerprint, subject, send=self._send
+            )
         return self._source
 
     def dataReceived(self, data: bytes) -> None:

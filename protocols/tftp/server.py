@@ -339,6 +339,10 @@ class TFTPService(AtomicMultiService):
     transfer_socket: Callable[[IReactorFDSet, str, _TransferProtocol], TransferSocket] = (
         _TransferSocket
     )
+    # Told of every finished or refused request, once, at its end (metrics): the file name
+    # asked for, the outcome as logged ("ok", "timeout", "client error N", "error N", ...),
+    # seconds taken and bytes acknowledged. Never called per packet.
+    on_transfer_end: Callable[[str, str, float, int], None] | None = None
 
     def __init__(
         self,
@@ -521,6 +525,10 @@ class TFTPService(AtomicMultiService):
         return None
 
     def _log_refusal(self, addr: Address, refusal: admission.Refusal, started: float) -> None:
+        if self.on_transfer_end is not None:
+            self.on_transfer_end(
+                refusal.filename, f"error {refusal.code}", time.monotonic() - started, 0
+            )
         log.info(
             "tftp {client_host}:{client_port} {file} refused: error {error_code} ({reason})",
             client_host=addr[0],
@@ -547,6 +555,9 @@ class TFTPService(AtomicMultiService):
         outcome: Outcome | None = protocol.transfer.outcome
         if outcome is None:
             return
+        if self.on_transfer_end is not None:
+            reason = "ok" if outcome.ok else outcome.reason
+            self.on_transfer_end(protocol.name, reason, outcome.duration, outcome.bytes)
         log.info(
             "tftp {client_host}:{client_port} {file} {outcome} {bytes} bytes in {duration:.3f}s",
             client_host=protocol.client[0],

@@ -13,7 +13,7 @@ import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from callboard.protocols.settings import check_range, config_key
 from callboard.protocols.tvs import codec
@@ -176,13 +176,48 @@ def _within(cert: x509.Certificate, now: dt.datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
+@dataclass(frozen=True)
+class _VerifiedIssuer:
+    """An issuing CA whose path to the trust store was verified (for one MIC it signed).
+
+    ``anchor`` holds just that CA, so a later MIC from it costs one signature check;
+    ``not_before``/``not_after`` bound where the path above it stays valid.
+    """
+
+    anchor: Store
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+def _issuer_key(cert: x509.Certificate) -> tuple[bytes, bytes | None]:
+    """The issuer's name (DER) and key identifier as the certificate names them."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        key_id = aki.key_identifier
+    except x509.ExtensionNotFound:
+        key_id = None
+    return cert.issuer.public_bytes(), key_id
+
+
+def _has_name_constraints(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.NameConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
 class ManufacturingTrust:
     """The parsed manufacturing trust store: self-issued roots anchor, the rest help build paths.
 
-    Build it once per (re)load; ``check`` is called once per connection.
+    Build it once per (re)load; ``check`` is called once per connection. A storm's MICs share
+    a few issuing CAs, so once a MIC's path is verified its issuer is remembered (by name and
+    key identifier): the next MIC from it is verified against that issuer alone, within the
+    validity of the path above it. A reload builds a new instance, which forgets them all.
     """
 
     MAX_DEPTH = 6
+    MAX_CACHED_ISSUERS = 1024
 
     def __init__(self, certificates: Iterable[x509.Certificate]) -> None:
         seen: set[bytes] = set()
@@ -200,6 +235,8 @@ class ManufacturingTrust:
         self._root_fps = frozenset(r.fingerprint(hashes.SHA256()) for r in roots)
         self._ca_policy = _ca_policy()
         self._ee_policy = ExtensionPolicy.permit_all()
+        self._issuers: dict[tuple[bytes, bytes | None], _VerifiedIssuer] = {}
+        self.issuer_cache_hits = 0
 
     def __len__(self) -> int:
         return len(self.roots) + len(self.intermediates)
@@ -225,17 +262,13 @@ class ManufacturingTrust:
             return MicVerdict(False, "MIC is signed with SHA-1 and SHA-1 MICs are not allowed")
         if self._store is None:
             return MicVerdict(False, "manufacturing trust store is empty")
+        ok = MicVerdict(True, "MIC chains to the manufacturing trust", cn, sha)
+        key = _issuer_key(leaf)
+        if self._from_known_issuer(leaf, key, now):
+            return ok
         pool = [c for c in presented if c != leaf] + list(self.intermediates)
-        verifier = (
-            PolicyBuilder()
-            .store(self._store)
-            .time(now)
-            .max_chain_depth(self.MAX_DEPTH)
-            .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
-            .build_client_verifier()
-        )
         try:
-            verifier.verify(leaf, pool)
+            verified = self._verifier(self._store, now).verify(leaf, pool)
         except VerificationError as exc:
             if allow_sha1:
                 legacy = self._legacy_check(leaf, pool, now)
@@ -245,7 +278,51 @@ class ManufacturingTrust:
             return MicVerdict(
                 False, f"MIC (issuer {issuer}) does not chain to the manufacturing trust: {exc}"
             )
-        return MicVerdict(True, "MIC chains to the manufacturing trust", cn, sha)
+        self._remember_issuer(key, verified.chain)
+        return ok
+
+    def _verifier(self, store: Store, now: dt.datetime) -> Any:
+        return (
+            PolicyBuilder()
+            .store(store)
+            .time(now)
+            .max_chain_depth(self.MAX_DEPTH)
+            .extension_policies(ca_policy=self._ca_policy, ee_policy=self._ee_policy)
+            .build_client_verifier()
+        )
+
+    def _from_known_issuer(
+        self, leaf: x509.Certificate, key: tuple[bytes, bytes | None], now: dt.datetime
+    ) -> bool:
+        """True if a remembered issuer signed ``leaf`` and its path is valid at ``now``.
+
+        The leaf itself still gets the verifier's every check (signature, validity, profile);
+        False means "not known": the full check decides, with its own reason.
+        """
+        known = self._issuers.get(key)
+        if known is None or not known.not_before <= now <= known.not_after:
+            return False
+        try:
+            self._verifier(known.anchor, now).verify(leaf, [])
+        except VerificationError:
+            return False
+        self.issuer_cache_hits += 1
+        return True
+
+    def _remember_issuer(
+        self, key: tuple[bytes, bytes | None], chain: Sequence[x509.Certificate]
+    ) -> None:
+        above = list(chain[1:])
+        # Name constraints above the issuer apply to each leaf's names: always walk those.
+        if not above or any(_has_name_constraints(c) for c in above):
+            return
+        if len(self._issuers) >= self.MAX_CACHED_ISSUERS:
+            self._issuers.pop(next(iter(self._issuers)))
+        self._issuers[key] = _VerifiedIssuer(
+            anchor=Store([above[0]]),
+            not_before=max(c.not_valid_before_utc for c in above),
+            not_after=min(c.not_valid_after_utc for c in above),
+        )
 
     def _legacy_check(
         self, leaf: x509.Certificate, pool: Sequence[x509.Certificate], now: dt.datetime

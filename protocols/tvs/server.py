@@ -152,6 +152,8 @@ class TVSProtocol(Protocol):
         self._drain()
 
     def _send(self, outcome: Outcome) -> None:
+        if self.factory.on_response is not None:
+            self.factory.on_response(outcome.response)
         if self.transport is not None:
             self.transport.write(outcome.response)
         if outcome.close:
@@ -195,9 +197,14 @@ class TVSFactory(Factory):
         self.reactor = reactor
         self.clock: Callable[[], float] = clock or reactor.seconds
         self.active = 0
+        # Observers (metrics): a connection accepted; every response frame sent.
+        self.on_connection: Callable[[], None] | None = None
+        self.on_response: Callable[[bytes], None] | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> TVSProtocol:
         self.active += 1
+        if self.on_connection is not None:
+            self.on_connection()
         return TVSProtocol(self)
 
     def connection_closed(self) -> None:

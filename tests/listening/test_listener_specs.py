@@ -25,6 +25,7 @@ from callboard.protocols.listening import (
     listen,
     listeners_in,
     parse_endpoint,
+    resolve_inherited,
 )
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
@@ -118,21 +119,29 @@ def test_bad_endpoint_strings_say_what_is_wrong(text: str, kind: Any, words: lis
 
 
 def test_systemd_sockets_are_found_by_index_or_name_when_listening() -> None:
-    environ = {
-        "LISTEN_PID": str(os.getpid()),
-        "LISTEN_FDS": "2",
-        "LISTEN_FDNAMES": "http:sip",
-    }
-    assert Adopt(systemd_index=0).fileno(environ) == 3
-    assert Adopt(systemd_index=1).fileno(environ) == 4
-    assert Adopt(systemd_name="sip").fileno(environ) == 4
+    # What the daemon read from LISTEN_FDS/LISTEN_FDNAMES="http:sip" (LISTEN_PID matching is
+    # callboard.daemon.systemd_fds's job, tested there).
+    inherited = {"http": [3], "sip": [4]}
+    assert Adopt(systemd_index=0).fileno(inherited) == 3
+    assert Adopt(systemd_index=1).fileno(inherited) == 4
+    assert Adopt(systemd_name="sip").fileno(inherited) == 4
     with pytest.raises(CannotListenError, match="no index 2"):
-        Adopt(systemd_index=2).fileno(environ)
+        Adopt(systemd_index=2).fileno(inherited)
     with pytest.raises(CannotListenError, match="no socket named 'tvs'"):
-        Adopt(systemd_name="tvs").fileno(environ)
-    # Another process's sockets (LISTEN_PID differs) are not ours to take.
+        Adopt(systemd_name="tvs").fileno(inherited)
+    # Nothing inherited: nothing to adopt.
     with pytest.raises(CannotListenError):
-        Adopt(systemd_index=0).fileno({**environ, "LISTEN_PID": "1"})
+        Adopt(systemd_index=0).fileno()
+
+
+def test_systemd_specs_resolve_to_the_descriptor_they_name() -> None:
+    inherited = {"tvs": [3], "sip": [4, 5]}
+    spec = ListenerSpec("stream", Adopt(family="INET6", systemd_name="sip"))
+    assert resolve_inherited(spec, inherited) == ListenerSpec("stream", Adopt(fd=4, family="INET6"))
+    bound = ListenerSpec.stream("127.0.0.1", 0)
+    assert resolve_inherited(bound, inherited) is bound
+    with pytest.raises(CannotListenError):
+        resolve_inherited(ListenerSpec("stream", Adopt(systemd_name="http")), inherited)
 
 
 def test_specs_refuse_what_cannot_be_listened_on() -> None:

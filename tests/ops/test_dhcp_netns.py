@@ -180,3 +180,56 @@ def test_option_66_alone_is_the_fallback(lab: Lab, dnsmasq: StartServer, tmp_pat
     lease = phone_dhcp(lab, tmp_path, mac="00:aa:bb:cc:dd:02")
     assert lease["tftp_servers"] == []
     assert lease["provisioning_servers"] == ["callboard.example.net"]
+
+
+def test_the_phone_boots_from_dhcp_to_registered(
+    lab: Lab, dnsmasq: StartServer, tmp_path: Path
+) -> None:
+    """dnsmasq with the project's snippet and the daemon in one namespace, the emulated phone
+    in the other: `callboard phone boot --dhcp IFACE` learns option 150 and registers."""
+    from support.harness import Daemon
+
+    first = snippet_option_150(SNIPPET)[0]  # 192.0.2.10: the daemon listens there
+    run("ip", "-n", lab.server_ns, "addr", "replace", f"{first}/24", "dev", lab.server_if)
+    # The emulated phone does not configure its interface from the lease; a static address
+    # outside the DHCP range lets it reach the servers the lease names.
+    run("ip", "-n", lab.phone_ns, "addr", "replace", "192.0.2.50/24", "dev", lab.phone_if)
+    dnsmasq(SNIPPET)
+    lab_dir = tmp_path / "lab"
+    from callboard.daemon import certs
+
+    ca = certs.make_lab_ca()
+    certs.write_lab_ca(lab_dir, ca)
+    mic = certs.write_mic(tmp_path / "mic", certs.issue_mic(ca, model="8841", mac="00AABBCCDDEE"))
+    # A fresh namespace: the standard ports are free (the phone uses 69 and 6970 by default).
+    daemon = Daemon(
+        tmp_path / "state",
+        "--listen-address", first, "--advertise-address", first,
+        "--tftp-port", "69", "--http-port", "6970", "--tvs-port", "2445",
+        "--sip-port", "5060", "--sip-tls-port", "5061",
+        "--manufacturing-trust", str(lab_dir),
+        launcher=["ip", "netns", "exec", lab.server_ns, sys.executable, "-m",
+                  "callboard.daemon.main"],
+    )  # fmt: skip
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = str(ROOT / "build" / "typecheck")
+    try:
+        daemon.start()
+        daemon.json("device", "add", "--model", "8841", "--mac", "00AABBCCDDEE", "--line",
+                    "5001", "--password", "pw-5001", "--no-require-activation")  # fmt: skip
+        result = subprocess.run(
+            ["ip", "netns", "exec", lab.phone_ns, sys.executable, "-m", "callboard.daemon.main",
+             "phone", "boot", "--dhcp", lab.phone_if, "--model", "8841", "--mac", "00AABBCCDDEE",
+             "--mic", str(mic[0]), "--mic-key", str(mic[1]), "--timeout", "5"],
+            capture_output=True, text=True, timeout=120, env=environ, check=False,
+        )  # fmt: skip
+        out = result.stdout
+        assert result.returncode == 0, out + result.stderr + daemon.log()
+        assert "[dhcp] lease 192.0.2." in out and "option 150 192.0.2.10,192.0.2.11" in out
+        assert f"provisioning server {first}:6970 answers over http" in out
+        assert "5001=200" in out
+        shown = daemon.json("device", "show", "SEP00AABBCCDDEE")
+        assert shown["registrations"], shown
+    finally:
+        if daemon.proc is not None:
+            daemon.stop()
