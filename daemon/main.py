@@ -54,6 +54,12 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         {"help": "directory of manufacturing root/intermediate PEM files"},
     ),
     ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error"]}),
+    (
+        "--registry",
+        "registry.url",
+        {"metavar": "URL", "help": "sqlite:///path (default <state-dir>/callboard.sqlite3) "
+         "or postgresql://user@host/db"},
+    ),
 ]
 
 
@@ -113,6 +119,10 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     from . import certs
 
     certs.register_cli(sub)
+
+    from .registry import engines
+
+    engines.register_cli(sub)
 
     # The emulated phone is a client, not part of the daemon: the one entry point lends it a
     # subcommand. Imported here rather than at the top so no daemon module depends on it.

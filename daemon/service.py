@@ -45,9 +45,10 @@ from .admin.app import AdminApp
 from .config import Config
 from .logs import get_logger
 from .provisioning import ProvisioningTree
+from .registry.engines import open_store, wake_on_notify
 from .registry.model import Device, DeviceState
 from .registry.registry import Registry
-from .registry.store import SQLiteStore
+from .registry.store import Store
 from .sip_policy import RegistryPolicy
 
 log = get_logger("callboard.service")
@@ -74,7 +75,7 @@ class CallboardService(AtomicMultiService):
         # expiry and the SIP Date header need; a test's MemoryReactorClock drives it all).
         # Timers go through the reactor itself (IReactorTime).
         self.now: Callable[[], float] = reactor.seconds
-        self.store: SQLiteStore | None = None
+        self.store: Store | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -105,7 +106,7 @@ class CallboardService(AtomicMultiService):
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
         config.tftp_root_path.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.store = SQLiteStore(state_dir / DATABASE_NAME, self.reactor)
+        self.store = open_store(config.store.url, state_dir, self.reactor)
         try:
             self.registry = Registry(self.store, self.now, config.registry)
             if not certs.certs_present(state_dir):
@@ -134,6 +135,7 @@ class CallboardService(AtomicMultiService):
         follower = TimerService(self.registry.settings.feed_interval, self.registry.follow)
         follower.clock = self.reactor
         follower.setServiceParent(self)
+        wake_on_notify(self.store, self.registry.follow)  # PostgreSQL: at once, not next poll
         admin = self.config.endpoints.spec("admin") or ListenerSpec.unix(
             str(self.config.admin_socket_path), mode=0o600, lockfile=True
         )

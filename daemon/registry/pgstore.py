@@ -3,11 +3,12 @@
 The same :class:`~callboard.daemon.registry.store.Store` interface as :class:`SQLiteStore`,
 and the same semantics:
 
-- Every transaction runs on one store thread per process (never the reactor), over a
-  connection from a one-connection ``psycopg_pool`` pool that checks the connection before
-  each use and replaces it when it broke (a killed backend or a restarted server is met by a
-  fresh connection on the next call, without a restart). Commits and feed reads reach the
-  reactor in database order, as with SQLite.
+- Every transaction runs on one store thread per process (never the reactor) over one
+  connection, checked before use when it has been idle and replaced when it broke (a killed
+  backend or a restarted server is met by a fresh connection, without a restart). Commits
+  and feed reads reach the reactor in database order, as with SQLite. (One ordered
+  connection, not a pool: a pool's background reconnection makes every call during an outage
+  wait for its timeout, where this one is refused at once and the phone told so.)
 - Conditions are part of the statements: a redemption is ``UPDATE codes … WHERE id AND
   state AND code AND expires_at > … RETURNING id`` in the transaction that also updates the
   device at the version read; under READ COMMITTED a second redeemer waits for the first
@@ -33,16 +34,17 @@ migrate once.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool, PoolTimeout
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 
@@ -73,6 +75,8 @@ from .store import (
 )
 
 log = get_logger("callboard.registry.pg")
+T = TypeVar("T")
+_CHECK_AFTER_IDLE = 0.25  # seconds idle after which a connection is checked before use
 
 CHANNEL = "callboard_changes"
 _FEED_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: feed numbers in commit order
@@ -224,7 +228,8 @@ class PostgreSQLStore:
         self._listener: threading.Thread | None = None
         self._thread = _StoreThread(reactor, "callboard-store:pg")
         try:
-            self._pool = self._thread.call_blocking(self._open)
+            self._db: psycopg.Connection[Any] | None = self._thread.call_blocking(self._open)
+            self._used_at = time.monotonic()
         except BaseException:
             self._thread.stop()
             raise
@@ -244,31 +249,24 @@ class PostgreSQLStore:
             "application_name": "callboard",
         }
 
-    def _open(self) -> ConnectionPool[Any]:
-        pool: ConnectionPool[Any] = ConnectionPool(
-            self.dsn,
-            min_size=1,
-            max_size=1,
-            kwargs={**self._connect_kwargs(), "autocommit": True},
-            check=ConnectionPool.check_connection,
-            reconnect_timeout=0,  # keep trying for ever: the database may come back
-            open=False,
-            name="callboard",
-        )
+    def _open(self) -> psycopg.Connection[Any]:
+        conn = self._connect()
         try:
-            pool.open(wait=True, timeout=self._connect_timeout)
-            with pool.connection(timeout=self._connect_timeout) as conn:
-                migrate(conn, self.where)
-        except PoolTimeout:
-            pool.close()
-            raise StoreUnavailable(f"{self.where}: cannot connect to the registry database")
+            migrate(conn, self.where)
         except psycopg.Error as exc:
-            pool.close()
+            conn.close()
             raise StoreUnavailable(f"{self.where}: {one_line(exc)}") from None
         except BaseException:
-            pool.close()
+            conn.close()
             raise
-        return pool
+        return conn
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        """A new connection, or StoreUnavailable at once (refused) or after the timeout."""
+        try:
+            return psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs())
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"{self.where}: {one_line(exc)}") from None
 
     @property
     def schema_version(self) -> int:
@@ -293,7 +291,7 @@ class PostgreSQLStore:
             return succeed(None)
         self._closed = True
         self._stopping.set()
-        d = self._thread.submit(self._pool.close)
+        d = self._thread.submit(self._close_connection)
 
         def stopped(result: object) -> object:
             self._thread.stop()
@@ -305,17 +303,45 @@ class PostgreSQLStore:
 
     # -- on the store thread -------------------------------------------------------------
 
-    def _with_conn(self, work: Callable[[psycopg.Connection[Any]], Any]) -> Any:
-        """Run ``work`` on a checked connection; connection trouble is StoreUnavailable."""
+    def _with_conn(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run ``work`` on a live connection; connection trouble is StoreUnavailable.
+
+        A connection idle for a while is checked first (one empty query, as a pool's check
+        does) and replaced if its backend is gone, so a killed backend or a restarted server
+        costs no failed call. A connection lost mid-transaction fails that call (nothing of
+        it applied to memory) and is replaced on the next.
+        """
+        conn = self._live_connection()
         try:
-            with self._pool.connection(timeout=self._connect_timeout) as conn:
-                return work(conn)
-        except PoolTimeout:
-            raise StoreUnavailable(f"{self.where}: the registry database is unreachable") from None
+            result = work(conn)
         except psycopg.OperationalError as exc:
+            if conn.broken or conn.closed:
+                self._close_connection()
             raise StoreUnavailable(
                 f"{self.where}: the registry database connection failed: {one_line(exc)}"
             ) from None
+        self._used_at = time.monotonic()
+        return result
+
+    def _live_connection(self) -> psycopg.Connection[Any]:
+        conn = self._db
+        if conn is not None and not conn.closed and not conn.broken:
+            if time.monotonic() - self._used_at < _CHECK_AFTER_IDLE:
+                return conn
+            try:
+                conn.execute("")
+                return conn
+            except psycopg.Error:
+                pass
+        self._close_connection()
+        self._db = conn = self._connect()
+        return conn
+
+    def _close_connection(self) -> None:
+        conn, self._db = self._db, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
 
     def _load(self, conn: psycopg.Connection[Any]) -> Snapshot:
         with conn.transaction():
@@ -390,9 +416,7 @@ class PostgreSQLStore:
         connected_before = False
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(
-                    self.dsn, autocommit=True, **self._connect_kwargs()
-                ) as conn:
+                with psycopg.connect(self.dsn, autocommit=True, **self._connect_kwargs()) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                     if connected_before:
                         log.info("registry database listener reconnected", database=self.where)
@@ -409,11 +433,12 @@ class PostgreSQLStore:
             except psycopg.Error as exc:
                 if self._stopping.is_set():
                     return
-                log.warning(
-                    "registry database listener lost; reconnecting",
-                    database=self.where,
-                    error=one_line(exc),
-                )
+                if delay == 0.2:  # once per outage, not once per attempt
+                    log.warning(
+                        "registry database listener lost; reconnecting",
+                        database=self.where,
+                        error=one_line(exc),
+                    )
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
                 connected_before = True
@@ -543,9 +568,7 @@ def _why_device_differs(conn: psycopg.Connection[Any], device_id: str) -> str:
     return f"{row[0]} was changed meanwhile; try again"
 
 
-def _update_code(
-    conn: psycopg.Connection[Any], code: Any, expect: CodeExpectation
-) -> None:
+def _update_code(conn: psycopg.Connection[Any], code: Any, expect: CodeExpectation) -> None:
     """The compare-and-set, ``UPDATE … WHERE state AND code AND expires_at > … RETURNING``."""
     where = ["id = %s", "state = %s"]
     params: list[Any] = [code.id, expect.state.value]
@@ -566,9 +589,7 @@ def _update_code(
         raise ConditionFailed(_why_code_differs(conn, code.id, expect))
 
 
-def _why_code_differs(
-    conn: psycopg.Connection[Any], code_id: str, expect: CodeExpectation
-) -> str:
+def _why_code_differs(conn: psycopg.Connection[Any], code_id: str, expect: CodeExpectation) -> str:
     row = conn.execute(
         "SELECT code, expires_at, state FROM codes WHERE id = %s", (code_id,)
     ).fetchone()

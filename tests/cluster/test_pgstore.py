@@ -194,7 +194,7 @@ async def test_writes_fail_cleanly_while_the_database_is_down_and_work_when_it_r
     assert code is not None
     pg_server.stop()
     try:
-        with pytest.raises(StoreUnavailable, match="unreachable|connection failed"):
+        with pytest.raises(StoreUnavailable, match=r"unreachable|connection failed"):
             await with_timeout(
                 a.redeem(mac="001122334455", model="8841", code=code.code, mic_sha256="")
             )

@@ -9,6 +9,7 @@ outage; each test gets a database of its own.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -76,8 +77,17 @@ class PGServer:
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         self._run(
-            _bin("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-o", options,
-            "-w", "-t", "60", "start",
+            _bin("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
 
     def stop(self, mode: str = "fast") -> None:
@@ -107,8 +117,6 @@ class PGServer:
 
     def destroy(self) -> None:
         if self.running():
-            try:
+            with contextlib.suppress(RuntimeError):
                 self.stop("immediate")
-            except RuntimeError:
-                pass
         shutil.rmtree(self.root, ignore_errors=True)
