@@ -49,11 +49,13 @@ from .registry.engines import open_store, wake_on_notify
 from .registry.model import Device, DeviceState
 from .registry.registry import Registry
 from .registry.store import Store
+from .shared_throttle import open_journal, share_tvs_throttles
 from .sip_policy import RegistryPolicy
 
 log = get_logger("callboard.service")
 
 DATABASE_NAME = "callboard.sqlite3"
+THROTTLE_SYNC_INTERVAL = 0.5  # seconds between shared-throttle write-through and read
 
 
 @dataclass
@@ -76,6 +78,7 @@ class CallboardService(AtomicMultiService):
         # Timers go through the reactor itself (IReactorTime).
         self.now: Callable[[], float] = reactor.seconds
         self.store: Store | None = None
+        self._closing: list[Callable[[], Deferred[None]]] = []  # closed with the store
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -121,6 +124,9 @@ class CallboardService(AtomicMultiService):
     def _close_state(self) -> Deferred[None]:
         """Close the store once its writer has drained (every acknowledged write is on disk)."""
         store, self.store = self.store, None
+        closing, self._closing = self._closing, []
+        for close in closing:
+            close()
         return store.close() if store is not None else succeed(None)
 
     # -- wiring (no I/O: every socket is bound when the children start) --------------------
@@ -128,6 +134,7 @@ class CallboardService(AtomicMultiService):
     def _wire(self) -> None:
         self._wire_file_service()
         self.tvs = self._wire_tvs()
+        self._wire_shared_throttle()
         self._wire_registrar()
         self.admin_app = AdminApp(self.registry, self.registrations, self.status)
         self.admin_api = AdminAPI(self.admin_app)
@@ -194,6 +201,16 @@ class CallboardService(AtomicMultiService):
         for spec in self._stream_specs("tvs", self.config.network.tvs_port):
             self._add_listener("tvs", spec, tvs)
         return tvs
+
+    def _wire_shared_throttle(self) -> None:
+        """TVS failures counted in the registry's ``attempts`` table, so that processes and
+        nodes on one registry share one failure budget (see :mod:`.shared_throttle`)."""
+        journal = open_journal(self.config.store.url, self.config.state_dir, self.reactor)
+        self.throttle_sync = share_tvs_throttles(
+            self.tvs.handler, journal, self.now, self.config.tvs.throttle_window
+        )
+        self.throttle_sync.service(THROTTLE_SYNC_INTERVAL, self.reactor).setServiceParent(self)
+        self._closing.append(journal.close)
 
     def _wire_registrar(self) -> None:
         config = self.config

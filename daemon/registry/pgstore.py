@@ -128,8 +128,18 @@ CREATE TABLE changes (
 )
 """
 
+_PG_V4 = """
+CREATE TABLE attempts (
+    id BIGSERIAL PRIMARY KEY,
+    key TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    origin TEXT NOT NULL
+);
+CREATE INDEX attempts_by_time ON attempts(at)
+"""
+
 # In lockstep with store.MIGRATIONS: the same versions, the same tables and columns.
-PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3]
+PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4]
 assert len(PG_MIGRATIONS) == SCHEMA_VERSION
 
 
