@@ -57,8 +57,11 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--registry",
         "registry.url",
-        {"metavar": "URL", "help": "sqlite:///path (default <state-dir>/callboard.sqlite3) "
-         "or postgresql://user@host/db"},
+        {
+            "metavar": "URL",
+            "help": "sqlite:///path (default <state-dir>/callboard.sqlite3) "
+            "or postgresql://user@host/db",
+        },
     ),
 ]
 
