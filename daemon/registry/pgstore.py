@@ -4,7 +4,7 @@ The same :class:`~callboard.daemon.registry.store.Store` interface as :class:`SQ
 and the same semantics:
 
 - Every transaction runs on one store thread per process (never the reactor) over one
-  connection, checked before use when it has been idle and replaced when it broke (a killed
+  connection, checked before each use and replaced when it broke (a killed
   backend or a restarted server is met by a fresh connection, without a restart). Commits
   and feed reads reach the reactor in database order, as with SQLite. (One ordered
   connection, not a pool: a pool's background reconnection makes every call during an outage
@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -76,7 +75,6 @@ from .store import (
 
 log = get_logger("callboard.registry.pg")
 T = TypeVar("T")
-_CHECK_AFTER_IDLE = 0.25  # seconds idle after which a connection is checked before use
 
 CHANNEL = "callboard_changes"
 _FEED_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: feed numbers in commit order
@@ -239,7 +237,6 @@ class PostgreSQLStore:
         self._thread = _StoreThread(reactor, "callboard-store:pg")
         try:
             self._db: psycopg.Connection[Any] | None = self._thread.call_blocking(self._open)
-            self._used_at = time.monotonic()
         except BaseException:
             self._thread.stop()
             raise
@@ -316,9 +313,9 @@ class PostgreSQLStore:
     def _with_conn(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         """Run ``work`` on a live connection; connection trouble is StoreUnavailable.
 
-        A connection idle for a while is checked first (one empty query, as a pool's check
-        does) and replaced if its backend is gone, so a killed backend or a restarted server
-        costs no failed call. A connection lost mid-transaction fails that call (nothing of
+        The connection is checked first (one empty query, as a pool's check does) and
+        replaced if its backend is gone, so a killed backend or a restarted server costs no
+        failed call. A connection lost mid-transaction fails that call (nothing of
         it applied to memory) and is replaced on the next.
         """
         conn = self._live_connection()
@@ -330,14 +327,11 @@ class PostgreSQLStore:
             raise StoreUnavailable(
                 f"{self.where}: the registry database connection failed: {one_line(exc)}"
             ) from None
-        self._used_at = time.monotonic()
         return result
 
     def _live_connection(self) -> psycopg.Connection[Any]:
         conn = self._db
         if conn is not None and not conn.closed and not conn.broken:
-            if time.monotonic() - self._used_at < _CHECK_AFTER_IDLE:
-                return conn
             try:
                 conn.execute("")
                 return conn
