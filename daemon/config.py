@@ -28,6 +28,7 @@ from callboard.protocols.tvs.activation import TVSSettings
 
 from .ivr import IVRSettings
 from .provisioning import PhoneSettings, ProvisioningSettings
+from .registry.engines import StoreSettings
 from .registry.registry import RegistrySettings
 from .sip_policy import AutoRegistration
 
@@ -158,6 +159,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    store: StoreSettings = field(default_factory=StoreSettings)  # [registry] url
     tftp: TFTPSettings = field(default_factory=TFTPSettings)
     tvs: TVSSettings = field(default_factory=TVSSettings)
     trust: TrustConfig = field(default_factory=TrustConfig)
@@ -197,7 +199,7 @@ class Config:
 SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
     "network": (("network", NetworkConfig),),
     "endpoints": (("endpoints", EndpointsConfig),),
-    "registry": (("registry", RegistrySettings),),
+    "registry": (("registry", RegistrySettings), ("store", StoreSettings)),
     "tftp": (("tftp", TFTPSettings),),
     "tvs": (("tvs", TVSSettings), ("trust", TrustConfig)),
     "sip": (

@@ -75,6 +75,15 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "metrics.address",
         {"help": "the address /metrics listens on (default 127.0.0.1)"},
     ),
+    (
+        "--registry",
+        "registry.url",
+        {
+            "metavar": "URL",
+            "help": "sqlite:///path (default <state-dir>/callboard.sqlite3) "
+            "or postgresql://user@host/db",
+        },
+    ),
 ]
 
 
@@ -134,6 +143,10 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     from . import certs
 
     certs.register_cli(sub)
+
+    from .registry import engines
+
+    engines.register_cli(sub)
 
     # The emulated phone is a client, not part of the daemon: the one entry point lends it a
     # subcommand. Imported here rather than at the top so no daemon module depends on it.

@@ -31,6 +31,7 @@ from ..registry.model import (
     model_info,
 )
 from ..registry.registry import BulkError, DeviceSpec, Registry
+from ..registry.store import StoreError
 from .csvio import ImportRow, row_to_spec
 
 __all__ = [
@@ -128,6 +129,8 @@ def problem_from(error: BaseException) -> Problem | None:
         return Problem.conflict(str(error))
     if isinstance(error, RegistryError):
         return Problem.bad_request(str(error))
+    if isinstance(error, StoreError):  # the database is down: nothing was written
+        return Problem(503, "Registry unavailable", str(error))
     return None
 
 

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from .model import ActivationCode, CodeState, Device, DeviceState, Line, Onboarding
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 T = TypeVar("T")
 
@@ -230,7 +230,30 @@ def _v2_to_v3(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v0_to_v1, _v1_to_v2, _v2_to_v3]
+def _v3_to_v4(db: sqlite3.Connection) -> None:
+    """Version 4 keeps failed activation attempts where every process and node sees them:
+    one row per failure counted against a throttle key (``dev:NAME`` or ``src:ADDRESS``),
+    by the node (``origin``) that saw it. The TVS failure budget is shared through it."""
+    _run_script(
+        db,
+        """
+        CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            key TEXT NOT NULL,
+            at REAL NOT NULL,
+            origin TEXT NOT NULL
+        );
+        CREATE INDEX attempts_by_time ON attempts(at)
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _v0_to_v1,
+    _v1_to_v2,
+    _v2_to_v3,
+    _v3_to_v4,
+]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
