@@ -26,6 +26,7 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
+from .edge.settings import EdgeSettings, RemoteSettings
 from .provisioning import ProvisioningSettings
 from .registry.registry import RegistrySettings
 from .sip_policy import AutoRegistration
@@ -144,6 +145,8 @@ class Config:
     sip_transport: SIPTransportSettings = field(default_factory=SIPTransportSettings)
     autoregistration: AutoRegistration = field(default_factory=AutoRegistration)
     provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
 
     @property
     def loads(self) -> dict[str, str]:
@@ -182,6 +185,8 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
         ("autoregistration", AutoRegistration),
         ("provisioning", ProvisioningSettings),
     ),
+    "edge": (("edge", EdgeSettings),),
+    "remote": (("remote", RemoteSettings),),
 }
 _TOP_LEVEL = ("state_dir", "tftp_root", "admin_socket", "demo", "log_level")
 LOG_LEVELS = ("debug", "info", "warning", "error")

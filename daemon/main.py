@@ -46,6 +46,8 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--tvs-port", "network.tvs_port", {"type": int}),
     ("--sip-port", "network.sip_port", {"type": int}),
     ("--sip-tls-port", "network.sip_tls_port", {"type": int}),
+    ("--edge-port", "edge.port", {"type": int, "help": "HTTPS edge for remote activation"}),
+    ("--sip-oauth-port", "edge.sip_oauth_port", {"type": int, "help": "SIP over TLS, bearer"}),
     ("--tftp-root", "tftp_root", {"help": "firmware and other served files"}),
     ("--admin-socket", "admin_socket", {"help": "the admin API's UNIX socket"}),
     (

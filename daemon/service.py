@@ -43,6 +43,7 @@ from .activation import RegistryAuthority
 from .admin.api import AdminAPI, iso
 from .admin.app import AdminApp
 from .config import Config
+from .edge.wiring import wire_edge
 from .logs import get_logger
 from .provisioning import ProvisioningTree
 from .registry.model import Device, DeviceState
@@ -128,6 +129,7 @@ class CallboardService(AtomicMultiService):
         self._wire_file_service()
         self.tvs = self._wire_tvs()
         self._wire_registrar()
+        self._wire_edge()
         self.admin_app = AdminApp(self.registry, self.registrations, self.status)
         self.admin_api = AdminAPI(self.admin_app)
         # Other writers of the same database reach this registry through the change feed.
@@ -229,6 +231,10 @@ class CallboardService(AtomicMultiService):
             ),
         )
         self.sip.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _wire_edge(self) -> None:
+        """Remote activation (OAuth with the MIC) and SIP with bearer tokens, when enabled."""
+        self.edge = wire_edge(self)
 
     def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
         """A device deleted, renamed or back to awaiting activation loses its bindings."""

@@ -301,9 +301,8 @@ class AdminApp:
         """Every OAuth token of the device fails from now on."""
 
         def audit(device: Device) -> DeviceView:
-            self._audit(
-                actor, "device.revoke-tokens", device=device.name, generation=device.token_generation
-            )
+            generation = device.token_generation
+            self._audit(actor, "device.revoke-tokens", device=device.name, generation=generation)
             return self._view(device, reveal_code=False)
 
         return self._change(actor, lambda: self._registry.revoke_tokens(name), audit)
