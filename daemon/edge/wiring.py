@@ -56,6 +56,18 @@ class Edge:
     registrar: Registrar | None
 
 
+class EdgeTree(ProvisioningTree):
+    """The provisioning tree as the edge serves it: configs name the edge's SIP over TLS,
+    which a phone uses only in a secure device-security mode (encrypted, 3)."""
+
+    def render_device(self, device: Device) -> bytes:
+        rendered = super().render_device(device)
+        return rendered.replace(
+            b"<deviceSecurityMode>1</deviceSecurityMode>",
+            b"<deviceSecurityMode>3</deviceSecurityMode>",
+        )
+
+
 def _url_host(host: str) -> str:
     try:
         return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
@@ -139,7 +151,7 @@ def wire_edge(service: CallboardService) -> Edge | None:
         access_ttl=settings.access_token_ttl,
         refresh_ttl=settings.refresh_token_ttl,
     )
-    tree = ProvisioningTree(
+    tree = EdgeTree(
         service.registry,
         _edge_provisioning(service, host, 0),
         DirectorySource(str(config.tftp_root_path)),
