@@ -303,7 +303,7 @@ class AdminApp:
         def audit(device: Device) -> DeviceView:
             generation = device.token_generation
             self._audit(actor, "device.revoke-tokens", device=device.name, generation=generation)
-            return self._view(device, reveal_code=False)
+            return self._view(device, reveal_code=False, detail=True)
 
         return self._change(actor, lambda: self._registry.revoke_tokens(name), audit)
 
