@@ -20,6 +20,7 @@ from twisted.internet import defer, task
 
 from .boot import BootOptions, BootResult, Outcome, PhoneIdentity, PrivateKey, normalise_model
 from .driver import boot_phone
+from .remote import remote_boot
 from .storm import StormReport, read_bat_codes, run_storm, sequential_macs, storm_phones
 
 EXIT_USAGE = 2
@@ -83,9 +84,18 @@ def cmd_boot(args: argparse.Namespace) -> int:
         print(f"callboard phone boot: {exc}", file=sys.stderr)
         return EXIT_USAGE
     outcome: list[BootResult] = []
+    if not args.server and not args.activation_domain:
+        print("callboard phone boot: give --server or --activation-domain", file=sys.stderr)
+        return EXIT_USAGE
 
     async def main(reactor: Any) -> None:
-        result = await boot_phone(reactor, identity, args.server, _options(args), emit=_print)
+        if args.activation_domain:
+            result = await remote_boot(
+                reactor, identity, args.activation_domain, timeout=args.timeout,
+                register=args.register is not False, unregister=args.unregister, emit=_print,
+            )  # fmt: skip
+        else:
+            result = await boot_phone(reactor, identity, args.server, _options(args), emit=_print)
         outcome.append(result)
 
     _react_exit(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
@@ -96,6 +106,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
 
 def cmd_storm(args: argparse.Namespace) -> int:
+    if not args.server:
+        print("callboard phone storm: --server is required", file=sys.stderr)
+        return EXIT_USAGE
     try:
         codes = read_bat_codes(Path(args.codes).read_text(encoding="utf-8-sig"), args.model)
         issuer = labpki.load_issuing_ca(Path(args.lab_ca))
@@ -155,7 +168,6 @@ def _network_arguments() -> argparse.ArgumentParser:
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument(
         "--server",
-        required=True,
         type=_servers,
         metavar="ADDR[,ADDR…]",
         help="provisioning servers in DHCP option-150 order",
@@ -208,6 +220,12 @@ def _add_boot(
     p.add_argument("--mic", required=True, help="the MIC certificate (PEM; chain may follow)")
     p.add_argument("--mic-key", required=True, help="the MIC private key (PEM)")
     p.add_argument("--code", help="the 16-digit activation code, as keyed in by a user")
+    p.add_argument(
+        "--activation-domain",
+        metavar="https://HOST:PORT",
+        help="activate remotely at this Callboard edge (OAuth with the MIC, docs/REMOTE.md) "
+        "instead of DHCP/TFTP/TVS; --server is then not needed",
+    )
     p.set_defaults(func=cmd_boot)
 
 

@@ -9,8 +9,9 @@ from typing import Any
 
 from callboard.daemon import certs
 from support.edge import activate, get_config, sip_register
+from support.harness import run_cli
 
-MAC_A, MAC_B = "00AABBCCEE01", "00AABBCCEE02"
+MAC_A, MAC_B, MAC_C = "00AABBCCEE01", "00AABBCCEE02", "00AABBCCEE03"
 
 
 def test_remote_activation_through_the_daemon_and_its_cli(
@@ -65,6 +66,26 @@ def test_remote_activation_through_the_daemon_and_its_cli(
     daemon.json("device", "set-mac", sep_b, "--blank")
     assert get_config(base, f"{sep_b}.cnf.xml", mic_b, token_b).status == 401
 
+    # The emulated phone end to end: activation domain, config through the edge, SIP/TLS.
+    mic_c = certs.write_mic(tmp_path / "c", certs.issue_mic(lab, model="8841", mac=MAC_C))
+    _, code_c = new_device("--allow-remote")
+    booted = run_cli(
+        "phone", "boot", "--activation-domain", base, "--model", "8841", "--mac", MAC_C,
+        "--mic", str(mic_c[0]), "--mic-key", str(mic_c[1]), "--code", code_c, "--timeout", "10",
+        timeout=120,
+    )  # fmt: skip
+    assert booted.returncode == 0, booted.stdout + booted.stderr
+    assert "REGISTER over TLS with the bearer token: 200" in booted.stdout
+    shown_c = daemon.json("device", "show", f"SEP{MAC_C}")
+    assert shown_c["state"] == "active"
+    assert [r["transport"] for r in shown_c["registrations"]] == ["tls"]
+    again = run_cli(
+        "phone", "boot", "--activation-domain", base, "--model", "8841", "--mac", MAC_C,
+        "--mic", str(mic_c[0]), "--mic-key", str(mic_c[1]), "--code", code_c, "--timeout", "10",
+        timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 4, again.stdout + again.stderr  # the code is used: rejected
+
     log = daemon.log()
-    assert code not in log and code_b not in log
+    assert code not in log and code_b not in log and code_c not in log
     assert token not in log and token_b not in log

@@ -340,3 +340,31 @@ async def test_sip_over_tls_with_a_bearer_token(edge: Edge, lab: dict[str, Any])
         sip_register, port, lab["a"], authorization=("Authorization", f"Bearer {token}")
     )
     assert status == 401 and 'error="invalid_token"' in headers["www-authenticate"][0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_emulated_phone_activates_refreshes_and_fetches(
+    edge: Edge, lab: dict[str, Any]
+) -> None:
+    from callboard.phone.boot import PhoneIdentity
+    from callboard.phone.remote import EdgeClient
+
+    _, code = await edge.device()
+    identity = PhoneIdentity(
+        mac=MAC_A,
+        model="8841",
+        mic_cert=certs.load_certificate(lab["a"][0]),
+        mic_key=certs.load_private_key(lab["a"][1]),
+        code=code,
+    )
+    moments = [1000.0]
+    client = EdgeClient(reactor, edge.base, identity, now=lambda: moments[0])
+    first = await client.activate(code)
+    assert first.device_name == f"SEP{MAC_A}" and first.expires_at == 1600.0
+    assert await client.fresh_access_token() == first.access_token
+    moments[0] = 1590.0  # within a minute of expiry: refresh first
+    token = await client.fresh_access_token()
+    assert token != first.access_token and client.tokens is not None
+    assert client.tokens.refresh_token != first.refresh_token
+    config = await client.fetch(first.config_url)
+    assert b"<transportLayerProtocol>3</transportLayerProtocol>" in config
