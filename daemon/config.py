@@ -26,6 +26,7 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
+from .edge.settings import EdgeSettings, RemoteSettings
 from .ivr import IVRSettings
 from .provisioning import PhoneSettings, ProvisioningSettings
 from .registry.engines import StoreSettings
@@ -170,6 +171,8 @@ class Config:
     phones: PhoneSettings = field(default_factory=PhoneSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ivr: IVRSettings = field(default_factory=IVRSettings)
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
 
     @property
     def loads(self) -> dict[str, str]:
@@ -211,6 +214,8 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
     "phones": (("phones", PhoneSettings),),
     "metrics": (("metrics", MetricsConfig),),
     "ivr": (("ivr", IVRSettings),),
+    "edge": (("edge", EdgeSettings),),
+    "remote": (("remote", RemoteSettings),),
 }
 _TOP_LEVEL = (
     "state_dir",

@@ -52,6 +52,8 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "network.https_port",
         {"type": int, "help": "HTTPS provisioning for ITL 1.1 phones (default 6971; 0 = off)"},
     ),
+    ("--edge-port", "edge.port", {"type": int, "help": "HTTPS edge for remote activation"}),
+    ("--sip-oauth-port", "edge.sip_oauth_port", {"type": int, "help": "SIP over TLS, bearer"}),
     ("--tftp-root", "tftp_root", {"help": "firmware and other served files"}),
     ("--admin-socket", "admin_socket", {"help": "the admin API's UNIX socket"}),
     (

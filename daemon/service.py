@@ -45,6 +45,7 @@ from .activation import RegistryAuthority
 from .admin.api import AdminAPI, iso
 from .admin.app import AdminApp
 from .config import Config
+from .edge.wiring import wire_edge
 from .inherited import InheritedSockets
 from .instrument import CountingAuthority, instrument
 from .logs import get_logger
@@ -158,6 +159,7 @@ class CallboardService(AtomicMultiService):
         self._wire_shared_throttle()
         self._wire_registrar()
         self._wire_ivr()
+        self._wire_edge()
         self.admin_app = AdminApp(self.registry, self.registrations, self.status)
         self.admin_api = AdminAPI(self.admin_app)
         self.admin_app.backup_to = self._backup
@@ -345,6 +347,9 @@ class CallboardService(AtomicMultiService):
         )
         self.registrar.request_handler = self.ivr.dialogs
         ivr.IVRLifecycle(self.ivr).setServiceParent(self)  # type: ignore[no-untyped-call]
+    def _wire_edge(self) -> None:
+        """Remote activation (OAuth with the MIC) and SIP with bearer tokens, when enabled."""
+        self.edge = wire_edge(self)
 
     def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
         """A device deleted, renamed or back to awaiting activation loses its bindings."""

@@ -136,8 +136,14 @@ CREATE TABLE attempts (
 CREATE INDEX attempts_by_time ON attempts(at)
 """
 
+_PG_V5 = """
+ALTER TABLE devices ADD COLUMN allow_remote INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN token_generation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN refresh_serial INTEGER NOT NULL DEFAULT 0
+"""
+
 # In lockstep with store.MIGRATIONS: the same versions, the same tables and columns.
-PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4]
+PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4, _PG_V5]
 assert len(PG_MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from .model import ActivationCode, CodeState, Device, DeviceState, Line, Onboarding
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 T = TypeVar("T")
 
@@ -248,11 +248,25 @@ def _v3_to_v4(db: sqlite3.Connection) -> None:
     )
 
 
+def _v4_to_v5(db: sqlite3.Connection) -> None:
+    """Version 5: remote activation through the edge (permission, token generation, the
+    serial of the live refresh token)."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE devices ADD COLUMN allow_remote INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN token_generation INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN refresh_serial INTEGER NOT NULL DEFAULT 0
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v0_to_v1,
     _v1_to_v2,
     _v2_to_v3,
     _v3_to_v4,
+    _v4_to_v5,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -385,7 +399,8 @@ def _deliver(waiting: list[Deferred[Any]], outcomes: list[Any]) -> None:
 
 _DEVICE_COLUMNS = (
     "id, name, model, description, owner_user, lines, requires_activation,"
-    " state, created_at, updated_at, version, activated_at, mic_sha256"
+    " state, created_at, updated_at, version, activated_at, mic_sha256,"
+    " allow_remote, token_generation, refresh_serial"
 )
 _CODE_COLUMNS = "id, device_id, code, issued_at, expires_at, state, used_at"
 _SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"
@@ -709,10 +724,11 @@ def _write(db: sqlite3.Connection, batch: list[Change]) -> None:
         )
 
 
-_DEVICE_VALUES = ", ".join("?" * 13)
+_DEVICE_VALUES = ", ".join("?" * 16)
 _DEVICE_SET = (
     "name=?, model=?, description=?, owner_user=?, lines=?, requires_activation=?,"
-    " state=?, created_at=?, updated_at=?, version=?, activated_at=?, mic_sha256=?"
+    " state=?, created_at=?, updated_at=?, version=?, activated_at=?, mic_sha256=?,"
+    " allow_remote=?, token_generation=?, refresh_serial=?"
 )
 
 
@@ -830,6 +846,9 @@ def _device(r: Sequence[Any]) -> Device:
         version=r[10],
         activated_at=r[11],
         mic_sha256=r[12],
+        allow_remote=bool(r[13]),
+        token_generation=r[14],
+        refresh_serial=r[15],
     )
 
 
@@ -875,4 +894,7 @@ def _device_row(d: Device) -> tuple[Any, ...]:
         d.version,
         d.activated_at,
         d.mic_sha256,
+        int(d.allow_remote),
+        d.token_generation,
+        d.refresh_serial,
     )

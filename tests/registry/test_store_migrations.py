@@ -88,6 +88,8 @@ async def test_a_version_2_file_gains_the_change_feed(tmp_path: Path) -> None:
     assert snapshot.seq == 0  # an empty feed: followers start from here
     (device,) = snapshot.devices
     assert (device.name, device.activated_at, device.mic_sha256) == ("BAT0123456789AB", 150.0, "ab")
+    # Version 4: remote activation off, token generation and refresh serial at 0.
+    assert (device.allow_remote, device.token_generation, device.refresh_serial) == (False, 0, 0)
     assert [c.id for c in snapshot.codes] == ["c1"]
     # A write through another connection is now visible on the feed.
     other = SQLiteStore(path)
