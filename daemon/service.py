@@ -63,7 +63,7 @@ log = get_logger("callboard.service")
 
 DATABASE_NAME = "callboard.sqlite3"
 # [endpoints] keys and the socket-activation role (FileDescriptorName=) of each.
-_ROLES = {"http": "http", "tvs": "tvs", "sip": "sip-tcp", "sip_tls": "sip-tls"}
+_ROLES = {"http": "http", "https": "https", "tvs": "tvs", "sip": "sip-tcp", "sip_tls": "sip-tls"}
 THROTTLE_SYNC_INTERVAL = 0.5  # seconds between shared-throttle write-through and read
 
 
@@ -368,7 +368,7 @@ class CallboardService(AtomicMultiService):
         override = self.config.endpoints.spec(key)
         if override is not None:
             return [self.inherited.resolve(override)]
-        adopted = self.inherited.for_role(_ROLES[key], "stream")
+        adopted = self.inherited.for_role(_ROLES.get(key, key), "stream")
         if adopted is not None:
             return adopted  # socket activation: this role's sockets, or none (off)
         return [

@@ -71,10 +71,12 @@ class EdgeTree(ProvisioningTree):
 
     def render_device(self, device: Device) -> bytes:
         rendered = super().render_device(device)
-        return rendered.replace(
-            b"<deviceSecurityMode>1</deviceSecurityMode>",
-            b"<deviceSecurityMode>3</deviceSecurityMode>",
-        )
+        for mode in (b"1", b"2"):  # the LAN's choice, whatever the transport there
+            rendered = rendered.replace(
+                b"<deviceSecurityMode>" + mode + b"</deviceSecurityMode>",
+                b"<deviceSecurityMode>3</deviceSecurityMode>",
+            )
+        return rendered
 
 
 def _url_host(host: str) -> str:

@@ -462,12 +462,10 @@ class PostgreSQLStore:
 
 _SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"
 _SELECT_CODES = f"SELECT {_CODE_COLUMNS} FROM codes"
-_DEVICE_VALUES = ", ".join(["%s"] * 13)
+_DEVICE_VALUES = ", ".join(["%s"] * len(_DEVICE_COLUMNS.split(",")))
 _CODE_VALUES = ", ".join(["%s"] * 7)
-_DEVICE_SET = (
-    "name=%s, model=%s, description=%s, owner_user=%s, lines=%s, requires_activation=%s,"
-    " state=%s, created_at=%s, updated_at=%s, version=%s, activated_at=%s, mic_sha256=%s"
-)
+# Every column but the id, in _DEVICE_COLUMNS order (the row's tail).
+_DEVICE_SET = ", ".join(f"{column}=%s" for column in _DEVICE_COLUMNS.replace(",", " ").split()[1:])
 _UPSERT_SET = ", ".join(
     f"{column}=excluded.{column}"
     for column in _DEVICE_COLUMNS.replace(",", " ").split()
