@@ -22,7 +22,11 @@ class RegistryAuthority:
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Deferred[Redemption]:
+    def redeem(
+        self, *, mac: str, model: str, code: str, mic_sha256: str, remote: bool = False
+    ) -> Deferred[Redemption]:
+        """``remote``: the edge asks (the device must allow remote activation)."""
+
         def outcome(result: Redeemed) -> Redemption:
             if result.ok and result.device is not None:
                 log.info(
@@ -30,10 +34,15 @@ class RegistryAuthority:
                     device=result.device.name,
                     model=model,
                     mic_sha256=mic_sha256,
+                    remote=remote,
                 )
                 return Redemption(True, result.device.name, "activated")
-            log.info("activation refused", mac=mac, model=model, reason=result.reason)
+            log.info(
+                "activation refused", mac=mac, model=model, reason=result.reason, remote=remote
+            )
             return Redemption(False, None, "activation code not accepted")
 
-        d = self._registry.redeem(mac=mac, model=model, code=code, mic_sha256=mic_sha256)
+        d = self._registry.redeem(
+            mac=mac, model=model, code=code, mic_sha256=mic_sha256, remote=remote
+        )
         return d.addCallback(outcome)

@@ -26,8 +26,10 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
+from .edge.settings import EdgeSettings, RemoteSettings
 from .ivr import IVRSettings
 from .provisioning import PhoneSettings, ProvisioningSettings
+from .registry.engines import StoreSettings
 from .registry.registry import RegistrySettings
 from .sip_policy import AutoRegistration
 from .web.settings import SelfCareSettings, SMTPSettings, WebSettings
@@ -161,6 +163,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    store: StoreSettings = field(default_factory=StoreSettings)  # [registry] url
     tftp: TFTPSettings = field(default_factory=TFTPSettings)
     tvs: TVSSettings = field(default_factory=TVSSettings)
     trust: TrustConfig = field(default_factory=TrustConfig)
@@ -171,6 +174,8 @@ class Config:
     phones: PhoneSettings = field(default_factory=PhoneSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ivr: IVRSettings = field(default_factory=IVRSettings)
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
     web: WebSettings = field(default_factory=WebSettings)
     smtp: SMTPSettings = field(default_factory=SMTPSettings)
     self_care: SelfCareSettings = field(default_factory=SelfCareSettings)
@@ -203,7 +208,7 @@ class Config:
 SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
     "network": (("network", NetworkConfig),),
     "endpoints": (("endpoints", EndpointsConfig),),
-    "registry": (("registry", RegistrySettings),),
+    "registry": (("registry", RegistrySettings), ("store", StoreSettings)),
     "tftp": (("tftp", TFTPSettings),),
     "tvs": (("tvs", TVSSettings), ("trust", TrustConfig)),
     "sip": (
@@ -215,6 +220,8 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
     "phones": (("phones", PhoneSettings),),
     "metrics": (("metrics", MetricsConfig),),
     "ivr": (("ivr", IVRSettings),),
+    "edge": (("edge", EdgeSettings),),
+    "remote": (("remote", RemoteSettings),),
     "web": (("web", WebSettings),),
     "smtp": (("smtp", SMTPSettings),),
     "self_care": (("self_care", SelfCareSettings),),

@@ -52,6 +52,8 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "network.https_port",
         {"type": int, "help": "HTTPS provisioning for ITL 1.1 phones (default 6971; 0 = off)"},
     ),
+    ("--edge-port", "edge.port", {"type": int, "help": "HTTPS edge for remote activation"}),
+    ("--sip-oauth-port", "edge.sip_oauth_port", {"type": int, "help": "SIP over TLS, bearer"}),
     ("--web-port", "network.web_port", {"type": int, "help": "HTTPS web and REST API port"}),
     ("--tftp-root", "tftp_root", {"help": "firmware and other served files"}),
     ("--admin-socket", "admin_socket", {"help": "the admin API's UNIX socket"}),
@@ -75,6 +77,15 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "--metrics-address",
         "metrics.address",
         {"help": "the address /metrics listens on (default 127.0.0.1)"},
+    ),
+    (
+        "--registry",
+        "registry.url",
+        {
+            "metavar": "URL",
+            "help": "sqlite:///path (default <state-dir>/callboard.sqlite3) "
+            "or postgresql://user@host/db",
+        },
     ),
 ]
 
@@ -135,6 +146,10 @@ def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     from . import certs
 
     certs.register_cli(sub)
+
+    from .registry import engines
+
+    engines.register_cli(sub)
 
     # The emulated phone is a client, not part of the daemon: the one entry point lends it a
     # subcommand. Imported here rather than at the top so no daemon module depends on it.

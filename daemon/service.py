@@ -46,14 +46,17 @@ from .activation import RegistryAuthority
 from .admin.api import AdminAPI, iso
 from .admin.app import AdminApp
 from .config import Config
+from .edge.wiring import wire_edge
 from .inherited import InheritedSockets
 from .instrument import CountingAuthority, instrument
 from .logs import get_logger
 from .metrics import CallboardMetrics, metrics_site
 from .provisioning import ProvisioningTree
+from .registry.engines import open_store, wake_on_notify
 from .registry.model import Device, DeviceState
 from .registry.registry import Registry
-from .registry.store import SQLiteStore
+from .registry.store import SQLiteStore, Store
+from .shared_throttle import open_journal, share_tvs_throttles
 from .signing import SgnSigner
 from .sip_policy import RegistryPolicy
 from .web import site as web_site
@@ -70,6 +73,7 @@ _ROLES = {
     "sip_tls": "sip-tls",
     "web": "web",
 }
+THROTTLE_SYNC_INTERVAL = 0.5  # seconds between shared-throttle write-through and read
 
 
 @dataclass
@@ -96,7 +100,8 @@ class CallboardService(AtomicMultiService):
         # expiry and the SIP Date header need; a test's MemoryReactorClock drives it all).
         # Timers go through the reactor itself (IReactorTime).
         self.now: Callable[[], float] = reactor.seconds
-        self.store: SQLiteStore | None = None
+        self.store: Store | None = None
+        self._closing: list[Callable[[], Deferred[None]]] = []  # closed with the store
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -134,7 +139,7 @@ class CallboardService(AtomicMultiService):
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
         config.tftp_root_path.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.store = SQLiteStore(state_dir / DATABASE_NAME, self.reactor)
+        self.store = open_store(config.store.url, state_dir, self.reactor)
         try:
             self.registry = Registry(self.store, self.now, config.registry)
             if not certs.certs_present(state_dir):
@@ -150,6 +155,9 @@ class CallboardService(AtomicMultiService):
     def _close_state(self) -> Deferred[None]:
         """Close the store once its writer has drained (every acknowledged write is on disk)."""
         store, self.store = self.store, None
+        closing, self._closing = self._closing, []
+        for close in closing:
+            close()
         return store.close() if store is not None else succeed(None)
 
     # -- wiring (no I/O: every socket is bound when the children start) --------------------
@@ -158,8 +166,10 @@ class CallboardService(AtomicMultiService):
         self._wire_file_service()
         self._wire_https()
         self.tvs = self._wire_tvs()
+        self._wire_shared_throttle()
         self._wire_registrar()
         self._wire_ivr()
+        self._wire_edge()
         self.admin_app = AdminApp(self.registry, self.registrations, self.status)
         self.admin_api = AdminAPI(self.admin_app)
         self.admin_app.backup_to = self._backup
@@ -167,6 +177,7 @@ class CallboardService(AtomicMultiService):
         follower = TimerService(self.registry.settings.feed_interval, self.registry.follow)
         follower.clock = self.reactor
         follower.setServiceParent(self)
+        wake_on_notify(self.store, self.registry.follow)  # PostgreSQL: at once, not next poll
         admin = self.config.endpoints.spec("admin") or ListenerSpec.unix(
             str(self.config.admin_socket_path), mode=0o600, lockfile=True
         )
@@ -296,6 +307,16 @@ class CallboardService(AtomicMultiService):
             self._add_listener("tvs", spec, tvs)
         return tvs
 
+    def _wire_shared_throttle(self) -> None:
+        """TVS failures counted in the registry's ``attempts`` table, so that processes and
+        nodes on one registry share one failure budget (see :mod:`.shared_throttle`)."""
+        journal = open_journal(self.config.store.url, self.config.state_dir, self.reactor)
+        self.throttle_sync = share_tvs_throttles(
+            self.tvs.handler, journal, self.now, self.config.tvs.throttle_window
+        )
+        self.throttle_sync.service(THROTTLE_SYNC_INTERVAL, self.reactor).setServiceParent(self)
+        self._closing.append(journal.close)
+
     def _wire_registrar(self) -> None:
         config = self.config
         net = config.network
@@ -362,6 +383,9 @@ class CallboardService(AtomicMultiService):
         )
         self.registrar.request_handler = self.ivr.dialogs
         ivr.IVRLifecycle(self.ivr).setServiceParent(self)  # type: ignore[no-untyped-call]
+    def _wire_edge(self) -> None:
+        """Remote activation (OAuth with the MIC) and SIP with bearer tokens, when enabled."""
+        self.edge = wire_edge(self)
 
     def _drop_registrations(self, old: Device | None, new: Device | None) -> None:
         """A device deleted, renamed, back to awaiting activation or given other lines loses
@@ -382,7 +406,7 @@ class CallboardService(AtomicMultiService):
         override = self.config.endpoints.spec(key)
         if override is not None:
             return [self.inherited.resolve(override)]
-        adopted = self.inherited.for_role(_ROLES[key], "stream")
+        adopted = self.inherited.for_role(_ROLES.get(key, key), "stream")
         if adopted is not None:
             return adopted  # socket activation: this role's sockets, or none (off)
         return [
@@ -446,8 +470,16 @@ class CallboardService(AtomicMultiService):
         """``callboard backup``: the store's online copy of the registry."""
         from pathlib import Path
 
-        assert self.store is not None
-        return self.store.backup(Path(path))
+        from twisted.internet.defer import fail
+
+        from .admin.app import Problem
+
+        if not isinstance(self.store, SQLiteStore):
+            # PostgreSQL has its own online backups (pg_dump, base backups): say so plainly.
+            why = "use pg_dump to back up a PostgreSQL registry"
+            return fail(Problem(409, "Not supported", why))
+        done: Deferred[None] = self.store.backup(Path(path))
+        return done
 
     def registrations(self, device_name: str) -> list[dict[str, Any]]:
         return [

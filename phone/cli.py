@@ -25,6 +25,7 @@ from twisted.internet import defer, task
 from .boot import BootOptions, BootResult, Outcome, PhoneIdentity, PrivateKey, normalise_model
 from .driver import boot_phone
 from .provision import ProvisionError, provision_bat
+from .remote import remote_boot
 from .storm import MicCache, default_mic_cache, read_bat_codes, sequential_macs
 from .storm_run import PhoneSpec, Progress, StormSpec, storm_in_process, storm_in_processes
 
@@ -89,13 +90,23 @@ def cmd_boot(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as exc:
         print(f"callboard phone boot: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not args.server and not args.dhcp:
-        print("callboard phone boot: give --server or --dhcp IFACE", file=sys.stderr)
+    if not args.server and not args.dhcp and not args.activation_domain:
+        print(
+            "callboard phone boot: give --server, --dhcp IFACE or --activation-domain",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     outcome: list[BootResult] = []
     failed: list[str] = []
 
     async def main(reactor: Any) -> None:
+        if args.activation_domain:
+            result = await remote_boot(
+                reactor, identity, args.activation_domain, timeout=args.timeout,
+                register=args.register is not False, unregister=args.unregister, emit=_print,
+            )  # fmt: skip
+            outcome.append(result)
+            return
         servers = args.server
         if args.dhcp:
             servers = await _servers_from_dhcp(reactor, args, failed)
@@ -347,6 +358,12 @@ def _add_boot(
         metavar="IFACE",
         help="learn the servers from DHCP on IFACE (option 150 in order, option 66 as the "
         "fallback) instead of --server; needs root",
+    )
+    p.add_argument(
+        "--activation-domain",
+        metavar="https://HOST:PORT",
+        help="activate remotely at this Callboard edge (OAuth with the MIC, docs/REMOTE.md) "
+        "instead of DHCP/TFTP/TVS; --server is then not needed",
     )
     p.set_defaults(func=cmd_boot)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -181,6 +182,8 @@ class SipUserAgent:
     itl_signature: str | None = None  # DeviceTLInfo: hex bytes of the installed ITL's signature
     itl_tftp_server: str | None = None
     send_alarm: bool = True  # the DeviceTLInfo REFER before the first REGISTER
+    # The current OAuth access token (remote phones: SIP over TLS with bearer, RFC 8898).
+    bearer: Callable[[], str] | None = None
 
     def __post_init__(self) -> None:
         if self.transport not in ("tcp", "tls"):
@@ -299,7 +302,8 @@ class SipUserAgent:
         return proto
 
     async def _register_line(self, line: _Line, expires: int, first: bool) -> LineRegistration:
-        resp = await self._transact(line, expires, None, first)
+        bearer = f"Bearer {self.bearer()}" if self.bearer is not None else None
+        resp = await self._transact(line, expires, bearer, first)
         if resp.status == 401 and line.password:
             try:
                 challenge = parse_challenge(resp.headers.get_all("www-authenticate"))

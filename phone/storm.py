@@ -56,8 +56,8 @@ def step_of(action: Action) -> str:
     if isinstance(action, Fetch):
         if action.name.startswith(_TRUST_FILES):
             return "trust list"
-        if action.name == "XMLDefault.cnf.xml":
-            return "XMLDefault"
+        if action.name.removesuffix(".sgn") == "XMLDefault.cnf.xml":  # signed once the ITL
+            return "XMLDefault"  # names a TFTP-role certificate
     return "SEP config"
 
 

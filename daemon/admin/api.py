@@ -126,6 +126,11 @@ class AdminAPI(Resource):
                 return _reply(
                     200, app.set_requires_activation(actor, name, required), views.device_json
                 )
+            case "POST", ["devices", name, "allow-remote"]:
+                allowed = validation.allowed_flag(body)
+                return _reply(200, app.set_allow_remote(actor, name, allowed), views.device_json)
+            case "POST", ["devices", name, "revoke-tokens"]:
+                return _reply(200, app.revoke_tokens(actor, name), views.device_json)
             case "GET", ["devices", name, "code"]:
                 return _reply(200, app.view_code(actor, name), views.code_view_json)
             case "POST", ["devices", name, "code", "release"]:

@@ -32,6 +32,7 @@ from ..registry.model import (
     model_info,
 )
 from ..registry.registry import BulkError, DeviceSpec, Registry
+from ..registry.store import StoreError
 from .csvio import ImportRow, row_to_spec
 
 __all__ = [
@@ -129,6 +130,8 @@ def problem_from(error: BaseException) -> Problem | None:
         return Problem.conflict(str(error))
     if isinstance(error, RegistryError):
         return Problem.bad_request(str(error))
+    if isinstance(error, StoreError):  # the database is down: nothing was written
+        return Problem(503, "Registry unavailable", str(error))
     return None
 
 
@@ -344,6 +347,25 @@ class AdminApp:
         return self._change(
             actor, lambda: self._registry.set_requires_activation(name, required), audit
         )
+
+    def set_allow_remote(self, actor: Actor, name: str, allowed: bool) -> Deferred[DeviceView]:
+        """Allow or forbid activation through the edge (forbidding ends the device's tokens)."""
+
+        def audit(device: Device) -> DeviceView:
+            self._audit(actor, "device.allow-remote", device=device.name, allowed=allowed)
+            return self._view(device, reveal_code=False)
+
+        return self._change(actor, lambda: self._registry.set_allow_remote(name, allowed), audit)
+
+    def revoke_tokens(self, actor: Actor, name: str) -> Deferred[DeviceView]:
+        """Every OAuth token of the device fails from now on."""
+
+        def audit(device: Device) -> DeviceView:
+            generation = device.token_generation
+            self._audit(actor, "device.revoke-tokens", device=device.name, generation=generation)
+            return self._view(device, reveal_code=False, detail=True)
+
+        return self._change(actor, lambda: self._registry.revoke_tokens(name), audit)
 
     def release_code(self, actor: Actor, name: str) -> Deferred[CodeView]:
         """Void a device's outstanding code; the view does not show the digits."""

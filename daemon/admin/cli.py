@@ -144,6 +144,7 @@ def _show_device(d: dict[str, Any]) -> str:
         f"model:               {d['model']}",
         f"state:               {d['state']}",
         f"requires activation: {_text(d['requires_activation'])}",
+        f"allow remote:        {_text(d.get('allow_remote', False))}",
         f"description:         {d.get('description') or '-'}",
         f"user:                {d.get('user') or '-'}",
     ]
@@ -187,6 +188,7 @@ def cmd_device_add(client: AdminClient, args: argparse.Namespace) -> Any:
         "user": args.user,
         "lines": [_parse_line(spec) for spec in args.line],
         "requires_activation": args.require_activation,
+        "allow_remote": args.allow_remote,
     }
     for line in body["lines"]:
         if args.password:
@@ -242,6 +244,16 @@ def cmd_device_require(client: AdminClient, args: argparse.Namespace) -> Any:
     return client.call(
         "POST", f"devices/{args.name}/require-activation", {"required": not args.off}
     )
+
+
+def cmd_device_set(client: AdminClient, args: argparse.Namespace) -> Any:
+    if args.allow_remote is None:
+        raise CLIError("nothing to set: give --allow-remote or --no-allow-remote")
+    return client.call("POST", f"devices/{args.name}/allow-remote", {"allowed": args.allow_remote})
+
+
+def cmd_device_revoke_tokens(client: AdminClient, args: argparse.Namespace) -> Any:
+    return client.call("POST", f"devices/{args.name}/revoke-tokens")
 
 
 def cmd_code_show(client: AdminClient, args: argparse.Namespace) -> Any:
@@ -434,6 +446,8 @@ def _render(command: str, result: Any) -> str:
         "device set-mac",
         "device delete",
         "device require-activation",
+        "device set",
+        "device revoke-tokens",
     ):
         return _show_device(result)
     if command in ("code show", "code generate", "code release"):
@@ -536,6 +550,27 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         const=False,
         help="no code; the phone may fetch its config at once",
     )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="may activate over the internet through the edge (remote activation)",
+    )
+    p = leaf(device, "set", cmd_device_set, "device set", "change a phone's permissions")
+    p.add_argument("name")
+    p.add_argument(
+        "--allow-remote",
+        dest="allow_remote",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="allow (or, with --no-allow-remote, forbid) activation through the edge",
+    )
+    leaf(
+        device,
+        "revoke-tokens",
+        cmd_device_revoke_tokens,
+        "device revoke-tokens",
+        "make every OAuth token of a phone fail at once",
+    ).add_argument("name")
     p = leaf(
         device,
         "edit",

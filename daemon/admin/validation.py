@@ -50,7 +50,11 @@ def device_spec(body: dict[str, Any]) -> DeviceSpec:
     mac = body.get("mac")
     if mac is not None and not isinstance(mac, str):
         raise Problem.bad_request("mac must be a string")
+    allow_remote = body.get("allow_remote", False)
+    if not isinstance(allow_remote, bool):
+        raise Problem.bad_request("allow_remote must be true or false")
     return DeviceSpec(
+        allow_remote=allow_remote,
         model=model,
         mac=mac or None,
         description=str(body.get("description", "")),
@@ -73,6 +77,13 @@ def required_flag(body: dict[str, Any]) -> bool:
     if not isinstance(required, bool):
         raise Problem.bad_request("required must be true or false")
     return required
+
+
+def allowed_flag(body: dict[str, Any]) -> bool:
+    allowed = body.get("allowed", True)
+    if not isinstance(allowed, bool):
+        raise Problem.bad_request("allowed must be true or false")
+    return allowed
 
 
 def onboarding(body: dict[str, Any]) -> Onboarding:

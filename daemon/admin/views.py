@@ -40,6 +40,7 @@ def device_json(view: DeviceView) -> dict[str, Any]:
         "user": device.owner_user,
         "state": device.state.value,
         "requires_activation": device.requires_activation,
+        "allow_remote": device.allow_remote,
         "lines": [
             {
                 "directory_number": ln.directory_number,
@@ -58,6 +59,7 @@ def device_json(view: DeviceView) -> dict[str, Any]:
             activated=iso(device.activated_at),
             mic_sha256=device.mic_sha256,
             bound_to=binding_of(device),
+            token_generation=device.token_generation,
             registrations=view.registrations or [],
         )
     return body

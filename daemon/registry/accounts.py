@@ -5,10 +5,12 @@ only as SHA-256 digests (a token is 256 random bits, so a fast hash is enough an
 request be authenticated with one dictionary look-up). Hashing a password costs tens of
 milliseconds and 64 MiB, so it always runs on a worker thread, never on the reactor.
 
-The tables live in the registry's SQLite file (created by the store's migrations) and are
-written through the store's own writer (:meth:`SQLiteStore.transaction`): one connection, one
-writer thread, ``synchronous=FULL``, in order with the registry's writes. Memory is updated only
-after the commit, so reads stay in memory and never wait.
+The tables live in the registry's database (created by the store's migrations, SQLite or
+PostgreSQL) and are written through the store's own writer (``store.transaction``): one
+connection, one writer thread (SQLite: ``synchronous=FULL``), in order with the registry's
+writes. Memory is updated only after the commit, so reads stay in memory and never wait. The
+SQL is what both engines speak (``ON CONFLICT … DO UPDATE``), parameters in the store's
+``paramstyle``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -118,12 +119,19 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+@runtime_checkable
 class Transactions(Protocol):
-    """What the accounts need of the registry's store (:class:`SQLiteStore` has both)."""
+    """What the accounts need of the registry's store (both engines' stores have it).
 
-    def transaction(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]: ...
+    ``work`` gets the store's DB-API connection (``execute(sql, params)``); ``paramstyle``
+    is how a parameter is written in that SQL (``?`` or ``%s``).
+    """
 
-    def read(self, work: Callable[[sqlite3.Connection], T]) -> T: ...
+    paramstyle: str
+
+    def transaction(self, work: Callable[[Any], T]) -> Deferred[T]: ...
+
+    def read(self, work: Callable[[Any], T]) -> T: ...
 
 
 class AccountStore:
@@ -136,9 +144,14 @@ class AccountStore:
         self.users: dict[str, User] = {}
         self.tokens: dict[str, ApiToken] = {}
         self._by_digest: dict[str, str] = {}
+        self._p = store.paramstyle
         store.read(self._load)
 
-    def _load(self, db: sqlite3.Connection) -> None:
+    def _sql(self, text: str) -> str:
+        """``text`` with each ``?`` written in the store's parameter style."""
+        return text.replace("?", self._p)
+
+    def _load(self, db: Any) -> None:
         for r in db.execute(
             "SELECT name, display_name, email, is_admin, password_hash, created_at, updated_at"
             " FROM users"
@@ -167,10 +180,15 @@ class AccountStore:
     # -- writes (worker thread, one at a time, memory after the commit) ------------------
 
     def put_user(self, user: User) -> Deferred[User]:
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Any) -> None:
             db.execute(
-                "INSERT OR REPLACE INTO users (name, display_name, email, is_admin,"
-                " password_hash, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                self._sql(
+                    "INSERT INTO users (name, display_name, email, is_admin, password_hash,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET display_name = excluded.display_name,"
+                    " email = excluded.email, is_admin = excluded.is_admin,"
+                    " password_hash = excluded.password_hash, updated_at = excluded.updated_at"
+                ),
                 (
                     user.name,
                     user.display_name,
@@ -191,9 +209,9 @@ class AccountStore:
     def delete_user(self, name: str) -> Deferred[None]:
         """Delete a user and every token acting as them."""
 
-        def write(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM api_tokens WHERE user_name = ?", (name,))
-            db.execute("DELETE FROM users WHERE name = ?", (name,))
+        def write(db: Any) -> None:
+            db.execute(self._sql("DELETE FROM api_tokens WHERE user_name = ?"), (name,))
+            db.execute(self._sql("DELETE FROM users WHERE name = ?"), (name,))
 
         def forget(_: object) -> None:
             self.users.pop(name, None)
@@ -203,10 +221,12 @@ class AccountStore:
         return self._write(write).addCallback(forget)
 
     def put_token(self, token: ApiToken) -> Deferred[ApiToken]:
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Any) -> None:
             db.execute(
-                "INSERT INTO api_tokens (name, token_sha256, read_only, user_name, created_by,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                self._sql(
+                    "INSERT INTO api_tokens (name, token_sha256, read_only, user_name,"
+                    " created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+                ),
                 (
                     token.name,
                     token.token_sha256,
@@ -225,8 +245,8 @@ class AccountStore:
         return self._write(write).addCallback(remember)
 
     def delete_token(self, name: str) -> Deferred[None]:
-        def write(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM api_tokens WHERE name = ?", (name,))
+        def write(db: Any) -> None:
+            db.execute(self._sql("DELETE FROM api_tokens WHERE name = ?"), (name,))
 
         return self._write(write).addCallback(lambda _: self._forget_token(name))
 
@@ -235,7 +255,7 @@ class AccountStore:
         if token is not None:
             self._by_digest.pop(token.token_sha256, None)
 
-    def _write(self, statements: Callable[[sqlite3.Connection], None]) -> Deferred[None]:
+    def _write(self, statements: Callable[[Any], None]) -> Deferred[None]:
         """One transaction on the store's writer thread; durable when the Deferred fires."""
         return self._store.transaction(statements)
 

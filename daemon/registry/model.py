@@ -146,6 +146,12 @@ class Device:
     activated_at: float | None = None
     mic_sha256: str | None = None
     version: int = 1  # bumped on every change; drives the config versionStamp
+    # Remote activation (the edge): CUCM's "Allow Activation Code via MRA"; the generation
+    # every OAuth token of the device carries (bumped: all of them fail at once); the serial
+    # of the one live refresh token (bumped on each rotation).
+    allow_remote: bool = False
+    token_generation: int = 0
+    refresh_serial: int = 0
 
     @property
     def mac(self) -> str | None:

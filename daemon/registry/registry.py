@@ -96,6 +96,7 @@ class DeviceSpec:
     owner_user: str = ""
     lines: tuple[Line, ...] = ()
     requires_activation: bool | None = None  # None: follow the model's default
+    allow_remote: bool = False  # may activate through the edge (remote activation)
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,11 @@ class Registry:
         if mac is None:
             if device.is_placeholder:
                 return succeed(device)
-            new = device.changed(now, name=self._unused_bat_name())
+            new = device.changed(
+                now,
+                name=self._unused_bat_name(),
+                token_generation=device.token_generation + 1,
+            )
             if new.requires_activation:
                 new = replace(new, state=DeviceState.AWAITING_ACTIVATION, activated_at=None)
                 changes.extend(self._void_code(new, now))
@@ -322,6 +327,39 @@ class Registry:
         d = self._commit(
             [PutDevice(new, expect_version=device.version), *self._void_code(new, now)]
         )
+        return d.addCallback(lambda _: new)
+
+    @_refusals_as_failures
+    def set_allow_remote(self, name: str, allowed: bool) -> Deferred[Device]:
+        """Allow or forbid activation through the edge; forbidding also ends its tokens."""
+        device = self.get(name)
+        if device.allow_remote == allowed:
+            return succeed(device)
+        generation = device.token_generation + (0 if allowed else 1)
+        new = device.changed(self._clock(), allow_remote=allowed, token_generation=generation)
+        d = self._commit([PutDevice(new, expect_version=device.version)])
+        return d.addCallback(lambda _: new)
+
+    @_refusals_as_failures
+    def revoke_tokens(self, name: str) -> Deferred[Device]:
+        """Every OAuth token of the device fails from now on (its generation moves on)."""
+        device = self.get(name)
+        new = device.changed(self._clock(), token_generation=device.token_generation + 1)
+        d = self._commit([PutDevice(new, expect_version=device.version)])
+        return d.addCallback(lambda _: new)
+
+    @_refusals_as_failures
+    def rotate_refresh(self, name: str, *, generation: int, serial: int) -> Deferred[Device]:
+        """Spend the refresh token ``serial`` of ``generation``: durable before new tokens.
+
+        A token already spent, or of an older generation, is refused (:class:`Stale`), and
+        so is the loser of two concurrent refreshes (the store's version condition).
+        """
+        device = self.get(name)
+        if device.token_generation != generation or device.refresh_serial != serial:
+            raise Stale(f"refresh token of {device.name} is no longer current")
+        new = device.changed(self._clock(), refresh_serial=serial + 1)
+        d = self._commit([PutDevice(new, expect_version=device.version)])
         return d.addCallback(lambda _: new)
 
     @_refusals_as_failures
@@ -412,14 +450,18 @@ class Registry:
 
     # -- phone-driven changes ------------------------------------------------------------
 
-    def redeem(self, *, mac: str, model: str, code: str, mic_sha256: str) -> Deferred[Redeemed]:
+    def redeem(
+        self, *, mac: str, model: str, code: str, mic_sha256: str, remote: bool = False
+    ) -> Deferred[Redeemed]:
         """Redeem a code for a phone proven (by its MIC) to have ``mac`` and ``model``.
 
         The checks run on memory; the write is a compare-and-set in the store (the code still
         issued, unexpired and with these digits; the device at the version read). The code
         becomes used, a BAT record becomes SEP<mac>, the device becomes active with the MIC
         fingerprint recorded, and the Deferred fires once that is durable. A refusal decided
-        from memory fires at once (no store round trip for a wrong guess).
+        from memory fires at once (no store round trip for a wrong guess). ``remote``: the
+        phone came through the edge, which the device must allow; every activation starts a
+        new token generation (tokens of an earlier activation stop working).
         """
         now = self._clock()
         try:
@@ -450,12 +492,15 @@ class Registry:
                     Redeemed(False, f"{device.name} is provisioned as model {device.model}")
                 )
             target = device.name
+        if remote and not device.allow_remote:
+            return succeed(Redeemed(False, f"remote activation not allowed for {device.name}"))
         new = device.changed(
             now,
             name=target,
             state=DeviceState.ACTIVE,
             activated_at=now,
             mic_sha256=mic_sha256,
+            token_generation=device.token_generation + 1,
         )
         used = replace(stored, state=CodeState.USED, used_at=now)
         # The code's condition first, so a lost race reads "activation code is used".
@@ -579,6 +624,7 @@ class Registry:
             state=DeviceState.AWAITING_ACTIVATION if required else DeviceState.PROVISIONED,
             created_at=now,
             updated_at=now,
+            allow_remote=spec.allow_remote,
         )
 
     @staticmethod

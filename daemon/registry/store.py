@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from .model import ActivationCode, CodeState, Device, DeviceState, Line, Onboarding
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 T = TypeVar("T")
 
@@ -230,8 +230,39 @@ def _v2_to_v3(db: sqlite3.Connection) -> None:
     )
 
 
-def _v3_to_v4_accounts(db: sqlite3.Connection) -> None:
-    """Version 4 adds web users (Argon2id hashes only) and API tokens (SHA-256 only).
+def _v3_to_v4(db: sqlite3.Connection) -> None:
+    """Version 4 keeps failed activation attempts where every process and node sees them:
+    one row per failure counted against a throttle key (``dev:NAME`` or ``src:ADDRESS``),
+    by the node (``origin``) that saw it. The TVS failure budget is shared through it."""
+    _run_script(
+        db,
+        """
+        CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            key TEXT NOT NULL,
+            at REAL NOT NULL,
+            origin TEXT NOT NULL
+        );
+        CREATE INDEX attempts_by_time ON attempts(at)
+        """,
+    )
+
+
+def _v4_to_v5(db: sqlite3.Connection) -> None:
+    """Version 5: remote activation through the edge (permission, token generation, the
+    serial of the live refresh token)."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE devices ADD COLUMN allow_remote INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN token_generation INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN refresh_serial INTEGER NOT NULL DEFAULT 0
+        """,
+    )
+
+
+def _v5_to_v6_accounts(db: sqlite3.Connection) -> None:
+    """Version 6 adds web users (Argon2id hashes only) and API tokens (SHA-256 only).
 
     Read and written by :mod:`callboard.daemon.registry.accounts`, not by this store.
     """
@@ -263,7 +294,9 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v0_to_v1,
     _v1_to_v2,
     _v2_to_v3,
-    _v3_to_v4_accounts,
+    _v3_to_v4,
+    _v4_to_v5,
+    _v5_to_v6_accounts,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -396,7 +429,8 @@ def _deliver(waiting: list[Deferred[Any]], outcomes: list[Any]) -> None:
 
 _DEVICE_COLUMNS = (
     "id, name, model, description, owner_user, lines, requires_activation,"
-    " state, created_at, updated_at, version, activated_at, mic_sha256"
+    " state, created_at, updated_at, version, activated_at, mic_sha256,"
+    " allow_remote, token_generation, refresh_serial"
 )
 _CODE_COLUMNS = "id, device_id, code, issued_at, expires_at, state, used_at"
 _SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"
@@ -483,9 +517,13 @@ class SQLiteStore:
         """
         return self._thread.submit(lambda: _backup(self._db, path))
 
+    # Tables the Store interface does not model (the web's users and tokens), in SQL both
+    # engines speak; parameters are written as ``paramstyle``.
+    paramstyle = "?"
+
     def transaction(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
         """Run ``work`` as one write transaction on the store thread, in order with this
-        store's own writes (tables the store does not model: the web's users and tokens)."""
+        store's own writes (after any group commit queued before it)."""
 
         def run() -> T:
             db = self._db
@@ -741,10 +779,11 @@ def _write(db: sqlite3.Connection, batch: list[Change]) -> None:
         )
 
 
-_DEVICE_VALUES = ", ".join("?" * 13)
+_DEVICE_VALUES = ", ".join("?" * 16)
 _DEVICE_SET = (
     "name=?, model=?, description=?, owner_user=?, lines=?, requires_activation=?,"
-    " state=?, created_at=?, updated_at=?, version=?, activated_at=?, mic_sha256=?"
+    " state=?, created_at=?, updated_at=?, version=?, activated_at=?, mic_sha256=?,"
+    " allow_remote=?, token_generation=?, refresh_serial=?"
 )
 
 
@@ -862,6 +901,9 @@ def _device(r: Sequence[Any]) -> Device:
         version=r[10],
         activated_at=r[11],
         mic_sha256=r[12],
+        allow_remote=bool(r[13]),
+        token_generation=r[14],
+        refresh_serial=r[15],
     )
 
 
@@ -907,4 +949,7 @@ def _device_row(d: Device) -> tuple[Any, ...]:
         d.version,
         d.activated_at,
         d.mic_sha256,
+        int(d.allow_remote),
+        d.token_generation,
+        d.refresh_serial,
     )

@@ -182,9 +182,11 @@ def web_tls(config: Config, *, adopted: bool = False) -> ssl.CertificateOptions 
 
 
 def open_accounts(
-    registry: Registry, store: Transactions, reactor: Any, smtp: SMTPSettings
+    registry: Registry, store: object, reactor: Any, smtp: SMTPSettings
 ) -> AccountsApp:
     """Users and tokens, kept in the registry's database and written by its store."""
+    if not isinstance(store, Transactions):
+        raise TypeError(f"{type(store).__name__} cannot keep the web's users and tokens")
     mailer = SMTPMailer(smtp, reactor) if smtp.host else None
     return AccountsApp(registry, AccountStore(store, registry.now, reactor), mailer)
 

@@ -126,7 +126,9 @@ class RegistrationRequest:
     client certificate (hex) when the phone presented one. ``is_removal`` is True for a
     REGISTER that only removes bindings (a policy may let a phone unregister more easily).
     ``bound_devices`` names the devices that currently hold live bindings on this AoR (useful
-    for ``Contact: *`` and queries, which carry no Cisco parameters).
+    for ``Contact: *`` and queries, which carry no Cisco parameters). ``authorization``
+    holds the ``Authorization`` and ``Proxy-Authorization`` headers as (lower-case name,
+    value), for a policy that authenticates by itself (bearer tokens, RFC 8898).
     """
 
     device_name: str | None
@@ -139,6 +141,7 @@ class RegistrationRequest:
     client_cert_fingerprint: str | None = None
     is_removal: bool = False
     bound_devices: tuple[str, ...] = ()
+    authorization: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,9 @@ class PolicyDecision:
     (unknown device or number); ``warning`` is the text of the ``Warning: 399`` header
     (and the log reason). ``credentials`` = (authName, authPassword) makes digest mandatory.
     ``device_name`` is the canonical device the binding belongs to (the policy may create it,
-    e.g. autoregistration).
+    e.g. autoregistration). A policy that authenticated the request itself may refuse with
+    401 or 407 and the ``challenge`` headers to send, and cap the bindings' lifetime at
+    ``max_expires`` seconds (a bearer token's remaining life).
     """
 
     allowed: bool
@@ -157,12 +162,23 @@ class PolicyDecision:
     warning: str = ""
     credentials: tuple[str, str] | None = None
     device_name: str | None = None
+    challenge: tuple[tuple[str, str], ...] = ()
+    max_expires: int | None = None
 
     @classmethod
     def allow(
         cls, device_name: str | None = None, credentials: tuple[str, str] | None = None
     ) -> PolicyDecision:
         return cls(True, 200, "", credentials, device_name)
+
+    @classmethod
+    def challenge_with(
+        cls, status: int, warning: str, headers: tuple[tuple[str, str], ...]
+    ) -> PolicyDecision:
+        """401 or 407 with the policy's own challenge (e.g. ``WWW-Authenticate: Bearer``)."""
+        if status not in (401, 407):
+            raise ValueError("a challenge is 401 or 407")
+        return cls(False, status, warning, None, None, headers)
 
     @classmethod
     def refuse(cls, status: int, warning: str) -> PolicyDecision:
@@ -596,7 +612,11 @@ class Registrar:
             if not decision.allowed:
                 device = reg.identity.device_name
                 why = decision.warning
+                if decision.status in (401, 407):
+                    raise _Reject(self._policy_challenge(reg, decision))
                 raise _Reject(self._refuse(reg.req, decision.status, why, reg.source, device))
+            if decision.max_expires is not None:
+                reg = _capped(reg, decision.max_expires)
             owner = decision.device_name or reg.identity.device_name
             self._authenticate(reg, decision.credentials, owner, now)
             change = self._plan_bindings(reg, owner, now)
@@ -700,6 +720,11 @@ class Registrar:
             client_cert_fingerprint=reg.source.client_cert_fingerprint,
             is_removal=reg.is_removal,
             bound_devices=tuple(sorted({b.device_name for b in live.values() if b.device_name})),
+            authorization=tuple(
+                (name, value)
+                for name in ("authorization", "proxy-authorization")
+                for value in reg.req.headers.get_all(name)
+            ),
         )
 
     def _authenticate(
@@ -1091,6 +1116,21 @@ class Registrar:
             resp.headers.add("WWW-Authenticate", value)
         return resp
 
+    def _policy_challenge(self, reg: _Register, decision: PolicyDecision) -> Response:
+        """The policy's own 401/407 (a bearer challenge), logged like a refusal."""
+        self.counters.challenged_401 += 1
+        self.log.info(
+            "SIP REGISTER challenged {status}: {why}",
+            status=decision.status,
+            why=decision.warning,
+            to=reg.req.headers.get("to"),
+            source=reg.source.address,
+        )
+        resp = self._response(reg.req, decision.status)
+        for name, value in decision.challenge:
+            resp.headers.add(name, value)
+        return resp
+
     def _policy_failed(self, failure: Failure, reg: _Register) -> Response:
         """The policy's Deferred failed (its store write did): 500, so the phone retries."""
         self.counters.policy_failed_500 += 1
@@ -1172,6 +1212,12 @@ class Registrar:
         else:
             port = top.port or _sent_by_port(top.transport)
         return Reply(resp.to_bytes(), source.host, port)
+
+
+def _capped(reg: _Register, seconds: int) -> _Register:
+    """The REGISTER with every granted expiry at most ``seconds`` (removals stay 0)."""
+    cap = max(1, seconds)
+    return replace(reg, planned=tuple((c, min(e, cap)) for c, e in reg.planned))
 
 
 def instance_key(contact: NameAddr) -> str:

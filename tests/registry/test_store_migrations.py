@@ -47,7 +47,7 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -
     path = tmp_path / "old.sqlite3"
     make_v1_file(path)
     store = SQLiteStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 4
+    assert store.schema_version == SCHEMA_VERSION == 6
     registry = Registry(store, lambda: 200.0)
     device = registry.get("BAT0123456789AB")
     assert device.description == "lobby" and device.lines[0].display_name == "Lobby"
@@ -83,11 +83,13 @@ async def test_a_version_2_file_gains_the_change_feed(tmp_path: Path) -> None:
     path = tmp_path / "v2.sqlite3"
     make_v2_file(path)
     store = SQLiteStore(path)
-    assert store.schema_version == 4
+    assert store.schema_version == SCHEMA_VERSION
     snapshot = store.load()
     assert snapshot.seq == 0  # an empty feed: followers start from here
     (device,) = snapshot.devices
     assert (device.name, device.activated_at, device.mic_sha256) == ("BAT0123456789AB", 150.0, "ab")
+    # Version 4: remote activation off, token generation and refresh serial at 0.
+    assert (device.allow_remote, device.token_generation, device.refresh_serial) == (False, 0, 0)
     assert [c.id for c in snapshot.codes] == ["c1"]
     # A write through another connection is now visible on the feed.
     other = SQLiteStore(path)
@@ -124,7 +126,7 @@ async def test_a_version_3_file_gains_users_and_tokens_and_keeps_its_feed(tmp_pa
     path = tmp_path / "v3.sqlite3"
     make_v3_file(path)
     store = SQLiteStore(path)
-    assert store.schema_version == 4
+    assert store.schema_version == SCHEMA_VERSION
     snapshot = store.load()
     assert snapshot.seq == 1 and [d.name for d in snapshot.devices] == ["BAT0123456789AB"]
     db = sqlite3.connect(path)

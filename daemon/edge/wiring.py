@@ -1,0 +1,281 @@
+"""Wiring the edge into the service tree (``CallboardService._wire_edge`` calls :func:`wire_edge`).
+
+Reads or creates, at start-up: the edge's server certificate (``edge.cert``/``edge.key``, else
+``<state-dir>/certs/edge.{pem,key}``) and the cluster's token-signing key
+(``<state-dir>/certs/edge-token.key``). Adds the listeners ``edge`` (HTTPS) and
+``sip-oauth`` (SIP over TLS); each asks every client for its certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from callboard.protocols.filesource import DirectorySource, FileNotFound, Requester
+from callboard.protocols.listening import ListenerSpec, listeners_in
+from callboard.protocols.sip.registrar import Registrar
+from callboard.protocols.sip.transports import make_stream_factory
+from callboard.protocols.tls import server_options
+from callboard.protocols.tvs.activation import ManufacturingTrust
+from callboard.protocols.tvs.labpki import load_certificate, load_private_key, new_key
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet.defer import Deferred
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.server import Site
+
+from .. import certs
+from ..activation import RegistryAuthority
+from ..logs import get_logger
+from ..provisioning import ProvisioningTree
+from ..registry.model import Device
+from .grants import TokenEndpoint
+from .settings import OFF
+from .sip import BearerPolicy
+from .tokens import TOKEN_KEY_NAME, TokenService, load_or_create_signing_key
+from .web import ConfigResource, edge_root
+
+if TYPE_CHECKING:
+    from ..service import CallboardService
+
+log = get_logger("callboard.edge")
+
+EDGE_STEM = "edge"
+
+
+@dataclass
+class Edge:
+    """The wired edge, for the service and tests."""
+
+    tokens: TokenService
+    endpoint: TokenEndpoint
+    tree: ProvisioningTree
+    registrar: Registrar | None
+
+
+class _QuietSite(Site):
+    """No access log: a misbehaving client could put a code in the query string; the
+    resources log what matters themselves."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class EdgeTree(ProvisioningTree):
+    """The provisioning tree as the edge serves it: configs name the edge's SIP over TLS,
+    which a phone uses only in a secure device-security mode (encrypted, 3)."""
+
+    def render_device(self, device: Device) -> bytes:
+        rendered = super().render_device(device)
+        for mode in (b"1", b"2"):  # the LAN's choice, whatever the transport there
+            rendered = rendered.replace(
+                b"<deviceSecurityMode>" + mode + b"</deviceSecurityMode>",
+                b"<deviceSecurityMode>3</deviceSecurityMode>",
+            )
+        return rendered
+
+
+def _url_host(host: str) -> str:
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+def edge_certificate(state_dir: Path, cert: str, key: str, host: str) -> tuple[Any, Any]:
+    """The configured pair, else the generated ``certs/edge.{pem,key}`` (EC P-256)."""
+    if cert:
+        return load_certificate(cert), load_private_key(key)
+    directory = state_dir / certs.CERTS_SUBDIR
+    cert_path, key_path = directory / f"{EDGE_STEM}.pem", directory / f"{EDGE_STEM}.key"
+    if cert_path.exists() and key_path.exists():
+        return load_certificate(cert_path), load_private_key(key_path)
+    private = new_key("ec")
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, host),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Callboard"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Edge"),
+        ]
+    )
+    issued = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    certs.write_pair(directory, EDGE_STEM, issued, private)
+    log.info("created the edge certificate", path=str(cert_path))
+    return issued, private
+
+
+def wire_edge(service: CallboardService) -> Edge | None:
+    """Build the edge over the service's registry, TVS rules and provisioning tree."""
+    config = service.config
+    settings = config.edge
+    if not settings.enabled:
+        return None
+    host = settings.public_host or config.advertise_address
+    cert, key = edge_certificate(config.state_dir, settings.cert, settings.key, host)
+    signing_key = load_or_create_signing_key(config.state_dir / certs.CERTS_SUBDIR / TOKEN_KEY_NAME)
+
+    def bound(label: str, configured: int) -> int:
+        for listener in listeners_in(service):
+            address = listener.address()
+            if listener.label == label and address is not None:
+                return address[1]
+        return configured
+
+    def issuer() -> str:
+        port = settings.public_port or bound("edge", settings.port)
+        return f"https://{_url_host(host)}:{port}"
+
+    def sip_port() -> int:
+        return settings.public_sip_port or bound("sip-oauth", settings.sip_oauth_port)
+
+    def remote_enabled() -> bool:
+        return service.config.remote.enabled
+
+    def trust() -> ManufacturingTrust:
+        return service.tvs.handler.trust
+
+    tokens = TokenService(
+        signing_key,
+        issuer,
+        access_ttl=settings.access_token_ttl,
+        refresh_ttl=settings.refresh_token_ttl,
+    )
+    tree = EdgeTree(
+        service.registry,
+        _edge_provisioning(service, host, 0),
+        DirectorySource(str(config.tftp_root_path)),
+        trust_list=lambda: _trust_list(service.tree),
+        template_dir=config.state_dir / "templates",
+        phones=config.phones,
+        signer=service.signer,
+    )
+
+    def advertise() -> None:
+        wanted = _edge_provisioning(service, host, sip_port())
+        if tree.settings != wanted:
+            tree.advertise(wanted)
+
+    def describe(device: Device) -> dict[str, Any]:
+        mac = device.mac or ""
+        port = sip_port()
+        first = device.lines[0].directory_number if device.lines else None
+        return {
+            "config_url": f"{issuer()}/config/SEP{mac}.cnf.xml",
+            "sip_registrar": f"sip:{_url_host(host)}:{port};transport=tls",
+            "sip_uri": f"sip:{first}@{_url_host(host)};transport=tls" if first else None,
+        }
+
+    handler = service.tvs.handler
+    endpoint = TokenEndpoint(
+        trust=trust,
+        authority=RegistryAuthority(service.registry),
+        registry=service.registry,
+        tokens=tokens,
+        tvs_settings=config.tvs,
+        device_throttle=handler.throttle,
+        source_throttle=handler.source_throttle,
+        remote_enabled=remote_enabled,
+        describe=describe,
+    )
+    options = server_options(cert, key)
+    registrar: Registrar | None = None
+    if settings.port != OFF:
+        config_resource = ConfigResource(
+            tree=tree,
+            tokens=tokens,
+            registry=service.registry,
+            remote_enabled=remote_enabled,
+            realm=settings.realm,
+            sgn_signer=service.server_certs.sgn_signer,
+            before_serving=advertise,
+            now=service.now,
+        )
+        root = edge_root(
+            issuer=issuer, tokens=tokens, endpoint=endpoint, config=config_resource, now=service.now
+        )
+        site = _QuietSite(root, timeout=60)  # type: ignore[no-untyped-call]
+        site.displayTracebacks = False
+        site.noisy = False
+        for address in config.network.listen_addresses:
+            spec = ListenerSpec.stream(address, settings.port)
+            service._add_listener("edge", spec, TLSMemoryBIOFactory(options, False, site))
+    if settings.sip_oauth_port != OFF:
+        registrar = Registrar(
+            BearerPolicy(
+                tokens=tokens,
+                registry=service.registry,
+                realm=settings.realm,
+                authz_server=issuer,
+                remote_enabled=remote_enabled,
+                now=service.now,
+            ),
+            config.sip,
+            now=service.now,
+            wall_now=service.now,
+            # One location service: `device show` lists these bindings, drops reach them.
+            location=service.registrar.location,
+        )
+        factory = TLSMemoryBIOFactory(options, False, make_stream_factory(registrar, "tls"))
+        for address in config.network.listen_addresses:
+            spec = ListenerSpec.stream(address, settings.sip_oauth_port)
+            service._add_listener("sip-oauth", spec, factory)
+        service.registry.subscribe(_drop_on_revocation(registrar))
+    log.info("edge wired", issuer_host=host, edge_port=settings.port, sip=settings.sip_oauth_port)
+    return Edge(tokens, endpoint, tree, registrar)
+
+
+def _edge_provisioning(service: CallboardService, host: str, sip_port: int) -> Any:
+    """What configs served through the edge advertise: the edge's SIP over TLS."""
+    return replace(
+        service.tree.settings,
+        address=host,
+        sip_port=sip_port,
+        sip_tls_port=sip_port,
+        transport="tls",
+    )
+
+
+def _trust_list(tree: ProvisioningTree) -> bytes | None:
+    """The main tree's signed ITL, the same bytes phones get on the LAN."""
+    try:
+        body = tree.open("ITLFile.tlv", Requester("edge", 0, "http"))
+    except FileNotFound:
+        return None
+    if isinstance(body, Deferred):  # the trust list is built at start: never deferred
+        return None
+    try:
+        return body.read_at(0, body.size)
+    finally:
+        body.close()
+
+
+def _drop_on_revocation(registrar: Registrar) -> Any:
+    def listener(old: Device | None, new: Device | None) -> None:
+        if old is None:
+            return
+        if new is None or new.token_generation != old.token_generation:
+            registrar.drop_device(old.name)
+
+    return listener
