@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from callboard.protocols.models import normalise_mac
 from callboard.protocols.tvs import labpki
@@ -161,11 +162,11 @@ MAX_STORM_PHONES = 100_000
 
 def cmd_storm(args: argparse.Namespace) -> int:
     """A whole storm in one command: provision (or read codes), MICs, boot, report."""
-    if not args.server:
-        print("callboard phone storm: give --server", file=sys.stderr)
+    if not args.server and not args.activation_domain:
+        print("callboard phone storm: give --server or --activation-domain", file=sys.stderr)
         return EXIT_USAGE
     try:
-        check_storm_targets(args.server)
+        check_storm_targets(args.server or [_edge_host(args.activation_domain)])
         if not 1 <= args.processes <= 64:
             raise ValueError("--processes must be 1..64")
         if args.concurrency < 1:
@@ -194,7 +195,10 @@ def cmd_storm(args: argparse.Namespace) -> int:
         f"from {cache.directory}",
         flush=True,
     )
-    spec = StormSpec(tuple(args.server), _options(args), args.concurrency, args.time_limit)
+    spec = StormSpec(
+        tuple(args.server or ()), _options(args), args.concurrency, args.time_limit,
+        activation_domain=args.activation_domain,
+    )  # fmt: skip
     progress = Progress(len(phones), sys.stdout)
     try:
         if args.processes == 1:
@@ -219,7 +223,8 @@ def _storm_codes(args: argparse.Namespace, model: str) -> list[str]:
             raise ValueError("--provision needs --count")
         socket_path = _admin_socket(args)
         started = time.monotonic()
-        codes = provision_bat(socket_path, model=model, count=args.count)
+        remote = bool(args.activation_domain)  # the devices must allow remote activation
+        codes = provision_bat(socket_path, model=model, count=args.count, allow_remote=remote)
         print(
             f"storm: {len(codes)} BAT device(s) added through {socket_path} "
             f"in {time.monotonic() - started:.2f} s",
@@ -227,6 +232,14 @@ def _storm_codes(args: argparse.Namespace, model: str) -> list[str]:
         )
         return codes
     return read_bat_codes(Path(args.codes).read_text(encoding="utf-8-sig"), model)
+
+
+def _edge_host(origin: str) -> str:
+    """The host of ``--activation-domain https://HOST:PORT`` (:class:`ValueError` if none)."""
+    parts = urlsplit(origin)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"--activation-domain {origin!r}: expected https://HOST:PORT")
+    return parts.hostname
 
 
 def _admin_socket(args: argparse.Namespace) -> Path:
@@ -415,6 +428,13 @@ def _add_storm(
         type=float,
         default=3600.0,
         help="seconds after which phones not yet started are not booted (default 3600)",
+    )
+    p.add_argument(
+        "--activation-domain",
+        metavar="https://HOST:PORT",
+        help="activate every phone remotely at this Callboard edge (as `phone boot "
+        "--activation-domain`) instead of DHCP/TFTP/TVS; --server is then not needed; "
+        "--provision then lets each new device activate remotely",
     )
     p.set_defaults(func=cmd_storm)
 

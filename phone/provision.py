@@ -78,8 +78,11 @@ def bat_rows(model: str, count: int, dn_prefix: str) -> list[dict[str, Any]]:
     return rows
 
 
-def provision_bat(socket_path: Path, *, model: str, count: int) -> list[str]:
+def provision_bat(
+    socket_path: Path, *, model: str, count: int, allow_remote: bool = False
+) -> list[str]:
     """Add ``count`` BAT devices of ``model`` in one bulk import; return their codes.
+    ``allow_remote``: each may then activate through the edge too (one call per device).
 
     Directory numbers are a fresh random prefix and a counter, so runs against the same
     daemon (which remove nothing) do not share lines.
@@ -97,6 +100,8 @@ def provision_bat(socket_path: Path, *, model: str, count: int) -> list[str]:
     names = set(imported.get("devices", [])) if isinstance(imported, dict) else set()
     if len(names) != count:
         raise ProvisionError(f"the daemon imported {len(names)} of {count} devices")
+    for name in sorted(names) if allow_remote else ():
+        admin_call(socket_path, "POST", f"devices/{name}/allow-remote", {"allowed": True})
     exported = admin_call(socket_path, "GET", "codes")
     codes = [
         str(row["activation_code"]).lstrip("'")

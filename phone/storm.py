@@ -40,6 +40,7 @@ from .boot import (
 )
 from .driver import boot_phone
 from .http_client import HttpFetcher
+from .remote import remote_boot
 
 STEPS = ("trust list", "XMLDefault", "TVS activate", "SEP config", "REGISTER")
 """The steps a storm times separately, in boot order."""
@@ -203,11 +204,14 @@ def run_storm(
     on_result: Callable[[BootResult], None] | None = None,
     on_record: Callable[[PhoneRecord], None] | None = None,
     time_limit: float | None = None,
+    activation_domain: str | None = None,
 ) -> defer.Deferred[StormReport]:
     """Boot every phone, at most ``concurrency`` at a time, over one shared HTTP pool.
 
     With ``time_limit`` (seconds), phones not started by then are not booted and count as
-    failed; phones already booting stop by their own per-step timeouts.
+    failed; phones already booting stop by their own per-step timeouts. With
+    ``activation_domain`` (``https://HOST:PORT``) the phones activate remotely at that edge
+    (:func:`callboard.phone.remote.remote_boot`) instead of the LAN path.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -233,7 +237,10 @@ def run_storm(
                     steps[step] = steps.get(step, 0.0) + seconds
                     last[0] = step
 
-                d = boot_phone(reactor, phone, servers, options, http=http, observe=observe)
+                if activation_domain is not None:
+                    d = _remote(reactor, phone, activation_domain, options, steps, last)
+                else:
+                    d = boot_phone(reactor, phone, servers, options, http=http, observe=observe)
 
                 def keep(result: BootResult) -> None:
                     if on_result is not None:
@@ -262,6 +269,38 @@ def run_storm(
         return StormReport.of(records, time.monotonic() - started)
 
     return defer.Deferred.fromCoroutine(run())
+
+
+_REMOTE_STEPS = (("activated", "TVS activate"), ("config", "SEP config"), ("REGISTER", "REGISTER"))
+"""What each of remote_boot's step lines times, as the storm's steps (activation: the token)."""
+
+
+def _remote(
+    reactor: Any,
+    phone: PhoneIdentity,
+    origin: str,
+    options: BootOptions,
+    steps: dict[str, float],
+    last: list[str],
+) -> defer.Deferred[BootResult]:
+    """One phone through the edge; each step line closes the step it names."""
+    mark = [time.monotonic()]
+    last[0] = "TVS activate"
+
+    def emit(text: str) -> None:
+        now = time.monotonic()
+        step = next((s for prefix, s in _REMOTE_STEPS if text.startswith(prefix)), last[0])
+        steps[step] = steps.get(step, 0.0) + now - mark[0]
+        mark[0] = now
+        index = [s for _, s in _REMOTE_STEPS].index(step)
+        last[0] = _REMOTE_STEPS[min(index + 1, len(_REMOTE_STEPS) - 1)][1]
+
+    return defer.Deferred.fromCoroutine(
+        remote_boot(
+            reactor, phone, origin, timeout=options.timeout,
+            register=options.register is not False, unregister=options.unregister, emit=emit,
+        )
+    )  # fmt: skip
 
 
 # Inputs: codes and MICs ----------------------------------------------------------------------

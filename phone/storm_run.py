@@ -48,6 +48,7 @@ class StormSpec:
     options: BootOptions
     concurrency: int
     time_limit: float
+    activation_domain: str | None = None  # remote activation at this edge instead of the LAN
 
 
 class Progress:
@@ -111,6 +112,7 @@ def storm_in_process(
             report = await run_storm(
                 reactor, identities, spec.servers, spec.options,
                 concurrency=spec.concurrency, on_record=counted, time_limit=spec.time_limit,
+                activation_domain=spec.activation_domain,
             )  # fmt: skip
         finally:
             if ticker is not None:
@@ -170,6 +172,7 @@ class _Worker:
             "options": dataclasses.asdict(spec.options),
             "concurrency": concurrency,
             "time_limit": spec.time_limit,
+            "activation_domain": spec.activation_domain,
             "phones": [dataclasses.asdict(p) for p in phones],
             "out": str(out),
         }
@@ -272,6 +275,7 @@ def worker_main(spec_path: str) -> int:
         options=BootOptions(**body["options"]),
         concurrency=int(body["concurrency"]),
         time_limit=float(body["time_limit"]),
+        activation_domain=body.get("activation_domain"),
     )
     phones = [PhoneSpec(**p) for p in body["phones"]]
     identities = [
@@ -298,6 +302,7 @@ def worker_main(spec_path: str) -> int:
             report = await run_storm(
                 reactor, identities, spec.servers, spec.options,
                 concurrency=spec.concurrency, on_record=counted, time_limit=spec.time_limit,
+                activation_domain=spec.activation_domain,
             )  # fmt: skip
         finally:
             ticker.stop()

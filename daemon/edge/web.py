@@ -160,8 +160,10 @@ class ConfigResource(Resource):
         sgn_signer: Callable[[], tuple[x509.Certificate, rsa.RSAPrivateKey] | None],
         before_serving: Callable[[], None],
         now: Callable[[], float],
+        bootstrap: Callable[[PeerContext, str], bytes | None] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self._bootstrap = bootstrap
         self._tree = tree
         self._tokens = tokens
         self._registry = registry
@@ -177,6 +179,10 @@ class ConfigResource(Resource):
             request.setResponseCode(405)
             request.setHeader("Allow", "GET, HEAD")
             return b"method not allowed\n"
+        if request.getHeader("authorization") is None:
+            bootstrap = self._bootstrap_config(request)
+            if bootstrap is not None:
+                return bootstrap
         device = self._authorised(request)
         if device is None:
             return b"unauthorized\n"
@@ -187,6 +193,24 @@ class ConfigResource(Resource):
             return self._signed_config(request, device, name)
         source: FileSource = _DeviceFiles(self._tree, device)
         return ProvisioningResource(source).render(request)
+
+    def _bootstrap_config(self, request: server.Request) -> bytes | None:
+        """A stock phone with no token yet: its own ``SEP<MAC>.cnf.xml`` as a bootstrap config
+        (activation by voice) when its trusted MIC names a MAC that may activate so."""
+        name = b"/".join(request.postpath or []).decode("utf-8", "surrogateescape")
+        m = _SEP_CONFIG.match(name.lower())
+        if self._bootstrap is None or m is None or m.group(2):
+            return None
+        self._before_serving()  # the edge's SIP over TLS port in the config
+        peer = peer_of(request)
+        body = self._bootstrap(peer, m.group(1).upper())
+        if body is None:
+            return None
+        log.info("edge bootstrap config served", mac=m.group(1).upper(), source=peer.source)
+        request.setHeader("Content-Type", "text/xml")
+        request.setHeader("Cache-Control", "no-store")
+        request.setHeader("Content-Length", str(len(body)))
+        return body
 
     def _authorised(self, request: server.Request) -> Device | None:
         """The device the request's token speaks for on this connection, or None after

@@ -19,7 +19,8 @@ from callboard.protocols.listening import ListenerSpec, listeners_in
 from callboard.protocols.sip.registrar import Registrar
 from callboard.protocols.sip.transports import make_stream_factory
 from callboard.protocols.tls import server_options
-from callboard.protocols.tvs.activation import ManufacturingTrust
+from callboard.protocols.tvs.activation import ManufacturingTrust, PeerContext
+from callboard.protocols.tvs.codec import BadElements, DeviceName
 from callboard.protocols.tvs.labpki import load_certificate, load_private_key, new_key
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -30,6 +31,7 @@ from twisted.web.server import Site
 
 from .. import certs
 from ..activation import RegistryAuthority
+from ..ivr import bootstrap_config
 from ..logs import get_logger
 from ..provisioning import ProvisioningTree
 from ..registry.model import Device
@@ -211,6 +213,7 @@ def wire_edge(service: CallboardService) -> Edge | None:
             sgn_signer=service.server_certs.sgn_signer,
             before_serving=advertise,
             now=service.now,
+            bootstrap=lambda peer, mac: _bootstrap_through_edge(service, tree, trust(), peer, mac),
         )
         root = edge_root(
             issuer=issuer, tokens=tokens, endpoint=endpoint, config=config_resource, now=service.now
@@ -255,6 +258,38 @@ def _edge_provisioning(service: CallboardService, host: str, sip_port: int) -> A
         sip_tls_port=sip_port,
         transport="tls",
     )
+
+
+def _bootstrap_through_edge(
+    service: CallboardService,
+    tree: ProvisioningTree,
+    trust: ManufacturingTrust,
+    peer: PeerContext,
+    mac: str,
+) -> bytes | None:
+    """The bootstrap config (daemon/ivr.py) of ``mac``, when this connection's MIC chains to
+    the manufacturing trust and names that MAC, and the MAC may activate by voice (a known
+    device must allow remote activation too); None otherwise."""
+    accounts = service.ivr.accounts if service.ivr is not None else None
+    if accounts is None or not service.config.remote.enabled:
+        return None
+    if peer.verdict is None:
+        peer.verdict = trust.check(
+            peer.leaf,
+            peer.chain,
+            dt.datetime.fromtimestamp(service.now(), dt.UTC),
+            allow_sha1=service.config.tvs.allow_sha1_mic,
+        )
+    try:
+        named = DeviceName.parse(peer.verdict.common_name or "") if peer.verdict.ok else None
+    except BadElements:
+        named = None
+    if named is None or named.mac.upper() != mac:
+        return None
+    account = accounts.for_mac(mac)
+    if account is None or (account.device is not None and not account.device.allow_remote):
+        return None
+    return bootstrap_config(tree.render_device, accounts, mac)
 
 
 def _trust_list(tree: ProvisioningTree) -> bytes | None:

@@ -167,3 +167,30 @@ def test_steps_and_failure_groups() -> None:
     )
     assert report.step_times()["REGISTER"] == [0.2]
     assert PhoneRecord.from_json(records[1].to_json()) == records[1]
+
+
+def test_provisioned_storm_activates_remotely_through_the_edge(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """``--activation-domain``: every phone activates at the edge (OAuth with its MIC), fetches
+    its config through it and registers over SIP/TLS with its token; no TFTP, TVS or LAN."""
+    lab_dir = tmp_path / "lab"
+    make_lab(lab_dir)
+    served: Daemon = daemon_factory(
+        "--manufacturing-trust", str(lab_dir), "--edge-port", "0", "--sip-oauth-port", "0"
+    )
+    result = run_cli(
+        "phone", "storm", "--provision", "--count", "5", "--model", "8841",
+        "--lab-ca", str(lab_dir), "--admin-socket", str(served.socket),
+        "--activation-domain", f"https://127.0.0.1:{served.port('edge')}",
+        "--first-mac", "0A00000005A0", "--mic-cache", str(tmp_path / "mics"), "--timeout", "10",
+        timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert LAST_LINE.match(last) and last.startswith("phones=5 ok=5 failed=0 "), last
+    assert re.search(r"^  REGISTER +[0-9.]+ +[0-9.]+ +[0-9.]+  \(5\)$", result.stdout, re.M)
+    for mac in sequential_macs("0A00000005A0", 5):
+        shown = served.json("device", "show", f"SEP{mac}")
+        assert shown["state"] == "active" and shown["allow_remote"] is True
+        assert [r["transport"] for r in shown["registrations"]] == ["tls"]

@@ -16,7 +16,7 @@ import structlog
 from callboard.daemon import certs
 from callboard.daemon.config import load_config
 from callboard.daemon.edge.settings import RemoteSettings
-from callboard.daemon.registry.model import Line
+from callboard.daemon.registry.model import Line, Onboarding
 from callboard.daemon.registry.registry import DeviceSpec
 from callboard.daemon.service import CallboardService
 from callboard.protocols.oauth import x5t_s256
@@ -57,6 +57,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "b": mic("b", trusted, "8841", MAC_B),
         "c_8865": mic("c", trusted, "8865", MAC_C),
         "stranger": mic("stranger", stranger, "8841", MAC_A),
+        "stranger_c": mic("stranger-c", stranger, "8865", MAC_C),
     }
 
 
@@ -267,6 +268,54 @@ async def test_refusals_name_no_detail_to_the_client(edge: Edge, lab: dict[str, 
     edge.service.config = replace(edge.service.config, remote=RemoteSettings(enabled=False))
     off = await in_thread(activate, edge.base, lab["a"], code)
     assert (off.status, off.json()["error"]) == (400, "unauthorized_client")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stock_phone_fetches_its_bootstrap_config_with_its_mic_alone(
+    edge: Edge, lab: dict[str, Any]
+) -> None:
+    """Activation by voice through the edge: a trusted MIC, no token, a device of an ``ivr``
+    model waiting for its code -> the bootstrap config naming the edge's SIP over TLS."""
+    registry = edge.service.registry
+    await registry.set_default("8865", Onboarding.IVR)
+    await registry.add_device(
+        DeviceSpec(
+            model="8865",
+            mac=MAC_C,
+            lines=(Line("4711"),),
+            requires_activation=True,
+            allow_remote=True,
+        )
+    )
+    await edge.device(mac=MAC_A)  # an activation-code device: no bootstrap for it
+    name_c, name_a = f"SEP{MAC_C}.cnf.xml", f"SEP{MAC_A}.cnf.xml"
+
+    served = await in_thread(get_config, edge.base, name_c, lab["c_8865"], None)
+    assert served.status == 200, served.body
+    body = served.body.decode()
+    assert ">Activate<" in body
+    assert f"bootstrap-{MAC_C.lower()}" in body
+    assert f"<sipPort>{edge.port('sip-oauth')}</sipPort>" in body
+    assert f"<securedSipPort>{edge.port('sip-oauth')}</securedSipPort>" in body
+    assert "4711" not in body  # the device's own lines come after activation
+
+    refusals = [
+        (name_a, lab["a"]),  # a normal activation-code device
+        (name_c, lab["stranger_c"]),  # an untrusted certificate naming the ivr MAC
+        (name_c, None),  # no certificate at all
+        (name_c, lab["a"]),  # another phone's (trusted) MIC
+        (f"SEP{MAC_C}.cnf.xml.sgn", lab["c_8865"]),  # only the plain bootstrap config
+        ("ITLFile.tlv", lab["c_8865"]),  # nothing else without a token
+    ]
+    for file_name, mic in refusals:
+        refused = await in_thread(get_config, edge.base, file_name, mic, None)
+        assert refused.status == 401, (file_name, mic, refused.status)
+        assert "bootstrap" not in refused.body.decode()
+
+    # The enterprise switch closes this door as well.
+    edge.service.config = replace(edge.service.config, remote=RemoteSettings(enabled=False))
+    off = await in_thread(get_config, edge.base, name_c, lab["c_8865"], None)
+    assert off.status == 401
 
 
 @pytest_twisted.ensureDeferred
