@@ -163,7 +163,7 @@ class BootstrapAccounts:
             if (
                 device.state is not DeviceState.AWAITING_ACTIVATION
                 or code is None
-                or self._registry.onboarding(device.model) is not Onboarding.IVR
+                or self._registry.onboarding_of(device) is not Onboarding.IVR
             ):
                 return None
             return self._account(mac, code.id, device)
@@ -174,7 +174,7 @@ class BootstrapAccounts:
     def _bat_waiting(self) -> bool:
         """A BAT record waits for its code: an unknown phone may claim it by voice."""
         return any(
-            device.is_placeholder and self._registry.onboarding(device.model) is Onboarding.IVR
+            device.is_placeholder and self._registry.onboarding_of(device) is Onboarding.IVR
             for device, _ in self._registry.outstanding_codes()
         )
 

@@ -142,8 +142,12 @@ ALTER TABLE devices ADD COLUMN token_generation INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN refresh_serial INTEGER NOT NULL DEFAULT 0
 """
 
+_PG_V6 = """
+ALTER TABLE devices ADD COLUMN onboarding TEXT
+"""
+
 # In lockstep with store.MIGRATIONS: the same versions, the same tables and columns.
-PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4, _PG_V5]
+PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4, _PG_V5, _PG_V6]
 assert len(PG_MIGRATIONS) == SCHEMA_VERSION
 
 

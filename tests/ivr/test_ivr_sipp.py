@@ -356,3 +356,30 @@ def test_unknown_phone_claims_a_bat_record_with_the_model_from_its_register(
     run_sipp(served, body, tmp_path, "bat")
     device = served.json("device", "show", "SEP00AABB445566")
     assert device["state"] == "active" and device["model"] == "8841"
+
+
+def test_a_device_s_own_onboarding_beats_its_model_default(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    served: Daemon = daemon_factory()  # every model's default: activation-code (TVS)
+    dev = served.json("device", "add", "--model", "8841", "--mac", MAC, "--line", "3001:Desk",
+                      "--onboarding", "ivr")  # fmt: skip
+    assert dev["state"] == "awaiting-activation"
+    Phone(served).learn_account()  # the bootstrap config, though 8841 activates through TVS
+    plain = served.json("device", "add", "--model", "8841", "--mac", "00AABB112244")
+    assert plain["state"] == "awaiting-activation"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        Phone(served, mac="00AABB112244").fetch_config()
+    assert err.value.code == 404
+    # The CSV column: ivr, blank (the model's) and a bad value refused with its line.
+    sheet = tmp_path / "phones.csv"
+    sheet.write_text("mac,model,directory_number,onboarding\n"
+                     "00AABB112255,8841,3005,ivr\n00AABB112266,8841,3006,\n")  # fmt: skip
+    assert served.cli("import", str(sheet)).returncode == 0
+    Phone(served, mac="00AABB112255").learn_account()
+    with pytest.raises(urllib.error.HTTPError):
+        Phone(served, mac="00AABB112266").fetch_config()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mac,model,onboarding\n00AABB112277,8841,voice\n")
+    result = served.cli("import", str(bad))
+    assert result.returncode != 0 and "line 2:" in result.stderr and "onboarding" in result.stderr
