@@ -383,3 +383,48 @@ def test_a_device_s_own_onboarding_beats_its_model_default(
     bad.write_text("mac,model,onboarding\n00AABB112277,8841,voice\n")
     result = served.cli("import", str(bad))
     assert result.returncode != 0 and "line 2:" in result.stderr and "onboarding" in result.stderr
+
+
+def test_an_expired_code_is_not_accepted(daemon_factory: Any, tmp_path: Path) -> None:
+    # The shortest lifetime the settings allow (0.01 h = 36 s): the call starts while the code
+    # is live and the code is keyed once it has expired.
+    served: Daemon = daemon_factory("--set", "ivr.answer_delay=0.2", "--set",
+                                    "registry.code_ttl_hours=0.01", "--set",
+                                    "ivr.first_digit_timeout=90")  # fmt: skip
+    assert served.cli("defaults", "set", "8841", "--onboarding", "ivr").returncode == 0
+    code = add_sep(served)
+    phone = Phone(served)
+    phone.learn_account()
+    body = phone.register(1) + phone.call() + '  <pause milliseconds="38000"/>\n'
+    body += info(code + "#", "activate", phone.user)
+    body += '  <pause milliseconds="500"/>\n' + BYE_OUT.format(number="activate", user=phone.user)
+    run_sipp(served, body, tmp_path, "expired")
+    assert served.json("device", "show", f"SEP{MAC}")["state"] == "awaiting-activation"
+    assert served.json("code", "show", f"SEP{MAC}")["state"] == "expired"
+    log = served.log()
+    assert '"outcome": "rejected"' in log and '"outcome": "activated"' not in log
+    assert code not in log
+
+
+def test_a_used_code_is_not_accepted(served: Daemon, tmp_path: Path) -> None:
+    code = add_sep(served)
+    first = Phone(served)
+    first.learn_account()
+    body = first.register(1) + first.call() + info(code + "#", "activate", first.user)
+    body += BYE_IN.format(timeout=15000) + NOTIFY_IN.format(event="check-sync", n=1)
+    run_sipp(served, body, tmp_path, "first")
+    assert served.json("code", "show", f"SEP{MAC}")["state"] == "used"
+    # A second phone waiting for its own code keys the first phone's (used) one.
+    add_sep(served, mac="00AABB112299")
+    second = Phone(served, mac="00AABB112299")
+    second.learn_account()
+    body = second.register(1) + second.call() + info(code + "#", "activate", second.user)
+    body += '  <pause milliseconds="500"/>\n' + BYE_OUT.format(number="activate", user=second.user)
+    run_sipp(served, body, tmp_path, "used")
+    assert served.json("device", "show", "SEP00AABB112299")["state"] == "awaiting-activation"
+    assert served.json("code", "show", "SEP00AABB112299")["state"] == "issued"
+    log = served.log()
+    # A used code is no longer looked up (the registry answers as TVS does).
+    assert '"outcome": "rejected", "reason": "unknown activation code"' in log
+    assert log.count('"outcome": "activated"') == 1
+    assert code not in log
