@@ -428,3 +428,31 @@ def test_a_used_code_is_not_accepted(served: Daemon, tmp_path: Path) -> None:
     assert '"outcome": "rejected", "reason": "unknown activation code"' in log
     assert log.count('"outcome": "activated"') == 1
     assert code not in log
+
+
+def test_require_mic_wants_a_trusted_certificate_naming_the_mac(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    from callboard.daemon import certs
+    from support.edge import sip_register
+
+    lab, rogue = certs.make_lab_ca(), certs.make_lab_ca()
+    certs.write_lab_ca(tmp_path / "trust", lab)
+    good = certs.write_mic(tmp_path / "good", certs.issue_mic(lab, model="8841", mac=MAC))
+    other = certs.write_mic(tmp_path / "other",
+                            certs.issue_mic(lab, model="8841", mac="00AABB112200"))  # fmt: skip
+    untrusted = certs.write_mic(tmp_path / "rogue", certs.issue_mic(rogue, model="8841", mac=MAC))
+    served: Daemon = daemon_factory("--manufacturing-trust", str(tmp_path / "trust"),
+                                    "--set", "ivr.require_mic=true")  # fmt: skip
+    assert served.cli("defaults", "set", "8841", "--onboarding", "ivr").returncode == 0
+    add_sep(served)
+    phone = Phone(served)
+    phone.learn_account()
+    port = served.port("sip-tls")
+    assert sip_register(port, untrusted, aor=phone.user)[0] == 403
+    assert sip_register(port, other, aor=phone.user)[0] == 403
+    assert sip_register(port, None, aor=phone.user)[0] == 403
+    # The MIC of this MAC, chaining to the trust store: on to the digest challenge.
+    assert sip_register(port, good, aor=phone.user)[0] == 401
+    log = served.log()
+    assert "client certificate refused" in log and "not SEP00AABB112233" in log
