@@ -22,6 +22,7 @@ and the phone is told to fetch its config again (NOTIFY ``check-sync``; and Cisc
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import itertools
@@ -52,7 +53,7 @@ from callboard.protocols.sip.registrar import (
     RegistrationPolicy,
     RegistrationRequest,
 )
-from callboard.protocols.tvs.activation import ThrottleStore
+from callboard.protocols.tvs.activation import ManufacturingTrust, ThrottleStore
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -80,9 +81,8 @@ class IVRSettings:
     enabled: bool = True
     number: str = "activate"  # what the bootstrap line's hotline dials
     unknown_phones: bool = False  # bootstrap configs for MACs the registry does not know
-    # Require SIP over TLS with a client certificate for the bootstrap account (the MIC).
-    # Only the presence of a client certificate on TLS is enforced today; its chain to the
-    # manufacturing trust store is not checked here yet.
+    # Require SIP over TLS with a client certificate for the bootstrap account (the MIC): it
+    # must chain to the manufacturing trust store (the TVS one) and name SEP<MAC>.
     require_mic: bool = False
     first_digit_timeout: float = 20.0
     inter_digit_timeout: float = 8.0
@@ -154,6 +154,11 @@ class BootstrapAccounts:
         self._registry = registry
         self._key = key
         self.settings = settings
+        # For ``require_mic``: the TVS handler's manufacturing trust and its SHA-1 rule, and
+        # the clock (the service sets them; no trust: every MIC is refused).
+        self.trust: Callable[[], ManufacturingTrust] | None = None
+        self.allow_sha1 = False
+        self.now: Callable[[], float] = lambda: 0.0
 
     def for_mac(self, mac: str) -> BootstrapAccount | None:
         mac = mac.upper()
@@ -163,7 +168,7 @@ class BootstrapAccounts:
             if (
                 device.state is not DeviceState.AWAITING_ACTIVATION
                 or code is None
-                or self._registry.onboarding(device.model) is not Onboarding.IVR
+                or self._registry.onboarding_of(device) is not Onboarding.IVR
             ):
                 return None
             return self._account(mac, code.id, device)
@@ -174,7 +179,7 @@ class BootstrapAccounts:
     def _bat_waiting(self) -> bool:
         """A BAT record waits for its code: an unknown phone may claim it by voice."""
         return any(
-            device.is_placeholder and self._registry.onboarding(device.model) is Onboarding.IVR
+            device.is_placeholder and self._registry.onboarding_of(device) is Onboarding.IVR
             for device, _ in self._registry.outstanding_codes()
         )
 
@@ -189,6 +194,21 @@ class BootstrapAccounts:
         if len(mac) != 12 or any(c not in "0123456789abcdefABCDEF" for c in mac):
             return None
         return self.for_mac(mac)
+
+    def mic_refusal(self, account: BootstrapAccount, certs: tuple[Any, ...]) -> str | None:
+        """Why the client certificate does not prove the account's MAC, or None if it does:
+        it must chain to the manufacturing trust and name ``SEP<MAC>`` (CN CP-<model>-SEP<MAC>)."""
+        if not certs:
+            return "a client certificate over TLS is required"
+        if self.trust is None:
+            return "no manufacturing trust store to check the certificate against"
+        when = dt.datetime.fromtimestamp(self.now(), dt.UTC)
+        verdict = self.trust().check(certs[0], certs[1:], when, allow_sha1=self.allow_sha1)
+        if not verdict.ok:
+            return f"client certificate refused: {verdict.reason}"
+        if not (verdict.common_name or "").upper().endswith("SEP" + account.mac):
+            return f"client certificate names {verdict.common_name!r}, not SEP{account.mac}"
+        return None
 
     def config_line(self, account: BootstrapAccount) -> Line:
         return Line(account.user, "Activate", account.user, account.password)
@@ -209,10 +229,10 @@ class BootstrapPolicy:
             return PolicyDecision.refuse(403, "no bootstrap account (nothing to activate)")
         if request.mac is not None and request.mac.upper() != account.mac:
             return PolicyDecision.refuse(403, "+sip.instance MAC does not match the account")
-        if self.accounts.settings.require_mic and (
-            request.transport != "tls" or request.client_cert_fingerprint is None
-        ):
-            return PolicyDecision.refuse(403, "a client certificate over TLS is required")
+        if self.accounts.settings.require_mic:
+            why = self.accounts.mic_refusal(account, request.client_certs)
+            if request.transport != "tls" or why is not None:
+                return PolicyDecision.refuse(403, why or "SIP over TLS is required")
         return PolicyDecision.allow(account.user, (account.user, account.password))
 
 
@@ -393,8 +413,10 @@ class IVRService:
         binding = self._binding(account, call.source.address)
         if binding is None:
             raise CallRefused(403, "register the bootstrap account first (from this address)")
-        if self.settings.require_mic and call.source.client_cert_fingerprint is None:
-            raise CallRefused(403, "a client certificate over TLS is required")
+        if self.settings.require_mic:
+            why = self.accounts.mic_refusal(account, call.source.client_certs)
+            if call.source.transport != "tls" or why is not None:
+                raise CallRefused(403, why or "SIP over TLS is required")
         endpoint = RTPEndpoint(lambda data: None)
         endpoint.remote = (call.agreement.remote_host, call.agreement.remote_port)
         port = self.reactor.listenUDP(0, endpoint, interface=self.rtp_address)

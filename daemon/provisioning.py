@@ -490,7 +490,8 @@ class ProvisioningTree:
         return (
             device.state is DeviceState.AWAITING_ACTIVATION
             and not device.is_placeholder
-            and self._registry.onboarding(device.model) is Onboarding.AUTOREGISTRATION
+            and self._registry.onboarding(device.model) is not Onboarding.ACTIVATION_CODE
+            and self._registry.onboarding_of(device) is not Onboarding.IVR
         )
 
     def _forget(self, old: Device | None, new: Device | None) -> None:

@@ -368,6 +368,9 @@ class CallboardService(AtomicMultiService):
             return
         key = ivr.load_key(self.config.state_dir / "ivr.key")
         accounts = ivr.BootstrapAccounts(self.registry, key, settings)
+        handler = self.tvs.handler
+        accounts.trust, accounts.now = (lambda: handler.trust), self.now
+        accounts.allow_sha1 = handler.settings.allow_sha1_mic
         tree = self.tree
         self.tree.bootstrap = lambda mac: ivr.bootstrap_config(tree.render_device, accounts, mac)
         self.registrar.policy = ivr.BootstrapPolicy(self.registrar.policy, accounts)

@@ -190,6 +190,8 @@ def cmd_device_add(client: AdminClient, args: argparse.Namespace) -> Any:
         "requires_activation": args.require_activation,
         "allow_remote": args.allow_remote,
     }
+    if args.onboarding is not None:
+        body["onboarding"] = args.onboarding
     for line in body["lines"]:
         if args.password:
             line["auth_password"] = args.password
@@ -554,6 +556,12 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--allow-remote",
         action="store_true",
         help="may activate over the internet through the edge (remote activation)",
+    )
+    p.add_argument(
+        "--onboarding",
+        choices=["activation-code", "autoregistration", "ivr"],
+        default=None,
+        help="this phone's onboarding method (default: its model's, see 'defaults')",
     )
     p = leaf(device, "set", cmd_device_set, "device set", "change a phone's permissions")
     p.add_argument("name")

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..registry.model import Line, RegistryError, model_info, normalise_mac
+from ..registry.model import Line, Onboarding, RegistryError, model_info, normalise_mac
 from ..registry.registry import DeviceSpec
 
 IMPORT_COLUMNS = (
@@ -25,7 +25,7 @@ IMPORT_COLUMNS = (
     "display_name",
     "requires_activation",
 )
-OPTIONAL_COLUMNS = ("auth_name", "auth_password")
+OPTIONAL_COLUMNS = ("auth_name", "auth_password", "onboarding")
 EXPORT_COLUMNS = (
     "device",
     "model",
@@ -136,7 +136,19 @@ def row_to_spec(row: dict[str, Any], *, dummy_mac: bool) -> DeviceSpec:
         owner_user=cells.get("user", ""),
         lines=lines,
         requires_activation=requires,
+        onboarding=_onboarding_cell(cells.get("onboarding", "")),
     )
+
+
+def _onboarding_cell(cell: str) -> Onboarding | None:
+    """A row's own onboarding method; blank or ``default`` follows the model's."""
+    if cell.lower() in ("", "default"):
+        return None
+    try:
+        return Onboarding(cell.lower())
+    except ValueError:
+        choices = ", ".join(o.value for o in Onboarding)
+        raise RegistryError(f"onboarding must be one of {choices} or blank, not {cell!r}") from None
 
 
 def write_codes_csv(rows: Iterable[dict[str, str]]) -> str:

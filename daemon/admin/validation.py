@@ -53,7 +53,9 @@ def device_spec(body: dict[str, Any]) -> DeviceSpec:
     allow_remote = body.get("allow_remote", False)
     if not isinstance(allow_remote, bool):
         raise Problem.bad_request("allow_remote must be true or false")
+    own = body.get("onboarding")
     return DeviceSpec(
+        onboarding=None if own is None else onboarding(body),
         allow_remote=allow_remote,
         model=model,
         mac=mac or None,

@@ -152,6 +152,7 @@ class Device:
     allow_remote: bool = False
     token_generation: int = 0
     refresh_serial: int = 0
+    onboarding: Onboarding | None = None  # the device's own method; None: its model's default
 
     @property
     def mac(self) -> str | None:

@@ -162,8 +162,12 @@ CREATE TABLE api_tokens (
 )
 """
 
+_PG_V7 = """
+ALTER TABLE devices ADD COLUMN onboarding TEXT
+"""
+
 # In lockstep with store.MIGRATIONS: the same versions, the same tables and columns.
-PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4, _PG_V5, _PG_V6]
+PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4, _PG_V5, _PG_V6, _PG_V7]
 assert len(PG_MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -97,6 +97,7 @@ class DeviceSpec:
     lines: tuple[Line, ...] = ()
     requires_activation: bool | None = None  # None: follow the model's default
     allow_remote: bool = False  # may activate through the edge (remote activation)
+    onboarding: Onboarding | None = None  # None: follow the model's default
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,10 @@ class Registry:
 
     def onboarding(self, model: str) -> Onboarding:
         return self._defaults.get(model_info(model).name, Onboarding.ACTIVATION_CODE)
+
+    def onboarding_of(self, device: Device) -> Onboarding:
+        """The device's own onboarding method, else its model's default."""
+        return device.onboarding or self.onboarding(device.model)
 
     def defaults(self) -> dict[str, Onboarding]:
         """Every supported model's onboarding method (activation code unless changed)."""
@@ -611,7 +616,8 @@ class Registry:
         required = (
             spec.requires_activation
             if spec.requires_activation is not None
-            else self.onboarding(info.name) is not Onboarding.AUTOREGISTRATION  # code or ivr
+            else (spec.onboarding or self.onboarding(info.name))
+            is not Onboarding.AUTOREGISTRATION  # code or ivr
         )
         return Device(
             id=uuid.uuid4().hex,
@@ -625,6 +631,7 @@ class Registry:
             created_at=now,
             updated_at=now,
             allow_remote=spec.allow_remote,
+            onboarding=spec.onboarding,
         )
 
     @staticmethod

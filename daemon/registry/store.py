@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from .model import ActivationCode, CodeState, Device, DeviceState, Line, Onboarding
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 T = TypeVar("T")
 
@@ -290,6 +290,11 @@ def _v5_to_v6_accounts(db: sqlite3.Connection) -> None:
     )
 
 
+def _v6_to_v7(db: sqlite3.Connection) -> None:
+    """Version 7: a device's own onboarding method (NULL: its model's default)."""
+    _run_script(db, "ALTER TABLE devices ADD COLUMN onboarding TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v0_to_v1,
     _v1_to_v2,
@@ -297,6 +302,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v3_to_v4,
     _v4_to_v5,
     _v5_to_v6_accounts,
+    _v6_to_v7,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -430,7 +436,7 @@ def _deliver(waiting: list[Deferred[Any]], outcomes: list[Any]) -> None:
 _DEVICE_COLUMNS = (
     "id, name, model, description, owner_user, lines, requires_activation,"
     " state, created_at, updated_at, version, activated_at, mic_sha256,"
-    " allow_remote, token_generation, refresh_serial"
+    " allow_remote, token_generation, refresh_serial, onboarding"
 )
 _CODE_COLUMNS = "id, device_id, code, issued_at, expires_at, state, used_at"
 _SELECT_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices"
@@ -779,11 +785,11 @@ def _write(db: sqlite3.Connection, batch: list[Change]) -> None:
         )
 
 
-_DEVICE_VALUES = ", ".join("?" * 16)
+_DEVICE_VALUES = ", ".join("?" * 17)
 _DEVICE_SET = (
     "name=?, model=?, description=?, owner_user=?, lines=?, requires_activation=?,"
     " state=?, created_at=?, updated_at=?, version=?, activated_at=?, mic_sha256=?,"
-    " allow_remote=?, token_generation=?, refresh_serial=?"
+    " allow_remote=?, token_generation=?, refresh_serial=?, onboarding=?"
 )
 
 
@@ -904,6 +910,7 @@ def _device(r: Sequence[Any]) -> Device:
         allow_remote=bool(r[13]),
         token_generation=r[14],
         refresh_serial=r[15],
+        onboarding=Onboarding(r[16]) if r[16] else None,
     )
 
 
@@ -952,4 +959,5 @@ def _device_row(d: Device) -> tuple[Any, ...]:
         int(d.allow_remote),
         d.token_generation,
         d.refresh_serial,
+        d.onboarding.value if d.onboarding else None,
     )

@@ -55,7 +55,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from callboard.protocols.settings import SettingError, check_choice, check_range, config_key
 from callboard.protocols.sip.cisco import (
@@ -142,6 +142,7 @@ class RegistrationRequest:
     is_removal: bool = False
     bound_devices: tuple[str, ...] = ()
     authorization: tuple[tuple[str, str], ...] = ()
+    client_certs: tuple[Any, ...] = ()  # the leaf, then the presented chain (TLS only)
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,9 @@ class Source:
     #: How to send to this peer later (the transport fills it in): a UDP reply goes to the
     #: Reply's host and port, a stream writes on the connection the message came on.
     send: Callable[[Reply], None] | None = field(default=None, compare=False, repr=False)
+    #: The TLS client's certificates as ``cryptography`` objects: the leaf first, then the
+    #: chain it presented; for a policy that checks the chain itself (a MIC's).
+    client_certs: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def address(self) -> str:
@@ -718,6 +722,7 @@ class Registrar:
             transport=reg.source.transport,
             user_agent=reg.user_agent,
             client_cert_fingerprint=reg.source.client_cert_fingerprint,
+            client_certs=reg.source.client_certs,
             is_removal=reg.is_removal,
             bound_devices=tuple(sorted({b.device_name for b in live.values() if b.device_name})),
             authorization=tuple(

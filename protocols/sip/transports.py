@@ -131,13 +131,16 @@ class SIPStreamProtocol(Protocol):
             host = str(getattr(peer, "host", "?"))
             port = int(getattr(peer, "port", 0))
             fingerprint = subject = None
+            certs: tuple[Any, ...] = ()
             if ISSLTransport.providedBy(self.transport):
                 cert = self.transport.getPeerCertificate()
                 if cert is not None:
                     fingerprint, subject = certificate_identity(cert)
+                    certs = _peer_certificates(self.transport, cert)
             self._source = Source(
-                self.transport_name, host, port, fingerprint, subject, send=self._send
-            )
+                self.transport_name, host, port, fingerprint, subject, send=self._send,
+                client_certs=certs,
+            )  # fmt: skip
         return self._source
 
     def dataReceived(self, data: bytes) -> None:
@@ -274,6 +277,14 @@ def certificate_identity(cert: Any) -> tuple[str, str | None]:
     cns = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = cns[0].value if cns else None
     return fingerprint, (cn if isinstance(cn, str) else None)
+
+
+def _peer_certificates(transport: Any, cert: Any) -> tuple[Any, ...]:
+    """The client's leaf then the chain it sent (OpenSSL leaves the leaf out server-side)."""
+    leaf = (cert.original if isinstance(cert, ssl.Certificate) else cert).to_cryptography()
+    handle = getattr(transport, "getHandle", lambda: None)()
+    chain = getattr(handle, "get_peer_cert_chain", lambda **_: None)(as_cryptography=True)
+    return (leaf, *(c for c in chain or () if c != leaf))
 
 
 def make_tls_server_options(

@@ -356,3 +356,103 @@ def test_unknown_phone_claims_a_bat_record_with_the_model_from_its_register(
     run_sipp(served, body, tmp_path, "bat")
     device = served.json("device", "show", "SEP00AABB445566")
     assert device["state"] == "active" and device["model"] == "8841"
+
+
+def test_a_device_s_own_onboarding_beats_its_model_default(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    served: Daemon = daemon_factory()  # every model's default: activation-code (TVS)
+    dev = served.json("device", "add", "--model", "8841", "--mac", MAC, "--line", "3001:Desk",
+                      "--onboarding", "ivr")  # fmt: skip
+    assert dev["state"] == "awaiting-activation"
+    Phone(served).learn_account()  # the bootstrap config, though 8841 activates through TVS
+    plain = served.json("device", "add", "--model", "8841", "--mac", "00AABB112244")
+    assert plain["state"] == "awaiting-activation"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        Phone(served, mac="00AABB112244").fetch_config()
+    assert err.value.code == 404
+    # The CSV column: ivr, blank (the model's) and a bad value refused with its line.
+    sheet = tmp_path / "phones.csv"
+    sheet.write_text("mac,model,directory_number,onboarding\n"
+                     "00AABB112255,8841,3005,ivr\n00AABB112266,8841,3006,\n")  # fmt: skip
+    assert served.cli("import", str(sheet)).returncode == 0
+    Phone(served, mac="00AABB112255").learn_account()
+    with pytest.raises(urllib.error.HTTPError):
+        Phone(served, mac="00AABB112266").fetch_config()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mac,model,onboarding\n00AABB112277,8841,voice\n")
+    result = served.cli("import", str(bad))
+    assert result.returncode != 0 and "line 2:" in result.stderr and "onboarding" in result.stderr
+
+
+def test_an_expired_code_is_not_accepted(daemon_factory: Any, tmp_path: Path) -> None:
+    # The shortest lifetime the settings allow (0.01 h = 36 s): the call starts while the code
+    # is live and the code is keyed once it has expired.
+    served: Daemon = daemon_factory("--set", "ivr.answer_delay=0.2", "--set",
+                                    "registry.code_ttl_hours=0.01", "--set",
+                                    "ivr.first_digit_timeout=90")  # fmt: skip
+    assert served.cli("defaults", "set", "8841", "--onboarding", "ivr").returncode == 0
+    code = add_sep(served)
+    phone = Phone(served)
+    phone.learn_account()
+    body = phone.register(1) + phone.call() + '  <pause milliseconds="38000"/>\n'
+    body += info(code + "#", "activate", phone.user)
+    body += '  <pause milliseconds="500"/>\n' + BYE_OUT.format(number="activate", user=phone.user)
+    run_sipp(served, body, tmp_path, "expired")
+    assert served.json("device", "show", f"SEP{MAC}")["state"] == "awaiting-activation"
+    assert served.json("code", "show", f"SEP{MAC}")["state"] == "expired"
+    log = served.log()
+    assert '"outcome": "rejected"' in log and '"outcome": "activated"' not in log
+    assert code not in log
+
+
+def test_a_used_code_is_not_accepted(served: Daemon, tmp_path: Path) -> None:
+    code = add_sep(served)
+    first = Phone(served)
+    first.learn_account()
+    body = first.register(1) + first.call() + info(code + "#", "activate", first.user)
+    body += BYE_IN.format(timeout=15000) + NOTIFY_IN.format(event="check-sync", n=1)
+    run_sipp(served, body, tmp_path, "first")
+    assert served.json("code", "show", f"SEP{MAC}")["state"] == "used"
+    # A second phone waiting for its own code keys the first phone's (used) one.
+    add_sep(served, mac="00AABB112299")
+    second = Phone(served, mac="00AABB112299")
+    second.learn_account()
+    body = second.register(1) + second.call() + info(code + "#", "activate", second.user)
+    body += '  <pause milliseconds="500"/>\n' + BYE_OUT.format(number="activate", user=second.user)
+    run_sipp(served, body, tmp_path, "used")
+    assert served.json("device", "show", "SEP00AABB112299")["state"] == "awaiting-activation"
+    assert served.json("code", "show", "SEP00AABB112299")["state"] == "issued"
+    log = served.log()
+    # A used code is no longer looked up (the registry answers as TVS does).
+    assert '"outcome": "rejected", "reason": "unknown activation code"' in log
+    assert log.count('"outcome": "activated"') == 1
+    assert code not in log
+
+
+def test_require_mic_wants_a_trusted_certificate_naming_the_mac(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    from callboard.daemon import certs
+    from support.edge import sip_register
+
+    lab, rogue = certs.make_lab_ca(), certs.make_lab_ca()
+    certs.write_lab_ca(tmp_path / "trust", lab)
+    good = certs.write_mic(tmp_path / "good", certs.issue_mic(lab, model="8841", mac=MAC))
+    other = certs.write_mic(tmp_path / "other",
+                            certs.issue_mic(lab, model="8841", mac="00AABB112200"))  # fmt: skip
+    untrusted = certs.write_mic(tmp_path / "rogue", certs.issue_mic(rogue, model="8841", mac=MAC))
+    served: Daemon = daemon_factory("--manufacturing-trust", str(tmp_path / "trust"),
+                                    "--set", "ivr.require_mic=true")  # fmt: skip
+    assert served.cli("defaults", "set", "8841", "--onboarding", "ivr").returncode == 0
+    add_sep(served)
+    phone = Phone(served)
+    phone.learn_account()
+    port = served.port("sip-tls")
+    assert sip_register(port, untrusted, aor=phone.user)[0] == 403
+    assert sip_register(port, other, aor=phone.user)[0] == 403
+    assert sip_register(port, None, aor=phone.user)[0] == 403
+    # The MIC of this MAC, chaining to the trust store: on to the digest challenge.
+    assert sip_register(port, good, aor=phone.user)[0] == 401
+    log = served.log()
+    assert "client certificate refused" in log and "not SEP00AABB112233" in log

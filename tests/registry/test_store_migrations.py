@@ -47,7 +47,7 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -
     path = tmp_path / "old.sqlite3"
     make_v1_file(path)
     store = SQLiteStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 6
+    assert store.schema_version == SCHEMA_VERSION == 7
     registry = Registry(store, lambda: 200.0)
     device = registry.get("BAT0123456789AB")
     assert device.description == "lobby" and device.lines[0].display_name == "Lobby"
@@ -90,6 +90,7 @@ async def test_a_version_2_file_gains_the_change_feed(tmp_path: Path) -> None:
     assert (device.name, device.activated_at, device.mic_sha256) == ("BAT0123456789AB", 150.0, "ab")
     # Version 4: remote activation off, token generation and refresh serial at 0.
     assert (device.allow_remote, device.token_generation, device.refresh_serial) == (False, 0, 0)
+    assert device.onboarding is None  # version 6: the model's default
     assert [c.id for c in snapshot.codes] == ["c1"]
     # A write through another connection is now visible on the feed.
     other = SQLiteStore(path)
@@ -148,3 +149,27 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match="newer"):
         SQLiteStore(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_keeps_its_own_onboarding_across_a_reopen(tmp_path: Path) -> None:
+    from callboard.daemon.registry.registry import DeviceSpec
+
+    path = tmp_path / "own.sqlite3"
+    store = SQLiteStore(path)
+    registry = Registry(store, lambda: 100.0)
+    await registry.set_default("8841", Onboarding.AUTOREGISTRATION)
+    (own,) = await registry.add_devices(
+        [DeviceSpec(model="8841", mac="001122334455", onboarding=Onboarding.IVR)]
+    )
+    (plain,) = await registry.add_devices([DeviceSpec(model="8841", mac="001122334466")])
+    # Its own method decides whether a code is needed; the model's default does otherwise.
+    assert own.requires_activation and not plain.requires_activation
+    await store.close()
+    again = SQLiteStore(path)
+    reopened = Registry(again, lambda: 200.0)
+    assert reopened.get("SEP001122334455").onboarding is Onboarding.IVR
+    assert reopened.onboarding_of(reopened.get("SEP001122334455")) is Onboarding.IVR
+    assert reopened.get("SEP001122334466").onboarding is None
+    assert reopened.onboarding_of(reopened.get("SEP001122334466")) is Onboarding.AUTOREGISTRATION
+    await again.close()
