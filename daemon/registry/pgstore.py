@@ -69,8 +69,10 @@ from .store import (
     _code_row,
     _device,
     _device_row,
+    _feed_batch,
     _feed_keys,
     _StoreThread,
+    _wanted_keys,
 )
 
 log = get_logger("callboard.registry.pg")
@@ -435,25 +437,14 @@ class PostgreSQLStore:
             if not rows:
                 return FeedBatch(after)
             seq = rows[-1][0]
-            wanted: dict[str, dict[str, None]] = {"device": {}, "code": {}, "default": {}}
-            for row_seq, kind, key in rows:
-                if not self._is_own(row_seq) and kind in wanted:
-                    wanted[kind][key] = None
+            wanted = _wanted_keys(rows, self._is_own)
             devices = _select_any(conn, _SELECT_DEVICES, "id", wanted["device"])
             codes = _select_any(conn, _SELECT_CODES, "id", wanted["code"])
             defaults = _select_any(
                 conn, "SELECT model, onboarding FROM model_defaults", "model", wanted["default"]
             )
         self._own = [(first, last) for first, last in self._own if last > seq]
-        found = [_device(r) for r in devices]
-        present = {d.id for d in found}
-        return FeedBatch(
-            seq,
-            devices=found,
-            deleted_devices=[key for key in wanted["device"] if key not in present],
-            codes=[_code(r) for r in codes],
-            defaults={r[0]: Onboarding(r[1]) for r in defaults},
-        )
+        return _feed_batch(seq, wanted, devices, codes, defaults)
 
     def _is_own(self, seq: int) -> bool:
         return any(first <= seq <= last for first, last in self._own)

@@ -633,10 +633,7 @@ class SQLiteStore:
             if not rows:
                 return FeedBatch(after)
             seq = rows[-1][0]
-            wanted: dict[str, dict[str, None]] = {"device": {}, "code": {}, "default": {}}
-            for row_seq, kind, key in rows:
-                if not self._is_own(row_seq) and kind in wanted:
-                    wanted[kind][key] = None
+            wanted = _wanted_keys(rows, self._is_own)
             devices = _select_in(db, _SELECT_DEVICES, "id", wanted["device"])
             codes = _select_in(db, _SELECT_CODES, "id", wanted["code"])
             defaults = _select_in(
@@ -645,18 +642,40 @@ class SQLiteStore:
         finally:
             db.execute("COMMIT")
         self._own = [(first, last) for first, last in self._own if last > seq]
-        found = [_device(r) for r in devices]
-        present = {d.id for d in found}
-        return FeedBatch(
-            seq,
-            devices=found,
-            deleted_devices=[key for key in wanted["device"] if key not in present],
-            codes=[_code(r) for r in codes],
-            defaults={r[0]: Onboarding(r[1]) for r in defaults},
-        )
+        return _feed_batch(seq, wanted, devices, codes, defaults)
 
     def _is_own(self, seq: int) -> bool:
         return any(first <= seq <= last for first, last in self._own)
+
+
+def _wanted_keys(
+    rows: Sequence[Any], is_own: Callable[[int], bool]
+) -> dict[str, dict[str, None]]:
+    """The keys other writers changed, by kind, in feed order (one engine-neutral step)."""
+    wanted: dict[str, dict[str, None]] = {"device": {}, "code": {}, "default": {}}
+    for row_seq, kind, key in rows:
+        if not is_own(row_seq) and kind in wanted:
+            wanted[kind][key] = None
+    return wanted
+
+
+def _feed_batch(
+    seq: int,
+    wanted: dict[str, dict[str, None]],
+    devices: Sequence[Any],
+    codes: Sequence[Any],
+    defaults: Sequence[Any],
+) -> FeedBatch:
+    """The rows as they stand now; a wanted device with no row was deleted."""
+    found = [_device(r) for r in devices]
+    present = {d.id for d in found}
+    return FeedBatch(
+        seq,
+        devices=found,
+        deleted_devices=[key for key in wanted["device"] if key not in present],
+        codes=[_code(r) for r in codes],
+        defaults={r[0]: Onboarding(r[1]) for r in defaults},
+    )
 
 
 def _backup(db: sqlite3.Connection, path: Path) -> None:
