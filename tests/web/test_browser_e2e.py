@@ -36,6 +36,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists() and shutil.which
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -97,6 +98,17 @@ def sign_in(driver: Any, base: str, user: str, start: str = "/self-care/") -> No
     WebDriverWait(driver, 60).until(lambda d: "/sign-in" not in d.current_url)
 
 
+def submit(driver: Any, button_id: str) -> None:
+    """Click a form button and wait for the page it posts to.
+
+    A click returns once the event is dispatched, not once the next document has loaded;
+    looking up an element of the next page straight away races the navigation.
+    """
+    old_page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.ID, button_id).click()
+    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old_page))
+
+
 def decode_qr(png: Path) -> list[str]:
     result = subprocess.run(
         ["zbarimg", "--quiet", "--raw", str(png)], capture_output=True, text=True, timeout=60
@@ -146,16 +158,16 @@ def test_admin_adds_a_bat_phone_views_its_code_and_imports_a_csv(
     sign_in(browser, base, "root1", "/admin/devices")
     assert browser.current_url.endswith("/admin/devices")
 
-    browser.find_element(By.ID, "add-device").click()
+    submit(browser, "add-device")
     browser.find_element(By.ID, "mac").clear()
     browser.find_element(By.ID, "description").send_keys("Lobby phone")
     browser.find_element(By.ID, "lines").send_keys("3001:Lobby")
-    browser.find_element(By.ID, "create-device").click()
+    submit(browser, "create-device")
     name = browser.find_element(By.ID, "device-name").text
     assert name.startswith("BAT") and "Device added." in browser.page_source
     assert browser.find_element(By.ID, "device-state").text == "awaiting-activation"
 
-    browser.find_element(By.ID, "view-code").click()
+    submit(browser, "view-code")
     code = browser.find_element(By.ID, "code").text
     assert code == web.json("code", "show", name)["code"]
     shot = tmp_path / "admin-code.png"
@@ -171,7 +183,7 @@ def test_admin_adds_a_bat_phone_views_its_code_and_imports_a_csv(
     browser.get(base + "/admin/import")
     browser.find_element(By.ID, "csv-file").send_keys(str(csv))
     browser.find_element(By.ID, "dummy-mac").click()
-    browser.find_element(By.ID, "upload").click()
+    submit(browser, "upload")
     assert "Imported 2 device(s)." in browser.find_element(By.ID, "notice").text
     names = {d["name"] for d in web.json("device", "list")}
     assert "SEP0011223344A1" in names and len(names) == 3
