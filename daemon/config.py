@@ -159,6 +159,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "json"  # or "console"
     shutdown_grace: float = 5.0  # seconds in-flight transfers and TVS requests get at SIGTERM
+    workers: int = 1  # reactor processes sharing every listener (--workers; see supervisor)
     source: str = "<defaults>"  # the file this came from, for messages
     network: NetworkConfig = field(default_factory=NetworkConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
@@ -234,7 +235,9 @@ _TOP_LEVEL = (
     "log_level",
     "log_format",
     "shutdown_grace",
+    "workers",
 )
+MAX_WORKERS = 64
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -331,6 +334,10 @@ class _Values:
             raise ConfigError(
                 f"{self.source}: log_format: {config.log_format!r} is not one of "
                 + ", ".join(LOG_FORMATS)
+            )
+        if not 1 <= config.workers <= MAX_WORKERS:
+            raise ConfigError(
+                f"{self.source}: workers: {config.workers} is not between 1 and {MAX_WORKERS}"
             )
         if not 0 <= config.shutdown_grace <= 3600:
             raise ConfigError(

@@ -83,3 +83,24 @@ def _read_pid(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """The PID holding ``state_dir``'s lock, or ``None`` when no process holds it.
+
+    A worker of ``callboard serve --workers N`` takes no lock of its own (its supervisor holds
+    the one lock for them all); it checks with this that its supervisor really holds it.
+    """
+    path = state_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(fd)
+    else:
+        return None  # we could take it: nobody holds it (closing drops our shared lock)
+    finally:
+        os.close(fd)

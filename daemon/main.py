@@ -79,6 +79,11 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         {"help": "the address /metrics listens on (default 127.0.0.1)"},
     ),
     (
+        "--workers",
+        "workers",
+        {"type": int, "help": "reactor processes sharing every listener (default 1; 1-64)"},
+    ),
+    (
         "--registry",
         "registry.url",
         {
@@ -191,7 +196,13 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"callboard serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     from .serve import start_checks
+    from .workers import plan_from_environ
 
+    plan = plan_from_environ()
+    if plan is not None:  # one of the workers of `serve --workers N` (its supervisor checked)
+        from .workers import run_worker
+
+        return run_worker(config, plan, reload_config=lambda: serve_config(args))
     inherited = getattr(args, "inherited", None) or socket_activation.InheritedSockets()
     checked = start_checks(config, inherited)
     if isinstance(checked, int):
@@ -199,6 +210,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from .runner import run_daemon
 
     try:
+        if config.workers > 1:
+            from .supervisor import run_supervisor
+
+            return run_supervisor(config, getattr(args, "argv", ["serve"]), inherited)
         return run_daemon(config, inherited=inherited, reload_config=lambda: serve_config(args))
     finally:
         checked.release()
@@ -211,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.inherited = inherited
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # workers run the same command
     if args.command != "serve":
         # Short-lived clients die quietly when piped into `head`; the daemon must not.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

@@ -36,16 +36,22 @@ def run_daemon(
     *,
     inherited: InheritedSockets | None = None,
     reload_config: Callable[[], Config] | None = None,
+    notifier: Notifier | None = None,
+    service_factory: Callable[[Config, Any, InheritedSockets | None], CallboardService] = (
+        CallboardService
+    ),
 ) -> int:
+    """``notifier`` and ``service_factory`` are a worker's (:mod:`.workers`); by default
+    systemd's ``NOTIFY_SOCKET`` and the plain service tree."""
     configure_logging(config.log_level, log_format=config.log_format)
     try:
-        notifier = Notifier.from_environ()
+        notifier = notifier or Notifier.from_environ()
     except SdNotifyError as exc:
         print(f"callboard serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     reactor: Any = _reactor
     supervision = Supervision(notifier, reactor)
-    service = CallboardService(config, reactor, inherited)  # wiring only: the I/O is later
+    service = service_factory(config, reactor, inherited)  # wiring only: the I/O is later
     outcome = {"code": 0}
 
     def fail(code: int, message: str) -> None:

@@ -195,7 +195,11 @@ class CallboardService(AtomicMultiService):
             [ListenerSpec.stream(settings.address, settings.port)] if settings.port else []
         )
         for spec in specs:
-            self._add_listener("metrics", spec, metrics_site(self.metrics.registry))
+            self._add_listener("metrics", spec, self._metrics_site())
+
+    def _metrics_site(self) -> Site:
+        """What ``/metrics`` serves (worker 0 of several serves every worker's, see workers)."""
+        return metrics_site(self.metrics.registry)
 
     def _open_web_state(self) -> None:
         """The web's I/O: users and tokens (read from the store) and, with the web listener

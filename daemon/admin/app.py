@@ -197,7 +197,7 @@ class AdminApp:
         self,
         registry: Registry,
         registrations: Registrations = lambda _name: [],
-        status: Callable[[], dict[str, Any]] = dict,
+        status: Callable[[], dict[str, Any] | Deferred[dict[str, Any]]] = dict,
         known_user: Callable[[str], bool] | None = None,
     ) -> None:
         self._registry = registry
@@ -213,7 +213,10 @@ class AdminApp:
     # -- reads ---------------------------------------------------------------------------
 
     def status(self, actor: Actor) -> Deferred[StatusView]:
-        return succeed(StatusView(len(self._registry), self._status()))
+        # The service's status may be a Deferred (worker 0 asks the other workers for theirs).
+        service = self._status()
+        d = service if isinstance(service, Deferred) else succeed(service)
+        return d.addCallback(lambda service: StatusView(len(self._registry), service))
 
     def list_devices(self, actor: Actor) -> Deferred[list[DeviceView]]:
         reg = self._registry
