@@ -58,7 +58,7 @@ from .config import Config, ConfigError, EndpointsConfig
 from .inherited import InheritedSockets
 from .lifecycle import Supervision
 from .logs import configure_logging, get_logger
-from .sdnotify import Notifier, SdNotifyError
+from .sdnotify import Notifier, SdNotifyError, watchdog_interval
 
 log = get_logger("callboard.supervisor")
 
@@ -69,14 +69,8 @@ SINGLETON_ROLES = frozenset({"web", "metrics"})  # worker 0 only
 RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 MAX_FAILED_STARTS = 3  # consecutive restarts that never got ready: give up
 KILL_AFTER = 10.0  # seconds past shutdown_grace before a worker that will not stop is killed
-STRIPPED_ENV = (
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-)
+# Meant for the supervisor; a worker pings its supervisor (WATCHDOG_USEC is passed on).
+STRIPPED_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID")
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
@@ -224,6 +218,7 @@ class WorkerProcess(ProcessProtocol):
         self.index = index
         self.ready = False
         self.status = ""
+        self.last_ping: float | None = None  # when it last sent WATCHDOG=1
         self.pid: int | None = None
         self.ended: Deferred[None] = Deferred()
         self._buffer = b""
@@ -242,6 +237,8 @@ class WorkerProcess(ProcessProtocol):
     def notified(self, values: dict[str, str]) -> None:
         if "STATUS" in values:
             self.status = values["STATUS"]
+        if values.get("WATCHDOG") == "1":
+            self.last_ping = self.supervisor.reactor.seconds()
         if values.get("RELOADING") == "1":
             self.ready = False
         if values.get("READY") == "1":
@@ -258,6 +255,21 @@ class WorkerProcess(ProcessProtocol):
         if transport is not None and transport.pid is not None:
             with contextlib.suppress(Exception):  # already gone: processEnded follows
                 transport.signalProcess(signum)
+
+
+class GatedNotifier(Notifier):
+    """systemd's notifier, whose ``WATCHDOG=1`` goes out only while every ready worker pings
+    its supervisor too: a wedged worker reactor stops the pings, and systemd restarts us."""
+
+    def __init__(self, inner: Notifier) -> None:
+        super().__init__(inner.address)
+        self.supervisor: Supervisor | None = None
+
+    def watchdog(self) -> bool:
+        if self.supervisor is not None and not self.supervisor.workers_alive():
+            log.error("a worker stopped pinging; holding back the watchdog")
+            return False
+        return super().watchdog()
 
 
 def _assignments(message: bytes) -> Iterator[tuple[str, str]]:
@@ -332,6 +344,18 @@ class Supervisor:
             if first:
                 log.info("all workers ready", workers=self.count, pids=[w.pid for w in live])
 
+    def workers_alive(self) -> bool:
+        """Every ready worker pinged within the watchdog's period (when one is set)."""
+        interval = watchdog_interval()
+        if interval is None:
+            return True
+        now = self.reactor.seconds()
+        return all(
+            w.last_ping is not None and now - w.last_ping <= 2 * interval
+            for w in self.workers
+            if w is not None and w.ready
+        )
+
     def worker_ended(self, worker: WorkerProcess, code: int | None, signum: int | None) -> None:
         if self.workers[worker.index] is worker:
             self.workers[worker.index] = None
@@ -343,8 +367,13 @@ class Supervisor:
         if not worker.ready:
             self.failed_starts[worker.index] += 1
         if not self.all_ready or self.failed_starts[worker.index] >= MAX_FAILED_STARTS:
-            # A worker that cannot start: the daemon cannot run as configured.
-            self.fail(f"worker {worker.index} exited (status {code}) before it was ready")
+            # A worker that cannot start: the daemon cannot run as configured. A worker that
+            # exited with a status has said why on stderr (one line); one killed has not.
+            self.fail(
+                None
+                if code is not None
+                else f"worker {worker.index} was killed by signal {signum} before it was ready"
+            )
             return
         self.supervision.status(f"restarting worker {worker.index}")
         self.reactor.callLater(RESTART_DELAY, self.respawn, worker.index)
@@ -353,8 +382,9 @@ class Supervisor:
         if self.workers[index] is None:
             self.spawn(index)
 
-    def fail(self, message: str) -> None:
-        print(f"callboard serve: {message}", file=sys.stderr)
+    def fail(self, message: str | None) -> None:
+        if message is not None:
+            print(f"callboard serve: {message}", file=sys.stderr)
         self.exit_code = EXIT_FAILURE
         if self.reactor.running:
             self.reactor.stop()
@@ -415,7 +445,8 @@ def run_supervisor(config: Config, argv: Sequence[str], inherited: InheritedSock
     configure_logging(config.log_level, log_format=config.log_format)
     try:
         check_worker_config(config)
-        notifier = Notifier.from_environ()
+        notifier = GatedNotifier(Notifier.from_environ())
+        watchdog_interval()  # a malformed WATCHDOG_USEC is refused now, not at the first ping
     except (ConfigError, SdNotifyError) as exc:
         print(f"callboard serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -429,6 +460,7 @@ def run_supervisor(config: Config, argv: Sequence[str], inherited: InheritedSock
         return EXIT_FAILURE
     reactor: Any = _reactor
     supervisor = Supervisor(config, argv, sockets, reactor, Supervision(notifier, reactor))
+    notifier.supervisor = supervisor
 
     def hang_up(_signum: int, _frame: object) -> None:
         reactor.callFromThread(supervisor.reload)

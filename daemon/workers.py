@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import structlog
 from callboard.protocols.listening import ListenerSpec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -375,6 +376,8 @@ def run_worker(config: Config, plan: WorkerPlan, reload_config: Callable[[], Con
         )
         return EXIT_FAILURE
     from .runner import run_daemon
+
+    structlog.contextvars.bind_contextvars(worker=plan.index)  # on every line it logs
 
     def service(config: Config, reactor: Any, inherited: InheritedSockets | None) -> Any:
         return WorkerService(config, reactor, inherited, plan)

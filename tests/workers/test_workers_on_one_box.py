@@ -8,6 +8,9 @@ and from the aggregated ``/metrics`` (a ``worker`` label on every sample).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import signal
 import socket
@@ -20,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from callboard.daemon import certs
 from callboard.protocols.tvs.client import activate
@@ -27,7 +31,7 @@ from callboard.protocols.tvs.codec import DeviceName
 from callboard.protocols.tvs.itl import Role, parse_itl
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
-from support.harness import Daemon, run_cli, serve_args
+from support.harness import Daemon, run_cli, serve_args, systemd_launcher
 from twisted.internet import defer, reactor
 
 WORKERS = ("--workers", "2")
@@ -122,9 +126,9 @@ def metrics(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], floa
     }
 
 
-def served(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], protocol: str) -> dict[
-    str, float
-]:
+def served(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], protocol: str
+) -> dict[str, float]:
     """Transfers per worker for one protocol, from the aggregated exposition."""
     per: dict[str, float] = {}
     for (name, labels), value in samples.items():
@@ -279,3 +283,81 @@ def test_bad_worker_counts_are_one_line_errors(tmp_path: Path) -> None:
         assert result.returncode == 2, (extra, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (extra, result.stderr)
+
+
+class NotifySocket:
+    """The systemd side of sd_notify: a datagram socket and every message sent to it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def count(self, line: str) -> int:
+        return sum(line in m.splitlines() for m in self.messages)
+
+    def wait_for(self, line: str, times: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count(line) < times:
+            assert time.monotonic() < deadline, f"no {line!r} x{times} in {self.messages}"
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.sock.recv(4096).decode())
+
+
+def test_under_systemd_ready_waits_for_every_worker_and_sighup_reloads_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notify = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # WatchdogSec=1s
+    tftp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tftp.bind(("127.0.0.1", 0))
+    http = socket.socket()
+    http.bind(("127.0.0.1", 0))
+    http.listen(64)
+    sockets = [tftp, http]
+    fds = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 10) for s in sockets]
+    daemon = Daemon(
+        tmp_path / "state",
+        *WORKERS,
+        launcher=systemd_launcher(fds, ["tftp", "http"]),
+        pass_fds=tuple(fds),
+    )
+    try:
+        daemon.start()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for s in sockets:
+            s.close()
+    try:
+        notify.wait_for("READY=1")
+        # READY=1 came only once both workers were ready: both answer at once.
+        assert daemon.json("status")["workers_answering"] == 2
+        assert any("STATUS=serving with 2 workers" in m for m in notify.messages)
+        notify.wait_for("WATCHDOG=1", times=2)
+        # Both workers adopted systemd's sockets (shared by the two, not reuseport).
+        status = all_workers(daemon)
+        assert status["http"] == [f"127.0.0.1:{daemon.port('http')}"]
+        assert "tvs" not in status  # no socket from systemd: off, as in one process
+        for i in range(8):
+            assert http_status(daemon, "XMLDefault.cnf.xml") == 200
+            assert tftp_hpa(daemon.port("tftp"), "XMLDefault.cnf.xml", tmp_path / f"x{i}")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        notify.wait_for("READY=1", times=2)
+        pids = worker_pids(status)
+        assert worker_pids(all_workers(daemon)) == pids  # reloaded in place, not restarted
+        reloaded = [
+            json.loads(x) for x in daemon.log().splitlines() if "configuration reloaded" in x
+        ]
+        assert sorted(entry["worker"] for entry in reloaded) == [0, 1]  # each worker re-read it
+        assert daemon.stop(signal.SIGTERM) == 0
+        notify.wait_for("STOPPING=1")
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        if daemon.proc is not None:
+            daemon.stop(signal.SIGKILL)
