@@ -494,6 +494,10 @@ def _status_summary(result: dict[str, Any]) -> str:
         f"registrations: {result.get('registrations', 0)}",
         f"lockouts: {result.get('lockouts', 0)}",
     ]
+    workers = result.get("workers")
+    if workers:  # serve --workers N: one line for them all
+        pids = ", ".join(str(w.get("pid", "?")) for w in workers)
+        lines.append(f"workers: {result.get('workers_answering', 0)}/{len(workers)} (PIDs {pids})")
     return "\n".join(lines) + "\n"
 
 

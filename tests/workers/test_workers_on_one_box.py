@@ -236,7 +236,7 @@ def test_status_aggregates_the_workers_and_a_second_daemon_is_refused(
     assert set(pids) == children_of(supervisor)
     assert status["registrations"] == sum(w["registrations"] for w in status["workers"])
     text = daemon.cli("status")
-    assert text.returncode == 0 and "version:" in text.stdout
+    assert text.returncode == 0 and f"workers: 2/2 (PIDs {pids[0]}, {pids[1]})" in text.stdout
     # One daemon per state directory, workers or not.
     second = run_cli(*serve_args(daemon.state_dir), *WORKERS, timeout=60)
     assert second.returncode == 1
