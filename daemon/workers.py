@@ -42,6 +42,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -358,7 +359,13 @@ class AllWorkersMetrics(Resource):
             request.write(output)
             request.finish()
 
-        DeferredList(asks, consumeErrors=True).addCallback(answer)
+        def failed(failure: Failure) -> None:
+            log.error("metrics of the workers not gathered", error=str(failure.value))
+            if not finished:
+                request.setResponseCode(500)
+                request.finish()
+
+        DeferredList(asks, consumeErrors=True).addCallback(answer).addErrback(failed)
         return NOT_DONE_YET
 
 
