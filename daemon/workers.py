@@ -227,6 +227,7 @@ class WorkerService(CallboardService):
         own["worker"] = self.identity()
         if not self.aggregates:
             return own
+        own["supervisor_pid"] = self.plan.parent
         asks = [
             fetch_unix(self.reactor, peer_admin_socket(self.config.state_dir, i), b"/v1/status")
             for i in range(1, self.plan.count)

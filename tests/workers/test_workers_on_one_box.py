@@ -233,7 +233,7 @@ def test_status_aggregates_the_workers_and_a_second_daemon_is_refused(
     status = daemon.status
     pids = worker_pids(status)
     assert [w["index"] for w in status["workers"]] == [0, 1]
-    assert set(pids) == children_of(supervisor)
+    assert set(pids) == children_of(supervisor) and status["supervisor_pid"] == supervisor
     assert status["registrations"] == sum(w["registrations"] for w in status["workers"])
     text = daemon.cli("status")
     assert text.returncode == 0 and f"workers: 2/2 (PIDs {pids[0]}, {pids[1]})" in text.stdout
