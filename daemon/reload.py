@@ -29,7 +29,9 @@ from .logs import get_logger
 log = get_logger("callboard.reload")
 
 _TOP_LEVEL_HOT = frozenset({"shutdown_grace"})
-_TOP_LEVEL = ("state_dir", "tftp_root", "admin_socket", "demo", "log_level", "log_format")
+_TOP_LEVEL: tuple[str, ...] = (
+    "state_dir", "tftp_root", "admin_socket", "demo", "log_level", "log_format", "workers",
+)  # fmt: skip
 # Keys of hot sections that are still read only at start (marked "needs a restart").
 _RESTART_KEYS = frozenset(
     {
