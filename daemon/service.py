@@ -228,7 +228,7 @@ class CallboardService(AtomicMultiService):
         config = self.config
         net = config.network
         itl = self.server_certs.build_itl(
-            timestamp=int(self.now()),
+            timestamp=self.server_certs.itl_timestamp(),  # same identity, same bytes
             hash_algorithm=HashAlgorithm.SHA1
             if config.trust.itl_hash == "sha1"
             else HashAlgorithm.SHA512,
