@@ -40,9 +40,9 @@ from .certs import BundleError
 from .lock import AlreadyRunning, acquire_state_lock
 
 __all__ = [
-    "BundleError",
     "IDENTITY_FILES",
     "OPTIONAL_FILES",
+    "BundleError",
     "decrypt_bundle",
     "encrypt_bundle",
     "export_identity",

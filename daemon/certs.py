@@ -443,7 +443,8 @@ def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``certs {init,lab-ca,issue-mic,export,import}``; each parser sets ``func`` returning an exit code."""
+    """Add ``certs {init,lab-ca,issue-mic,export,import}``; each parser sets ``func`` (an
+    exit code)."""
     certs = subparsers.add_parser("certs", help="server certificates, lab CA and lab MICs")
     sub = certs.add_subparsers(dest="certs_command", required=True)
 
