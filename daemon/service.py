@@ -241,6 +241,7 @@ class CallboardService(AtomicMultiService):
                 sip_port=net.advertise_sip_port or net.sip_port,
                 sip_tls_port=net.advertise_sip_tls_port or net.sip_tls_port,
                 tvs_port=net.advertise_tvs_port or net.tvs_port,
+                cluster_nodes=config.cluster.nodes,
             ),
             DirectorySource(str(config.tftp_root_path)),
             trust_list=lambda: itl,
