@@ -169,6 +169,8 @@ async def _register(
     skipped: list[str] = []
     for server in servers:
         registered = await _register_at(reactor, identity, action, options, server)
+        if skipped and isinstance(registered, Registered):
+            registered = await _settle(reactor, identity, action, options, server, registered)
         if isinstance(registered, Registered):
             if skipped:
                 registered = replace(
@@ -177,6 +179,28 @@ async def _register(
             return registered
         skipped.append(registered)
     return Registered(False, None, "no call manager answered: " + "; ".join(skipped))
+
+
+async def _settle(
+    reactor: Any,
+    identity: PhoneIdentity,
+    action: Register,
+    options: BootOptions,
+    server: CallManager,
+    registered: Registered,
+) -> Registered | str:
+    """Retry a refusal (403/404) at the node fallen over to for ``failover_settle`` seconds:
+    it may not have seen yet what the failed node wrote (the activation, a moment ago)."""
+    deadline = time.monotonic() + options.failover_settle
+    answer: Registered | str = registered
+    while (
+        isinstance(answer, Registered)
+        and answer.status in (403, 404)
+        and time.monotonic() < deadline
+    ):
+        await _sleep(reactor, 0.2)
+        answer = await _register_at(reactor, identity, action, options, server)
+    return answer
 
 
 def _unanswered(exc: BaseException) -> bool:
