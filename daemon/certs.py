@@ -408,9 +408,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .bundle import export_identity
 
     state_dir = Path(getattr(args, "state_dir", None) or DEFAULT_STATE_DIR)
-    names = export_identity(
-        state_dir, Path(args.file), _passphrase("bundle passphrase: "), force=args.force
-    )
+    passphrase = _passphrase("bundle passphrase: ")
+    if sys.stdin.isatty() and _passphrase("again: ") != passphrase:
+        raise CertError("the passphrases differ")
+    names = export_identity(state_dir, Path(args.file), passphrase, force=args.force)
     print(f"cluster identity ({', '.join(names)}) written to {args.file} (encrypted)")
     return 0
 
