@@ -3,6 +3,7 @@ by the emulated phone, which falls over to the next call manager when one does n
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -19,8 +20,8 @@ from callboard.daemon.registry.model import Line
 from callboard.daemon.registry.registry import DeviceSpec, Registry
 from callboard.daemon.registry.store import SQLiteStore
 from callboard.phone import driver
-from callboard.phone.boot import BootOptions, PhoneIdentity, Register
-from callboard.phone.config import parse_default_config, parse_device_config
+from callboard.phone.boot import Activate, BootOptions, PhoneIdentity, Register
+from callboard.phone.config import TVSMember, parse_default_config, parse_device_config
 from callboard.protocols.filesource import DirectorySource, Requester
 from callboard.protocols.tvs import labpki
 from twisted.internet import reactor
@@ -152,9 +153,10 @@ def silent_port() -> Iterator[int]:
 
 @pytest.fixture
 def refused_port() -> int:
-    port = reactor.listenTCP(0, Factory.forProtocol(_Silent), interface="127.0.0.1")  # type: ignore[attr-defined]
-    number: int = port.getHost().port
-    port.stopListening()
+    """A port nothing listens on (bound, never listened, closed): connecting is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        number: int = probe.getsockname()[1]
     return number
 
 
@@ -193,6 +195,23 @@ async def test_register_skips_refused_and_silent_call_managers_within_the_timeou
     elapsed = time.monotonic() - started
     assert not result.ok and result.status is None
     assert result.detail.startswith("no call manager answered: ")
-    assert f"127.0.0.1:{refused_port}" in result.detail
+    assert f"127.0.0.1:{refused_port}: Connection was refused" in result.detail
     assert f"127.0.0.1:{silent_port}: timed out" in result.detail or "no response" in result.detail
     assert elapsed < 5, elapsed  # each node costs at most about one timeout
+
+
+@pytest_twisted.ensureDeferred
+async def test_activation_skips_silent_and_refused_tvs_members_within_the_timeout(
+    refused_port: int, silent_port: int
+) -> None:
+    members = (TVSMember("127.0.0.1", silent_port, 0), TVSMember("127.0.0.1", refused_port, 1))
+    identity = replace(_identity(), code="1234567812345678")
+    started = time.monotonic()
+    answer = await driver._activate(
+        reactor, identity, Activate(members, b"pinned"), BootOptions(timeout=1.0)
+    )
+    assert answer.response is None and not answer.untrusted
+    assert answer.error is not None and answer.error.startswith("no TVS server answered")
+    assert f"127.0.0.1:{silent_port}: " in answer.error
+    assert f"127.0.0.1:{refused_port}: Connection was refused" in answer.error
+    assert time.monotonic() - started < 5
