@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import getpass
 import os
 import secrets
 import sys
@@ -41,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from .config import DEFAULT_STATE_DIR
 
 __all__ = [
+    "BundleError",
     "CertError",
     "CertKeyPair",
     "LabCA",
@@ -137,6 +139,11 @@ class ServerCertificates:
             (Role.TVS, self.tvs.cert),
             (Role.TFTP, self.https_tftp.cert),
         ]
+
+    def itl_timestamp(self) -> int:
+        """The ITL's timestamp, from the certificates alone: every node of a cluster holding
+        the same identity (``certs import``) then signs byte-identical ITL files."""
+        return int(max(c.not_valid_before_utc for _role, c in self.itl_records()).timestamp())
 
     def sgn_signer(self) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
         """The CCM+TFTP pair that signs ``.sgn`` files (see ``protocols.tvs.sgn``)."""
@@ -384,13 +391,52 @@ def _cmd_issue_mic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passphrase(prompt: str) -> str:
+    """One line from stdin (never argv, never logged); without echo on a terminal."""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    try:
+        line = sys.stdin.readline()
+    except UnicodeDecodeError:
+        raise CertError("the passphrase on stdin is not valid text") from None
+    if not line:
+        raise CertError("no passphrase on stdin (give it as one line)")
+    return line.rstrip("\r\n")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import export_identity
+
+    state_dir = Path(getattr(args, "state_dir", None) or DEFAULT_STATE_DIR)
+    passphrase = _passphrase("bundle passphrase: ")
+    if sys.stdin.isatty() and _passphrase("again: ") != passphrase:
+        raise CertError("the passphrases differ")
+    names = export_identity(state_dir, Path(args.file), passphrase, force=args.force)
+    print(f"cluster identity ({', '.join(names)}) written to {args.file} (encrypted)")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .bundle import import_identity
+
+    state_dir = Path(getattr(args, "state_dir", None) or DEFAULT_STATE_DIR)
+    imported = import_identity(state_dir, Path(args.file), _passphrase("bundle passphrase: "))
+    print(f"cluster identity ({', '.join(imported.names)}) installed in {imported.directory}")
+    return 0
+
+
+class BundleError(Exception):
+    """An identity bundle that cannot be written or read (:mod:`.bundle`); one line, no
+    secret in it. Defined here so the CLI guard needs no import cycle."""
+
+
 def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """One-line message on stderr and exit 1 for expected failures (never a traceback)."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (CertError, OSError) as exc:
+        except (CertError, OSError, BundleError) as exc:
             print(f"callboard certs: {exc}", file=sys.stderr)
             return 1
 
@@ -398,7 +444,8 @@ def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``certs {init,lab-ca,issue-mic}``; each parser sets ``func`` returning an exit code."""
+    """Add ``certs {init,lab-ca,issue-mic,export,import}``; each parser sets ``func`` (an
+    exit code)."""
     certs = subparsers.add_parser("certs", help="server certificates, lab CA and lab MICs")
     sub = certs.add_subparsers(dest="certs_command", required=True)
 
@@ -435,6 +482,30 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--expired", action="store_true", help="already expired (for tests)")
     p.add_argument("--sha1", action="store_true", help="SHA-1 signature (for old-phone tests)")
     p.set_defaults(func=_guard(_cmd_issue_mic))
+
+    state_help = "the daemon's state directory (default /var/lib/callboard)"
+    p = sub.add_parser(
+        "export",
+        help="write the cluster identity (all server keys) to an encrypted bundle",
+        description="Write the SAST, TVS, CCM+TFTP, HTTPS-TFTP (and edge) keys and "
+        "certificates to FILE, encrypted (scrypt + AES-256-GCM) with a passphrase read as "
+        "one line from stdin.",
+    )
+    p.add_argument("file")
+    p.add_argument("--state-dir", default=argparse.SUPPRESS, help=state_help)
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func=_guard(_cmd_export))
+
+    p = sub.add_parser(
+        "import",
+        help="install a cluster identity bundle (the daemon must be stopped)",
+        description="Install the keys and certificates of a bundle made by `certs export` "
+        "into <state-dir>/certs (passphrase: one line on stdin). Refused while a daemon "
+        "runs on the state directory: stop it, import, start it.",
+    )
+    p.add_argument("file")
+    p.add_argument("--state-dir", default=argparse.SUPPRESS, help=state_help)
+    p.set_defaults(func=_guard(_cmd_import))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from callboard.protocols.sip.transports import SIPTransportSettings
 from callboard.protocols.tftp.server import TFTPSettings
 from callboard.protocols.tvs.activation import TVSSettings
 
+from .cluster import ClusterNode, ClusterSettings, parse_nodes
 from .edge.settings import EdgeSettings, RemoteSettings
 from .ivr import IVRSettings
 from .provisioning import PhoneSettings, ProvisioningSettings
@@ -180,6 +181,7 @@ class Config:
     web: WebSettings = field(default_factory=WebSettings)
     smtp: SMTPSettings = field(default_factory=SMTPSettings)
     self_care: SelfCareSettings = field(default_factory=SelfCareSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def loads(self) -> dict[str, str]:
@@ -226,6 +228,7 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
     "web": (("web", WebSettings),),
     "smtp": (("smtp", SMTPSettings),),
     "self_care": (("self_care", SelfCareSettings),),
+    "cluster": (("cluster", ClusterSettings),),
 }
 _TOP_LEVEL = (
     "state_dir",
@@ -393,4 +396,9 @@ def _coerce(expected: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         return tuple(value) if expected == tuple[str, ...] else frozenset(value)
+    if expected == tuple[ClusterNode, ...]:
+        try:
+            return parse_nodes(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     raise AssertionError(f"no coercion for {expected!r}")  # pragma: no cover

@@ -41,6 +41,7 @@ from callboard.protocols.models import MODELS
 from callboard.protocols.settings import SettingError, check_choice, check_range, config_key
 from twisted.internet.defer import Deferred
 
+from .cluster import ClusterNode
 from .logs import get_logger
 from .registry.model import Device, DeviceState, Line, Onboarding
 from .registry.registry import Registry
@@ -81,6 +82,8 @@ class ProvisioningSettings:
     # transport (TLS needs 2 or 3, TCP and UDP need 1: "Device Security").
     device_security_mode: int = 0
     loads: dict[str, str] = field(default_factory=dict, metadata=config_key(None))
+    # [cluster] nodes, in priority order (filled in by the service); empty: this node alone.
+    cluster_nodes: tuple[ClusterNode, ...] = field(default=(), metadata=config_key(None))
 
     def validate(self) -> None:
         check_range("register_expires", self.register_expires, 1, 7 * 86400)
@@ -452,6 +455,10 @@ class ProvisioningTree:
 
     def _call_manager_members(self, indent: str) -> str:
         s = self._settings
+        if s.cluster_nodes:
+            return "\n".join(
+                _cluster_call_manager(indent, i, node, s) for i, node in enumerate(s.cluster_nodes)
+            )
         return (
             f'{indent}<member priority="0">\n'
             f"{indent}  <callManager>\n"
@@ -467,6 +474,12 @@ class ProvisioningTree:
 
     def _tvs_members(self, indent: str) -> str:
         s = self._settings
+        if s.cluster_nodes:
+            return "\n".join(
+                f'{indent}<member priority="{i}"><port>{node.tvs_port or s.tvs_port}</port>'
+                f"<address>{escape(node.address)}</address></member>"
+                for i, node in enumerate(s.cluster_nodes)
+            )
         return (
             f'{indent}<member priority="0"><port>{s.tvs_port}</port>'
             f"<address>{escape(s.address)}</address></member>"
@@ -500,6 +513,25 @@ class ProvisioningTree:
                 self._device_cache.pop(device.id, None)
                 if self._listed_individually(device):
                     self._default_cache = None
+
+
+def _cluster_call_manager(
+    indent: str, priority: int, node: ClusterNode, s: ProvisioningSettings
+) -> str:
+    """One ``callManagerGroup`` member for a [cluster] node (ports default to ours)."""
+    return (
+        f'{indent}<member priority="{priority}">\n'
+        f"{indent}  <callManager>\n"
+        f"{indent}    <name>{escape(node.name)}</name>\n"
+        f"{indent}    <ports>\n"
+        f"{indent}      <ethernetPhonePort>2000</ethernetPhonePort>\n"
+        f"{indent}      <sipPort>{node.sip_port or s.sip_port}</sipPort>\n"
+        f"{indent}      <securedSipPort>{node.sip_tls_port or s.sip_tls_port}</securedSipPort>\n"
+        f"{indent}    </ports>\n"
+        f"{indent}    <processNodeName>{escape(node.address)}</processNodeName>\n"
+        f"{indent}  </callManager>\n"
+        f"{indent}</member>"
+    )
 
 
 def _optional(indent: str, element: str, value: str) -> str:

@@ -232,7 +232,7 @@ class CallboardService(AtomicMultiService):
         config = self.config
         net = config.network
         itl = self.server_certs.build_itl(
-            timestamp=int(self.now()),
+            timestamp=self.server_certs.itl_timestamp(),  # same identity, same bytes
             hash_algorithm=HashAlgorithm.SHA1
             if config.trust.itl_hash == "sha1"
             else HashAlgorithm.SHA512,
@@ -245,6 +245,7 @@ class CallboardService(AtomicMultiService):
                 sip_port=net.advertise_sip_port or net.sip_port,
                 sip_tls_port=net.advertise_sip_tls_port or net.sip_tls_port,
                 tvs_port=net.advertise_tvs_port or net.tvs_port,
+                cluster_nodes=config.cluster.nodes,
             ),
             DirectorySource(str(config.tftp_root_path)),
             trust_list=lambda: itl,

@@ -77,11 +77,17 @@ class DeviceConfig:
     @property
     def sip_server(self) -> CallManager | None:
         """The first call manager with a usable SIP port, or None."""
-        for cm in self.call_managers:
-            port = cm.secured_sip_port if self.transport == "tls" else cm.sip_port
-            if cm.address and port > 0:
-                return cm
-        return None
+        servers = self.sip_servers
+        return servers[0] if servers else None
+
+    @property
+    def sip_servers(self) -> tuple[CallManager, ...]:
+        """Every call manager with a usable SIP port, in priority order (for failover)."""
+        return tuple(
+            cm
+            for cm in self.call_managers
+            if cm.address and (cm.secured_sip_port if self.transport == "tls" else cm.sip_port) > 0
+        )
 
 
 class ConfigError(ValueError):

@@ -2,8 +2,11 @@
 
 Fetches go to the provisioning servers in option-150 order (HTTP 6970 first, TFTP as the
 fallback, the first server and transport that answers is kept), ACTIVATE goes to the TVS over
-TLS with the MIC, REGISTER to the SIP user agent. :func:`boot_phone` never errbacks: every
-failure, even a bug, ends as a :class:`~callboard.phone.boot.BootResult`.
+TLS with the MIC, REGISTER to the SIP user agent. ACTIVATE and REGISTER walk the config's TVS
+and call-manager members in priority order and fall over to the next member when one does not
+answer (refused, cut off or silent past the timeout), as a phone of a CUCM cluster does.
+:func:`boot_phone` never errbacks: every failure, even a bug, ends as a
+:class:`~callboard.phone.boot.BootResult`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .boot import (
     Sleep,
     Slept,
 )
+from .config import CallManager
 from .http_client import HttpFetcher, PinMismatch
 
 __all__ = ["boot_phone"]
@@ -155,11 +159,70 @@ async def _activate(
 async def _register(
     reactor: Any, identity: PhoneIdentity, action: Register, options: BootOptions
 ) -> Registered:
-    from .sip_ua import SipRegistrationError, SipUserAgent
+    """REGISTER at the first call manager that answers, in priority order (failover).
+
+    A node that refuses the connection, drops it or does not answer within the timeout is
+    skipped; an answer, even a refusal, is final.
+    """
+    servers = action.config.sip_servers
+    assert servers
+    skipped: list[str] = []
+    for server in servers:
+        registered = await _register_at(reactor, identity, action, options, server)
+        if skipped and isinstance(registered, Registered):
+            registered = await _settle(reactor, identity, action, options, server, registered)
+        if isinstance(registered, Registered):
+            if skipped:
+                registered = replace(
+                    registered, detail=f"{registered.detail} (after {'; '.join(skipped)})"
+                )
+            return registered
+        skipped.append(registered)
+    return Registered(False, None, "no call manager answered: " + "; ".join(skipped))
+
+
+async def _settle(
+    reactor: Any,
+    identity: PhoneIdentity,
+    action: Register,
+    options: BootOptions,
+    server: CallManager,
+    registered: Registered,
+) -> Registered | str:
+    """Retry a refusal (403/404) at the node fallen over to for ``failover_settle`` seconds:
+    it may not have seen yet what the failed node wrote (the activation, a moment ago)."""
+    deadline = time.monotonic() + options.failover_settle
+    answer: Registered | str = registered
+    while (
+        isinstance(answer, Registered)
+        and answer.status in (403, 404)
+        and time.monotonic() < deadline
+    ):
+        await _sleep(reactor, 0.2)
+        answer = await _register_at(reactor, identity, action, options, server)
+    return answer
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """The registrar never answered (connection refused, lost, or timed out)."""
+    from .sip_ua import SipRegistrationError
+
+    if not isinstance(exc, SipRegistrationError):
+        return True
+    return str(exc).startswith(("no response", "connection to the registrar lost"))
+
+
+async def _register_at(
+    reactor: Any,
+    identity: PhoneIdentity,
+    action: Register,
+    options: BootOptions,
+    server: CallManager,
+) -> Registered | str:
+    """REGISTER at ``server``: the result, or why it did not answer (try the next one)."""
+    from .sip_ua import SipUserAgent
 
     config = action.config
-    server = config.sip_server
-    assert server is not None
     transport = "tls" if config.transport == "tls" else "tcp"  # the UA speaks TCP and TLS
     port = server.secured_sip_port if transport == "tls" else server.sip_port
     tls_options = None
@@ -185,7 +248,9 @@ async def _register(
     try:
         try:
             result = await ua.register()
-        except SipRegistrationError as exc:
+        except Exception as exc:
+            if _unanswered(exc):
+                return f"{where}: {_describe(exc)}"
             return Registered(False, None, f"REGISTER to {where}: {exc}")
         dns = ", ".join(f"{ln.dn}={ln.status}" for ln in result.lines)
         detail = f"REGISTER to {where}: {dns}" + (" (x-cisco-newreg)" if result.newreg else "")
