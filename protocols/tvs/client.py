@@ -129,7 +129,7 @@ def connect(
     ``pinned_der=None`` disables pinning (trust on first use); callers must opt in explicitly.
     """
     options = context if context is not None else tls.client_options(mic, extra_chain)
-    endpoint = endpoints.SSL4ClientEndpoint(reactor, host, port, options, timeout=int(timeout))
+    endpoint = endpoints.SSL4ClientEndpoint(reactor, host, port, options, timeout=timeout)
     proto = TVSClientProtocol(pinned_der)
     connected: defer.Deferred[Any] = endpoint.connect(Factory.forProtocol(lambda: proto))
 
