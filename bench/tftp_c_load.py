@@ -253,18 +253,20 @@ def profile(server: Server, binary: str, seconds: float, top: int) -> None:
         stack, _, count = line.rpartition(" ")
         n = int(count)
         samples += n
-        frames = stack.split(";")
+        # "function (file:line)" -> "function (file)": one entry per function
+        frames = [frame.rsplit(":", 1)[0] + ")" for frame in stack.split(";")]
         own[frames[-1]] += n
         for frame in set(frames):
             total[frame] += n
     raw.unlink()
-    print(f"\npy-spy record -r 200 on callboard during a {seconds:g}s run ({run.tps:.0f}/s), "
-          f"{samples} samples")  # fmt: skip
-    print("  self %  frame")
+    print(f"\npy-spy record -r 200 --nonblocking on callboard during a {seconds:g}s run "
+          f"({run.tps:.0f}/s), {samples} samples")  # fmt: skip
+    print("  self %  function")
     for frame, n in own.most_common(top):
         print(f"  {100 * n / max(samples, 1):5.1f}  {frame}")
-    print("  total %  frame (cumulative)")
-    for frame, n in total.most_common(top):
+    print("  total % function (below the reactor loop, which holds ~all samples)")
+    inner = [(f, n) for f, n in total.most_common() if n < 0.85 * samples]
+    for frame, n in inner[:top]:
         print(f"  {100 * n / max(samples, 1):5.1f}  {frame}")
 
 

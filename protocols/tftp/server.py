@@ -389,6 +389,12 @@ class TFTPService(AtomicMultiService):
     pool_size: int = 4
     # How long a port drops stragglers of a client's finished transfer (see demux).
     linger: float = 5.0
+    # Successful transfers are counted and logged as one info line per interval (a log event
+    # per transfer costs as much as the transfer); refusals and failures are logged one by
+    # one at info. With log_each_transfer (the daemon sets it at --log-level debug), every
+    # success also gets its own line, at debug.
+    summary_interval: float = 60.0
+    log_each_transfer: bool = False
     # Told of every finished or refused request, once, at its end (metrics): the file name
     # asked for, the outcome as logged ("ok", "timeout", "client error N", "error N", ...),
     # seconds taken and bytes acknowledged. Never called per packet.
@@ -424,6 +430,8 @@ class TFTPService(AtomicMultiService):
         # One timer for all transfers, due no later than the earliest transfer's timer_at.
         self._timer: IDelayedCall | None = None
         self._timer_at = math.inf
+        self._summary: IDelayedCall | None = None
+        self._served = self._served_bytes = 0
         self._per_client: dict[str, int] = {}
         # Requests whose file is still being prepared (a .sgn being signed): a repeated RRQ
         # from the same TID is ignored meanwhile, and each counts against the limits.
@@ -447,6 +455,9 @@ class TFTPService(AtomicMultiService):
         for transfer in list(self._transfers.values()):
             transfer.close("shutdown")
         self._cancel_timer()
+        if self._summary is not None and self._summary.active():
+            self._summary.cancel()
+        self._log_summary()
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
@@ -666,7 +677,19 @@ class TFTPService(AtomicMultiService):
         if self.on_transfer_end is not None:
             reason = "ok" if outcome.ok else outcome.reason
             self.on_transfer_end(protocol.name, reason, outcome.duration, outcome.bytes)
-        log.info(
+        if outcome.ok:
+            self._served += 1
+            self._served_bytes += outcome.bytes
+            if self._summary is None:
+                self._summary = self.clock.callLater(self.summary_interval, self._log_summary)
+            if not self.log_each_transfer:
+                return
+        self._log_transfer(protocol, outcome)
+
+    def _log_transfer(self, protocol: _TransferProtocol, outcome: Outcome) -> None:
+        """One transfer's line: every failure at info; a success only at debug, when asked."""
+        emit = log.info if not outcome.ok else log.debug
+        emit(
             "tftp {client_host}:{client_port} {file} {outcome} {bytes} bytes in {duration:.3f}s",
             client_host=protocol.client[0],
             client_port=protocol.client[1],
@@ -678,3 +701,16 @@ class TFTPService(AtomicMultiService):
             blksize=protocol.transfer.blksize,
             windowsize=protocol.transfer.windowsize,
         )
+
+    def _log_summary(self) -> None:
+        """The successful transfers since the last summary, as one info line."""
+        self._summary = None
+        if not self._served:
+            return
+        log.info(
+            "tftp: {transfers} transfers served ({bytes} bytes) in the last {interval:.0f}s",
+            transfers=self._served,
+            bytes=self._served_bytes,
+            interval=self.summary_interval,
+        )
+        self._served = self._served_bytes = 0

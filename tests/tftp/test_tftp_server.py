@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
 
 SMALL = b'<?xml version="1.0"?>\n<device>\r\n' + b"<x/>\n" * 180 + b"</device>\n"
 BIG = random.Random(7).randbytes(3 * 1024 * 1024 + 77)
@@ -300,7 +301,19 @@ def test_completed_transfer_is_released(clocked: Callable[..., Clocked]) -> None
         data.append(packet.payload)
         c.ack(sock, packet.block)
     assert b"".join(data) == SMALL
-    assert c.service.live_transfers == 0 and c.clock.getDelayedCalls() == []
+    assert c.service.live_transfers == 0
+    # No transfer timer is left; only the pending summary of successful transfers.
+    [summary] = c.clock.getDelayedCalls()
+    assert summary.getTime() == c.clock.seconds() + c.service.summary_interval
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        c.clock.advance(c.service.summary_interval)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("log_namespace") == "callboard.tftp"]
+    assert [(e["transfers"], e["bytes"]) for e in lines] == [(1, len(SMALL))]
+    assert c.clock.getDelayedCalls() == []
 
 
 def test_refused_requests_open_no_transfer(clocked: Callable[..., Clocked]) -> None:
