@@ -49,10 +49,10 @@ def netns(*cmd: str) -> list[str]:
     return ["ip", "netns", "exec", NETNS, *cmd]
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 @dataclass
@@ -90,6 +90,7 @@ class Run:
     transfers: int
     errors: int
     server_cpu_ms: float  # server CPU per transfer
+    server_sys_share: float  # of which in the kernel
     generator_cpu: float  # generator CPU as a share of one core
 
 
@@ -121,13 +122,16 @@ def load(server: Server, binary: str, seconds: float, generators: int, conc: int
     for proc in procs:
         out, _ = proc.communicate(timeout=seconds + 30)
         results.append(parse(out.strip().splitlines()[-1]))
-    server_cpu = cpu_seconds(server.pid) - before
+    after = cpu_seconds(server.pid)
+    user, system = after[0] - before[0], after[1] - before[1]
+    server_cpu = user + system
     transfers = int(sum(r["transfers"] for r in results))
     return Run(
         tps=sum(r["tps"] for r in results),
         transfers=transfers,
         errors=int(sum(r["errors"] for r in results)),
         server_cpu_ms=1000 * server_cpu / max(transfers, 1),
+        server_sys_share=system / server_cpu if server_cpu else 0.0,
         generator_cpu=0.0,  # set by the caller from RUSAGE_CHILDREN (see ChildCPU)
     )
 
@@ -316,7 +320,8 @@ def main() -> int:
                 run.generator_cpu = cpu.since_last() / args.seconds
                 server.runs.append(run)
                 print(f"  {server.name:9} {run.tps:8.0f}/s  errors={run.errors:<3} "
-                      f"server {run.server_cpu_ms:.3f} ms CPU/transfer  "
+                      f"server {run.server_cpu_ms:.3f} ms CPU/transfer "
+                      f"({100 * run.server_sys_share:.0f}% sys)  "
                       f"generator {100 * run.generator_cpu:.0f}% of a core")  # fmt: skip
         medians = {s.name: statistics.median(r.tps for r in s.runs) for s in servers}
         print("\nmedians (transfers/s):")

@@ -41,6 +41,7 @@ from callboard.protocols.filesource import (
     FileBody,
     FileNotFound,
     FileSource,
+    MemoryBody,
     Requester,
     printable_name,
 )
@@ -394,6 +395,9 @@ class TFTPService(AtomicMultiService):
     # one at info. With log_each_transfer (the daemon sets it at --log-level debug), every
     # success also gets its own line, at debug.
     summary_interval: float = 60.0
+    # Files up to this size (a config, a trust list) are read whole when the transfer starts
+    # and served from memory: one read instead of one per block, no descriptor kept open.
+    small_file: int = 65536
     log_each_transfer: bool = False
     # Told of every finished or refused request, once, at its end (metrics): the file name
     # asked for, the outcome as logged ("ok", "timeout", "client error N", "error N", ...),
@@ -603,7 +607,23 @@ class TFTPService(AtomicMultiService):
             return terms
         if request.netascii:
             body = NetasciiBody(body)
+        elif body.size <= self.small_file and not isinstance(body, MemoryBody):
+            whole = self._read_whole(body)
+            if whole is None:
+                code = codec.ErrorCode.NOT_DEFINED
+                return admission.Refusal(request.filename, code, "read error")
+            body = whole
         return self._start(key, request.filename, body, terms)
+
+    @staticmethod
+    def _read_whole(body: FileBody) -> MemoryBody | None:
+        """A small file in one read, its descriptor closed before the first packet is sent."""
+        try:
+            return MemoryBody(body.read_at(0, body.size))
+        except OSError:
+            return None
+        finally:
+            body.close()
 
     def _pool(self, local: str) -> _TransferPool:
         """The transfer ports of ``local``, opened with its first transfer."""
