@@ -268,7 +268,7 @@ class Transfer:
         self._arm(now)
         return self._window(now)
 
-    def _window(self, now: float) -> Sequence[bytes]:
+    def _window(self, now: float) -> list[bytes]:
         """Send blocks from the window base: a fresh window, or a restart after a gap."""
         if self._windowsize == 1:
             return self._block(now)
@@ -298,7 +298,7 @@ class Transfer:
             self._sent = block - 1
         return out
 
-    def _block(self, now: float) -> tuple[bytes, ...]:
+    def _block(self, now: float) -> list[bytes]:
         """Lock-step (window 1, the RFC 1350 case): the block at the base, alone."""
         block = self._base
         size = self._blksize
@@ -306,13 +306,13 @@ class Transfer:
             payload = self._body.read_at((block - 1) * size, size)
         except OSError:
             self._finish(now, False, "read error", codec.ErrorCode.NOT_DEFINED)
-            return (codec.encode_error(codec.ErrorCode.NOT_DEFINED, "read error"),)
+            return [codec.encode_error(codec.ErrorCode.NOT_DEFINED, "read error")]
         if len(payload) < size:
             self._last = block
             self._last_length = len(payload)
         if block > self._sent:
             self._sent = block
-        return (encode_data(block, payload),)
+        return [encode_data(block, payload)]
 
     def _finish(self, now: float, ok: bool, reason: str, code: int | None) -> None:
         acked = (self._base - 1) * self._blksize
