@@ -35,7 +35,7 @@ _ERROR = int(codec.Opcode.ERROR)
 class PortTable(Generic[T]):
     """The live transfers of one pooled port, keyed by the client's TID (address, port)."""
 
-    __slots__ = ("_recent", "linger", "live")
+    __slots__ = ("_prune_at", "_recent", "linger", "live")
 
     def __init__(self, linger: float = 5.0) -> None:
         self.live: dict[Address, T] = {}
@@ -43,6 +43,7 @@ class PortTable(Generic[T]):
         # Clients whose transfer on this port ended, with when to forget them; insertion
         # order is expiry order (same linger for all), so pruning looks at the front only.
         self._recent: dict[Address, float] = {}
+        self._prune_at = 0.0
 
     def add(self, client: Address, transfer: T) -> None:
         self.live[client] = transfer
@@ -55,7 +56,9 @@ class PortTable(Generic[T]):
         recent = self._recent
         recent.pop(client, None)  # re-inserted at the back: expiry order is kept
         recent[client] = now + self.linger
-        self._prune(now)
+        if now >= self._prune_at:  # at most once a second: the memory is bounded all the same
+            self._prune_at = now + 1.0
+            self._prune(now)
 
     def lingering(self, client: Address, now: float) -> bool:
         """Did ``client`` finish a transfer here less than ``linger`` seconds ago?"""
