@@ -55,6 +55,21 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
+def run_delay(pid: int) -> float:
+    """Seconds the process's threads have waited for a CPU while runnable (schedstat).
+
+    Threads that have exited are not counted (atftpd's per-transfer threads): for the
+    single-threaded servers this is the whole of it.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 @dataclass
 class Server:
     name: str
@@ -91,6 +106,8 @@ class Run:
     errors: int
     server_cpu_ms: float  # server CPU per transfer
     server_sys_share: float  # of which in the kernel
+    server_busy: float  # server CPU as a share of one core
+    runq_wait: float  # share of the run the server's live threads waited for a CPU
     generator_cpu: float  # generator CPU as a share of one core
 
 
@@ -108,6 +125,8 @@ def parse(line: str) -> dict[str, float]:
 def load(server: Server, binary: str, seconds: float, generators: int, conc: int) -> Run:
     """``generators`` tftpload processes, ``conc`` transfers in flight in all."""
     before = cpu_seconds(server.pid)
+    waited = run_delay(server.pid)
+    started = time.monotonic()
     procs = []
     for _ in range(generators):
         procs.append(
@@ -123,6 +142,8 @@ def load(server: Server, binary: str, seconds: float, generators: int, conc: int
         out, _ = proc.communicate(timeout=seconds + 30)
         results.append(parse(out.strip().splitlines()[-1]))
     after = cpu_seconds(server.pid)
+    waited = run_delay(server.pid) - waited
+    wall = time.monotonic() - started
     user, system = after[0] - before[0], after[1] - before[1]
     server_cpu = user + system
     transfers = int(sum(r["transfers"] for r in results))
@@ -132,6 +153,8 @@ def load(server: Server, binary: str, seconds: float, generators: int, conc: int
         errors=int(sum(r["errors"] for r in results)),
         server_cpu_ms=1000 * server_cpu / max(transfers, 1),
         server_sys_share=system / server_cpu if server_cpu else 0.0,
+        server_busy=server_cpu / wall,
+        runq_wait=waited / wall,
         generator_cpu=0.0,  # set by the caller from RUSAGE_CHILDREN (see ChildCPU)
     )
 
@@ -321,7 +344,8 @@ def main() -> int:
                 server.runs.append(run)
                 print(f"  {server.name:9} {run.tps:8.0f}/s  errors={run.errors:<3} "
                       f"server {run.server_cpu_ms:.3f} ms CPU/transfer "
-                      f"({100 * run.server_sys_share:.0f}% sys)  "
+                      f"({100 * run.server_sys_share:.0f}% sys; busy {100 * run.server_busy:.0f}% "
+                      f"of a core, waited {100 * run.runq_wait:.0f}% for one)  "
                       f"generator {100 * run.generator_cpu:.0f}% of a core")  # fmt: skip
         medians = {s.name: statistics.median(r.tps for r in s.runs) for s in servers}
         print("\nmedians (transfers/s):")

@@ -232,7 +232,7 @@ class Transfer:
         return (codec.encode_error(codec.ErrorCode.ILLEGAL_OPERATION, "expected ACK"),)
 
     def _arm(self, now: float) -> None:
-        if self._fixed_timeout:
+        if self._fixed_timeout or not self._retries:  # no back-off yet: the per-ACK case
             interval = self._timeout
         else:
             interval = min(self._timeout * (1 << min(self._retries, 8)), max(self._timeout, 8.0))
