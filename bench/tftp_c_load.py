@@ -40,6 +40,7 @@ SIZE = 1024
 NETNS = f"cbtftp{os.getpid()}"
 CALLBOARD_PORT = 6969
 ATFTPD_PORT = 6970
+BASELINE_PORT = 6968
 DNSMASQ_PORT = 69  # the only port dnsmasq serves TFTP on
 CALLBOARD = [sys.executable, "-m", "callboard.daemon.main"]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -77,12 +78,13 @@ class Server:
     command: list[str]
     version: str
     log: Path
+    env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     runs: list[Run] = field(default_factory=list)
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(netns(*self.command), stdout=out, stderr=out)
+            self.proc = subprocess.Popen(netns(*self.command), stdout=out, stderr=out, env=self.env)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -203,20 +205,35 @@ def callboard_version() -> str:
     return f"callboard {package_version()} (Python {python}, Twisted {twisted.__version__})"
 
 
-def make_servers(work: Path, root: Path, log_level: str | None) -> list[Server]:
-    state = work / "callboard-state"
+def callboard_serve(
+    work: Path, root: Path, name: str, port: int, log_level: str | None
+) -> list[str]:
+    state = work / f"{name}-state"
     state.mkdir()
-    tftp_root = state / "tftp"
-    shutil.copytree(root, tftp_root)
+    shutil.copytree(root, state / "tftp")
     serve = [
         *CALLBOARD, "serve", "--state-dir", str(state), "--listen-address", "127.0.0.1",
-        "--tftp-port", str(CALLBOARD_PORT), "--http-port", "0", "--tvs-port", "0",
+        "--tftp-port", str(port), "--http-port", "0", "--tvs-port", "0",
         "--sip-port", "0", "--sip-tls-port", "0", "--https-port", "0",
     ]  # fmt: skip
-    if log_level:
-        serve += ["--log-level", log_level]
-    return [
+    return serve + (["--log-level", log_level] if log_level else [])
+
+
+def make_servers(
+    work: Path, root: Path, log_level: str | None, baseline: str | None
+) -> list[Server]:
+    serve = callboard_serve(work, root, "callboard", CALLBOARD_PORT, log_level)
+    servers = [
         Server("callboard", CALLBOARD_PORT, serve, callboard_version(), work / "callboard.log"),
+    ]
+    if baseline:
+        # Another tree of Callboard (say, the commit before a change), interleaved with the
+        # rest: the before/after comparison shares the machine's load like the ratios do.
+        serve = callboard_serve(work, root, "baseline", BASELINE_PORT, log_level)
+        env = {**os.environ, "PYTHONPATH": baseline}
+        servers.append(Server("baseline", BASELINE_PORT, serve, f"callboard from {baseline}",
+                              work / "baseline.log", env))  # fmt: skip
+    servers += [
         Server(
             "atftpd",
             ATFTPD_PORT,
@@ -260,6 +277,7 @@ def make_servers(work: Path, root: Path, log_level: str | None) -> list[Server]:
             work / "dnsmasq.log",
         ),
     ]
+    return servers
 
 
 def profile(server: Server, binary: str, seconds: float, top: int) -> None:
@@ -286,7 +304,7 @@ def profile(server: Server, binary: str, seconds: float, top: int) -> None:
         for frame in set(frames):
             total[frame] += n
     raw.unlink()
-    print(f"\npy-spy record -r 200 --nonblocking on callboard during a {seconds:g}s run "
+    print(f"\npy-spy record -r 200 --nonblocking on {server.name} during a {seconds:g}s run "
           f"({run.tps:.0f}/s), {samples} samples")  # fmt: skip
     print("  self %  function")
     for frame, n in own.most_common(top):
@@ -305,6 +323,11 @@ def main() -> int:
     parser.add_argument("--log-level", default=None, help="callboard's (default: its default)")
     parser.add_argument("--only", default="", help="comma-separated server names to run")
     parser.add_argument("--profile", action="store_true", help="py-spy a last callboard run")
+    parser.add_argument(
+        "--baseline",
+        metavar="PYTHONPATH",
+        help="also run the callboard importable from this PYTHONPATH (e.g. an older commit)",
+    )
     args = parser.parse_args()
     if not 1 <= args.seconds <= 30 or not 1 <= args.runs <= 9:
         parser.error("--seconds must be 1..30 and --runs 1..9")
@@ -323,7 +346,7 @@ def main() -> int:
     servers: list[Server] = []
     try:
         subprocess.run(netns("ip", "link", "set", "lo", "up"), check=True)
-        servers = make_servers(work, root, args.log_level)
+        servers = make_servers(work, root, args.log_level, args.baseline)
         if args.only:
             servers = [s for s in servers if s.name in args.only.split(",")]
         print(f"cores: {os.cpu_count()}  kernel: {platform.release()}")
@@ -355,7 +378,7 @@ def main() -> int:
             print(f"  {server.name:9} {medians[server.name]:8.0f}  "
                   f"({cpu_ms:.3f} ms server CPU/transfer, {errors} errors)")  # fmt: skip
         if "callboard" in medians:
-            for ref in ("atftpd", "dnsmasq"):
+            for ref in ("baseline", "atftpd", "dnsmasq"):
                 if ref in medians:
                     ratio = medians["callboard"] / medians[ref]
                     print(f"  callboard / {ref}: {ratio:.2f}")
@@ -367,9 +390,10 @@ def main() -> int:
               f"{fastest.name}: {split.tps:.0f}/s, errors={split.errors} "
               f"(one generator: {medians[fastest.name]:.0f}/s; generators used "
               f"{100 * split_cpu:.0f}% of a core in all)")  # fmt: skip
-        callboard = next((s for s in servers if s.name == "callboard"), None)
-        if args.profile and callboard is not None:
-            profile(callboard, args.tftpload, args.seconds, 15)
+        if args.profile:
+            for server in servers:
+                if server.name in ("callboard", "baseline"):
+                    profile(server, args.tftpload, args.seconds, 15)
     finally:
         for server in servers:
             server.stop()
