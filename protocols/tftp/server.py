@@ -436,6 +436,7 @@ class TFTPService(AtomicMultiService):
         self._timer_at = math.inf
         self._summary: IDelayedCall | None = None
         self._served = self._served_bytes = 0
+        self._summary_since = 0.0
         self._per_client: dict[str, int] = {}
         # Requests whose file is still being prepared (a .sgn being signed): a repeated RRQ
         # from the same TID is ignored meanwhile, and each counts against the limits.
@@ -701,6 +702,7 @@ class TFTPService(AtomicMultiService):
             self._served += 1
             self._served_bytes += outcome.bytes
             if self._summary is None:
+                self._summary_since = self.clock.seconds()
                 self._summary = self.clock.callLater(self.summary_interval, self._log_summary)
             if not self.log_each_transfer:
                 return
@@ -728,9 +730,9 @@ class TFTPService(AtomicMultiService):
         if not self._served:
             return
         log.info(
-            "tftp: {transfers} transfers served ({bytes} bytes) in the last {interval:.0f}s",
+            "tftp: {transfers} transfers served ({bytes} bytes) in {interval:.0f}s",
             transfers=self._served,
             bytes=self._served_bytes,
-            interval=self.summary_interval,
+            interval=self.clock.seconds() - self._summary_since,
         )
         self._served = self._served_bytes = 0
