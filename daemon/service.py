@@ -270,6 +270,8 @@ class CallboardService(AtomicMultiService):
             self.tftp = TFTPService(
                 self.tree, settings=config.tftp, reactor=self.reactor, listeners=tftp_specs
             )
+            # Successful transfers are summarised at info; one line each only when debugging.
+            self.tftp.log_each_transfer = config.log_level == "debug"
             self.tftp.setServiceParent(self)  # type: ignore[no-untyped-call]
         site = provisioning_site(self.tree)
         self.http_resource: Any = site.resource

@@ -120,6 +120,8 @@ def agree(request: Admitted, size: int, limits: Limits) -> Terms | Refusal:
 
     In netascii the size on the wire is unknown until converted, so tsize is not offered.
     """
+    if not request.options:  # RFC 1350 as most clients speak it: nothing to negotiate
+        return Terms(codec.DEFAULT_BLKSIZE, 1, limits.initial_timeout, False, None)
     try:
         agreed = codec.negotiate(
             request.options,

@@ -14,17 +14,21 @@ Wiring (the daemon)::
 ``TFTPService(source, ["192.0.2.10"], 69, settings)`` is short for one datagram spec per
 address with ``settings.receive_buffer``.
 
-Each RRQ gets its own ephemeral UDP socket (its TID) bound to the address the request arrived
-on, so replies always come from the address the phone asked. The listener asks
-:mod:`.admission` whether to serve a request (and on what terms) and opens the file; the
-per-block path is one state-machine call, direct ``sendto`` calls and, at most, a lazy move
-of the transfer's single ``DelayedCall``.
+Transfers answer from a small pool of ephemeral UDP ports (their TIDs, never the listening
+port) bound to the address the request arrived on, so replies always come from the address
+the phone asked. The pool is opened once per local address and per process (each worker of a
+scaled-out daemon has its own) and shared by all transfers there: :mod:`.demux` sorts each
+port's datagrams by client address and port, so no socket, epoll registration or close is
+paid per transfer. The listener asks :mod:`.admission` whether to serve a request (and on what
+terms) and opens the file; the per-packet path is a dictionary lookup, one state-machine call
+and direct ``sendto`` calls; one service-wide ``DelayedCall`` keeps every retransmit timer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import socket
 import sys
 import time
@@ -37,12 +41,14 @@ from callboard.protocols.filesource import (
     FileBody,
     FileNotFound,
     FileSource,
+    MemoryBody,
     Requester,
     printable_name,
 )
 from callboard.protocols.listening import AtomicMultiService, ListenerService, ListenerSpec
 from callboard.protocols.settings import SettingError, check_range
 from callboard.protocols.tftp import admission, codec
+from callboard.protocols.tftp.demux import PortTable, pick_port
 from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -110,7 +116,7 @@ _gso_works = sys.platform.startswith("linux")
 
 
 class TransferSocket(Protocol):
-    """What a transfer needs of its socket (its TID); tests give an in-memory one."""
+    """What the pool needs of one of its ports; tests give an in-memory one."""
 
     def send_all(self, datagrams: Sequence[bytes], addr: Address) -> None: ...
 
@@ -119,15 +125,21 @@ class TransferSocket(Protocol):
     def close(self) -> None: ...
 
 
-@implementer(IReadDescriptor)
-class _TransferSocket:
-    """One transfer's UDP socket (its TID), read straight from the reactor.
+Receiver = Callable[[bytes, Address], None]
 
-    Twisted's ``udp.Port`` logs a line when it opens and another when it closes; a boot storm
-    opens thousands of transfer sockets a second, so each is a bare read descriptor instead.
+
+@implementer(IReadDescriptor)
+class _PooledSocket:
+    """One pooled transfer port: a bare UDP read descriptor shared by many transfers.
+
+    Not a ``udp.Port`` (which logs when it opens and closes) and registered with the reactor
+    once, when the pool opens, not per transfer. Each wake-up drains up to ``DRAIN`` queued
+    datagrams and hands each, with its source, to ``receive`` (the pool's demultiplexer).
     """
 
-    def __init__(self, reactor: IReactorFDSet, local: str, protocol: _TransferProtocol) -> None:
+    DRAIN = 64
+
+    def __init__(self, reactor: IReactorFDSet, local: str, receive: Receiver) -> None:
         family = socket.AF_INET6 if ":" in local else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -137,8 +149,9 @@ class _TransferSocket:
             sock.close()
             raise
         self._sock: socket.socket | None = sock
+        self._v6 = family == socket.AF_INET6
         self._reactor = reactor
-        self._protocol = protocol
+        self._receive = receive
         self.sendto = sock.sendto
         reactor.addReader(self)
 
@@ -180,16 +193,20 @@ class _TransferSocket:
         return "tftp-transfer"
 
     def doRead(self) -> None:
-        # One datagram per wake-up: a transfer's client sends one ACK per window, and a
-        # level-triggered reactor calls again if more are queued, so no read ends in EAGAIN.
         sock = self._sock
         if sock is None:
             return
-        try:
-            datagram, addr = sock.recvfrom(65536)
-        except OSError:
-            return  # nothing after all, or an ICMP error surfaced: the timer copes
-        self._protocol.datagramReceived(datagram, (addr[0], addr[1]))
+        recvfrom, receive = sock.recvfrom, self._receive
+        for _ in range(self.DRAIN):
+            try:
+                datagram, addr = recvfrom(65536)
+            except OSError:
+                return  # drained (EAGAIN), or an ICMP error surfaced: timers cope
+            if self._v6:
+                addr = (addr[0], addr[1])
+            receive(datagram, addr)
+            if self._sock is None:
+                return  # closed by what the datagram caused (shutdown)
 
     def connectionLost(self, reason: Failure) -> None:
         self.close()
@@ -201,8 +218,65 @@ class _TransferSocket:
             self._sock = None
 
 
+class _PoolPort:
+    """One port of a pool: its socket and the transfers it serves (the demultiplexer)."""
+
+    __slots__ = ("_clock", "socket", "table")
+
+    def __init__(self, clock: IReactorTime, linger: float) -> None:
+        self._clock = clock
+        self.table: PortTable[_TransferProtocol] = PortTable(linger)
+        self.socket: TransferSocket | None = None
+
+    def datagram_received(self, datagram: bytes, addr: Address) -> None:
+        """A datagram on this port: to its transfer, or error 5 for a TID it does not serve."""
+        transfer = self.table.live.get(addr)
+        if transfer is not None:
+            transfer.datagram_received(datagram)
+            return
+        answer = self.table.stray(datagram, addr, self._clock.seconds())
+        if answer is not None and self.socket is not None:
+            with contextlib.suppress(OSError):
+                self.socket.sendto(answer, addr)
+
+
+class _TransferPool:
+    """The transfer ports of one local address: opened together, used round-robin."""
+
+    def __init__(self, service: TFTPService, local: str, size: int, linger: float) -> None:
+        self.ports = [_PoolPort(service.clock, linger) for _ in range(size)]
+        self._tables = [port.table for port in self.ports]
+        self._next = 0
+        self._clock = service.clock
+        try:
+            for port in self.ports:
+                port.socket = service.transfer_port(
+                    service.descriptors, local, port.datagram_received
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def pick(self, client: Address) -> _PoolPort:
+        index = pick_port(self._tables, self._next, client, self._clock.seconds())
+        self._next = index + 1
+        return self.ports[index]
+
+    def close(self) -> None:
+        for port in self.ports:
+            if port.socket is not None:
+                port.socket.close()
+                port.socket = None
+
+
 class _TransferProtocol:
-    """One transfer: the client's TID in, the state machine's datagrams out."""
+    """One transfer on a pooled port: the client's datagrams in, the machine's datagrams out.
+
+    The per-packet path is one dictionary lookup in the port, one state-machine call and the
+    sends; timing is the service's single timer (see :meth:`TFTPService._timers_due`).
+    """
+
+    __slots__ = ("_seconds", "_service", "body", "client", "key", "name", "port", "transfer")
 
     def __init__(
         self,
@@ -211,91 +285,64 @@ class _TransferProtocol:
         transfer: Transfer,
         body: FileBody,
         name: str,
+        port: _PoolPort,
     ) -> None:
         self._service = service
+        self._seconds = service.clock.seconds
         self.key = key
         self.client: Address = (key[1], key[2])
         self.transfer = transfer
-        self._body = body
+        self.body = body
         self.name = name
-        self._clock = service.clock
-        self._timer: IDelayedCall | None = None
-        self.socket: TransferSocket | None = None
-        self._closed = False
-
-    def attach(self, sock: TransferSocket) -> None:
-        self.socket = sock
+        self.port = port
 
     def begin(self, now: float) -> None:
         self._emit(self.transfer.start(now))
         self._settle()
 
     def _emit(self, datagrams: Sequence[bytes]) -> None:
-        if not datagrams or self.socket is None:
+        sock = self.port.socket
+        if not datagrams or sock is None:
             return
-        # A full buffer or an unreachable client is a lost packet: the timer retries.
-        with contextlib.suppress(OSError):
-            self.socket.send_all(datagrams, self.client)
+        try:  # noqa: SIM105 - the per-packet path: no context manager object per send
+            sock.send_all(datagrams, self.client)
+        except OSError:
+            pass  # a full buffer or an unreachable client is a lost packet: the timer retries
 
     def _settle(self) -> None:
-        """Finish, or keep the one DelayedCall no later than the state machine's timer."""
+        """Finish, or make sure the service's timer fires no later than this transfer's."""
         transfer = self.transfer
         if transfer.outcome is not None:
             self.close()
-            return
-        at = transfer.timer_at
-        timer = self._timer
-        if timer is None:
-            self._timer = self._clock.callLater(
-                max(0.0, at - self._clock.seconds()), self._timer_fired
-            )
-        elif at < timer.getTime():
-            timer.reset(max(0.0, at - self._clock.seconds()))
-        # A later timer_at is handled lazily: the early firing finds nothing due and re-arms.
+        elif transfer.timer_at < self._service._timer_at:
+            self._service._timer_needed(transfer.timer_at)
 
-    def _timer_fired(self) -> None:
-        self._timer = None
-        self._emit(self.transfer.timer_fired(self._clock.seconds()))
+    def datagram_received(self, datagram: bytes) -> None:
+        """A datagram from this transfer's client TID on its port."""
+        out = self.transfer.datagram_received(datagram, self._seconds())
+        if out:
+            self._emit(out)
         self._settle()
 
-    def datagramReceived(self, datagram: bytes, addr: Address) -> None:
-        if addr != self.client:
-            self._stray(datagram, addr)
-            return
-        transfer = self.transfer
-        self._emit(transfer.datagram_received(datagram, self._clock.seconds()))
-        if transfer.outcome is not None:
+    def timer_due(self, now: float) -> None:
+        self._emit(self.transfer.timer_fired(now))
+        if self.transfer.outcome is not None:
             self.close()
-        elif self._timer is None or transfer.timer_at < self._timer.getTime():
-            self._settle()
-
-    def _stray(self, datagram: bytes, addr: Address) -> None:
-        """RFC 1350: a packet from another TID gets error 5; the transfer goes on."""
-        if codec.opcode(datagram) == codec.Opcode.ERROR or self.socket is None:
-            return  # never answer an error with an error
-        with contextlib.suppress(OSError):
-            self.socket.sendto(
-                codec.encode_error(codec.ErrorCode.UNKNOWN_TID, "unknown transfer ID"), addr
-            )
 
     def rrq_repeated(self) -> None:
-        self._emit(self.transfer.rrq_repeated(self._clock.seconds()))
+        self._emit(self.transfer.rrq_repeated(self._seconds()))
         self._settle()
 
     def close(self, reason: str | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        now = self._seconds()
         if reason is not None:
-            self.transfer.abort(self._clock.seconds(), reason)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+            self.transfer.abort(now, reason)
+        if self.port.table.live.get(self.client) is not self:
+            return  # closed already
+        self.port.table.remove(self.client, now)
         try:
-            self._body.close()
+            self.body.close()
         finally:
-            if self.socket is not None:
-                self.socket.close()
             self._service._transfer_done(self)
 
 
@@ -334,11 +381,24 @@ class TFTPService(AtomicMultiService):
     bind (or adopt) in ``startService``, all or none.
     """
 
-    # Opens each transfer's socket (its TID) on the address the request arrived at; may
-    # raise OSError ("server busy"). Tests substitute sockets that record what is sent.
-    transfer_socket: Callable[[IReactorFDSet, str, _TransferProtocol], TransferSocket] = (
-        _TransferSocket
-    )
+    # Opens one pooled transfer port on the address requests arrived at, handing what it
+    # reads to the given receiver; may raise OSError ("server busy"). Tests substitute
+    # sockets that record what is sent.
+    transfer_port: Callable[[IReactorFDSet, str, Receiver], TransferSocket] = _PooledSocket
+    # Transfer ports per local address (per process: each worker has its own pool), opened
+    # with the first transfer there and kept until the service stops.
+    pool_size: int = 4
+    # How long a port drops stragglers of a client's finished transfer (see demux).
+    linger: float = 5.0
+    # Successful transfers are counted and logged as one info line per interval (a log event
+    # per transfer costs as much as the transfer); refusals and failures are logged one by
+    # one at info. With log_each_transfer (the daemon sets it at --log-level debug), every
+    # success also gets its own line, at debug.
+    summary_interval: float = 60.0
+    # Files up to this size (a config, a trust list) are read whole when the transfer starts
+    # and served from memory: one read instead of one per block, no descriptor kept open.
+    small_file: int = 65536
+    log_each_transfer: bool = False
     # Told of every finished or refused request, once, at its end (metrics): the file name
     # asked for, the outcome as logged ("ok", "timeout", "client error N", "error N", ...),
     # seconds taken and bytes acknowledged. Never called per packet.
@@ -370,6 +430,13 @@ class TFTPService(AtomicMultiService):
         self.clock: IReactorTime = reactor
         self.descriptors: IReactorFDSet = reactor  # transfer sockets are bare read descriptors
         self._transfers: dict[tuple[str, str, int], _TransferProtocol] = {}
+        self._pools: dict[str, _TransferPool] = {}
+        # One timer for all transfers, due no later than the earliest transfer's timer_at.
+        self._timer: IDelayedCall | None = None
+        self._timer_at = math.inf
+        self._summary: IDelayedCall | None = None
+        self._served = self._served_bytes = 0
+        self._summary_since = 0.0
         self._per_client: dict[str, int] = {}
         # Requests whose file is still being prepared (a .sgn being signed): a repeated RRQ
         # from the same TID is ignored meanwhile, and each counts against the limits.
@@ -392,7 +459,54 @@ class TFTPService(AtomicMultiService):
     def stopService(self) -> Any:
         for transfer in list(self._transfers.values()):
             transfer.close("shutdown")
+        self._cancel_timer()
+        if self._summary is not None and self._summary.active():
+            self._summary.cancel()
+        self._log_summary()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
         return super().stopService()
+
+    # -- timing: one DelayedCall for every live transfer ------------------------------------
+
+    def _timer_needed(self, at: float) -> None:
+        """Make the service's timer fire by ``at`` (a transfer's ``timer_at``).
+
+        Transfers only ever push their own time later as they progress, so the timer is
+        moved earlier here and never later: when it fires early, it finds nothing due and
+        re-arms for the earliest time still wanted.
+        """
+        delay = max(0.0, at - self.clock.seconds())
+        if self._timer is None:
+            self._timer = self.clock.callLater(delay, self._timers_due)
+        else:
+            self._timer.reset(delay)
+        self._timer_at = at
+
+    def _timers_due(self) -> None:
+        """Retransmit for every transfer whose time has come; re-arm for the next one."""
+        self._timer = None
+        self._timer_at = math.inf
+        now = self.clock.seconds()
+        due_by = now + 1e-9  # a DelayedCall may land a hair before the float it was set for
+        soonest = math.inf
+        for protocol in list(self._transfers.values()):
+            transfer = protocol.transfer
+            if transfer.timer_at <= due_by:
+                protocol.timer_due(now)
+                if transfer.outcome is not None:
+                    continue
+            if transfer.timer_at < soonest:
+                soonest = transfer.timer_at
+        if self._transfers and soonest < self._timer_at:
+            self._timer_needed(soonest)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = math.inf
 
     # -- the listener's work --------------------------------------------------------------
 
@@ -494,12 +608,35 @@ class TFTPService(AtomicMultiService):
             return terms
         if request.netascii:
             body = NetasciiBody(body)
+        elif body.size <= self.small_file and not isinstance(body, MemoryBody):
+            whole = self._read_whole(body)
+            if whole is None:
+                code = codec.ErrorCode.NOT_DEFINED
+                return admission.Refusal(request.filename, code, "read error")
+            body = whole
         return self._start(key, request.filename, body, terms)
+
+    @staticmethod
+    def _read_whole(body: FileBody) -> MemoryBody | None:
+        """A small file in one read, its descriptor closed before the first packet is sent."""
+        try:
+            return MemoryBody(body.read_at(0, body.size))
+        except OSError:
+            return None
+        finally:
+            body.close()
+
+    def _pool(self, local: str) -> _TransferPool:
+        """The transfer ports of ``local``, opened with its first transfer."""
+        pool = self._pools.get(local)
+        if pool is None:
+            pool = self._pools[local] = _TransferPool(self, local, self.pool_size, self.linger)
+        return pool
 
     def _start(
         self, key: tuple[str, str, int], filename: str, body: FileBody, terms: admission.Terms
     ) -> admission.Refusal | None:
-        """A transfer on its own socket, counted against the limits, sending its first reply."""
+        """A transfer on a pooled port, counted against the limits, sending its first reply."""
         now = self.clock.seconds()
         transfer = Transfer(
             body,
@@ -512,12 +649,13 @@ class TFTPService(AtomicMultiService):
             deadline=self.settings.transfer_deadline,
             oack=terms.oack,
         )
-        protocol = _TransferProtocol(self, key, transfer, body, filename)
         try:
-            protocol.attach(self.transfer_socket(self.descriptors, key[0], protocol))
+            port = self._pool(key[0]).pick((key[1], key[2]))
         except OSError:
             body.close()
             return admission.Refusal(filename, codec.ErrorCode.NOT_DEFINED, "server busy")
+        protocol = _TransferProtocol(self, key, transfer, body, filename, port)
+        port.table.add(protocol.client, protocol)
         self._transfers[key] = protocol
         host = key[1]
         self._per_client[host] = self._per_client.get(host, 0) + 1
@@ -552,13 +690,28 @@ class TFTPService(AtomicMultiService):
                 self._per_client[host] = left
             else:
                 self._per_client.pop(host, None)
+            if not self._transfers:
+                self._cancel_timer()
         outcome: Outcome | None = protocol.transfer.outcome
         if outcome is None:
             return
         if self.on_transfer_end is not None:
             reason = "ok" if outcome.ok else outcome.reason
             self.on_transfer_end(protocol.name, reason, outcome.duration, outcome.bytes)
-        log.info(
+        if outcome.ok:
+            self._served += 1
+            self._served_bytes += outcome.bytes
+            if self._summary is None:
+                self._summary_since = self.clock.seconds()
+                self._summary = self.clock.callLater(self.summary_interval, self._log_summary)
+            if not self.log_each_transfer:
+                return
+        self._log_transfer(protocol, outcome)
+
+    def _log_transfer(self, protocol: _TransferProtocol, outcome: Outcome) -> None:
+        """One transfer's line: every failure at info; a success only at debug, when asked."""
+        emit = log.info if not outcome.ok else log.debug
+        emit(
             "tftp {client_host}:{client_port} {file} {outcome} {bytes} bytes in {duration:.3f}s",
             client_host=protocol.client[0],
             client_port=protocol.client[1],
@@ -570,3 +723,16 @@ class TFTPService(AtomicMultiService):
             blksize=protocol.transfer.blksize,
             windowsize=protocol.transfer.windowsize,
         )
+
+    def _log_summary(self) -> None:
+        """The successful transfers since the last summary, as one info line."""
+        self._summary = None
+        if not self._served:
+            return
+        log.info(
+            "tftp: {transfers} transfers served ({bytes} bytes) in {interval:.0f}s",
+            transfers=self._served,
+            bytes=self._served_bytes,
+            interval=self.clock.seconds() - self._summary_since,
+        )
+        self._served = self._served_bytes = 0

@@ -122,6 +122,7 @@ class Transfer:
         "_deadline",
         "_fixed_timeout",
         "_last",
+        "_last_length",
         "_max_retries",
         "_oack",
         "_retries",
@@ -158,6 +159,7 @@ class Transfer:
         self._base = 1  # first block not yet acknowledged
         self._sent = 0  # highest block sent so far
         self._last: int | None = None  # the final (short) block, once read
+        self._last_length = 0  # and its payload's length
         self._retries = 0
         self.timer_at: float = now
         self.outcome: Outcome | None = None
@@ -230,7 +232,7 @@ class Transfer:
         return (codec.encode_error(codec.ErrorCode.ILLEGAL_OPERATION, "expected ACK"),)
 
     def _arm(self, now: float) -> None:
-        if self._fixed_timeout:
+        if self._fixed_timeout or not self._retries:  # no back-off yet: the per-ACK case
             interval = self._timeout
         else:
             interval = min(self._timeout * (1 << min(self._retries, 8)), max(self._timeout, 8.0))
@@ -268,6 +270,8 @@ class Transfer:
 
     def _window(self, now: float) -> list[bytes]:
         """Send blocks from the window base: a fresh window, or a restart after a gap."""
+        if self._windowsize == 1:
+            return self._block(now)
         out: list[bytes] = []
         block = self._base
         end = self._base + self._windowsize
@@ -287,24 +291,31 @@ class Transfer:
             out.append(encode_data(block, payload))
             if len(payload) < size:
                 self._last = block
+                self._last_length = len(payload)
                 end = block + 1
             block += 1
         if block - 1 > self._sent:
             self._sent = block - 1
         return out
 
+    def _block(self, now: float) -> list[bytes]:
+        """Lock-step (window 1, the RFC 1350 case): the block at the base, alone."""
+        block = self._base
+        size = self._blksize
+        try:
+            payload = self._body.read_at((block - 1) * size, size)
+        except OSError:
+            self._finish(now, False, "read error", codec.ErrorCode.NOT_DEFINED)
+            return [codec.encode_error(codec.ErrorCode.NOT_DEFINED, "read error")]
+        if len(payload) < size:
+            self._last = block
+            self._last_length = len(payload)
+        if block > self._sent:
+            self._sent = block
+        return [encode_data(block, payload)]
+
     def _finish(self, now: float, ok: bool, reason: str, code: int | None) -> None:
         acked = (self._base - 1) * self._blksize
-        if ok:
-            acked = self._acked_bytes()
+        if ok and self._last is not None:  # the short last block is acknowledged too
+            acked = (self._last - 1) * self._blksize + self._last_length
         self.outcome = Outcome(ok, reason, code, acked, now - self._started)
-
-    def _acked_bytes(self) -> int:
-        # Only called once the last block is acknowledged; ask the body for the tail size.
-        last = self._last if self._last is not None else self._base - 1
-        full = (last - 1) * self._blksize
-        try:
-            tail = len(self._body.read_at(full, self._blksize))
-        except OSError:
-            tail = 0
-        return full + tail

@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
 
 SMALL = b'<?xml version="1.0"?>\n<device>\r\n' + b"<x/>\n" * 180 + b"</device>\n"
 BIG = random.Random(7).randbytes(3 * 1024 * 1024 + 77)
@@ -127,11 +128,11 @@ async def fetch_raw(probe: Probe, addr: Addr, name: str, **options: str) -> byte
 
 
 class MemorySocket:
-    """A transfer's socket (its TID) in memory: records what the service sends, and to whom."""
+    """A pooled transfer port in memory: records what the service sends, and to whom."""
 
-    def __init__(self, local: str, protocol: Any) -> None:
+    def __init__(self, local: str, receive: Callable[[bytes, Addr], None]) -> None:
         self.local = local
-        self.protocol = protocol
+        self.receive = receive
         self.sent: list[tuple[bytes, Addr]] = []
         self.closed = False
 
@@ -145,15 +146,40 @@ class MemorySocket:
     def close(self) -> None:
         self.closed = True
 
+
+class TransferView:
+    """One transfer seen through the pooled port it landed on (what its client would see).
+
+    ``protocol.datagramReceived`` delivers a datagram to that port as if from ``addr``;
+    ``sent`` is what the port sent; ``closed`` is true once the transfer is over.
+    """
+
+    def __init__(self, clocked: Clocked, port: MemorySocket, client: Addr) -> None:
+        self._clocked = clocked
+        self.port = port
+        self.client = client
+        self.protocol = self
+
+    def datagramReceived(self, datagram: bytes, addr: Addr) -> None:
+        self.port.receive(datagram, addr)
+
+    @property
+    def sent(self) -> list[tuple[bytes, Addr]]:
+        return self.port.sent
+
+    @property
+    def closed(self) -> bool:
+        return ("127.0.0.1", *self.client) not in self._clocked.service._transfers
+
     def take(self) -> list[Any]:
-        """The packets sent since the last call, decoded."""
-        out = [codec.decode(d) for d, _ in self.sent]
-        self.sent.clear()
+        """The packets the port sent since the last call, decoded."""
+        out = [codec.decode(d) for d, _ in self.port.sent]
+        self.port.sent.clear()
         return out
 
 
 class Clocked:
-    """A TFTPService on a MemoryReactorClock whose transfer sockets are MemorySockets."""
+    """A TFTPService on a MemoryReactorClock whose transfer ports are MemorySockets."""
 
     CLIENT: Addr = ("192.0.2.50", 40000)
 
@@ -164,23 +190,28 @@ class Clocked:
         )
         self.sockets: list[MemorySocket] = []
         self.replies: list[tuple[bytes, Addr]] = []
-        self.service.transfer_socket = self._open  # type: ignore[method-assign]
+        self.service.transfer_port = self._open  # type: ignore[method-assign]
 
-    def _open(self, _fds: Any, local: str, protocol: Any) -> MemorySocket:
-        sock = MemorySocket(local, protocol)
+    def _open(self, _fds: Any, local: str, receive: Callable[[bytes, Addr], None]) -> MemorySocket:
+        sock = MemorySocket(local, receive)
         self.sockets.append(sock)
         return sock
 
-    def request(self, datagram: bytes, client: Addr = CLIENT) -> MemorySocket | None:
-        """An RRQ on the well-known port; the new transfer's socket, if one was opened."""
-        before = len(self.sockets)
+    def request(self, datagram: bytes, client: Addr = CLIENT) -> TransferView | None:
+        """An RRQ on the well-known port; a view of the new transfer, if one started."""
+        key = ("127.0.0.1", *client)
+        live = self.service._transfers
+        was_live = key in live
         self.service._request("127.0.0.1", datagram, client, self._reply)
-        return self.sockets[-1] if len(self.sockets) > before else None
+        if was_live or key not in live:
+            return None
+        port = next(s for s in self.sockets if s.receive.__self__ is live[key].port)
+        return TransferView(self, port, client)
 
     def _reply(self, datagram: bytes, addr: Addr) -> None:
         self.replies.append((datagram, addr))
 
-    def ack(self, sock: MemorySocket, block: int, client: Addr = CLIENT) -> None:
+    def ack(self, sock: TransferView, block: int, client: Addr = CLIENT) -> None:
         sock.protocol.datagramReceived(ack(block), client)
 
 
@@ -270,7 +301,19 @@ def test_completed_transfer_is_released(clocked: Callable[..., Clocked]) -> None
         data.append(packet.payload)
         c.ack(sock, packet.block)
     assert b"".join(data) == SMALL
-    assert c.service.live_transfers == 0 and c.clock.getDelayedCalls() == []
+    assert c.service.live_transfers == 0
+    # No transfer timer is left; only the pending summary of successful transfers.
+    [summary] = c.clock.getDelayedCalls()
+    assert summary.getTime() == c.clock.seconds() + c.service.summary_interval
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        c.clock.advance(c.service.summary_interval)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("log_namespace") == "callboard.tftp"]
+    assert [(e["transfers"], e["bytes"]) for e in lines] == [(1, len(SMALL))]
+    assert c.clock.getDelayedCalls() == []
 
 
 def test_refused_requests_open_no_transfer(clocked: Callable[..., Clocked]) -> None:
@@ -295,7 +338,7 @@ def test_no_socket_for_the_transfer_means_busy(clocked: Callable[..., Clocked]) 
     def exhausted(*_: Any) -> MemorySocket:
         raise OSError(24, "Too many open files")
 
-    c.service.transfer_socket = exhausted  # type: ignore[method-assign]
+    c.service.transfer_port = exhausted  # type: ignore[method-assign]
     assert c.request(rrq("SEP001122334455.cnf.xml")) is None
     assert c.replies == [(codec.encode_error(0, "server busy"), Clocked.CLIENT)]
     assert c.service.live_transfers == 0
