@@ -186,6 +186,8 @@ class ProvisioningTree:
         self._default_cache: tuple[int, bytes] | None = None  # (defaults version, bytes)
         #: The bootstrap config of a MAC that may activate by voice (None: not that MAC).
         self.bootstrap: Callable[[str], bytes | None] | None = None
+        #: Files rendered on request by name (lower-case), e.g. the IVR hotline dial template.
+        self.generated: dict[str, Callable[[], bytes]] = {}
         registry.subscribe(self._forget)
         self._check_templates()
 
@@ -286,6 +288,8 @@ class ProvisioningTree:
             mac = match.group(1).upper()
             data = self._device_config(mac, requester)
             return _later(self._signer.sign_bytes(f"SEP{mac}.cnf.xml", data))
+        if lowered in self.generated:
+            return _later(self._signer.sign_bytes(lowered, self.generated[lowered]()))
         if _ITL.match(lowered) or _CTL.match(lowered) or _RENDERED_ONLY.match(lowered):
             raise FileNotFound(unsigned + ".sgn")
         if _SIGNED_NEVER.search(lowered):
@@ -299,6 +303,8 @@ class ProvisioningTree:
     def _open_plain(self, name: str, lowered: str, requester: Requester) -> FileBody:
         if lowered == "xmldefault.cnf.xml":
             return MemoryBody(self.xml_default())
+        if lowered in self.generated:
+            return MemoryBody(self.generated[lowered]())
         match = _SEP_CONFIG.match(lowered)
         if match:
             return MemoryBody(self._device_config(match.group(1).upper(), requester))
@@ -365,7 +371,9 @@ class ProvisioningTree:
         )
         return data
 
-    def render_device(self, device: Device) -> bytes:
+    def render_device(self, device: Device, *, dial_template: str | None = None) -> bytes:
+        """``SEP<MAC>.cnf.xml`` of ``device``; ``dial_template`` replaces the site's (the IVR
+        bootstrap config names its hotline there)."""
         s, p = self._settings, self._phones
         lines = "\n".join(
             f"""      <line button="{i}" lineIndex="{i}">
@@ -413,7 +421,9 @@ class ProvisioningTree:
             "user_locale_language": escape(p.user_locale_language),
             "network_locale": escape(p.network_locale),
             "softkey_file": _optional("    ", "softKeyFile", p.softkey_file),
-            "dial_template": _optional("    ", "dialTemplate", p.dial_template),
+            "dial_template": _optional(
+                "    ", "dialTemplate", p.dial_template if dial_template is None else dial_template
+            ),
         }
         values["vendor_config"] = vendor.substitute(values).rstrip("\n") if vendor else ""
         return template.substitute(values).encode("utf-8")
