@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import re
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -622,8 +623,19 @@ def _xml_attr(text: str) -> str:
     return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
 
 
+def with_hotline(config: bytes, dial_template: str = HOTLINE_FILE) -> bytes:
+    """``config`` with its ``<dialTemplate>`` naming ``dial_template``: the site's replaced,
+    or one added at the end of ``<sipProfile>`` when the template has none (any template,
+    the packaged one or a site's, gets the hotline)."""
+    element = f"<dialTemplate>{dial_template}</dialTemplate>".encode()
+    replaced, count = re.subn(rb"<dialTemplate>[^<]*</dialTemplate>", element, config, count=1)
+    if count:
+        return replaced
+    return config.replace(b"</sipProfile>", b"  " + element + b"\n  </sipProfile>", 1)
+
+
 def bootstrap_config(
-    render: Callable[..., bytes], accounts: BootstrapAccounts, mac: str
+    render: Callable[[Device], bytes], accounts: BootstrapAccounts, mac: str
 ) -> bytes | None:
     """The bootstrap config of a MAC that may activate by voice: one "Activate" line, and
     the hotline dial template (:data:`HOTLINE_FILE`) that dials ``ivr.number`` off-hook."""
@@ -637,7 +649,7 @@ def bootstrap_config(
         description=f"Activate: dial {accounts.settings.number}",
         lines=(accounts.config_line(account),),
     )
-    return render(device, dial_template=HOTLINE_FILE)
+    return with_hotline(render(device))
 
 
 class IVRLifecycle(Service):

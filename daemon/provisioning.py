@@ -371,9 +371,7 @@ class ProvisioningTree:
         )
         return data
 
-    def render_device(self, device: Device, *, dial_template: str | None = None) -> bytes:
-        """``SEP<MAC>.cnf.xml`` of ``device``; ``dial_template`` replaces the site's (the IVR
-        bootstrap config names its hotline there)."""
+    def render_device(self, device: Device) -> bytes:
         s, p = self._settings, self._phones
         lines = "\n".join(
             f"""      <line button="{i}" lineIndex="{i}">
@@ -421,9 +419,7 @@ class ProvisioningTree:
             "user_locale_language": escape(p.user_locale_language),
             "network_locale": escape(p.network_locale),
             "softkey_file": _optional("    ", "softKeyFile", p.softkey_file),
-            "dial_template": _optional(
-                "    ", "dialTemplate", p.dial_template if dial_template is None else dial_template
-            ),
+            "dial_template": _optional("    ", "dialTemplate", p.dial_template),
         }
         values["vendor_config"] = vendor.substitute(values).rstrip("\n") if vendor else ""
         return template.substitute(values).encode("utf-8")

@@ -14,7 +14,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
-from callboard.daemon.ivr import HOTLINE_FILE, hotline_dial_template
+from callboard.daemon.ivr import HOTLINE_FILE, hotline_dial_template, with_hotline
 from callboard.phone.config import parse_device_config, parse_hotline
 from support.harness import Daemon
 
@@ -37,6 +37,13 @@ def test_the_dial_template_is_a_hotline_to_the_number() -> None:
     # A site dial template without an off-hook rule is no hotline; junk is none either.
     assert parse_hotline(b'<dialTemplate><TEMPLATE match="9*" timeout="3"/></dialTemplate>') is None
     assert parse_hotline(b"<not xml") is None
+
+
+def test_any_template_gets_the_hotline() -> None:
+    site = b"<device><sipProfile><dialTemplate>site.xml</dialTemplate></sipProfile></device>"
+    assert parse_device_config(with_hotline(site)).dial_template == HOTLINE_FILE
+    bare = b"<device><sipProfile><sipLines/></sipProfile></device>"
+    assert parse_device_config(with_hotline(bare)).dial_template == HOTLINE_FILE
 
 
 def test_bootstrap_config_names_the_hotline_and_the_real_config_does_not(

@@ -80,9 +80,9 @@ async def test_the_ivr_stream_the_phone_hears_is_paced_and_in_sequence(
     code = _add(served)
     lab = make_lab(tmp_path / "lab")
     cert_path, key_path = mic_files(lab, tmp_path / "mic", model="8841", mac=MAC)
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    identity = PhoneIdentity(mac=MAC, model="8841", code=code, mic_key=key,  # type: ignore[arg-type]
-                             mic_cert=x509.load_pem_x509_certificate(cert_path.read_bytes()))  # fmt: skip
+    key: Any = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    identity = PhoneIdentity(mac=MAC, model="8841", code=code, mic_key=key, mic_cert=cert)
     options = BootOptions(transport="http", http_port=served.port("http"), timeout=5, ivr=True)
     result = await boot_phone(reactor, identity, ["127.0.0.1"], options)
     assert result.outcome is Outcome.ONBOARDED, result.steps
