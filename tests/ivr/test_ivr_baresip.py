@@ -179,6 +179,9 @@ def test_baresip_keys_the_code_as_rfc4733_and_the_phone_is_activated(
         phone.start()
         started = time.monotonic()
         assert phone.registration(10) == 200
+        shown = served.json("device", "show", f"SEP{MAC}")
+        assert shown["bootstrap"].startswith(f"waiting for the activation call ({user}, "
+                                             "registered from 127.0.0.1:")  # fmt: skip
         phone.command("dial", "activate")
         established = phone.wait_for("CALL_ESTABLISHED", 10)
         assert established["peeruri"].startswith("sip:activate@127.0.0.1")

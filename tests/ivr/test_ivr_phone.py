@@ -26,6 +26,9 @@ from support.harness import Daemon, run_cli
 from twisted.internet import reactor
 
 MAC = "00AABB112233"
+# The daemons here serve no HTTPS 6971; a phone would try the default port, where another
+# program on this machine may listen.
+NO_HTTPS = ("--https-port", "0")
 
 
 def _served(daemon_factory: Any, *extra: str) -> Daemon:
@@ -48,7 +51,11 @@ def test_phone_boot_ivr_activates_by_voice_and_registers_its_real_line(
     code = _add(served)
     lab = make_lab(tmp_path / "lab")
     mic = mic_files(lab, tmp_path / "mic", model="8841", mac=MAC)
-    result = boot(served, mic, model="8841", mac=MAC, extra=("--ivr", "--code", code))
+    shown = served.cli("device", "show", f"SEP{MAC}").stdout
+    assert "onboarding:          ivr (model default)" in shown
+    assert "bootstrap:           waiting for the activation call (bootstrap-00aabb112233, " \
+        "not registered)" in shown  # fmt: skip
+    result = boot(served, mic, model="8841", mac=MAC, extra=("--ivr", "--code", code, *NO_HTTPS))
     out = result.stdout
     assert result.returncode == 0, out + result.stderr + served.log()[-3000:]
     assert "bootstrap config" in out and "the hotline dials activate" in out
@@ -58,18 +65,9 @@ def test_phone_boot_ivr_activates_by_voice_and_registers_its_real_line(
     device = served.json("device", "show", f"SEP{MAC}")
     assert device["state"] == "active"
     assert [r["aor"] for r in device["registrations"]] == ["sip:3001@127.0.0.1"]
+    assert device["bootstrap"] == "used: activated by voice"
+    assert device["onboarding"] == "ivr" and device["onboarding_source"] == "model default"
     assert code.replace("-", "") not in served.log() and code.replace("-", "") not in out
-
-
-def test_phone_without_ivr_takes_the_bootstrap_line_as_is(daemon_factory: Any,
-                                                          tmp_path: Path) -> None:  # fmt: skip
-    """Without --ivr nothing is called: the code stays unused."""
-    served = _served(daemon_factory)
-    code = _add(served)
-    lab = make_lab(tmp_path / "lab")
-    mic = mic_files(lab, tmp_path / "mic", model="8841", mac=MAC)
-    boot(served, mic, model="8841", mac=MAC, extra=("--code", code, "--no-register"))
-    assert served.json("code", "show", f"SEP{MAC}")["state"] == "issued"
 
 
 @pytest_twisted.ensureDeferred
@@ -83,7 +81,8 @@ async def test_the_ivr_stream_the_phone_hears_is_paced_and_in_sequence(
     key: Any = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     identity = PhoneIdentity(mac=MAC, model="8841", code=code, mic_key=key, mic_cert=cert)
-    options = BootOptions(transport="http", http_port=served.port("http"), timeout=5, ivr=True)
+    options = BootOptions(transport="http", http_port=served.port("http"), https_port=0,
+                          timeout=5, ivr=True)  # fmt: skip
     result = await boot_phone(reactor, identity, ["127.0.0.1"], options)
     assert result.outcome is Outcome.ONBOARDED, result.steps
     call = result.voice
@@ -111,7 +110,7 @@ def test_storm_ivr_onboards_ten_phones_by_voice(daemon_factory: Any, tmp_path: P
         "--lab-ca", str(lab_dir), "--server", "127.0.0.1", "--admin-socket", str(served.socket),
         "--http-port", str(served.port("http")), "--tftp-port", str(served.port("tftp")),
         "--transport", "http", "--mic-cache", str(tmp_path / "mics"), "--timeout", "10",
-        "--concurrency", "10", "--ivr",
+        "--concurrency", "10", "--ivr", *NO_HTTPS,
         timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr + served.log()[-3000:]
