@@ -114,6 +114,11 @@ def _offer(host: str, port: int) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
+def _branch(req: Request) -> str:
+    via = req.headers.get("via") or ""
+    return next((p[len("branch=") :] for p in via.split(";") if p.startswith("branch=")), "")
+
+
 def _answer_to(req: Request, status: int = 200) -> Response:
     resp = Response(status)
     for name in ("via", "from", "to", "call-id", "cseq"):
@@ -137,6 +142,8 @@ class ActivationCall:
         self.call_id = f"{os.urandom(8).hex()}@callboard-phone"
         self.tag = os.urandom(6).hex()
         self.bye: defer.Deferred[None] = defer.Deferred()
+        self.remote_target = ""  # the IVR's Contact, once answered
+        self.remote_to = ""  # its To, with its tag
         self.notified: defer.Deferred[None] = defer.Deferred()
 
     async def run(self) -> VoiceCallResult:
@@ -179,6 +186,8 @@ class ActivationCall:
         ok = await self.ua.request(invite)
         self.result.status = ok.status
         if ok.status != 200:
+            # A non-2xx final response is ACKed in its transaction (RFC 3261 §17.1.1.3).
+            self._ack(ok, target, local, branch=_branch(invite))
             return self._failed(f"answered {ok.status} {ok.reason}")
         try:
             media = self._media(ok)
@@ -186,10 +195,15 @@ class ActivationCall:
             return self._failed(f"unusable SDP answer: {exc}")
         self.rtp.remote = media
         self._ack(ok, target, local)
+        self.remote_to = ok.headers.get("to") or ""
         # Listen to the start of the prompt (a person waits for the voice), then key.
         heard = self.rtp.first
         heard.addTimeout(min(5.0, self.timeout), self.reactor)
-        await heard
+        try:
+            await heard
+        except defer.TimeoutError:
+            self._hang_up(local)
+            return self._failed("answered, but no audio came from the IVR")
         await _sleep(self.reactor, 0.3)
         await self._key(self.code + "#")
         self.result.code_sent_at = self.reactor.seconds()
@@ -198,6 +212,7 @@ class ActivationCall:
         try:
             await bye
         except defer.TimeoutError:
+            self._hang_up(local)  # as a user would, at last
             return self._failed(f"keyed {self.result.keys_sent} keys; the IVR never hung up")
         notified = self.notified
         notified.addTimeout(min(5.0, self.timeout), self.reactor)
@@ -233,18 +248,34 @@ class ActivationCall:
             raise SDPError(488, "the answer has no telephone-event")
         return audio.connection, audio.port
 
-    def _ack(self, ok: Response, target: str, local: tuple[str, int]) -> None:
+    def _hang_up(self, local: tuple[str, int]) -> None:
+        """Our BYE (not waited for: the call is over for the phone either way)."""
+        bye = Request("BYE", self.remote_target or f"sip:{self.number}@{self.ua.host}", Headers())
+        h = bye.headers
+        h.add("Via", f"SIP/2.0/{self.ua.transport.upper()} {local[0]}:{local[1]};branch=z9hG4bK"
+                     f"{os.urandom(6).hex()}")  # fmt: skip
+        h.add("From", f"<sip:{self.ua.line_users[0][0]}@{self.ua.host}>;tag={self.tag}")
+        h.add("To", self.remote_to or f"<sip:{self.number}@{self.ua.host}>")
+        h.add("Call-ID", self.call_id)
+        h.add("CSeq", "2 BYE")
+        h.add("Max-Forwards", "70")
+        self.ua.send_message(bye)
+
+    def _ack(self, ok: Response, target: str, local: tuple[str, int], branch: str = "") -> None:
         contact = ok.headers.get("contact")
         uri = target
+        if branch:  # the ACK of a failure goes where the INVITE went
+            contact = None
         if contact:
             try:
                 uri = parse_name_addr(contact).uri
             except SIPParseError:
                 uri = target
+        self.remote_target = uri
         ack = Request("ACK", uri, Headers())
         h = ack.headers
-        h.add("Via", f"SIP/2.0/{self.ua.transport.upper()} {local[0]}:{local[1]};branch=z9hG4bK"
-                     f"{os.urandom(6).hex()}")  # fmt: skip
+        branch = branch or f"z9hG4bK{os.urandom(6).hex()}"
+        h.add("Via", f"SIP/2.0/{self.ua.transport.upper()} {local[0]}:{local[1]};branch={branch}")
         h.add("From", f"<sip:{self.ua.line_users[0][0]}@{self.ua.host}>;tag={self.tag}")
         h.add("To", ok.headers.get("to") or f"<sip:{self.number}@{self.ua.host}>")
         h.add("Call-ID", self.call_id)

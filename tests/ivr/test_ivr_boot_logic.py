@@ -28,15 +28,23 @@ POOL = b"""<devicePool><callManagerGroup><members><member priority="0"><callMana
     <ports><sipPort>5060</sipPort><securedSipPort>5061</securedSipPort></ports>
     <processNodeName>192.0.2.10</processNodeName></callManager></member></members>
   </callManagerGroup></devicePool>"""
-BOOTSTRAP = b"""<device>""" + POOL + b"""<sipProfile><sipLines>
+BOOTSTRAP = (
+    b"""<device>"""
+    + POOL
+    + b"""<sipProfile><sipLines>
     <line button="1"><featureID>9</featureID><featureLabel>Activate</featureLabel>
       <name>bootstrap-00aabbccddee</name><authName>bootstrap-00aabbccddee</authName>
       <authPassword>0123456789abcdef01234567</authPassword></line>
   </sipLines><dialTemplate>ivr-hotline.xml</dialTemplate></sipProfile></device>"""
+)
 HOTLINE = b'<dialTemplate><TEMPLATE match="" timeout="0" rewrite="2288" /></dialTemplate>'
-REAL = b"""<device>""" + POOL + b"""<sipProfile><sipLines>
+REAL = (
+    b"""<device>"""
+    + POOL
+    + b"""<sipProfile><sipLines>
     <line button="1"><featureID>9</featureID><name>1001</name><authName>a1001</authName>
       <authPassword>s3cret</authPassword></line></sipLines></sipProfile></device>"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +81,7 @@ def run(
 
 def served(resync_after: int = 1) -> Callable[[str, int], bytes | None]:
     """The bootstrap config until the call; then the real one (after ``resync_after`` asks)."""
+
     def files(name: str, count: int) -> bytes | None:
         if name == f"SEP{MAC}.cnf.xml":
             return BOOTSTRAP if count <= resync_after else REAL

@@ -70,6 +70,21 @@ def test_phone_boot_ivr_activates_by_voice_and_registers_its_real_line(
     assert code.replace("-", "") not in served.log() and code.replace("-", "") not in out
 
 
+def test_a_wrong_code_keyed_by_the_phone_is_refused(daemon_factory: Any, tmp_path: Path) -> None:
+    """The IVR says no, asks again, hears nothing and hangs up: no NOTIFY, exit 4."""
+    served = _served(daemon_factory, "--set", "ivr.first_digit_timeout=1")
+    code = _add(served).replace("-", "")
+    wrong = "".join(str((int(c) + 1) % 10) for c in code)
+    lab = make_lab(tmp_path / "lab")
+    mic = mic_files(lab, tmp_path / "mic", model="8841", mac=MAC)
+    result = boot(served, mic, model="8841", mac=MAC, extra=("--ivr", "--code", wrong, *NO_HTTPS))
+    assert result.returncode == Outcome.REJECTED.value, result.stdout + result.stderr
+    assert "without telling the phone to resync" in result.stdout
+    assert served.json("device", "show", f"SEP{MAC}")["state"] == "awaiting-activation"
+    assert served.json("code", "show", f"SEP{MAC}")["state"] == "issued"
+    assert '"outcome": "rejected"' in served.log() and wrong not in served.log()
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_ivr_stream_the_phone_hears_is_paced_and_in_sequence(
     daemon_factory: Any, tmp_path: Path
