@@ -130,6 +130,7 @@ def test_storm_ivr_onboards_ten_phones_by_voice(daemon_factory: Any, tmp_path: P
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr + served.log()[-3000:]
     assert "10/10 phones onboarded" in result.stdout
+    assert "IVR call" in result.stdout  # the per-step times name the call
     devices = served.json("device", "list")
     assert sum(1 for d in devices if d["state"] == "active") == 10
     assert not [d for d in devices if d["name"].startswith("BAT")]
