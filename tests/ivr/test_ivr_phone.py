@@ -11,6 +11,7 @@ real one) and registers its real line.
 from __future__ import annotations
 
 import itertools
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def test_phone_boot_ivr_activates_by_voice_and_registers_its_real_line(
     out = result.stdout
     assert result.returncode == 0, out + result.stderr + served.log()[-3000:]
     assert "bootstrap config" in out and "the hotline dials activate" in out
+    # The daemon's ITL names a TFTP-role certificate: the hotline comes signed, and checked.
+    assert re.search(r"ivr-hotline\.xml\.sgn: \d+ bytes, signature ok", out), out
     assert "keys sent as RFC 4733 events" in out and "NOTIFY check-sync" in out
     assert "onboarded (activated by voice and configured, 1 line(s))" in out
     assert "REGISTER to tcp:" in out and "3001=200" in out
