@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import re
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ PROMPTS = ("enter-code", "accepted", "rejected", "too-many")
 PACKAGED_PROMPTS = Path(__file__).parent / "prompts"
 MAX_DIGITS = 24  # more keys than this before # are not kept (a flood)
 MIC_MARK = "ivr"  # what the redemption records instead of a MIC fingerprint
+#: The bootstrap config's dial template: the hotline (served by the provisioning tree).
+HOTLINE_FILE = "ivr-hotline.xml"
 #: User-Agent prefixes → model name, for phones that do not send Cisco's model parameter.
 USER_AGENT_MODELS: dict[str, str] = {f"Cisco-CP{name}": name for name in MODELS}
 
@@ -602,10 +605,40 @@ def _is_cisco(call: IVRCall) -> bool:
     )
 
 
+def hotline_dial_template(number: str) -> bytes:
+    """The hotline as a Cisco dial template: an empty pattern with a timeout of 0 dials
+    ``rewrite`` as soon as the handset is lifted (a PLAR line; usecallmanager.nz "Dial
+    Templates", "Hotline"). Cisco firmware dials digits: give ``ivr.number`` as digits for
+    Cisco phones; other SIP phones are set up by hand or their own provisioning (README)."""
+    stamp = hashlib.sha256(number.encode()).hexdigest()[:32]
+    return (
+        "<dialTemplate>\n"
+        f"  <versionStamp>{stamp}</versionStamp>\n"
+        f'  <TEMPLATE match="" timeout="0" rewrite="{_xml_attr(number)}" />\n'
+        "</dialTemplate>\n"
+    ).encode()
+
+
+def _xml_attr(text: str) -> str:
+    return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+
+
+def with_hotline(config: bytes, dial_template: str = HOTLINE_FILE) -> bytes:
+    """``config`` with its ``<dialTemplate>`` naming ``dial_template``: the site's replaced,
+    or one added at the end of ``<sipProfile>`` when the template has none (any template,
+    the packaged one or a site's, gets the hotline)."""
+    element = f"<dialTemplate>{dial_template}</dialTemplate>".encode()
+    replaced, count = re.subn(rb"<dialTemplate>[^<]*</dialTemplate>", element, config, count=1)
+    if count:
+        return replaced
+    return config.replace(b"</sipProfile>", b"  " + element + b"\n  </sipProfile>", 1)
+
+
 def bootstrap_config(
     render: Callable[[Device], bytes], accounts: BootstrapAccounts, mac: str
 ) -> bytes | None:
-    """The bootstrap config of a MAC that may activate by voice: one "Activate" line."""
+    """The bootstrap config of a MAC that may activate by voice: one "Activate" line, and
+    the hotline dial template (:data:`HOTLINE_FILE`) that dials ``ivr.number`` off-hook."""
     account = accounts.for_mac(mac)
     if account is None:
         return None
@@ -616,7 +649,7 @@ def bootstrap_config(
         description=f"Activate: dial {accounts.settings.number}",
         lines=(accounts.config_line(account),),
     )
-    return render(device)
+    return with_hotline(render(device))
 
 
 class IVRLifecycle(Service):

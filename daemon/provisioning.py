@@ -189,6 +189,8 @@ class ProvisioningTree:
         self._default_cache: tuple[int, bytes] | None = None  # (defaults version, bytes)
         #: The bootstrap config of a MAC that may activate by voice (None: not that MAC).
         self.bootstrap: Callable[[str], bytes | None] | None = None
+        #: Files rendered on request by name (lower-case), e.g. the IVR hotline dial template.
+        self.generated: dict[str, Callable[[], bytes]] = {}
         registry.subscribe(self._forget)
         self._check_templates()
 
@@ -289,6 +291,8 @@ class ProvisioningTree:
             mac = match.group(1).upper()
             data = self._device_config(mac, requester)
             return _later(self._signer.sign_bytes(f"SEP{mac}.cnf.xml", data))
+        if lowered in self.generated:
+            return _later(self._signer.sign_bytes(lowered, self.generated[lowered]()))
         if _ITL.match(lowered) or _CTL.match(lowered) or _RENDERED_ONLY.match(lowered):
             raise FileNotFound(unsigned + ".sgn")
         if _SIGNED_NEVER.search(lowered):
@@ -302,6 +306,8 @@ class ProvisioningTree:
     def _open_plain(self, name: str, lowered: str, requester: Requester) -> FileBody:
         if lowered == "xmldefault.cnf.xml":
             return MemoryBody(self.xml_default())
+        if lowered in self.generated:
+            return MemoryBody(self.generated[lowered]())
         match = _SEP_CONFIG.match(lowered)
         if match:
             return MemoryBody(self._device_config(match.group(1).upper(), requester))

@@ -380,6 +380,7 @@ class CallboardService(AtomicMultiService):
         accounts.allow_sha1 = handler.settings.allow_sha1_mic
         tree = self.tree
         self.tree.bootstrap = lambda mac: ivr.bootstrap_config(tree.render_device, accounts, mac)
+        self.tree.generated[ivr.HOTLINE_FILE] = lambda: ivr.hotline_dial_template(settings.number)
         self.registrar.policy = ivr.BootstrapPolicy(self.registrar.policy, accounts)
         self.ivr = ivr.IVRService(
             self.registry,

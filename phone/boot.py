@@ -55,6 +55,7 @@ from .config import (
     TVSMember,
     parse_default_config,
     parse_device_config,
+    parse_hotline,
 )
 from .tftp_client import DEFAULT_BLKSIZE as TFTP_BLKSIZE
 
@@ -135,6 +136,10 @@ class BootOptions:
     # retried: the node may not have seen the failed node's last change yet (a cluster's
     # change feed takes up to a second).
     failover_settle: float = 2.0
+    # Activate by voice when the server answers with a bootstrap config (an "Activate"
+    # line): call its hotline and key the code (phone/ivr_call.py).
+    ivr: bool = False
+    ivr_timeout: float = 45.0  # the whole activation call, prompts included
 
 
 # Actions and their results ----------------------------------------------------------------
@@ -173,7 +178,15 @@ class Register:
     itl_tftp_server: str | None = None
 
 
-Action = Fetch | Activate | Sleep | Register
+@dataclass(frozen=True)
+class CallActivation:
+    """Register the bootstrap line of ``config``, call ``number`` and key the code."""
+
+    config: DeviceConfig
+    number: str
+
+
+Action = Fetch | Activate | Sleep | Register | CallActivation
 
 
 @dataclass(frozen=True)
@@ -218,7 +231,16 @@ class Registered:
     detail: str
 
 
-Feed = Fetched | FetchFailed | Activated | Slept | Registered
+@dataclass(frozen=True)
+class VoiceActivated:
+    """How the activation call ended (``call``: the call's own record, for tests)."""
+
+    ok: bool
+    detail: str
+    call: Any = None
+
+
+Feed = Fetched | FetchFailed | Activated | Slept | Registered | VoiceActivated
 
 
 class Outcome(Enum):
@@ -245,6 +267,7 @@ class BootResult:
     activation: ActivateResponse | None = None
     registration_status: int | None = None
     elapsed: float = 0.0
+    voice: Any = None  # the activation call's record (phone/ivr_call.py), with --ivr
 
     @property
     def ok(self) -> bool:
@@ -287,6 +310,8 @@ class BootSequence:
         self.itl: ITLFile | None = None  # the installed trust list
         self.itl_server = ""
         self.result: BootResult | None = None
+        self.voice: Any = None  # the activation call's record (--ivr)
+        self.activated_by_voice = False
 
     def start(self) -> Action | BootResult:
         return self._advance(None)
@@ -339,7 +364,81 @@ class BootSequence:
         if isinstance(own, BootResult):
             return own
         sep, data, activation = own
+        if self.options.ivr and _is_bootstrap(data):
+            voice = yield from self._activate_by_voice(sep, data)
+            if isinstance(voice, BootResult):
+                return voice
+            sep, data = voice
         return (yield from self._configure(sep, data, activation))
+
+    # Activation by voice (--ivr) --------------------------------------------------------------
+
+    def _activate_by_voice(
+        self, sep: Fetched, data: bytes
+    ) -> Step[tuple[Fetched, bytes] | BootResult]:
+        """The bootstrap config's hotline called, the code keyed; then the real config."""
+        me = self.identity
+        try:
+            config = parse_device_config(data)
+        except ConfigError as exc:
+            return self._done(Outcome.ERROR, f"{sep.name} unusable: {exc}")
+        self.note(sep.via, f'{sep.name}: {len(data)} bytes, bootstrap config (an "Activate" line)')
+        if me.code is None:
+            return self._done(
+                Outcome.CODE_REQUIRED,
+                f"activation code required for {me.sep_name}: enter it with --code",
+            )
+        number = yield from self._hotline(config)
+        if isinstance(number, BootResult):
+            return number
+        self.note("sip", f"handset lifted: the hotline dials {number}")
+        answer = yield CallActivation(config, number)
+        if not isinstance(answer, VoiceActivated):
+            raise TypeError(f"expected the activation call's result, got {answer!r}")
+        self.voice = answer.call
+        self.note("ivr", answer.detail)
+        if not answer.ok:
+            return self._done(Outcome.REJECTED, f"activation by voice failed: {answer.detail}",
+                              voice=answer.call)  # fmt: skip
+        return (yield from self._real_config())
+
+    def _hotline(self, config: DeviceConfig) -> Step[str | BootResult]:
+        """The number the bootstrap line dials off-hook, from its dial template."""
+        if not config.dial_template:
+            return self._done(Outcome.NOT_PROVISIONED, "the bootstrap config names no hotline")
+        got = yield from self._fetch_config(config.dial_template)
+        if isinstance(got, BootResult):
+            return got
+        if isinstance(got, FetchFailed):
+            return self._lost(got)
+        number = parse_hotline(got.data) if got.data is not None else None
+        if number is None:
+            return self._done(
+                Outcome.NOT_PROVISIONED, f"{config.dial_template}: no hotline in the dial template"
+            )
+        return number
+
+    def _real_config(self) -> Step[tuple[Fetched, bytes] | BootResult]:
+        """Told to resync: ``SEP<MAC>.cnf.xml`` again, until it is no bootstrap config."""
+        me = self.identity
+        retries = self.options.config_retries
+        for attempt in range(1, retries + 1):
+            sep = yield from self._fetch_config(f"{me.sep_name}.cnf.xml")
+            if isinstance(sep, BootResult):
+                return sep
+            if isinstance(sep, FetchFailed):
+                return self._lost(sep)
+            if sep.data is not None and not _is_bootstrap(sep.data):
+                self.activated_by_voice = True
+                return sep, sep.data
+            self.note(sep.via, f"{sep.name}: still the bootstrap config (try {attempt}/{retries})")
+            if attempt < retries:
+                yield Sleep(self.options.config_retry_delay)
+        return self._done(
+            Outcome.NOT_PROVISIONED,
+            f"activated by voice, but {me.sep_name}.cnf.xml stayed the bootstrap config",
+            voice=self.voice,
+        )
 
     # 1. Trust lists -----------------------------------------------------------------------
 
@@ -596,12 +695,15 @@ class BootSequence:
         if isinstance(registration, BootResult):
             return registration
         how = "activated and configured" if activation is not None else "configured"
+        if self.activated_by_voice:
+            how = "activated by voice and configured"
         return self._done(
             Outcome.ONBOARDED,
             f"{self.identity.sep_name} onboarded ({how}, {len(config.lines)} line(s))",
             config=config,
             activation=activation,
             registration_status=registration,
+            voice=self.voice,
         )
 
     def _register(
@@ -646,6 +748,15 @@ class BootSequence:
                 registration_status=reg.status,
             )
         return reg.status
+
+
+def _is_bootstrap(data: bytes) -> bool:
+    """A bootstrap config: its only line is a ``bootstrap-<mac>`` account (daemon/ivr.py)."""
+    try:
+        lines = parse_device_config(data).lines
+    except ConfigError:
+        return False
+    return len(lines) == 1 and lines[0].auth_name.startswith("bootstrap-")
 
 
 def _size(data: bytes | None) -> str:

@@ -74,6 +74,7 @@ def _options(args: argparse.Namespace) -> BootOptions:
         register=args.register,
         unregister=args.unregister,
         allow_tofu=args.tofu,
+        ivr=args.ivr,
     )
 
 
@@ -347,6 +348,12 @@ def _network_arguments() -> argparse.ArgumentParser:
         "--tofu",
         action="store_true",
         help="send the code to a TVS even without an ITL to pin it (labs only)",
+    )
+    net.add_argument(
+        "--ivr",
+        action="store_true",
+        help="activate by voice when the server answers with a bootstrap config: register "
+        "its account, call the hotline's number, key the code as RFC 4733 events",
     )
     return net
 

@@ -19,6 +19,7 @@ __all__ = [
     "TVSMember",
     "parse_default_config",
     "parse_device_config",
+    "parse_hotline",
 ]
 
 
@@ -73,6 +74,7 @@ class DeviceConfig:
     transport: str  # tcp, udp or tls (transportLayerProtocol 1/2/3)
     load: str
     version_stamp: str
+    dial_template: str = ""  # the <dialTemplate> file name, if any (a hotline may be in it)
 
     @property
     def sip_server(self) -> CallManager | None:
@@ -175,4 +177,18 @@ def parse_device_config(data: bytes) -> DeviceConfig:
         transport=_TRANSPORTS.get((root.findtext("transportLayerProtocol") or "1").strip(), "tcp"),
         load=(root.findtext("loadInformation") or "").strip(),
         version_stamp=(root.findtext("versionStamp") or "").strip(),
+        dial_template=(root.findtext("sipProfile/dialTemplate") or "").strip(),
     )
+
+
+def parse_hotline(data: bytes) -> str | None:
+    """The number a dial template dials as soon as the handset is lifted (a hotline: an
+    empty ``match`` with ``timeout="0"`` and a ``rewrite``), or None."""
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError:
+        return None
+    for rule in root.iter("TEMPLATE"):
+        if rule.get("match") == "" and rule.get("timeout") == "0" and rule.get("rewrite"):
+            return rule.get("rewrite")
+    return None

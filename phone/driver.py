@@ -29,6 +29,7 @@ from .boot import (
     BootOptions,
     BootResult,
     BootSequence,
+    CallActivation,
     Feed,
     Fetch,
     Fetched,
@@ -39,8 +40,9 @@ from .boot import (
     Registered,
     Sleep,
     Slept,
+    VoiceActivated,
 )
-from .config import CallManager
+from .config import CallManager, DeviceConfig
 from .http_client import HttpFetcher, PinMismatch
 
 __all__ = ["boot_phone"]
@@ -154,6 +156,60 @@ async def _activate(
             continue
         return Activated(response, where)
     return Activated(None, "", "no TVS server answered: " + "; ".join(errors))
+
+
+def _user_agent(
+    reactor: Any, identity: PhoneIdentity, config: DeviceConfig, options: BootOptions, **extra: Any
+) -> Any:
+    """The SIP user agent of ``config``'s lines, over its transport (TCP, or TLS with the MIC)."""
+    from .sip_ua import SipUserAgent
+
+    server = config.sip_server
+    assert server is not None
+    transport = "tls" if config.transport == "tls" else "tcp"  # the UA speaks TCP and TLS
+    port = server.secured_sip_port if transport == "tls" else server.sip_port
+    tls_options = None
+    if transport == "tls":
+        tls_options = tls.client_options((identity.mic_cert, identity.mic_key), identity.mic_chain)
+    return SipUserAgent(
+        reactor,
+        server.address,
+        port,
+        transport=transport,
+        device_name=identity.sep_name,
+        mac=identity.mac,
+        model_id=identity.model_id,
+        model=identity.model,
+        lines=[(ln.name, ln.auth_name or ln.name, ln.auth_password) for ln in config.lines],
+        load=config.load or identity.load,
+        response_timeout=options.timeout,
+        tls_options=tls_options,
+        **extra,
+    )
+
+
+async def _call_activation(
+    reactor: Any, identity: PhoneIdentity, action: CallActivation, options: BootOptions
+) -> VoiceActivated:
+    """Register the bootstrap line, call the hotline's number, key the code (--ivr)."""
+    from .ivr_call import activation_call
+    from .sip_ua import SipRegistrationError
+
+    if action.config.sip_server is None or identity.code is None:
+        return VoiceActivated(False, "the bootstrap config names no SIP server")
+    ua = _user_agent(reactor, identity, action.config, options, send_alarm=False)
+    try:
+        try:
+            registered = await ua.register()
+        except SipRegistrationError as exc:
+            return VoiceActivated(False, f"bootstrap line REGISTER: {exc}")
+        if not registered.ok:
+            return VoiceActivated(False, f"bootstrap line REGISTER: {registered.status}")
+        call = await activation_call(reactor, ua, action.number, identity.code,
+                                     timeout=options.ivr_timeout)  # fmt: skip
+        return VoiceActivated(call.ok, call.detail, call)
+    finally:
+        await ua.close()  # no unregister: the account is gone once the code is used
 
 
 async def _register(
@@ -303,6 +359,8 @@ def boot_phone(
         if isinstance(action, Sleep):
             await _sleep(reactor, action.seconds)
             return Slept()
+        if isinstance(action, CallActivation):
+            return await _call_activation(reactor, identity, action, opts)
         return await _register(reactor, identity, action, opts)
 
     async def run() -> BootResult:

@@ -125,6 +125,8 @@ class _UAProtocol(Protocol):
         self.framer = StreamFramer(max_size)
         self.pending: dict[tuple[str, int], defer.Deferred[Response]] = {}
         self.lost: defer.Deferred[None] = defer.Deferred()
+        #: Requests to the phone (BYE, NOTIFY); None: not emulated, dropped.
+        self.on_request: Callable[[Request], None] | None = None
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -138,7 +140,9 @@ class _UAProtocol(Protocol):
             try:
                 msg = parse_message(raw)
                 if not isinstance(msg, Response):
-                    continue  # requests to the phone (OPTIONS, NOTIFY) are not emulated
+                    if self.on_request is not None:  # a call in progress (phone/ivr_call.py)
+                        self.on_request(msg)
+                    continue  # otherwise requests to the phone are not emulated
                 call_id = (msg.headers.get("call-id") or "").strip()
                 key = (call_id, parse_cseq(msg.headers.get("cseq", "")).number)
             except SIPParseError as exc:
@@ -209,6 +213,7 @@ class SipUserAgent:
         self.session_id = f"{os.urandom(4).hex()}00105000a000{self.mac}"
         self.refreshes = 0
         self.last_result: RegistrationResult | None = None
+        self._on_request: Callable[[Request], None] | None = None
 
     # --- public API -----------------------------------------------------------------------
 
@@ -230,6 +235,46 @@ class SipUserAgent:
             return defer.succeed(None)
         proto.transport.loseConnection()
         return proto.lost
+
+    def request(self, req: Request) -> defer.Deferred[Response]:
+        """Send ``req`` on the registration's connection; fires with its final response.
+
+        For the activation call (phone/ivr_call.py): the call goes on the flow the bootstrap
+        account registered on, as the IVR takes calls only from there."""
+        call_id = (req.headers.get("call-id") or "").strip()
+        number = parse_cseq(req.headers.get("cseq", "")).number
+
+        async def send() -> Response:
+            proto = await self._connect()
+            return await self._send(proto, req, call_id, number)
+
+        return defer.Deferred.fromCoroutine(send())
+
+    def send_message(self, message: Request | Response) -> None:
+        """Write a message that gets no response (an ACK, our answer to the server's BYE)."""
+        proto = self._proto
+        if proto is not None and proto.transport is not None:
+            proto.transport.write(message.to_bytes())
+
+    def set_request_handler(self, handler: Callable[[Request], None] | None) -> None:
+        """Requests the server sends on our connection (BYE, NOTIFY) go to ``handler``."""
+        self._on_request = handler
+        if self._proto is not None:
+            self._proto.on_request = handler
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """Our end of the connection to the registrar (host, port), once connected."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return None
+        local: Any = proto.transport.getHost()
+        return str(local.host), int(local.port)
+
+    @property
+    def line_users(self) -> list[tuple[str, str]]:
+        """(name, From tag) of each line, for requests in the name of a line."""
+        return [(line.dn, line.from_tag) for line in self._lines]
 
     @property
     def registered(self) -> bool:
@@ -285,6 +330,7 @@ class SipUserAgent:
         if self._proto is not None and self._proto.transport is not None:
             return self._proto
         proto = _UAProtocol()
+        proto.on_request = self._on_request
         if self.transport == "tls":
             ep: Any = SSL4ClientEndpoint(self.reactor, self.host, self.port, self.tls_options)
         else:

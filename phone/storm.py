@@ -33,6 +33,7 @@ from .boot import (
     Activate,
     BootOptions,
     BootResult,
+    CallActivation,
     Fetch,
     PhoneIdentity,
     Register,
@@ -54,6 +55,8 @@ def step_of(action: Action) -> str:
         return "TVS activate"
     if isinstance(action, Register):
         return "REGISTER"
+    if isinstance(action, CallActivation):
+        return "IVR call"  # --ivr: the bootstrap line's REGISTER and the activation call
     if isinstance(action, Fetch):
         if action.name.startswith(_TRUST_FILES):
             return "trust list"

@@ -147,6 +147,9 @@ class DeviceView:
     reveal_code: bool
     as_of: float  # the time the code's effective state is judged at
     registrations: list[dict[str, Any]] | None = None  # set for the detailed view only
+    onboarding: str = ""  # the method in force (its own, else its model's); detail only
+    onboarding_own: bool = False  # the device's own method, not its model's default
+    bootstrap: str | None = None  # activation by voice: where it stands (detail, ivr only)
 
     @property
     def detail(self) -> bool:
@@ -489,7 +492,30 @@ class AdminApp:
         else:
             code = reg.current_code(device)
         registrations = self._registrations(device.name) if detail else None
-        return DeviceView(device, code, reveal_code, reg.now(), registrations)
+        view = DeviceView(device, code, reveal_code, reg.now(), registrations)
+        if detail and not gone:
+            view = self._onboarding_view(view)
+        return view
+
+    def _onboarding_view(self, view: DeviceView) -> DeviceView:
+        """The onboarding method in force and, for activation by voice, the bootstrap
+        account's state: waiting (registered or not), used (activated by voice) or none."""
+        device, reg = view.device, self._registry
+        method = reg.onboarding_of(device)
+        bootstrap: str | None = None
+        if method is Onboarding.IVR and device.is_placeholder:
+            bootstrap = "any unknown phone may claim it by voice (when ivr.unknown_phones)"
+        elif method is Onboarding.IVR and reg.outstanding_code(device) is not None:
+            account = "bootstrap-" + device.name[3:].lower()
+            bound = self._registrations(account)
+            where = f"registered from {bound[0]['source']}" if bound else "not registered"
+            bootstrap = f"waiting for the activation call ({account}, {where})"
+        elif device.mic_sha256 == "ivr":
+            bootstrap = "used: activated by voice"
+        elif method is Onboarding.IVR:
+            bootstrap = "none (no code waiting)"
+        return replace(view, onboarding=method.value, onboarding_own=device.onboarding is not None,
+                       bootstrap=bootstrap)  # fmt: skip
 
     def _audit(self, actor: Actor, action: str, **fields: Any) -> None:
         log.info("admin change", action=action, **actor.audit_fields(), **fields)

@@ -148,6 +148,10 @@ def _show_device(d: dict[str, Any]) -> str:
         f"description:         {d.get('description') or '-'}",
         f"user:                {d.get('user') or '-'}",
     ]
+    if "onboarding" in d:
+        out.append(f"onboarding:          {d['onboarding']} ({d.get('onboarding_source', '-')})")
+    if "bootstrap" in d:
+        out.append(f"bootstrap:           {d['bootstrap']}")
     for key in ("bound_to", "created", "updated", "activated", "mic_sha256"):
         if key in d:
             out.append(f"{key.replace('_', ' ') + ':':21}{_text(d[key])}")

@@ -62,6 +62,11 @@ def device_json(view: DeviceView) -> dict[str, Any]:
             token_generation=device.token_generation,
             registrations=view.registrations or [],
         )
+        if view.onboarding:
+            body["onboarding"] = view.onboarding
+            body["onboarding_source"] = "device" if view.onboarding_own else "model default"
+        if view.bootstrap is not None:
+            body["bootstrap"] = view.bootstrap
     return body
 
 
