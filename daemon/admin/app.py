@@ -197,7 +197,7 @@ class AdminApp:
         self,
         registry: Registry,
         registrations: Registrations = lambda _name: [],
-        status: Callable[[], dict[str, Any]] = dict,
+        status: Callable[[], dict[str, Any] | Deferred[dict[str, Any]]] = dict,
         known_user: Callable[[str], bool] | None = None,
     ) -> None:
         self._registry = registry
@@ -209,18 +209,33 @@ class AdminApp:
         self.backup_to: Callable[[str], Deferred[None]] | None = None
         # Whether a user name exists (the web's accounts): a device's user must be one.
         self.known_user = known_user
+        # Adds other nodes' registrations to a device's own (None: this process's only).
+        self.cluster_registrations: (
+            Callable[[str, list[dict[str, Any]]], Deferred[list[dict[str, Any]]]] | None
+        ) = None
 
     # -- reads ---------------------------------------------------------------------------
 
     def status(self, actor: Actor) -> Deferred[StatusView]:
-        return succeed(StatusView(len(self._registry), self._status()))
+        # The cluster's part is read from the registry: a Deferred, or a dict at once.
+        d: Deferred[dict[str, Any]] = maybeDeferred(self._status)  # type: ignore[call-overload]
+        return d.addCallback(lambda service: StatusView(len(self._registry), service))
 
     def list_devices(self, actor: Actor) -> Deferred[list[DeviceView]]:
         reg = self._registry
         return succeed([self._view(d, reveal_code=False) for d in reg.devices()])
 
     def show_device(self, actor: Actor, name: str) -> Deferred[DeviceView]:
-        return _attempt(lambda: self._view(self._registry.get(name), detail=True))
+        d = _attempt(lambda: self._view(self._registry.get(name), detail=True))
+        more = self.cluster_registrations
+        if more is None:
+            return d
+
+        def with_cluster(view: DeviceView) -> Deferred[DeviceView]:
+            regs = more(view.device.name, view.registrations or [])
+            return regs.addCallback(lambda all_regs: replace(view, registrations=all_regs))
+
+        return d.addCallback(with_cluster)
 
     def view_code(self, actor: Actor, name: str) -> Deferred[CodeView]:
         """A device's latest code with its digits (admins only)."""

@@ -26,9 +26,11 @@ DATABASE_NAME = "callboard.sqlite3"
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """The ``url`` key of [registry]: where the registry's rows live ("" the default)."""
+    """The ``url`` key of [registry]: where the registry's rows live ("" the default);
+    ``node_name``: this node's name beside the SIP bindings it holds ("" the host name)."""
 
     url: str = ""
+    node_name: str = ""
 
     def validate(self) -> None:
         if self.url:
@@ -36,6 +38,8 @@ class StoreSettings:
                 parse_registry_url(self.url, Path("."))
             except StoreError as exc:
                 raise SettingError("url", str(exc)) from None
+        if len(self.node_name) > 64 or not self.node_name.isprintable():
+            raise SettingError("node_name", "at most 64 printable characters")
 
 
 @dataclass(frozen=True)
