@@ -9,6 +9,7 @@ the store opens. Both are one line.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def open_store(url: str, state_dir: Path, reactor: Any) -> Store:
         return SQLiteStore(where.path, reactor)
     except OSError as exc:
         raise StoreError(f"{where.path}: {exc.strerror or exc}") from None
+    except sqlite3.Error as exc:  # not a database, a directory, unreadable
+        raise StoreError(f"{where.path}: {exc}") from None
 
 
 def wake_on_notify(store: Store | None, follow: Callable[[], object]) -> None:
@@ -115,7 +118,6 @@ def migrate_url(url: str, state_dir: Path) -> tuple[int, int]:
         except psycopg.Error as exc:
             raise StoreError(f"{describe_dsn(where.dsn)}: {one_line(exc)}") from None
         return found, SCHEMA_VERSION
-    import sqlite3
 
     from .store import _migrate, _user_version
 
