@@ -35,7 +35,7 @@ from callboard.protocols.tvs.itl import HashAlgorithm
 from callboard.protocols.tvs.server import TVSTLSFactory, make_tvs_factory
 from cryptography.hazmat.primitives import serialization
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
@@ -170,7 +170,8 @@ class CallboardService(AtomicMultiService):
         self._wire_registrar()
         self._wire_ivr()
         self._wire_edge()
-        self.admin_app = AdminApp(self.registry, self.registrations, self.status)
+        self.admin_app = AdminApp(self.registry, self.registrations, self.cluster_status)
+        self.admin_app.cluster_registrations = self.cluster_registrations
         self.admin_api = AdminAPI(self.admin_app)
         self.admin_app.backup_to = self._backup
         # Other writers of the same database reach this registry through the change feed.
@@ -209,6 +210,8 @@ class CallboardService(AtomicMultiService):
         self.accounts = web_site.open_accounts(
             self.registry, self.store, self.reactor, self.config.smtp
         )
+        # Users and tokens another process or node changed come in through the change feed.
+        self.accounts.store.follow(self.registry)
         adopted = self.inherited.for_role("web", "stream")
         self.web_tls = web_site.web_tls(self.config, adopted=bool(adopted))
 
@@ -328,11 +331,16 @@ class CallboardService(AtomicMultiService):
         config = self.config
         net = config.network
         auto = config.autoregistration if config.autoregistration.enabled else None
+        from .bindings import wire_bindings
+
+        # Bindings in memory, written behind to the registry for the other nodes to show.
+        self.bindings = wire_bindings(self)
         self.registrar = Registrar(
             RegistryPolicy(self.registry, auto),
             config.sip,
             now=self.now,
             wall_now=self.now,
+            location=self.bindings.location,
         )
         self.registry.subscribe(self._drop_registrations)
         ccm = self.server_certs.ccm_tftp
@@ -503,9 +511,28 @@ class CallboardService(AtomicMultiService):
                 "expires_in": b.expires_in,
                 "registered": iso(b.registered_at),
                 "client_cert_sha256": b.client_cert_fingerprint,
+                "node": self.bindings.node,
             }
             for b in self.registrar.bindings_for_device(device_name)
         ]
+
+    def cluster_registrations(
+        self, device_name: str, local: list[dict[str, Any]]
+    ) -> Deferred[list[dict[str, Any]]]:
+        """A device's registrations here, then those other nodes hold (from the registry)."""
+        from .bindings import with_cluster_registrations
+
+        return with_cluster_registrations(self.bindings, device_name, local, iso)
+
+    def cluster_status(self) -> Deferred[dict[str, Any]]:
+        """:meth:`status` plus the live SIP bindings of the whole cluster, by node.
+
+        A subclass's status may itself be a Deferred (worker 0 gathers the other workers').
+        """
+        from .bindings import with_cluster_status
+
+        own: Deferred[dict[str, Any]] = maybeDeferred(self.status)
+        return own.addCallback(lambda status: with_cluster_status(self.bindings, status))
 
     def status(self) -> dict[str, Any]:
         """Where each listener is, plus live counters (for `callboard status`)."""

@@ -212,6 +212,10 @@ class AdminApp:
         self.backup_to: Callable[[str], Deferred[None]] | None = None
         # Whether a user name exists (the web's accounts): a device's user must be one.
         self.known_user = known_user
+        # Adds other nodes' registrations to a device's own (None: this process's only).
+        self.cluster_registrations: (
+            Callable[[str, list[dict[str, Any]]], Deferred[list[dict[str, Any]]]] | None
+        ) = None
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -226,7 +230,16 @@ class AdminApp:
         return succeed([self._view(d, reveal_code=False) for d in reg.devices()])
 
     def show_device(self, actor: Actor, name: str) -> Deferred[DeviceView]:
-        return _attempt(lambda: self._view(self._registry.get(name), detail=True))
+        d = _attempt(lambda: self._view(self._registry.get(name), detail=True))
+        more = self.cluster_registrations
+        if more is None:
+            return d
+
+        def with_cluster(view: DeviceView) -> Deferred[DeviceView]:
+            regs = more(view.device.name, view.registrations or [])
+            return regs.addCallback(lambda all_regs: replace(view, registrations=all_regs))
+
+        return d.addCallback(with_cluster)
 
     def view_code(self, actor: Actor, name: str) -> Deferred[CodeView]:
         """A device's latest code with its digits (admins only)."""

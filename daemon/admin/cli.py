@@ -495,7 +495,7 @@ def _status_summary(result: dict[str, Any]) -> str:
         f"uptime: {_duration(float(result.get('uptime_seconds', 0)))}",
         f"devices: {result.get('devices', 0)}" + (f" ({states})" if states else ""),
         f"codes outstanding: {result.get('codes_outstanding', 0)}",
-        f"registrations: {result.get('registrations', 0)}",
+        f"registrations: {result.get('registrations', 0)}" + _cluster_registrations(result),
         f"lockouts: {result.get('lockouts', 0)}",
     ]
     workers = result.get("workers")
@@ -503,6 +503,17 @@ def _status_summary(result: dict[str, Any]) -> str:
         pids = ", ".join(str(w.get("pid", "?")) for w in workers)
         lines.append(f"workers: {result.get('workers_answering', 0)}/{len(workers)} (PIDs {pids})")
     return "\n".join(lines) + "\n"
+
+
+def _cluster_registrations(result: dict[str, Any]) -> str:
+    """`` here, N in the cluster (node n, …)`` when the daemon shares bindings."""
+    if result.get("cluster_registrations") is None:
+        return ""
+    by_node = result.get("registrations_by_node") or {}
+    nodes = ", ".join(f"{node} {n}" for node, n in by_node.items())
+    return f" here, {result['cluster_registrations']} in the cluster" + (
+        f" ({nodes})" if nodes else ""
+    )
 
 
 def _duration(seconds: float) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -27,7 +27,10 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
+from ..logs import get_logger
 from .model import RegistryError
+
+log = get_logger("callboard.accounts")
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -133,6 +136,8 @@ class Transactions(Protocol):
 
     def read(self, work: Callable[[Any], T]) -> T: ...
 
+    def note_changes(self, db: Any, keys: Sequence[tuple[str, str]]) -> None: ...
+
 
 class AccountStore:
     """Users and tokens in memory, written through to their SQLite tables off the reactor."""
@@ -152,18 +157,48 @@ class AccountStore:
         return text.replace("?", self._p)
 
     def _load(self, db: Any) -> None:
-        for r in db.execute(
-            "SELECT name, display_name, email, is_admin, password_hash, created_at, updated_at"
-            " FROM users"
-        ):
-            self.users[r[0]] = User(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6])
-        for r in db.execute(
-            "SELECT name, token_sha256, read_only, user_name, created_by, created_at"
-            " FROM api_tokens"
-        ):
-            token = ApiToken(r[0], r[1], bool(r[2]), r[3], r[4], r[5])
-            self.tokens[token.name] = token
-            self._by_digest[token.token_sha256] = token.name
+        for r in db.execute(_SELECT_USERS):
+            self.users[r[0]] = _user(r)
+        for r in db.execute(_SELECT_TOKENS):
+            self._remember_token(_token(r))
+
+    # -- other writers (processes, nodes): the change feed names what they changed -----
+
+    def follow(self, feed: FeedSource) -> None:
+        """Re-read the users and tokens the registry's change feed says others changed."""
+        feed.on_feed("user", lambda names: self.reread(users=names))
+        feed.on_feed("token", lambda names: self.reread(tokens=names))
+
+    def reread(self, users: Iterable[str] = (), tokens: Iterable[str] = ()) -> Deferred[None]:
+        """Read the named rows as they stand now (a missing one was deleted), off the
+        reactor, in order with this store's own writes; memory follows."""
+        user_names, token_names = list(users), list(tokens)
+
+        def read(db: Any) -> tuple[list[Any], list[Any]]:
+            return (
+                _rows_named(db, _SELECT_USERS, user_names, self._p),
+                _rows_named(db, _SELECT_TOKENS, token_names, self._p),
+            )
+
+        def apply(found: tuple[list[Any], list[Any]]) -> None:
+            user_rows, token_rows = found
+            present = {r[0]: _user(r) for r in user_rows}
+            for name in user_names:
+                if name in present:
+                    self.users[name] = present[name]
+                else:
+                    self.users.pop(name, None)
+            tokens_now = {r[0]: _token(r) for r in token_rows}
+            for name in token_names:
+                self._forget_token(name)
+                if name in tokens_now:
+                    self._remember_token(tokens_now[name])
+
+        def failed(failure: Any) -> None:
+            # The next change, or a restart, reads them again; the feed goes on.
+            log.warning("users and tokens could not be re-read", error=str(failure.value)[:200])
+
+        return self._store.transaction(read).addCallbacks(apply, failed)
 
     def now(self) -> float:
         return self._clock()
@@ -199,6 +234,7 @@ class AccountStore:
                     user.updated_at,
                 ),
             )
+            self._store.note_changes(db, [("user", user.name)])
 
         def remember(_: object) -> User:
             self.users[user.name] = user
@@ -210,8 +246,12 @@ class AccountStore:
         """Delete a user and every token acting as them."""
 
         def write(db: Any) -> None:
+            tokens = db.execute(
+                self._sql("SELECT name FROM api_tokens WHERE user_name = ?"), (name,)
+            ).fetchall()
             db.execute(self._sql("DELETE FROM api_tokens WHERE user_name = ?"), (name,))
             db.execute(self._sql("DELETE FROM users WHERE name = ?"), (name,))
+            self._store.note_changes(db, [("user", name)] + [("token", t[0]) for t in tokens])
 
         def forget(_: object) -> None:
             self.users.pop(name, None)
@@ -236,10 +276,10 @@ class AccountStore:
                     token.created_at,
                 ),
             )
+            self._store.note_changes(db, [("token", token.name)])
 
         def remember(_: object) -> ApiToken:
-            self.tokens[token.name] = token
-            self._by_digest[token.token_sha256] = token.name
+            self._remember_token(token)
             return token
 
         return self._write(write).addCallback(remember)
@@ -247,8 +287,13 @@ class AccountStore:
     def delete_token(self, name: str) -> Deferred[None]:
         def write(db: Any) -> None:
             db.execute(self._sql("DELETE FROM api_tokens WHERE name = ?"), (name,))
+            self._store.note_changes(db, [("token", name)])
 
         return self._write(write).addCallback(lambda _: self._forget_token(name))
+
+    def _remember_token(self, token: ApiToken) -> None:
+        self.tokens[token.name] = token
+        self._by_digest[token.token_sha256] = token.name
 
     def _forget_token(self, name: str) -> None:
         token = self.tokens.pop(name, None)
@@ -262,6 +307,37 @@ class AccountStore:
     def in_thread(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run blocking work (SQLite, Argon2) on the reactor's thread pool."""
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
+
+
+_SELECT_USERS = (
+    "SELECT name, display_name, email, is_admin, password_hash, created_at, updated_at FROM users"
+)
+_SELECT_TOKENS = (
+    "SELECT name, token_sha256, read_only, user_name, created_by, created_at FROM api_tokens"
+)
+
+
+class FeedSource(Protocol):
+    """The registry's change feed, as the accounts follow it."""
+
+    def on_feed(self, kind: str, listener: Callable[[list[str]], object]) -> None: ...
+
+
+def _user(r: Sequence[Any]) -> User:
+    return User(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6])
+
+
+def _token(r: Sequence[Any]) -> ApiToken:
+    return ApiToken(r[0], r[1], bool(r[2]), r[3], r[4], r[5])
+
+
+def _rows_named(db: Any, select: str, names: list[str], mark: str) -> list[Any]:
+    found: list[Any] = []
+    for start in range(0, len(names), 500):
+        chunk = names[start : start + 500]
+        marks = ", ".join([mark] * len(chunk))
+        found += db.execute(f"{select} WHERE name IN ({marks})", chunk).fetchall()
+    return found
 
 
 def updated_user(user: User, now: float, **changes: Any) -> User:

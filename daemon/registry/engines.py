@@ -9,6 +9,7 @@ the store opens. Both are one line.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ DATABASE_NAME = "callboard.sqlite3"
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """The ``url`` key of [registry]: where the registry's rows live ("" the default)."""
+    """The ``url`` key of [registry]: where the registry's rows live ("" the default);
+    ``node_name``: this node's name beside the SIP bindings it holds ("" the host name)."""
 
     url: str = ""
+    node_name: str = ""
 
     def validate(self) -> None:
         if self.url:
@@ -36,6 +39,8 @@ class StoreSettings:
                 parse_registry_url(self.url, Path("."))
             except StoreError as exc:
                 raise SettingError("url", str(exc)) from None
+        if len(self.node_name) > 64 or not self.node_name.isprintable():
+            raise SettingError("node_name", "at most 64 printable characters")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ def open_store(url: str, state_dir: Path, reactor: Any) -> Store:
         return SQLiteStore(where.path, reactor)
     except OSError as exc:
         raise StoreError(f"{where.path}: {exc.strerror or exc}") from None
+    except sqlite3.Error as exc:  # not a database, a directory, unreadable
+        raise StoreError(f"{where.path}: {exc}") from None
 
 
 def wake_on_notify(store: Store | None, follow: Callable[[], object]) -> None:
@@ -111,7 +118,6 @@ def migrate_url(url: str, state_dir: Path) -> tuple[int, int]:
         except psycopg.Error as exc:
             raise StoreError(f"{describe_dsn(where.dsn)}: {one_line(exc)}") from None
         return found, SCHEMA_VERSION
-    import sqlite3
 
     from .store import _migrate, _user_version
 

@@ -168,8 +168,28 @@ _PG_V7 = """
 ALTER TABLE devices ADD COLUMN onboarding TEXT
 """
 
+_PG_V8 = """
+CREATE TABLE bindings (
+    holder TEXT NOT NULL,
+    node TEXT NOT NULL,
+    aor TEXT NOT NULL,
+    key TEXT NOT NULL,
+    device_name TEXT NOT NULL DEFAULT '',
+    contact TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    source TEXT NOT NULL,
+    user_agent TEXT,
+    registered_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    client_cert_sha256 TEXT,
+    PRIMARY KEY (holder, aor, key)
+);
+CREATE INDEX bindings_by_device ON bindings(device_name);
+CREATE INDEX bindings_by_expiry ON bindings(expires_at)
+"""
+
 # In lockstep with store.MIGRATIONS: the same versions, the same tables and columns.
-PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4, _PG_V5, _PG_V6, _PG_V7]
+PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4, _PG_V5, _PG_V6, _PG_V7, _PG_V8]
 assert len(PG_MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -341,6 +361,21 @@ class PostgreSQLStore:
     def read(self, work: Callable[[Any], T]) -> T:
         """Run a read on the store thread and wait for it (start-up only, like :meth:`load`)."""
         return self._thread.call_blocking(lambda: self._with_conn(work))
+
+    def note_changes(self, conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str]]) -> None:
+        """Inside :meth:`transaction`: name changed rows of other kinds (``user``, ``token``)
+        in the change feed (numbered in commit order, as :meth:`_apply` does) and wake the
+        other nodes."""
+        if not keys:
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_FEED_LOCK,))
+        rows = conn.execute(
+            "INSERT INTO changes (kind, key)"
+            " SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING seq",
+            ([k for k, _ in keys], [v for _, v in keys]),
+        ).fetchall()
+        last = max(r[0] for r in rows)
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin}:{last}"))
 
     def close(self) -> Deferred[None]:
         if self._closed:

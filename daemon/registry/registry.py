@@ -147,6 +147,7 @@ class Registry:
         self._clock = clock
         self.settings = settings or RegistrySettings()
         self._listeners: list[DeviceListener] = []
+        self._feed_listeners: dict[str, list[Callable[[list[str]], object]]] = {}
         self._index_key = secrets.token_bytes(32)
         self._devices: dict[str, Device] = {}
         self._by_name: dict[str, str] = {}
@@ -170,6 +171,11 @@ class Registry:
         )
 
     # -- reads -------------------------------------------------------------------------
+
+    def on_feed(self, kind: str, listener: Callable[[list[str]], object]) -> None:
+        """Have ``listener`` told the keys of ``kind`` rows (``user``, ``token``) other writers
+        changed, as the change feed brings them (the registry keeps no such rows)."""
+        self._feed_listeners.setdefault(kind, []).append(listener)
 
     def subscribe(self, listener: DeviceListener) -> None:
         self._listeners.append(listener)
@@ -598,6 +604,9 @@ class Registry:
                 applied += 1
         self._seq = max(self._seq, batch.seq)
         self._publish(events)
+        for kind, keys in batch.others.items():
+            for listener in self._feed_listeners.get(kind, ()):
+                listener(keys)
         return applied
 
     def _is_news(self, code: ActivationCode) -> bool:

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from .model import ActivationCode, CodeState, Device, DeviceState, Line, Onboarding
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 T = TypeVar("T")
 
@@ -125,9 +125,14 @@ class FeedBatch:
     deleted_devices: list[str] = field(default_factory=list)
     codes: list[ActivationCode] = field(default_factory=list)
     defaults: dict[str, Onboarding] = field(default_factory=dict)
+    # Keys of kinds the registry does not model (``user``, ``token``: the web's accounts),
+    # by kind, for whoever keeps those rows to re-read.
+    others: dict[str, list[str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.devices or self.deleted_devices or self.codes or self.defaults)
+        return bool(
+            self.devices or self.deleted_devices or self.codes or self.defaults or self.others
+        )
 
 
 class ConditionFailed(Exception):
@@ -295,6 +300,34 @@ def _v6_to_v7(db: sqlite3.Connection) -> None:
     _run_script(db, "ALTER TABLE devices ADD COLUMN onboarding TEXT")
 
 
+def _v7_to_v8_bindings(db: sqlite3.Connection) -> None:
+    """Version 8: SIP bindings visible cluster-wide (soft state, see
+    :mod:`callboard.daemon.registry.bindings`): one row per binding a process holds in
+    memory, keyed by that process (``holder``), shown with its node's name."""
+    _run_script(db, _BINDINGS_TABLE)
+
+
+_BINDINGS_TABLE = """
+CREATE TABLE bindings (
+    holder TEXT NOT NULL,
+    node TEXT NOT NULL,
+    aor TEXT NOT NULL,
+    key TEXT NOT NULL,
+    device_name TEXT NOT NULL DEFAULT '',
+    contact TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    source TEXT NOT NULL,
+    user_agent TEXT,
+    registered_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    client_cert_sha256 TEXT,
+    PRIMARY KEY (holder, aor, key)
+);
+CREATE INDEX bindings_by_device ON bindings(device_name);
+CREATE INDEX bindings_by_expiry ON bindings(expires_at)
+"""
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v0_to_v1,
     _v1_to_v2,
@@ -303,6 +336,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v4_to_v5,
     _v5_to_v6_accounts,
     _v6_to_v7,
+    _v7_to_v8_bindings,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -548,6 +582,12 @@ class SQLiteStore:
         """Run a read on the store thread and wait for it (start-up only, like :meth:`load`)."""
         return self._thread.call_blocking(lambda: work(self._db))
 
+    @staticmethod
+    def note_changes(db: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> None:
+        """Inside :meth:`transaction`: name changed rows of other kinds (``user``, ``token``)
+        in the change feed, so other processes re-read them (:attr:`FeedBatch.others`)."""
+        db.executemany("INSERT INTO changes (kind, key) VALUES (?, ?)", keys)
+
     def close(self) -> Deferred[None]:
         """Finish the queued work, close the file and end the store thread."""
         if self._closed:
@@ -648,14 +688,12 @@ class SQLiteStore:
         return any(first <= seq <= last for first, last in self._own)
 
 
-def _wanted_keys(
-    rows: Sequence[Any], is_own: Callable[[int], bool]
-) -> dict[str, dict[str, None]]:
+def _wanted_keys(rows: Sequence[Any], is_own: Callable[[int], bool]) -> dict[str, dict[str, None]]:
     """The keys other writers changed, by kind, in feed order (one engine-neutral step)."""
     wanted: dict[str, dict[str, None]] = {"device": {}, "code": {}, "default": {}}
     for row_seq, kind, key in rows:
-        if not is_own(row_seq) and kind in wanted:
-            wanted[kind][key] = None
+        if not is_own(row_seq):
+            wanted.setdefault(kind, {})[key] = None
     return wanted
 
 
@@ -675,6 +713,11 @@ def _feed_batch(
         deleted_devices=[key for key in wanted["device"] if key not in present],
         codes=[_code(r) for r in codes],
         defaults={r[0]: Onboarding(r[1]) for r in defaults},
+        others={
+            kind: list(keys)
+            for kind, keys in wanted.items()
+            if kind not in ("device", "code", "default") and keys
+        },
     )
 
 

@@ -148,6 +148,7 @@ class Registration(Out):
     expires_in: float
     registered: str | None
     client_cert_sha256: str | None
+    node: str | None = None  # the node holding it (cluster-wide bindings)
 
 
 class DeviceDetail(DeviceOut):
