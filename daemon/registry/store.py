@@ -567,7 +567,10 @@ class SQLiteStore:
         db = self._db
         db.execute("BEGIN")
         try:
-            devices = _devices(db.execute(_SELECT_DEVICES).fetchall())
+            devices: list[Device] = []
+            cursor = db.execute(_SELECT_DEVICES)
+            while rows := cursor.fetchmany(_LOAD_CHUNK):
+                devices += _devices(rows)
             codes = [_code(r) for r in db.execute(_SELECT_CODES)]
             defaults = {
                 r[0]: Onboarding(r[1])
@@ -934,8 +937,10 @@ def _device(r: Sequence[Any]) -> Device:
 
 
 def _devices(rows: list[Sequence[Any]]) -> list[Device]:
-    """Every row at once, for a start with many devices: one JSON parse for all the lines
+    """Many rows at once, for a start with many devices: one JSON parse for all their lines
     columns instead of one per row, and enum members from a dict; same result as ``_device``.
+    (The caller reads ``_LOAD_CHUNK`` rows at a time: all 100,000 rows and their parsed JSON
+    at once would raise the peak, and the process's resident memory with it, for good.)
     """
     lines = json.loads("[" + ",".join(r[5] for r in rows) + "]")
     states, onboardings = _STATES, _ONBOARDINGS
@@ -963,6 +968,7 @@ def _devices(rows: list[Sequence[Any]]) -> list[Device]:
     ]
 
 
+_LOAD_CHUNK = 2000
 _STATES = {s.value: s for s in DeviceState}
 _ONBOARDINGS = {o.value: o for o in Onboarding}
 
