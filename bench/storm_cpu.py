@@ -118,7 +118,7 @@ def storm_run(
                     spy = subprocess.Popen(
                         ["py-spy", "record", "--pid", str(proc.pid), "-r", "200", "-d",
                          str(profile), "--format", "raw", "-o", str(raw), "--nonblocking"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, stderr=(base / "py-spy.log").open("ab"),
                     )  # fmt: skip
             if line.strip():
                 last = line.strip()
@@ -230,6 +230,8 @@ def main() -> int:
                       f"{result.daemon_cpu_ms:.2f} generator_cpu_ms_per_phone="
                       f"{result.generator_cpu_ms:.2f} (load {os.getloadavg()[0]:.1f})",
                       flush=True)  # fmt: skip
+                if args.profile and run == 0 and result.profile is None:
+                    print("py-spy wrote nothing:", (base / "py-spy.log").read_text()[-500:])
                 if result.profile is not None:
                     print(f"py-spy, daemon, storm at {level} (inclusive share of samples):")
                     print("\n".join("    " + line for line in hot_spots(result.profile)))

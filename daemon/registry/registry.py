@@ -16,12 +16,14 @@ Writes return Deferreds and never block the reactor.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import hmac
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
@@ -139,6 +141,23 @@ def _refusals_as_failures(method: Callable[P, Deferred[R]]) -> Callable[P, Defer
     return wrapper
 
 
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Hold the cyclic garbage collector off while many long-lived objects are built.
+
+    Every few hundred allocations of containers start a collection, and the full ones walk
+    every object made so far: loading 100,000 devices spent more time there than in the load.
+    Nothing made here is garbage, and reference counting still frees at once what dies.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class Registry:
     def __init__(
         self, store: Store, clock: Clock, settings: RegistrySettings | None = None
@@ -163,9 +182,10 @@ class Registry:
         self._pending_dns: Counter[str] = Counter()
         self._refreshing = False
         self._refresh_waiters: list[Deferred[int]] = []
-        snapshot = store.load()
+        with _no_cyclic_gc():  # 100,000 new records: no point in scanning them as they come
+            snapshot = store.load()
+            self._load_devices(snapshot.devices)
         self._seq = snapshot.seq
-        self._load_devices(snapshot.devices)
         self._remember(
             [PutCode(c) for c in sorted(snapshot.codes, key=lambda c: c.issued_at)]
             + [PutDefault(m, o) for m, o in snapshot.defaults.items()]
