@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import select
 import signal
 import socket
@@ -69,6 +70,11 @@ def write_csv(path: Path, rows: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -86,8 +92,8 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify_path = base / "notify.sock"
 
-    def start(self, timeout: float = 120) -> tuple[float, float]:
-        """Start; return (seconds to READY=1, seconds to the first SIP answer)."""
+    def start(self, timeout: float = 120) -> tuple[float, float, float]:
+        """Start; return (seconds to READY=1, to the first SIP answer, CPU seconds at READY)."""
         self.notify_path.unlink(missing_ok=True)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(self.notify_path))
@@ -101,7 +107,7 @@ class Daemon:
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         log.close()
-        ready = answered = None
+        ready = answered = cpu = None
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         probe.bind(("127.0.0.1", 0))
         options = _options(self.sip_port, probe.getsockname()[1])
@@ -117,24 +123,30 @@ class Daemon:
                     data = sock.recv(65536)
                     if sock is notify and b"READY=1" in data and ready is None:
                         ready = time.monotonic() - started
+                        cpu = cpu_seconds(self.proc.pid)
                     if sock is probe and answered is None:
                         answered = time.monotonic() - started
         finally:
             notify.close()
             probe.close()
-        if ready is None or answered is None:
+        if ready is None or answered is None or cpu is None:
             raise RuntimeError("daemon did not become ready")
-        return ready, answered
+        return ready, answered, cpu
 
-    def cli(self, *args: str) -> float:
-        started = time.monotonic()
+    def cli(self, *args: str) -> tuple[float, float]:
+        """Run the CLI; (wall seconds, CPU seconds of the daemon and the CLI together)."""
+        assert self.proc is not None
+        started, daemon_cpu = time.monotonic(), cpu_seconds(self.proc.pid)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(
             [*CALLBOARD, "--admin-socket", str(self.state / "admin.sock"), *args],
             capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"callboard {' '.join(args)}: {out.stderr.strip()[-2000:]}")
-        return time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cli_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return time.monotonic() - started, cpu_seconds(self.proc.pid) - daemon_cpu + cli_cpu
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -225,6 +237,8 @@ def register_all(port: int, count: int, window: int, time_limit: float = 600) ->
 class Result:
     size: int
     import_s: list[float] = field(default_factory=list)
+    import_cpu: list[float] = field(default_factory=list)
+    ready_cpu: list[float] = field(default_factory=list)
     ready_s: list[float] = field(default_factory=list)
     answer_s: list[float] = field(default_factory=list)
     rss_start: list[float] = field(default_factory=list)
@@ -243,16 +257,19 @@ def one_run(size: int, restarts: int, window: int, result: Result) -> None:
         daemon = Daemon(base, free_udp_port())
         daemon.start()
         try:
-            took = daemon.cli("import", str(csv_path))
+            took, cpu = daemon.cli("import", str(csv_path))
             result.import_s.append(took)
-            print(f"  {size}: import {took:.2f} s ({load()})", flush=True)
+            result.import_cpu.append(cpu)
+            print(f"  {size}: import {took:.2f} s, {cpu:.2f} s CPU ({load()})", flush=True)
         finally:
             daemon.stop()
         for _ in range(restarts):
-            ready, answered = daemon.start()
+            ready, answered, cpu = daemon.start()
             result.ready_s.append(ready)
+            result.ready_cpu.append(cpu)
             result.answer_s.append(answered)
-            print(f"  {size}: start to READY {ready:.2f} s, first SIP answer {answered:.2f} s, "
+            print(f"  {size}: start to READY {ready:.2f} s ({cpu:.2f} s CPU), first SIP answer "
+                  f"{answered:.2f} s, "
                   f"RSS {rss_mb(daemon.proc.pid):.0f} MB ({load()})", flush=True)  # type: ignore[union-attr]  # fmt: skip
             daemon.stop()
         daemon.start()
@@ -297,13 +314,14 @@ def main() -> int:
     med = statistics.median
     print()
     print(
-        "| devices | import | start → READY | start → first SIP answer | RSS, devices only |"
-        " RSS, + one binding each | same, 36 s later | bindings | REGISTER/s while binding |"
-        " load |"
+        "| devices | import (CPU) | start → READY (CPU) | start → first SIP answer |"
+        " RSS, devices only | RSS, + one binding each | same, 36 s later | bindings |"
+        " REGISTER/s while binding | load |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results.values():
-        print(f"| {r.size:,} | {med(r.import_s):.2f} s | {med(r.ready_s):.2f} s | "
+        print(f"| {r.size:,} | {med(r.import_s):.2f} s ({med(r.import_cpu):.2f} s) | "
+              f"{med(r.ready_s):.2f} s ({med(r.ready_cpu):.2f} s) | "
               f"{med(r.answer_s):.2f} s | {med(r.rss_start):.0f} MB | {med(r.rss_bound):.0f} MB | "
               f"{med(r.rss_settled):.0f} MB | "
               f"{min(r.bound):,} | {med(r.register_rate):.0f} | {r.loads[-1]} |")  # fmt: skip
