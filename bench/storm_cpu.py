@@ -117,7 +117,7 @@ def storm_run(
                 if profile:
                     spy = subprocess.Popen(
                         ["py-spy", "record", "--pid", str(proc.pid), "-r", "200", "-d",
-                         str(profile), "--format", "raw", "-o", str(raw), "--nonblocking"],
+                         str(round(profile)), "--format", "raw", "-o", str(raw), "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=(base / "py-spy.log").open("ab"),
                     )  # fmt: skip
             if line.strip():
@@ -204,7 +204,7 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--handshakes", type=int, default=2000)
-    ap.add_argument("--profile", type=float, default=0.0, help="py-spy seconds (first run)")
+    ap.add_argument("--profile", type=int, default=0, help="py-spy seconds (first run)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     if not 1 <= args.phones <= MAX_PHONES or not 1 <= args.runs <= 10:
