@@ -156,18 +156,32 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def hot_spots(raw: Path, top: int = 15) -> list[str]:
-    """The frames with the most samples (inclusive), from py-spy's raw (collapsed) output."""
+def hot_spots(raw: Path, top: int = 40) -> list[str]:
+    """The frames with the most samples, inclusive then self, from py-spy's raw output.
+
+    Frames every sample passes through (the reactor loop, the interpreter's entry) say
+    nothing: only frames under 60% inclusive are listed.
+    """
     inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
         total += int(count)
-        for frame in set(stack.split(";")):
+        frames = stack.split(";")
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
             inclusive[frame] += int(count)
-    return [f"{n / max(total, 1) * 100:5.1f}% {frame}" for frame, n in inclusive.most_common(top)]
+    total = max(total, 1)
+    shown = [(f, n) for f, n in inclusive.most_common() if n / total < 0.6][:top]
+    return (
+        ["inclusive:"]
+        + [f"{n / total * 100:5.1f}% {frame}" for frame, n in shown]
+        + ["self:"]
+        + [f"{n / total * 100:5.1f}% {frame}" for frame, n in own.most_common(15)]
+    )
 
 
 def openssl_run(base: Path, lab: Path, tvs: tuple[Path, Path], count: int) -> tuple[float, float]:

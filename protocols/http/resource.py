@@ -184,11 +184,7 @@ class _Exchange:
     def finish(self, status: int, sent: int) -> None:
         if self.on_finish is not None:
             self.on_finish(self.name, status, time.monotonic() - self.started, sent)
-        # One line per file is an access log: at debug level (a boot storm asks for several
-        # files per phone; the metrics count every answer). What an operator must see
-        # (refusals other than a plain miss, failures) stays at info.
-        emit = log.debug if status < 400 or status == http.NOT_FOUND else log.info
-        emit(
+        log.info(
             "{transport} {client_host}:{client_port} {method} {file} {status} {bytes} bytes",
             transport=self.transport,
             client_host=self.host,
