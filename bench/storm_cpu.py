@@ -9,12 +9,21 @@ daemon's own TVS certificate and the same lab chain, N mutual-TLS handshakes (on
 each, from the same MIC), its CPU per handshake. Prints the core count, the openssl version,
 each run, the medians and the ratio. Loopback only, bounded in count and time.
 
-    python bench/storm_cpu.py [--phones 2000] [--concurrency 64] [--processes 2] [--runs 3]
+``--concurrency 64,512`` measures several in-flight levels, interleaved within each run (storm
+at 64, openssl, storm at 512, openssl, ...). The load generator's own CPU (the storm command and
+its client processes, from ``wait4``) is reported per phone, with the rate it could sustain on
+this machine's cores if it were the only limit (its ceiling). ``--profile SECONDS`` samples the
+daemon with ``py-spy record --pid PID -r 200 -d SECONDS --format raw --nonblocking`` once
+booting starts (first run of each level) and prints the hottest frames.
+
+    python bench/storm_cpu.py [--phones 2000] [--concurrency 64[,512]] [--processes 2] [--runs 3]
+        [--profile 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -24,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,12 +78,25 @@ def start_daemon(state: Path, lab: Path) -> tuple[subprocess.Popen[bytes], dict[
     raise RuntimeError("daemon did not start")
 
 
+@dataclass
+class StormResult:
+    rate: float
+    daemon_cpu_ms: float  # per onboarded phone
+    failed: int
+    last: str
+    generator_cpu_ms: float  # the storm command and its client processes, per phone
+    profile: Path | None
+
+
 def storm_run(
-    base: Path, lab: Path, phones: int, concurrency: int, processes: int, run: int
-) -> tuple[float, float, int, str]:
-    """One fresh daemon, one storm: (phones/s, daemon CPU ms per phone, failures, last line)."""
-    state = base / f"state{run}"
+    base: Path, lab: Path, phones: int, concurrency: int, processes: int, run: int,
+    profile: float = 0.0,
+) -> StormResult:  # fmt: skip
+    """One fresh daemon, one storm."""
+    state = base / f"state{run}-{concurrency}"
     proc, ports = start_daemon(state, lab)
+    spy: subprocess.Popen[bytes] | None = None
+    raw = base / f"profile-{concurrency}-{run}.raw"
     try:
         storm = subprocess.Popen(
             [*CALLBOARD, "phone", "storm", "--provision", "--count", str(phones),
@@ -81,19 +104,30 @@ def storm_run(
              "--admin-socket", str(state / "admin.sock"), "--http-port", str(ports["http"]),
              "--tftp-port", str(ports["tftp"]), "--transport", "http",
              "--concurrency", str(concurrency), "--processes", str(processes),
-             "--mic-cache", str(base / "mics"), "--first-mac", f"0A{run:02X}00000000",
+             "--mic-cache", str(base / "mics"), "--first-mac", f"0A{run:02X}{concurrency:04X}0000",
              "--timeout", "60", "--time-limit", "1800"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert storm.stdout is not None
-        cpu0, last = None, ""
+        cpu0, gen0, last = None, 0.0, ""
         for line in storm.stdout:
             if cpu0 is None and re.match(r"^storm: \d+ phone\(s\) of model", line):
                 cpu0 = cpu_seconds(proc.pid)  # provisioning done: booting starts
+                gen0 = _tree_cpu(storm.pid)
+                if profile:
+                    spy = subprocess.Popen(
+                        ["py-spy", "record", "--pid", str(proc.pid), "-r", "200", "-d",
+                         str(round(profile)), "--format", "raw", "-o", str(raw), "--nonblocking"],
+                        stdout=subprocess.DEVNULL, stderr=(base / "py-spy.log").open("ab"),
+                    )  # fmt: skip
             if line.strip():
                 last = line.strip()
-        storm.wait(timeout=1900)
+        _, _, usage = os.wait4(storm.pid, 0)  # its own CPU and its reaped client processes'
+        storm.returncode = 0
         cpu = cpu_seconds(proc.pid) - (cpu0 or 0.0)
+        generator = usage.ru_utime + usage.ru_stime - gen0 if cpu0 is not None else 0.0
+        if spy is not None:
+            spy.wait(timeout=max(60.0, profile * 3))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -101,7 +135,53 @@ def storm_run(
     if not match:
         raise RuntimeError(f"storm ended without its report: {last!r}")
     ok, failed, rate = int(match[2]), int(match[3]), float(match[4])
-    return rate, cpu / max(ok, 1) * 1000, failed, last
+    return StormResult(
+        rate, cpu / max(ok, 1) * 1000, failed, last, generator / max(ok, 1) * 1000,
+        raw if spy is not None and raw.exists() else None,
+    )  # fmt: skip
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (the storm's client processes)."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        todo.extend(int(c) for c in children)
+    return total
+
+
+def hot_spots(raw: Path, top: int = 40) -> list[str]:
+    """The frames with the most samples, inclusive then self, from py-spy's raw output.
+
+    Frames every sample passes through (the reactor loop, the interpreter's entry) say
+    nothing: only frames under 60% inclusive are listed.
+    """
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        frames = stack.split(";")
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    total = max(total, 1)
+    shown = [(f, n) for f, n in inclusive.most_common() if n / total < 0.6][:top]
+    return (
+        ["inclusive:"]
+        + [f"{n / total * 100:5.1f}% {frame}" for frame, n in shown]
+        + ["self:"]
+        + [f"{n / total * 100:5.1f}% {frame}" for frame, n in own.most_common(15)]
+    )
 
 
 def openssl_run(base: Path, lab: Path, tvs: tuple[Path, Path], count: int) -> tuple[float, float]:
@@ -134,43 +214,67 @@ def openssl_run(base: Path, lab: Path, tvs: tuple[Path, Path], count: int) -> tu
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--phones", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--concurrency", default="64", help="one or more, comma-separated")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--handshakes", type=int, default=2000)
+    ap.add_argument("--profile", type=int, default=0, help="py-spy seconds (first run)")
     args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
     if not 1 <= args.phones <= MAX_PHONES or not 1 <= args.runs <= 10:
         ap.error(f"--phones must be 1..{MAX_PHONES}, --runs 1..10")
     version = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout
-    print(f"cores: {os.cpu_count()}; {version.strip()}; load average {os.getloadavg()}")
-    storms: list[tuple[float, float, int, str]] = []
+    cores = os.cpu_count() or 1
+    print(f"cores: {cores}; {version.strip()}; load average {os.getloadavg()}")
+    storms: dict[int, list[StormResult]] = {c: [] for c in levels}
     ossl: list[tuple[float, float]] = []
+    loads: list[str] = []
     with tempfile.TemporaryDirectory(prefix="callboard-stormcpu-") as tmp:
         base = Path(tmp)
         lab = base / "lab"
         certs.write_lab_ca(lab, certs.make_lab_ca("ec"))
         for run in range(args.runs):
-            storms.append(storm_run(base, lab, args.phones, args.concurrency, args.processes, run))
-            print(f"run {run + 1} storm:   {storms[-1][3]} daemon_cpu_ms_per_phone="
-                  f"{storms[-1][1]:.2f}", flush=True)  # fmt: skip
-            tvs = (
-                base / f"state{run}" / "certs" / "tvs.pem",
-                base / f"state{run}" / "certs" / "tvs.key",
-            )
-            ossl.append(openssl_run(base, lab, tvs, args.handshakes))
-            print(f"run {run + 1} openssl: {ossl[-1][0]:.0f} handshakes/s, "
-                  f"{ossl[-1][1]:.2f} ms CPU per handshake", flush=True)  # fmt: skip
-    rate = statistics.median(s[0] for s in storms)
-    cpu = statistics.median(s[1] for s in storms)
+            for level in levels:  # interleaved: each storm next to an openssl measurement
+                result = storm_run(
+                    base, lab, args.phones, level, args.processes, run,
+                    args.profile if run == 0 else 0.0,
+                )  # fmt: skip
+                storms[level].append(result)
+                print(f"run {run + 1} storm at {level}: {result.last} daemon_cpu_ms_per_phone="
+                      f"{result.daemon_cpu_ms:.2f} generator_cpu_ms_per_phone="
+                      f"{result.generator_cpu_ms:.2f} (load {os.getloadavg()[0]:.1f})",
+                      flush=True)  # fmt: skip
+                if args.profile and run == 0 and result.profile is None:
+                    print("py-spy wrote nothing:", (base / "py-spy.log").read_text()[-500:])
+                if result.profile is not None:
+                    print(f"py-spy, daemon, storm at {level} (inclusive share of samples):")
+                    print("\n".join("    " + line for line in hot_spots(result.profile)))
+                tvs = (
+                    base / f"state{run}-{level}" / "certs" / "tvs.pem",
+                    base / f"state{run}-{level}" / "certs" / "tvs.key",
+                )
+                ossl.append(openssl_run(base, lab, tvs, args.handshakes))
+                loads.append(f"{os.getloadavg()[0]:.1f}")
+                print(f"run {run + 1} openssl: {ossl[-1][0]:.0f} handshakes/s, "
+                      f"{ossl[-1][1]:.2f} ms CPU per handshake (load {loads[-1]})",
+                      flush=True)  # fmt: skip
     ocpu = statistics.median(o[1] for o in ossl)
-    failed = sum(s[2] for s in storms)
-    print(
-        f"storm of {args.phones} at {args.concurrency} in flight, {args.processes} client "
-        f"process(es), median of {args.runs}: {rate:.1f} phones/s, daemon CPU {cpu:.2f} ms "
-        f"per phone, {failed} failed phone(s) in all runs"
-    )
-    print(f"openssl s_server -Verify 1: {ocpu:.2f} ms CPU per handshake (median)")
-    print(f"ratio daemon CPU per phone / openssl CPU per handshake: {cpu / ocpu:.2f}x")
+    failed = 0
+    print(f"openssl s_server -Verify 1: {ocpu:.2f} ms CPU per handshake (median of {len(ossl)})")
+    for level, results in storms.items():
+        rate = statistics.median(r.rate for r in results)
+        cpu = statistics.median(r.daemon_cpu_ms for r in results)
+        gen = statistics.median(r.generator_cpu_ms for r in results)
+        failed += sum(r.failed for r in results)
+        ceiling = 1000 / gen * min(cores, args.processes + 1) if gen else 0.0
+        print(
+            f"storm of {args.phones} at {level} in flight, {args.processes} client process(es), "
+            f"median of {args.runs}: {rate:.1f} phones/s, daemon CPU {cpu:.2f} ms per phone, "
+            f"{sum(r.failed for r in results)} failed; generator CPU {gen:.2f} ms per phone "
+            f"(its ceiling on {cores} cores: ~{ceiling:.0f} phones/s); "
+            f"ratio daemon CPU per phone / openssl CPU per handshake: {cpu / ocpu:.2f}x"
+        )
+    print(f"load averages (1 min) after each openssl run: {', '.join(loads)}")
     return 0 if failed == 0 else 1
 
 

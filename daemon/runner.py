@@ -10,6 +10,7 @@ configuration (:mod:`.reload`); ``SIGTERM`` stops accepting, lets in-flight work
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from collections.abc import Callable
@@ -71,6 +72,9 @@ def run_daemon(
             log.error("start-up failed", error=str(exc), config=config.source)
             fail(1, f"cannot start: {exc}")
             return
+        # What start-up built (the registry's records, templates, modules) lives as long as
+        # the process: keep the cyclic collector from walking it on every full collection.
+        gc.freeze()
         where = service.listening()
         log.info(
             "callboard started",

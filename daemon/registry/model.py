@@ -121,7 +121,7 @@ def check_directory_number(dn: str) -> str:
     return dn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Line:
     """A directory number on a device, with the SIP credentials the phone registers with."""
 
@@ -131,7 +131,7 @@ class Line:
     auth_password: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Device:
     id: str  # stable across renames; codes refer to it
     name: str  # SEP<MAC> or BAT<12 hex>

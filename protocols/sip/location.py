@@ -20,7 +20,7 @@ from typing import Protocol
 from callboard.protocols.sip.message import NameAddr
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Binding:
     """One contact bound to an AoR, as the registrar accepted it.
 
@@ -87,7 +87,9 @@ class MemoryLocationService:
 
     def __init__(self) -> None:
         self._bindings: dict[str, dict[str, Binding]] = {}
-        self._by_device: dict[str, set[str]] = {}  # device name → AoRs it holds bindings on
+        # Device name → AoRs it holds bindings on: usually one, so a tuple (a set would cost
+        # ~200 bytes per registered phone).
+        self._by_device: dict[str, tuple[str, ...]] = {}
         self._heap: list[tuple[float, str, str]] = []
 
     def lookup(self, aor: str, now: float) -> dict[str, Binding]:
@@ -116,7 +118,7 @@ class MemoryLocationService:
 
     def remove_device(self, device_name: str) -> list[Binding]:
         removed: list[Binding] = []
-        for aor in sorted(self._by_device.pop(device_name, set())):
+        for aor in sorted(self._by_device.pop(device_name, ())):
             bindings = self._bindings.get(aor, {})
             for key in [k for k, b in bindings.items() if b.device_name == device_name]:
                 removed.append(bindings.pop(key))
@@ -147,10 +149,13 @@ class MemoryLocationService:
     def _index(self, device_name: str, aor: str) -> None:
         """Keep ``aor`` under ``device_name`` exactly while the device holds a binding there."""
         holds = any(b.device_name == device_name for b in self._bindings.get(aor, {}).values())
-        aors = self._by_device.setdefault(device_name, set())
+        aors = self._by_device.get(device_name, ())
         if holds:
-            aors.add(aor)
-        else:
-            aors.discard(aor)
-            if not aors:
+            if aor not in aors:
+                self._by_device[device_name] = (*aors, aor)
+        elif aor in aors:
+            rest = tuple(a for a in aors if a != aor)
+            if rest:
+                self._by_device[device_name] = rest
+            else:
                 del self._by_device[device_name]

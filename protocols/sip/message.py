@@ -746,7 +746,7 @@ def _ishex(b: bytes) -> bool:
     return len(b) == 2 and all(c in b"0123456789abcdefABCDEF" for c in b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NameAddr:
     """``"Display" <uri>;params`` or ``uri;params`` (From, To, Contact)."""
 

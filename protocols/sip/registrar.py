@@ -288,7 +288,7 @@ class Source:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reply:
     """Bytes to send; ``host``/``port`` matter only for UDP (streams answer in place)."""
 
@@ -447,6 +447,7 @@ class Registrar:
             s.realm, s.nonce_secret or os.urandom(32), s.nonce_lifetime, s.digest_algorithms
         )
         self.counters = Counters()
+        self._date_second, self._date_text = -1, ""
         # Told the status of every REGISTER answer (metrics); not of retransmitted ones.
         self.on_register_answer: Callable[[int], None] | None = None
         self._transactions: dict[tuple[str, str, str], tuple[float, Reply | None]] = {}
@@ -822,7 +823,11 @@ class Registrar:
             )
         if change.added:
             self.counters.registrations += 1
-            self.log.info(
+            # A new binding is news for operators; a refresh of one (every phone, every few
+            # minutes) is not: it is counted, and logged at debug level only.
+            fresh = any(key not in change.before for key in change.after)
+            emit = self.log.info if fresh else self.log.debug
+            emit(
                 "SIP registered {aor} device={device} via {transport} from {source}",
                 aor=reg.aor,
                 device=owner,
@@ -1072,9 +1077,16 @@ class Registrar:
 
     def _response(self, req: Request, status: int, reason: str = "") -> Response:
         resp = response_to(req, status, reason, to_tag=os.urandom(4).hex())
-        resp.headers.add("Date", formatdate(self.wall_now(), usegmt=True))
+        resp.headers.add("Date", self._date())
         resp.headers.add("Server", self.settings.server_name)
         return resp
+
+    def _date(self) -> str:
+        """The ``Date`` value, formatted once per second (not once per answer)."""
+        second = int(self.wall_now())
+        if second != self._date_second:
+            self._date_second, self._date_text = second, formatdate(second, usegmt=True)
+        return self._date_text
 
     def _bad(self, req: Request, why: str) -> Response:
         self.counters.bad_request_400 += 1
