@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from callboard.protocols.filesource import DirectorySource, FileNotFound, Requester
 from callboard.protocols.listening import ListenerSpec, listeners_in
-from callboard.protocols.sip.registrar import Registrar
+from callboard.protocols.sip.registrar import Registrar, RegistrationPolicy
 from callboard.protocols.sip.transports import make_stream_factory
 from callboard.protocols.tls import server_options
 from callboard.protocols.tvs.activation import ManufacturingTrust, PeerContext
@@ -31,13 +31,13 @@ from twisted.web.server import Site
 
 from .. import certs
 from ..activation import RegistryAuthority
-from ..ivr import bootstrap_config
+from ..ivr import BootstrapPolicy, bootstrap_config
 from ..logs import get_logger
 from ..provisioning import ProvisioningTree
 from ..registry.model import Device
 from .grants import TokenEndpoint
 from .settings import OFF
-from .sip import BearerPolicy
+from .sip import BearerPolicy, EdgeBootstrapGate, EdgeCallGate, edge_bootstrap_refusal
 from .tokens import TOKEN_KEY_NAME, TokenService, load_or_create_signing_key
 from .web import ConfigResource, edge_root
 
@@ -225,21 +225,33 @@ def wire_edge(service: CallboardService) -> Edge | None:
             spec = ListenerSpec.stream(address, settings.port)
             service._add_listener("edge", spec, TLSMemoryBIOFactory(options, False, site))
     if settings.sip_oauth_port != OFF:
+        policy: RegistrationPolicy = BearerPolicy(
+            tokens=tokens,
+            registry=service.registry,
+            realm=settings.realm,
+            authz_server=issuer,
+            remote_enabled=remote_enabled,
+            now=service.now,
+        )
+        ivr = service.ivr
+        if ivr is not None:  # stock phones: the bootstrap account, MIC required (docs/REMOTE.md)
+            policy = EdgeBootstrapGate(
+                BootstrapPolicy(policy, ivr.accounts, require_mic=True),
+                ivr.accounts,
+                remote_enabled,
+            )
         registrar = Registrar(
-            BearerPolicy(
-                tokens=tokens,
-                registry=service.registry,
-                realm=settings.realm,
-                authz_server=issuer,
-                remote_enabled=remote_enabled,
-                now=service.now,
-            ),
+            policy,
             config.sip,
             now=service.now,
             wall_now=service.now,
             # One location service: `device show` lists these bindings, drops reach them.
             location=service.registrar.location,
         )
+        if ivr is not None:  # the activation call, answered by the LAN's IVR
+            registrar.request_handler = EdgeCallGate(
+                ivr.dialogs, ivr.accounts, remote_enabled, warning_host=config.sip.warning_host
+            )
         factory = TLSMemoryBIOFactory(options, False, make_stream_factory(registrar, "tls"))
         for address in config.network.listen_addresses:
             spec = ListenerSpec.stream(address, settings.sip_oauth_port)
@@ -287,7 +299,7 @@ def _bootstrap_through_edge(
     if named is None or named.mac.upper() != mac:
         return None
     account = accounts.for_mac(mac)
-    if account is None or (account.device is not None and not account.device.allow_remote):
+    if account is None or edge_bootstrap_refusal(account, remote_enabled=True) is not None:
         return None
     return bootstrap_config(tree.render_device, accounts, mac)
 
