@@ -153,8 +153,10 @@ class EdgeCallGate:
     A new call from a bootstrap account needs this connection's MIC to prove the account's
     MAC (the edge requires it whatever ``ivr.require_mic`` says) and the account to pass
     :func:`edge_bootstrap_refusal`; the IVR then applies its own rules (the activation
-    number only, from the registered flow). A bootstrap account's request of a method the
-    dialog server does not take is 403, as every other request of it."""
+    number only, from the registered flow) and redeems the code as a remote activation
+    (the device, or the BAT record a BAT code names, must allow it). A bootstrap account's
+    request of a method the dialog server does not take is 403, as every other request of it.
+    """
 
     def __init__(
         self,
@@ -162,9 +164,11 @@ class EdgeCallGate:
         accounts: BootstrapAccounts,
         remote_enabled: Callable[[], bool],
         *,
+        remote_calls: set[str],
         warning_host: str = "callboard",
     ) -> None:
         self.dialogs = dialogs
+        self._remote_calls = remote_calls  # the IVR's: calls taken here are redeemed as remote
         self.allow = dialogs.allow
         self._accounts = accounts
         self._remote_enabled = remote_enabled
@@ -186,6 +190,10 @@ class EdgeCallGate:
             why = self._call_refusal(caller or "", source)
             if why is not None:
                 return self._forbidden(req, source, why)
+            answer = self.dialogs.handle_request(req, source, respond)
+            if answer is None:  # taken (ringing): a refusal is answered at once
+                self._remote_calls.add((req.headers.get("call-id") or "").strip())
+            return answer
         return self.dialogs.handle_request(req, source, respond)
 
     def handle_response(self, resp: Response, source: Source) -> None:

@@ -250,7 +250,11 @@ def wire_edge(service: CallboardService) -> Edge | None:
         )
         if ivr is not None:  # the activation call, answered by the LAN's IVR
             registrar.request_handler = EdgeCallGate(
-                ivr.dialogs, ivr.accounts, remote_enabled, warning_host=config.sip.warning_host
+                ivr.dialogs,
+                ivr.accounts,
+                remote_enabled,
+                remote_calls=ivr.remote_calls,
+                warning_host=config.sip.warning_host,
             )
         factory = TLSMemoryBIOFactory(options, False, make_stream_factory(registrar, "tls"))
         for address in config.network.listen_addresses:

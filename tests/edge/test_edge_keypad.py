@@ -10,6 +10,7 @@ import re
 import secrets
 import socket
 import ssl
+import time
 import wave
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
+import structlog
 from callboard.daemon import certs
 from callboard.daemon.config import load_config
 from callboard.daemon.edge.settings import RemoteSettings
@@ -301,45 +303,47 @@ class CallRecord:
     register_challenge: Message
     register: Message
     invite: Message
-    wrong_infos: list[int]
-    infos: list[int]
-    requests: list[Message]
-    rtp_packets: int
+    infos: list[list[int]] = field(default_factory=list)  # each code's INFO answers
+    requests: list[Message] = field(default_factory=list)  # the edge's, answered 200
+    bye: Message | None = None  # the answer to our BYE, when we hung up
+    rtp_packets: int = 0
 
 
 def keypad_activation(
-    port: int, mic: Mic, user: str, password: str, code: str, wrong: str
+    port: int, mic: Mic, user: str, password: str, codes: list[str], *, activates: bool = True
 ) -> CallRecord:
     """The stock phone's whole conversation on one TLS connection: REGISTER (challenge, then
-    digest), INVITE the activation number, a wrong code then the right one as SIP INFO, the
-    edge's BYE and NOTIFY answered."""
+    digest), INVITE the activation number, each code as SIP INFO digits then ``#``; then the
+    edge's BYE and NOTIFY answered, or (``activates`` false) our own BYE a second later."""
     rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rtp.bind((HOST, 0))
     rtp.settimeout(0.01)
     phone = TLSPhone(port, mic, user)
     try:
-        challenge = phone.register(None)
-        registered = phone.register(password)
-        ok = phone.invite("activate", rtp.getsockname()[1])
+        record = CallRecord(phone.register(None), phone.register(password), Message(""))
+        record.invite = ok = phone.invite("activate", rtp.getsockname()[1])
         if ok.status != 200:
-            return CallRecord(challenge, registered, ok, [], [], [], 0)
+            return record
         phone.ack("activate", ok)
         to = ok.header("to")
-        wrong_infos = [phone.info("activate", to, d).status for d in [*wrong, "#"]]
-        infos = [phone.info("activate", to, d).status for d in [*code, "#"]]
-        requests: list[Message] = []
-        while not any(r.method == "NOTIFY" for r in requests):
-            request = phone.read()  # the BYE after the confirmation, then the NOTIFY
-            requests.append(request)
-            phone.answer(request)
-        packets = 0
+        for code in codes:
+            record.infos.append([phone.info("activate", to, d).status for d in [*code, "#"]])
+        if activates:
+            while not any(r.method == "NOTIFY" for r in record.requests):
+                request = phone.read()  # the BYE after the confirmation, then the NOTIFY
+                record.requests.append(request)
+                phone.answer(request)
+        else:
+            time.sleep(1.0)  # the verdict and the "not accepted" prompt
+            phone.send(f"BYE sip:activate@{HOST} SIP/2.0", phone._dialog_headers("BYE", to))
+            record.bye = phone.final()
         while True:
             try:
                 rtp.recvfrom(2048)
             except TimeoutError:
                 break
-            packets += 1
-        return CallRecord(challenge, registered, ok, wrong_infos, infos, requests, packets)
+            record.rtp_packets += 1
+        return record
     finally:
         phone.close()
         rtp.close()
@@ -379,15 +383,15 @@ async def test_a_stock_phone_activates_by_keypad_over_the_edge(
     assert user == f"bootstrap-{MAC.lower()}"
     port = edge.port("sip-oauth")
 
-    record = await in_thread(keypad_activation, port, lab["phone"], user, password, code,
-                             "1111222233334444")  # fmt: skip
+    codes = ["1111222233334444", code]  # a wrong one first: the caller may try again
+    record = await in_thread(keypad_activation, port, lab["phone"], user, password, codes)
     # Digest, not Bearer, for the bootstrap account; then 200.
     assert record.register_challenge.status == 401
     (challenge,) = record.register_challenge.headers["www-authenticate"]
     assert challenge.startswith("Digest ")
     assert record.register.status == 200, record.register.headers
     assert record.invite.status == 200 and b"telephone-event/8000" in record.invite.body
-    assert record.wrong_infos == [200] * 17 and record.infos == [200] * 17
+    assert record.infos == [[200] * 17] * 2
     assert [r.method for r in record.requests] == ["BYE", "NOTIFY"]
     assert record.requests[1].header("event") == "check-sync"
     assert record.rtp_packets > 0  # the prompts reached the phone's RTP port
@@ -472,3 +476,47 @@ async def test_a_device_not_allowed_remotely_gets_no_bootstrap_account_on_the_ed
         one_register, edge.port("sip-oauth"), lab["phone"], account.user, account.password
     )
     assert refused.status == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_phone_claims_a_bat_record_only_if_it_allows_remote_activation(
+    edge: Edge, lab: dict[str, Any]
+) -> None:
+    """``ivr.unknown_phones``: the BAT case through the edge. The model comes from the
+    phone's REGISTER (User-Agent), the code names the BAT record, and the redemption is a
+    remote one: a BAT record without ``--allow-remote`` is not claimed over the edge."""
+    service = edge.service
+    assert service.ivr is not None
+    accounts = service.ivr.accounts
+    accounts.settings = replace(accounts.settings, unknown_phones=True)
+    registry = service.registry
+    await registry.set_default("8865", Onboarding.IVR)
+
+    async def bat(allow_remote: bool) -> str:
+        spec = DeviceSpec(model="8865", lines=(Line("4712"),), requires_activation=True,
+                          allow_remote=allow_remote)  # fmt: skip
+        code = registry.current_code(await registry.add_device(spec))
+        assert code is not None
+        return code.code
+
+    local_code = await bat(False)
+    served = await in_thread(get_config, edge.base, f"SEP{MAC}.cnf.xml", lab["phone"], None)
+    assert served.status == 200, served.body
+    user, password = bootstrap_account(served.body)
+    port = edge.port("sip-oauth")
+    with structlog.testing.capture_logs() as logs:
+        refused = await in_thread(keypad_activation, port, lab["phone"], user, password,
+                                  [local_code], activates=False)  # fmt: skip
+    assert refused.invite.status == 200 and refused.infos == [[200] * 17]
+    assert refused.bye is not None and refused.bye.status == 200
+    assert registry.find(f"SEP{MAC}") is None  # not claimed
+    assert any("remote activation not allowed" in str(e.get("reason")) for e in logs)
+    assert all(local_code not in repr(e) for e in logs)
+
+    remote_code = await bat(True)
+    record = await in_thread(keypad_activation, port, lab["phone"], user, password,
+                             [remote_code])  # fmt: skip
+    assert [r.method for r in record.requests] == ["BYE", "NOTIFY"], record
+    device = registry.get(f"SEP{MAC}")
+    assert device.state is DeviceState.ACTIVE and device.model == "8865"
+    assert [ln.directory_number for ln in device.lines] == ["4712"]
