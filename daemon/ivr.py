@@ -405,9 +405,9 @@ class IVRService:
         self.calls: dict[str, IVRCall] = {}  # by Call-ID
         self._pending: dict[str, dict[str, Any]] = {}  # accepted, not yet ACKed: the media
         self.counters = {"calls": 0, "activated": 0, "rejected": 0, "locked": 0}
-        # Call-IDs of calls taken through the edge (daemon/edge/sip.py): their redemption is
-        # remote, so the device (or BAT record) must allow remote activation.
-        self.remote_calls: set[str] = set()
+        # (Call-ID, source address) of calls taken through the edge (daemon/edge/sip.py):
+        # their redemption is remote, so the device (or BAT record) must allow it.
+        self.remote_calls: set[tuple[str, str]] = set()
 
     # -- CallHandler -----------------------------------------------------------------------
 
@@ -454,7 +454,7 @@ class IVRService:
             call.key(digit)
 
     def ended(self, dialog: Dialog, why: str) -> None:
-        self.remote_calls.discard(dialog.call_id)
+        self.remote_calls.discard((dialog.call_id, dialog.call.source.address))
         pending = self._pending.pop(dialog.call_id, None)
         if pending is not None:
             pending["port"].stopListening()
@@ -489,7 +489,7 @@ class IVRService:
         if model is None:
             return succeed(self._refused(call, src_key, dev_key, now, "phone model unknown", code))
         mic = self._proven_mic(account, call.dialog.call.source)
-        remote = call.dialog.call_id in self.remote_calls
+        remote = (call.dialog.call_id, call.dialog.call.source.address) in self.remote_calls
         d = self.registry.redeem(
             mac=account.mac, model=model, code=code, mic_sha256=mic, remote=remote
         )

@@ -164,7 +164,7 @@ class EdgeCallGate:
         accounts: BootstrapAccounts,
         remote_enabled: Callable[[], bool],
         *,
-        remote_calls: set[str],
+        remote_calls: set[tuple[str, str]],
         warning_host: str = "callboard",
     ) -> None:
         self.dialogs = dialogs
@@ -192,7 +192,8 @@ class EdgeCallGate:
                 return self._forbidden(req, source, why)
             answer = self.dialogs.handle_request(req, source, respond)
             if answer is None:  # taken (ringing): a refusal is answered at once
-                self._remote_calls.add((req.headers.get("call-id") or "").strip())
+                call_id = (req.headers.get("call-id") or "").strip()
+                self._remote_calls.add((call_id, source.address))
             return answer
         return self.dialogs.handle_request(req, source, respond)
 
