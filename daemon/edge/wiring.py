@@ -35,7 +35,9 @@ from ..ivr import BootstrapPolicy, bootstrap_config
 from ..logs import get_logger
 from ..provisioning import ProvisioningTree
 from ..registry.model import Device
+from ..sip_policy import RegistryPolicy
 from .grants import TokenEndpoint
+from .pinned import NotPinned, PinnedMic, PinnedMicPolicy
 from .settings import OFF
 from .sip import BearerPolicy, EdgeBootstrapGate, EdgeCallGate, edge_bootstrap_refusal
 from .tokens import TOKEN_KEY_NAME, TokenService, load_or_create_signing_key
@@ -189,6 +191,13 @@ def wire_edge(service: CallboardService) -> Edge | None:
             "sip_uri": f"sip:{first}@{_url_host(host)};transport=tls" if first else None,
         }
 
+    pinned = PinnedMic(
+        registry=service.registry,
+        trust=trust,
+        remote_enabled=remote_enabled,
+        allow_sha1=lambda: service.config.tvs.allow_sha1_mic,
+        now=service.now,
+    )
     handler = service.tvs.handler
     endpoint = TokenEndpoint(
         trust=trust,
@@ -214,6 +223,7 @@ def wire_edge(service: CallboardService) -> Edge | None:
             before_serving=advertise,
             now=service.now,
             bootstrap=lambda peer, mac: _bootstrap_through_edge(service, tree, trust(), peer, mac),
+            pinned=lambda peer: _pinned_device(pinned, peer),
         )
         root = edge_root(
             issuer=issuer, tokens=tokens, endpoint=endpoint, config=config_resource, now=service.now
@@ -233,6 +243,8 @@ def wire_edge(service: CallboardService) -> Edge | None:
             remote_enabled=remote_enabled,
             now=service.now,
         )
+        # A stock phone after activation: its pinned MIC and its lines' digest (the LAN's).
+        policy = PinnedMicPolicy(policy, RegistryPolicy(service.registry, None), pinned)
         ivr = service.ivr
         if ivr is not None:  # stock phones: the bootstrap account, MIC required (docs/REMOTE.md)
             policy = EdgeBootstrapGate(
@@ -274,6 +286,22 @@ def _edge_provisioning(service: CallboardService, host: str, sip_port: int) -> A
         sip_tls_port=sip_port,
         transport="tls",
     )
+
+
+def _pinned_device(pinned: PinnedMic, peer: PeerContext) -> Device | None:
+    """The device this connection's MIC is pinned to (the verdict cached on the
+    connection), or None."""
+    if peer.leaf is None:
+        return None
+    if peer.verdict is None:
+        peer.verdict = pinned.verdict(peer.leaf, peer.chain)
+    try:
+        device = pinned.device(peer.verdict)
+    except NotPinned as exc:
+        log.debug("edge config: no pinned MIC", source=peer.source, reason=str(exc))
+        return None
+    log.info("edge config by pinned MIC", device=device.name, source=peer.source)
+    return device
 
 
 def _bootstrap_through_edge(

@@ -57,6 +57,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "phone": mic("phone", trusted, MAC),
         "other": mic("other", trusted, MAC_OTHER),  # trusted, but another MAC
         "stranger": mic("stranger", stranger, MAC),  # names the MAC, untrusted chain
+        "twin": mic("twin", trusted, MAC),  # trusted, same MAC, not the one activated with
     }
 
 
@@ -86,7 +87,9 @@ class Edge:
     def base(self) -> str:
         return f"https://{HOST}:{self.port('edge')}"
 
-    async def stock_phone(self, *, allow_remote: bool = True) -> str:
+    async def stock_phone(
+        self, *, allow_remote: bool = True, lines: tuple[Line, ...] = (Line("4711"),)
+    ) -> str:
         """An 8865 (onboarding ivr) waiting for its code: the code's digits."""
         registry = self.service.registry
         await registry.set_default("8865", Onboarding.IVR)
@@ -94,7 +97,7 @@ class Edge:
             DeviceSpec(
                 model="8865",
                 mac=MAC,
-                lines=(Line("4711"),),
+                lines=lines,
                 requires_activation=True,
                 allow_remote=allow_remote,
             )
@@ -542,3 +545,81 @@ async def test_an_unknown_phone_claims_a_bat_record_only_if_it_allows_remote_act
     device = registry.get(f"SEP{MAC}")
     assert device.state is DeviceState.ACTIVE and device.model == "8865"
     assert [ln.directory_number for ln in device.lines] == ["4712"]
+
+
+# --- after activation: the pinned MIC (docs/REMOTE.md section 9) --------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_keypad_activation_the_pinned_mic_fetches_the_config_and_registers_lines(
+    edge: Edge, lab: dict[str, Any]
+) -> None:
+    line_password = secrets.token_hex(8)
+    code = await edge.stock_phone(lines=(Line("4711", "Desk", "4711", line_password),))
+    served = await in_thread(get_config, edge.base, f"SEP{MAC}.cnf.xml", lab["phone"], None)
+    user, password = bootstrap_account(served.body)
+    port = edge.port("sip-oauth")
+    record = await in_thread(keypad_activation, port, lab["phone"], user, password, [code])
+    assert record.register.status == 200 and [r.method for r in record.requests][-1] == "NOTIFY"
+    registry = edge.service.registry
+    assert registry.get(f"SEP{MAC}").state is DeviceState.ACTIVE
+
+    # The real config through the edge with the MIC alone: the edge's SIP over TLS.
+    name = f"SEP{MAC}.cnf.xml"
+    config = await in_thread(get_config, edge.base, name, lab["phone"], None)
+    assert config.status == 200, config.body
+    assert f"<sipPort>{port}</sipPort>".encode() in config.body
+    assert b"<transportLayerProtocol>3</transportLayerProtocol>" in config.body
+    assert b"4711" in config.body and b"bootstrap" not in config.body
+    signed = await in_thread(get_config, edge.base, f"{name}.sgn", lab["phone"], None)
+    itl = await in_thread(get_config, edge.base, "ITLFile.tlv", lab["phone"], None)
+    assert signed.status == 200 and itl.status == 200 and itl.body
+    # Another trusted MIC naming the same MAC, or another MAC: not the one pinned, 401.
+    for mic in (lab["twin"], lab["other"]):
+        refused = await in_thread(get_config, edge.base, name, mic, None)
+        assert refused.status == 401, mic
+        assert refused.headers["www-authenticate"].startswith("Bearer realm=")
+
+    # The line over the edge's SIP over TLS: digest with the line's password.
+    ok = await in_thread(one_register, port, lab["phone"], "4711", line_password)
+    assert ok.status == 200, ok.headers
+    assert [b.device_name for b in edge.service.registrar.bindings_for_device(f"SEP{MAC}")] == [
+        f"SEP{MAC}"
+    ]
+    challenge = await in_thread(one_register, port, lab["phone"], "4711", None)
+    assert challenge.status == 401
+    assert challenge.header("www-authenticate").startswith("Digest ")
+    wrong = await in_thread(one_register, port, lab["phone"], "4711", "not-the-password")
+    assert wrong.status in (401, 403)
+    twin = await in_thread(one_register, port, lab["twin"], "4711", None)  # no digest offered
+    assert twin.status == 401 and twin.header("www-authenticate").startswith("Bearer ")
+
+    # revoke-tokens unpins the MIC: no config, no registration; the bindings are dropped.
+    revoked = await registry.revoke_tokens(f"SEP{MAC}")
+    assert revoked.mic_sha256 is None
+    assert edge.service.registrar.bindings_for_device(f"SEP{MAC}") == []
+    gone = await in_thread(get_config, edge.base, name, lab["phone"], None)
+    assert gone.status == 401 and gone.headers["www-authenticate"].startswith("Bearer realm=")
+    after = await in_thread(one_register, port, lab["phone"], "4711", None)
+    assert after.status == 401 and after.header("www-authenticate").startswith("Bearer ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_blanking_the_mac_unpins_the_mic(edge: Edge, lab: dict[str, Any]) -> None:
+    """Re-onboarding: the record loses its MAC and its pinned MIC (no call needed: the pin
+    is set here as an activation sets it)."""
+    registry = edge.service.registry
+    await edge.stock_phone()
+    mic_sha256 = certs.load_certificate(lab["phone"][0]).fingerprint(hashes.SHA256()).hex()
+    device = registry.get(f"SEP{MAC}")
+    code = registry.current_code(device)
+    assert code is not None
+    redeemed = await registry.redeem(
+        mac=MAC, model="8865", code=code.code, mic_sha256=mic_sha256, remote=True
+    )
+    assert redeemed.ok
+    name = f"SEP{MAC}.cnf.xml"
+    assert (await in_thread(get_config, edge.base, name, lab["phone"], None)).status == 200
+    blanked = await registry.set_mac(f"SEP{MAC}", None)
+    assert blanked.mic_sha256 is None and blanked.mac is None
+    assert (await in_thread(get_config, edge.base, name, lab["phone"], None)).status == 401
