@@ -220,9 +220,13 @@ class BootstrapAccounts:
 class BootstrapPolicy:
     """The registrar's policy: bootstrap accounts here, every other REGISTER to ``inner``."""
 
-    def __init__(self, inner: RegistrationPolicy, accounts: BootstrapAccounts) -> None:
+    def __init__(
+        self, inner: RegistrationPolicy, accounts: BootstrapAccounts, *, require_mic: bool = False
+    ) -> None:
         self.inner = inner
         self.accounts = accounts
+        # True: the MIC is required whatever ``ivr.require_mic`` says (the edge's listener).
+        self.require_mic = require_mic
 
     def decide(self, request: RegistrationRequest) -> PolicyDecision | Deferred[PolicyDecision]:
         if not request.aor_user.lower().startswith(BOOTSTRAP_PREFIX):
@@ -232,7 +236,7 @@ class BootstrapPolicy:
             return PolicyDecision.refuse(403, "no bootstrap account (nothing to activate)")
         if request.mac is not None and request.mac.upper() != account.mac:
             return PolicyDecision.refuse(403, "+sip.instance MAC does not match the account")
-        if self.accounts.settings.require_mic:
+        if self.require_mic or self.accounts.settings.require_mic:
             why = self.accounts.mic_refusal(account, request.client_certs)
             if request.transport != "tls" or why is not None:
                 return PolicyDecision.refuse(403, why or "SIP over TLS is required")
@@ -404,6 +408,9 @@ class IVRService:
         self.calls: dict[str, IVRCall] = {}  # by Call-ID
         self._pending: dict[str, dict[str, Any]] = {}  # accepted, not yet ACKed: the media
         self.counters = {"calls": 0, "activated": 0, "rejected": 0, "locked": 0}
+        # (Call-ID, source address) of calls taken through the edge (daemon/edge/sip.py):
+        # their redemption is remote, so the device (or BAT record) must allow it.
+        self.remote_calls: set[tuple[str, str]] = set()
 
     # -- CallHandler -----------------------------------------------------------------------
 
@@ -450,6 +457,7 @@ class IVRService:
             call.key(digit)
 
     def ended(self, dialog: Dialog, why: str) -> None:
+        self.remote_calls.discard((dialog.call_id, dialog.call.source.address))
         pending = self._pending.pop(dialog.call_id, None)
         if pending is not None:
             pending["port"].stopListening()
@@ -483,7 +491,11 @@ class IVRService:
             return succeed(self._refused(call, src_key, dev_key, now, why, code))
         if model is None:
             return succeed(self._refused(call, src_key, dev_key, now, "phone model unknown", code))
-        d = self.registry.redeem(mac=account.mac, model=model, code=code, mic_sha256=MIC_MARK)
+        mic = self._proven_mic(account, call.dialog.call.source)
+        remote = (call.dialog.call_id, call.dialog.call.source.address) in self.remote_calls
+        d = self.registry.redeem(
+            mac=account.mac, model=model, code=code, mic_sha256=mic, remote=remote
+        )
 
         def outcome(result: Redeemed) -> str:
             if result.ok and result.device is not None:
@@ -501,6 +513,15 @@ class IVRService:
             return "rejected"
 
         return d.addCallback(outcome).addErrback(failed)
+
+    def _proven_mic(self, account: BootstrapAccount, source: Any) -> str:
+        """What the redemption records: the SHA-256 of the call's client certificate when it
+        is a MIC proving the account's MAC (SIP over TLS: the edge, or ``require_mic``), so
+        the device is bound to that certificate as after TVS; else :data:`MIC_MARK`."""
+        fingerprint = source.client_cert_fingerprint
+        if source.transport != "tls" or not fingerprint or not source.client_certs:
+            return MIC_MARK
+        return MIC_MARK if self.accounts.mic_refusal(account, source.client_certs) else fingerprint
 
     def _refused(
         self, call: IVRCall, src_key: str, dev_key: str, now: float, why: str, code: str

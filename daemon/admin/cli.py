@@ -596,7 +596,7 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "revoke-tokens",
         cmd_device_revoke_tokens,
         "device revoke-tokens",
-        "make every OAuth token of a phone fail at once",
+        "make every OAuth token of a phone fail at once and unpin its MIC from the edge",
     ).add_argument("name")
     p = leaf(
         device,

@@ -3,7 +3,8 @@
     /.well-known/oauth-authorization-server   RFC 8414 metadata
     /.well-known/jwks.json                    the token-signing key (RFC 7517)
     /oauth/token                              POST: the activation-code and refresh grants
-    /config/<file>                            GET with a bearer token bound to the MIC
+    /config/<file>                            GET with a bearer token bound to the MIC, or
+                                              with no token from the device's pinned MIC
 
 The TLS layer asks every client for a certificate and accepts any (``protocols.tls``); what
 it is worth is judged here, per request, from the connection's certificates.
@@ -145,7 +146,8 @@ class _DeviceFiles:
 
 
 class ConfigResource(Resource):
-    """``GET /config/<file>``: bearer token (RFC 6750) bound to this connection's MIC."""
+    """``GET /config/<file>``: bearer token (RFC 6750) bound to this connection's MIC; without
+    a token, the device ``pinned`` finds for the connection's MIC (served the same way)."""
 
     isLeaf = True
 
@@ -161,8 +163,10 @@ class ConfigResource(Resource):
         before_serving: Callable[[], None],
         now: Callable[[], float],
         bootstrap: Callable[[PeerContext, str], bytes | None] | None = None,
+        pinned: Callable[[PeerContext], Device | None] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self._pinned = pinned
         self._bootstrap = bootstrap
         self._tree = tree
         self._tokens = tokens
@@ -179,11 +183,14 @@ class ConfigResource(Resource):
             request.setResponseCode(405)
             request.setHeader("Allow", "GET, HEAD")
             return b"method not allowed\n"
+        device = None
         if request.getHeader("authorization") is None:
-            bootstrap = self._bootstrap_config(request)
+            # No token: the device whose MIC is pinned (docs/REMOTE.md §9), else a bootstrap.
+            device = self._pinned(peer_of(request)) if self._pinned is not None else None
+            bootstrap = self._bootstrap_config(request) if device is None else None
             if bootstrap is not None:
                 return bootstrap
-        device = self._authorised(request)
+        device = device or self._authorised(request)
         if device is None:
             return b"unauthorized\n"
         self._before_serving()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from callboard.protocols.filesource import DirectorySource, FileNotFound, Requester
 from callboard.protocols.listening import ListenerSpec, listeners_in
-from callboard.protocols.sip.registrar import Registrar
+from callboard.protocols.sip.registrar import Registrar, RegistrationPolicy
 from callboard.protocols.sip.transports import make_stream_factory
 from callboard.protocols.tls import server_options
 from callboard.protocols.tvs.activation import ManufacturingTrust, PeerContext
@@ -31,13 +31,15 @@ from twisted.web.server import Site
 
 from .. import certs
 from ..activation import RegistryAuthority
-from ..ivr import bootstrap_config
+from ..ivr import BootstrapPolicy, bootstrap_config
 from ..logs import get_logger
 from ..provisioning import ProvisioningTree
 from ..registry.model import Device
+from ..sip_policy import RegistryPolicy
 from .grants import TokenEndpoint
+from .pinned import NotPinned, PinnedMic, PinnedMicPolicy
 from .settings import OFF
-from .sip import BearerPolicy
+from .sip import BearerPolicy, EdgeBootstrapGate, EdgeCallGate, edge_bootstrap_refusal
 from .tokens import TOKEN_KEY_NAME, TokenService, load_or_create_signing_key
 from .web import ConfigResource, edge_root
 
@@ -189,6 +191,13 @@ def wire_edge(service: CallboardService) -> Edge | None:
             "sip_uri": f"sip:{first}@{_url_host(host)};transport=tls" if first else None,
         }
 
+    pinned = PinnedMic(
+        registry=service.registry,
+        trust=trust,
+        remote_enabled=remote_enabled,
+        allow_sha1=lambda: service.config.tvs.allow_sha1_mic,
+        now=service.now,
+    )
     handler = service.tvs.handler
     endpoint = TokenEndpoint(
         trust=trust,
@@ -214,6 +223,7 @@ def wire_edge(service: CallboardService) -> Edge | None:
             before_serving=advertise,
             now=service.now,
             bootstrap=lambda peer, mac: _bootstrap_through_edge(service, tree, trust(), peer, mac),
+            pinned=lambda peer: _pinned_device(pinned, peer),
         )
         root = edge_root(
             issuer=issuer, tokens=tokens, endpoint=endpoint, config=config_resource, now=service.now
@@ -225,21 +235,39 @@ def wire_edge(service: CallboardService) -> Edge | None:
             spec = ListenerSpec.stream(address, settings.port)
             service._add_listener("edge", spec, TLSMemoryBIOFactory(options, False, site))
     if settings.sip_oauth_port != OFF:
+        policy: RegistrationPolicy = BearerPolicy(
+            tokens=tokens,
+            registry=service.registry,
+            realm=settings.realm,
+            authz_server=issuer,
+            remote_enabled=remote_enabled,
+            now=service.now,
+        )
+        # A stock phone after activation: its pinned MIC and its lines' digest (the LAN's).
+        policy = PinnedMicPolicy(policy, RegistryPolicy(service.registry, None), pinned)
+        ivr = service.ivr
+        if ivr is not None:  # stock phones: the bootstrap account, MIC required (docs/REMOTE.md)
+            policy = EdgeBootstrapGate(
+                BootstrapPolicy(policy, ivr.accounts, require_mic=True),
+                ivr.accounts,
+                remote_enabled,
+            )
         registrar = Registrar(
-            BearerPolicy(
-                tokens=tokens,
-                registry=service.registry,
-                realm=settings.realm,
-                authz_server=issuer,
-                remote_enabled=remote_enabled,
-                now=service.now,
-            ),
+            policy,
             config.sip,
             now=service.now,
             wall_now=service.now,
             # One location service: `device show` lists these bindings, drops reach them.
             location=service.registrar.location,
         )
+        if ivr is not None:  # the activation call, answered by the LAN's IVR
+            registrar.request_handler = EdgeCallGate(
+                ivr.dialogs,
+                ivr.accounts,
+                remote_enabled,
+                remote_calls=ivr.remote_calls,
+                warning_host=config.sip.warning_host,
+            )
         factory = TLSMemoryBIOFactory(options, False, make_stream_factory(registrar, "tls"))
         for address in config.network.listen_addresses:
             spec = ListenerSpec.stream(address, settings.sip_oauth_port)
@@ -258,6 +286,22 @@ def _edge_provisioning(service: CallboardService, host: str, sip_port: int) -> A
         sip_tls_port=sip_port,
         transport="tls",
     )
+
+
+def _pinned_device(pinned: PinnedMic, peer: PeerContext) -> Device | None:
+    """The device this connection's MIC is pinned to (the verdict cached on the
+    connection), or None."""
+    if peer.leaf is None:
+        return None
+    if peer.verdict is None:
+        peer.verdict = pinned.verdict(peer.leaf, peer.chain)
+    try:
+        device = pinned.device(peer.verdict)
+    except NotPinned as exc:
+        log.debug("edge config: no pinned MIC", source=peer.source, reason=str(exc))
+        return None
+    log.info("edge config by pinned MIC", device=device.name, source=peer.source)
+    return device
 
 
 def _bootstrap_through_edge(
@@ -287,7 +331,7 @@ def _bootstrap_through_edge(
     if named is None or named.mac.upper() != mac:
         return None
     account = accounts.for_mac(mac)
-    if account is None or (account.device is not None and not account.device.allow_remote):
+    if account is None or edge_bootstrap_refusal(account, remote_enabled=True) is not None:
         return None
     return bootstrap_config(tree.render_device, accounts, mac)
 

@@ -330,6 +330,7 @@ class Registry:
                 now,
                 name=self._unused_bat_name(),
                 token_generation=device.token_generation + 1,
+                mic_sha256=None,  # the pinned MIC goes with the phone (docs/REMOTE.md §9)
             )
             if new.requires_activation:
                 new = replace(new, state=DeviceState.AWAITING_ACTIVATION, activated_at=None)
@@ -375,9 +376,12 @@ class Registry:
 
     @_refusals_as_failures
     def revoke_tokens(self, name: str) -> Deferred[Device]:
-        """Every OAuth token of the device fails from now on (its generation moves on)."""
+        """Every OAuth token of the device fails from now on (its generation moves on), and
+        its pinned MIC no longer opens the edge (cleared: re-activation pins one again)."""
         device = self.get(name)
-        new = device.changed(self._clock(), token_generation=device.token_generation + 1)
+        new = device.changed(
+            self._clock(), token_generation=device.token_generation + 1, mic_sha256=None
+        )
         d = self._commit([PutDevice(new, expect_version=device.version)])
         return d.addCallback(lambda _: new)
 

@@ -188,9 +188,13 @@ async def test_first_use_gives_bound_tokens_then_config_refresh_and_revocation(
     other = await in_thread(get_config, edge.base, f"SEP{MAC_B}.cnf.xml", lab["a"], token)
     assert other.status == 404
 
-    # No token, another certificate, another device's token: 401 each.
-    none = await in_thread(get_config, edge.base, f"SEP{MAC_A}.cnf.xml", lab["a"], None)
+    # No token from a MIC pinned to no device, another certificate, another device's
+    # token: 401 each. (No token from the MIC pinned at activation is the stock phones'
+    # path, docs/REMOTE.md section 9: the same config.)
+    none = await in_thread(get_config, edge.base, f"SEP{MAC_A}.cnf.xml", lab["b"], None)
     assert none.status == 401 and none.headers["www-authenticate"].startswith("Bearer realm=")
+    pinned = await in_thread(get_config, edge.base, f"SEP{MAC_A}.cnf.xml", lab["a"], None)
+    assert pinned.status == 200 and pinned.body == conf.body
     stolen = await in_thread(get_config, edge.base, f"SEP{MAC_A}.cnf.xml", lab["b"], token)
     assert stolen.status == 401 and 'error="invalid_token"' in stolen.headers["www-authenticate"]
     _, code_b = await edge.device()
