@@ -203,17 +203,19 @@ class ConfigResource(Resource):
 
     def _bootstrap_config(self, request: server.Request) -> bytes | None:
         """A stock phone with no token yet: its own ``SEP<MAC>.cnf.xml`` as a bootstrap config
-        (activation by voice) when its trusted MIC names a MAC that may activate so."""
-        name = b"/".join(request.postpath or []).decode("utf-8", "surrogateescape")
-        m = _SEP_CONFIG.match(name.lower())
-        if self._bootstrap is None or m is None or m.group(2):
+        (activation by voice), or a file that config names (the hotline's dial template),
+        when its trusted MIC names a MAC that may activate so. ``bootstrap`` decides from
+        the connection and the lower-case file name."""
+        name = b"/".join(request.postpath or []).decode("utf-8", "surrogateescape").lower()
+        m = _SEP_CONFIG.match(name)
+        if self._bootstrap is None or (m is not None and m.group(2)):
             return None
         self._before_serving()  # the edge's SIP over TLS port in the config
         peer = peer_of(request)
-        body = self._bootstrap(peer, m.group(1).upper())
+        body = self._bootstrap(peer, name)
         if body is None:
             return None
-        log.info("edge bootstrap config served", mac=m.group(1).upper(), source=peer.source)
+        log.info("edge bootstrap file served", file=name, source=peer.source)
         request.setHeader("Content-Type", "text/xml")
         request.setHeader("Cache-Control", "no-store")
         request.setHeader("Content-Length", str(len(body)))

@@ -31,7 +31,7 @@ from twisted.web.server import Site
 
 from .. import certs
 from ..activation import RegistryAuthority
-from ..ivr import BootstrapPolicy, bootstrap_config
+from ..ivr import HOTLINE_FILE, BootstrapAccounts, BootstrapPolicy, bootstrap_config
 from ..logs import get_logger
 from ..provisioning import ProvisioningTree
 from ..registry.model import Device
@@ -222,7 +222,9 @@ def wire_edge(service: CallboardService) -> Edge | None:
             sgn_signer=service.server_certs.sgn_signer,
             before_serving=advertise,
             now=service.now,
-            bootstrap=lambda peer, mac: _bootstrap_through_edge(service, tree, trust(), peer, mac),
+            bootstrap=lambda peer, name: _bootstrap_through_edge(
+                service, tree, trust(), peer, name
+            ),
             pinned=lambda peer: _pinned_device(pinned, peer),
         )
         root = edge_root(
@@ -309,14 +311,32 @@ def _bootstrap_through_edge(
     tree: ProvisioningTree,
     trust: ManufacturingTrust,
     peer: PeerContext,
-    mac: str,
+    name: str,
 ) -> bytes | None:
-    """The bootstrap config (daemon/ivr.py) of ``mac``, when this connection's MIC chains to
-    the manufacturing trust and names that MAC, and the MAC may activate by voice (a known
-    device must allow remote activation too); None otherwise."""
+    """What a phone with no token may fetch through the edge to activate by voice: its own
+    bootstrap config (daemon/ivr.py) and the hotline's dial template it names, when this
+    connection's MIC chains to the manufacturing trust and names a MAC that may activate so
+    (a known device must allow remote activation too); None otherwise."""
     accounts = service.ivr.accounts if service.ivr is not None else None
     if accounts is None or not service.config.remote.enabled:
         return None
+    mac = _bootstrap_mac(service, trust, peer, accounts)
+    if mac is None:
+        return None
+    if name == f"sep{mac.lower()}.cnf.xml":
+        return bootstrap_config(tree.render_device, accounts, mac)
+    generated = service.tree.generated.get(name) if name == HOTLINE_FILE else None
+    return generated() if generated is not None else None
+
+
+def _bootstrap_mac(
+    service: CallboardService,
+    trust: ManufacturingTrust,
+    peer: PeerContext,
+    accounts: BootstrapAccounts,
+) -> str | None:
+    """The MAC this connection's trusted MIC names, if it has a bootstrap account the edge
+    may serve."""
     if peer.verdict is None:
         peer.verdict = trust.check(
             peer.leaf,
@@ -328,12 +348,13 @@ def _bootstrap_through_edge(
         named = DeviceName.parse(peer.verdict.common_name or "") if peer.verdict.ok else None
     except BadElements:
         named = None
-    if named is None or named.mac.upper() != mac:
+    if named is None:
         return None
+    mac = named.mac.upper()
     account = accounts.for_mac(mac)
     if account is None or edge_bootstrap_refusal(account, remote_enabled=True) is not None:
         return None
-    return bootstrap_config(tree.render_device, accounts, mac)
+    return mac
 
 
 def _trust_list(tree: ProvisioningTree) -> bytes | None:

@@ -405,6 +405,10 @@ async def test_a_stock_phone_activates_by_keypad_over_the_edge(
     assert served.status == 200, served.body
     user, password = bootstrap_account(served.body)
     assert user == f"bootstrap-{MAC.lower()}"
+    # The hotline's dial template the bootstrap config names comes through the edge too.
+    assert b"ivr-hotline.xml" in served.body
+    hotline = await in_thread(get_config, edge.base, "ivr-hotline.xml", lab["phone"], None)
+    assert hotline.status == 200 and b"<TEMPLATE" in hotline.body, hotline.body
     port = edge.port("sip-oauth")
 
     # A wrong code first (SIP INFO), then the right one as RFC 4733 events.
@@ -452,6 +456,8 @@ async def test_the_bootstrap_account_needs_the_mic_of_its_own_mac(
     port = edge.port("sip-oauth")
 
     for mic in (lab["other"], lab["stranger"], None):  # another MAC, untrusted, none
+        hotline = await in_thread(get_config, edge.base, "ivr-hotline.xml", mic, None)
+        assert hotline.status == 401, (mic, hotline.body)
         refused = await in_thread(one_register, port, mic, user, password)
         assert refused.status == 403, (mic, refused.first)
         assert "www-authenticate" not in refused.headers
