@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from .logs import get_logger
 from .registry.engines import parse_registry_url
-from .registry.store import _StoreThread
+from .registry.side import SideConnection
 
 log = get_logger("callboard.throttle")
 
@@ -58,10 +58,8 @@ class AttemptJournal:
     """
 
     def __init__(self, connect: Callable[[], Any], mark: str, reactor: IReactorFromThreads) -> None:
-        self._connect = connect
         self._mark = mark
-        self._db: Any = None
-        self._thread = _StoreThread(reactor, "callboard-attempts")
+        self._side = SideConnection(connect, reactor, "callboard-attempts")
 
     def record(self, attempts: Sequence[Attempt]) -> Deferred[None]:
         rows = [(a.key, a.at, a.origin) for a in attempts]
@@ -81,7 +79,7 @@ class AttemptJournal:
                     db.execute("ROLLBACK")
                 raise
 
-        return self._thread.submit(lambda: self._run(write))
+        return self._side.submit(write)
 
     def since(
         self, after: int, not_before: float, origin: str
@@ -101,33 +99,10 @@ class AttemptJournal:
                 position = int(rows[-1][0])
             return position, [Attempt(r[1], float(r[2]), r[3]) for r in rows]
 
-        return self._thread.submit(lambda: self._run(read))
+        return self._side.submit(read)
 
     def close(self) -> Deferred[None]:
-        def shut() -> None:
-            if self._db is not None:
-                with contextlib.suppress(Exception):
-                    self._db.close()
-            self._db = None
-
-        d = self._thread.submit(shut)
-
-        def stopped(result: object) -> object:
-            self._thread.stop()
-            return result
-
-        return d.addBoth(stopped)
-
-    def _run(self, work: Callable[[Any], Any]) -> Any:
-        if self._db is None:
-            self._db = self._connect()
-        try:
-            return work(self._db)
-        except Exception:
-            with contextlib.suppress(Exception):
-                self._db.close()
-            self._db = None  # reconnect next time
-            raise
+        return self._side.close()
 
 
 def open_journal(url: str, state_dir: Path, reactor: IReactorFromThreads) -> AttemptJournal:

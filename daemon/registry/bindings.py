@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 
 from .engines import parse_registry_url
-from .store import _StoreThread
+from .side import SideConnection
 
 _COLUMNS = (
     "holder, node, aor, key, device_name, contact, transport, source, user_agent,"
@@ -73,11 +73,9 @@ class BindingJournal:
         reactor: IReactorFromThreads,
         begin: str = "BEGIN",
     ) -> None:
-        self._connect = connect
         self._mark = mark
         self._begin = begin
-        self._db: Any = None
-        self._thread = _StoreThread(reactor, "callboard-bindings")
+        self._side = SideConnection(connect, reactor, "callboard-bindings")
         self.transactions = 0  # write transactions committed (tests count the batching)
 
     def _sql(self, text: str) -> str:
@@ -127,7 +125,7 @@ class BindingJournal:
                 raise
             self.transactions += 1
 
-        return self._thread.submit(lambda: self._run(write))
+        return self._side.submit(write)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -143,7 +141,7 @@ class BindingJournal:
         def read(db: Any) -> list[StoredBinding]:
             return [_stored(r) for r in db.execute(select, (device_name, live_at, not_holder))]
 
-        return self._thread.submit(lambda: self._run(read))
+        return self._side.submit(read)
 
     def count_by_node(self, live_at: float) -> Deferred[dict[str, int]]:
         """How many live bindings each node holds (every process of a node summed)."""
@@ -152,35 +150,12 @@ class BindingJournal:
         def read(db: Any) -> dict[str, int]:
             return {str(r[0]): int(r[1]) for r in db.execute(select, (live_at,))}
 
-        return self._thread.submit(lambda: self._run(read))
+        return self._side.submit(read)
 
     # -- the connection ------------------------------------------------------------------
 
     def close(self) -> Deferred[None]:
-        def shut() -> None:
-            if self._db is not None:
-                with contextlib.suppress(Exception):
-                    self._db.close()
-            self._db = None
-
-        d = self._thread.submit(shut)
-
-        def stopped(result: object) -> object:
-            self._thread.stop()
-            return result
-
-        return d.addBoth(stopped)
-
-    def _run(self, work: Callable[[Any], Any]) -> Any:
-        if self._db is None:
-            self._db = self._connect()
-        try:
-            return work(self._db)
-        except Exception:
-            with contextlib.suppress(Exception):
-                self._db.close()
-            self._db = None  # reconnect next time (a restarted server, a killed backend)
-            raise
+        return self._side.close()
 
 
 def _row(holder: str, b: StoredBinding) -> tuple[Any, ...]:

@@ -132,16 +132,16 @@ async def test_a_failed_write_is_kept_and_written_when_the_database_returns(
     fx: Fixture,
 ) -> None:
     aor = "sip:3000@127.0.0.1"
-    real_connect = fx.journal._connect
+    real_connect = fx.journal._side._connect
 
     def broken() -> object:
         raise sqlite3.OperationalError("database is away")
 
-    fx.journal._connect = broken
+    fx.journal._side._connect = broken
     fx.location.replace(aor, {"k": binding(aor, NOW + 3600)})
     await fx.flush()  # fails: logged, kept
     assert rows(fx.path) == [] and aor in fx.location.dirty
-    fx.journal._connect = real_connect
+    fx.journal._side._connect = real_connect
     await fx.flush()
     assert rows(fx.path) == [("node-a", aor, NOW + 3600)]
     # Another node's reads leave this process's own rows out of "others".

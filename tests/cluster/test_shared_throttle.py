@@ -73,11 +73,11 @@ async def test_failures_wait_in_memory_while_the_journal_fails(
     nodes: tuple[Node, Node], tmp_path: Path
 ) -> None:
     a, b = nodes
-    a.journal._connect = _refuse  # type: ignore[method-assign]
+    a.journal._side._connect = _refuse
     a.devices.failure("dev:X", NOW)
     await a.sync.sync()  # logged, not raised
     assert [x.key for x in a.sync.pending] == ["dev:X"]
-    a.journal._connect = b.journal._connect  # type: ignore[method-assign]
+    a.journal._side._connect = b.journal._side._connect
     await a.sync.sync()
     assert a.sync.pending == []
     await b.sync.sync()
