@@ -17,6 +17,21 @@ processes each time; medians over ``--runs``. Everything listens on 127.0.0.1 on
 
     python bench/sip_register_load.py [--runs 3] [--seconds 2] [--step 2000] [--resolution 250]
 
+With ``--workers N`` the Callboard side is the real daemon instead of the bare registrar:
+``callboard serve`` with one worker and ``callboard serve --workers N`` (the supervisor and
+its workers sharing the SIP port through ``SO_REUSEPORT``), each started once with
+``--devices`` phones imported (``callboard import``, no activation code), at its default log
+level, measured in every run next to Kamailio and the generator ceiling. Every server then
+gets ``bench/sipp/register_devices.xml``: each call registers one of the imported devices
+(an injection file of MAC;number rows, starting where the last probe stopped, so a probe
+mostly refreshes other phones than the one before), with the contact parameters the daemon's
+policy checks. The kernel spreads UDP over the workers by a hash of the client's address and
+port, so one sipp socket would land on one worker: the load goes out from ``--sipp-processes``
+sipp processes, each with ``-t un`` (a socket, hence a source port, per call) by default
+(``--transport``); what each worker answered is read from ``callboard status`` and printed.
+
+    python bench/sip_register_load.py --workers 2 [--devices 20000] [--sipp-processes 2]
+
 Prints the core count, versions, load averages and a Markdown table for docs/BENCHMARKS.md.
 """
 
@@ -40,7 +55,65 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "bench" / "sipp" / "register_load.xml"
 RESPONDER = ROOT / "bench" / "sipp" / "register_uas.xml"
 KAMAILIO_CFG = ROOT / "bench" / "kamailio" / "kamailio.cfg"
+DEVICES_SCENARIO = ROOT / "bench" / "sipp" / "register_devices.xml"
+CALLBOARD = [sys.executable, "-m", "callboard.daemon.main"]
 MAX_RATE = 60_000
+MODEL = "8841"
+FD_BUDGET = 16_000  # sockets in flight for all sipp processes together (ulimit -n is 20,000)
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (a supervisor and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        member = todo.pop()
+        todo.extend(children.get(member, ()))
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+def mac_of(i: int) -> str:
+    return f"00AC{i:08X}"
+
+
+def dn_of(i: int) -> str:
+    return str(2_000_000 + i)
+
+
+@dataclass
+class Load:
+    """How sipp loads a server: scenario, imported devices to register, processes, transport."""
+
+    scenario: Path = SCENARIO
+    devices: int = 0  # > 0: calls register these devices (an injection file per process)
+    processes: int = 1
+    transport: str = "u1"
+    offset: int = 0  # the next device row: each probe goes on where the last one stopped
+
+    def injection(self, path: Path, calls: int) -> list[str]:
+        """sipp arguments for ``calls`` REGISTERs of the next devices (none without devices)."""
+        if not self.devices:
+            return []
+        rows = ["SEQUENTIAL"]
+        for _ in range(calls):
+            i = self.offset % self.devices
+            rows.append(f"{mac_of(i)};{dn_of(i)};")
+            self.offset += 1
+        path.write_text("\n".join(rows) + "\n")
+        return ["-inf", str(path)]
 
 
 def free_udp_port() -> int:
@@ -95,37 +168,53 @@ class Step:
         return self.failed == 0 and self.retrans == 0 and self.ok == self.calls
 
 
-def run_step(port: int, rate: int, seconds: float, workdir: Path) -> Step:
-    calls = max(100, int(rate * seconds))
-    stat = workdir / f"stat_{port}_{rate}.csv"
-    stat.unlink(missing_ok=True)
-    local = free_udp_port()
-    args = [
-        "sipp", f"127.0.0.1:{port}", "-sf", str(SCENARIO), "-t", "u1",
-        "-i", "127.0.0.1", "-p", str(local), "-r", str(rate), "-m", str(calls),
-        "-l", str(max(rate * 3, 1000)), "-timeout", f"{int(seconds * 3 + 15)}s",
-        "-trace_stat", "-stf", str(stat), "-fd", "1", "-nostdin", "-timeout_error",
-    ]  # fmt: skip
+def run_step(port: int, rate: int, seconds: float, workdir: Path, load: Load | None = None) -> Step:
+    """One probe: ``load.processes`` sipp processes sharing the rate and the calls."""
+    load = load or Load()
+    calls = max(100, int(rate * seconds)) // load.processes * load.processes
+    share = calls // load.processes
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     start = time.monotonic()
-    proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, _, usage = os.wait4(proc.pid, 0)
-    proc.returncode = 0
-    elapsed = time.monotonic() - start
+    for n in range(load.processes):
+        stat = workdir / f"stat_{port}_{rate}_{n}.csv"
+        stat.unlink(missing_ok=True)
+        per_rate = rate / load.processes
+        args = [
+            "sipp", f"127.0.0.1:{port}", "-sf", str(load.scenario), "-t", load.transport,
+            "-i", "127.0.0.1", "-p", str(free_udp_port()), "-r", f"{per_rate:g}",
+            "-m", str(share), "-l", str(max(int(per_rate * 3), 1000)),
+            "-timeout", f"{int(seconds * 3 + 15)}s",
+            "-trace_stat", "-stf", str(stat), "-fd", "1", "-nostdin", "-timeout_error",
+            *load.injection(workdir / f"devices_{n}.csv", share),
+        ]  # fmt: skip
+        if load.transport == "un":  # a socket per call in flight: stay under the fd limit
+            limit = str(min(max(int(per_rate * 3), 1000), FD_BUDGET // load.processes))
+            args += ["-max_socket", limit, "-l", limit]
+        procs.append((subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL), stat))  # fmt: skip
     ok = failed = retrans = 0
-    if stat.exists():
-        with stat.open() as f:
-            rows = list(csv.reader(f, delimiter=";"))
-        if len(rows) >= 2:
-            head, last = rows[0], rows[-1]
-            col = {name: i for i, name in enumerate(head)}
-            ok = int(last[col["SuccessfulCall(C)"]])
-            failed = int(last[col["FailedCall(C)"]])
-            retrans = int(last[col["Retransmissions(C)"]])
-            # sipp's own clock, first call to last answer (its start-up is not the server's)
-            began = float(last[col["StartTime"]].split()[-1])
-            ended = float(last[col["CurrentTime"]].split()[-1])
-            elapsed = min(elapsed, max(ended - began, 1e-3))
-    cpu = (usage.ru_utime + usage.ru_stime) / elapsed if elapsed > 0 else 0.0
+    cpu_s = 0.0
+    elapsed = 0.0
+    for proc, stat in procs:
+        _, _, usage = os.wait4(proc.pid, 0)
+        proc.returncode = 0
+        cpu_s += usage.ru_utime + usage.ru_stime
+        took = time.monotonic() - start
+        if stat.exists():
+            with stat.open() as f:
+                rows = list(csv.reader(f, delimiter=";"))
+            if len(rows) >= 2:
+                head, last = rows[0], rows[-1]
+                col = {name: i for i, name in enumerate(head)}
+                ok += int(last[col["SuccessfulCall(C)"]])
+                failed += int(last[col["FailedCall(C)"]])
+                retrans += int(last[col["Retransmissions(C)"]])
+                # sipp's own clock, first call to last answer (its start-up is not the server's)
+                began = float(last[col["StartTime"]].split()[-1])
+                ended = float(last[col["CurrentTime"]].split()[-1])
+                took = min(took, max(ended - began, 1e-3))
+        elapsed = max(elapsed, took)
+    cpu = cpu_s / elapsed if elapsed > 0 else 0.0
     return Step(rate, calls, ok, failed, retrans, ok / elapsed if elapsed > 0 else 0.0, cpu)
 
 
@@ -136,21 +225,32 @@ class Ceiling:
     failed_at: int  # the lowest offered rate that failed (0: none did)
     sipp_cpu: float  # sipp's CPU use during that step
     steps: int
+    server_cpu_ms: float = 0.0  # server CPU per answered REGISTER over the whole search
 
 
 def sustained(
-    port: int, step: int, resolution: int, seconds: float, workdir: Path, name: str
+    port: int,
+    step: int,
+    resolution: int,
+    seconds: float,
+    workdir: Path,
+    name: str,
+    load: Load | None = None,
+    pid: int | None = None,
 ) -> Ceiling:
     """Coarse climb until a step fails, then bisect to ``resolution``."""
     best: Step | None = None
-    steps = 0
+    steps = answered = 0
+    cpu_before = tree_cpu(pid) if pid else 0.0
 
     def probe(rate: int) -> bool:
         nonlocal best, steps
-        result = run_step(port, rate, seconds, workdir)
+        nonlocal answered
+        result = run_step(port, rate, seconds, workdir, load)
         steps += 1
+        answered += result.ok
         print(
-            f"  {name:9s} rate {rate:6d}/s: ok {result.ok}/{result.calls} failed {result.failed} "
+            f"  {name:12s} rate {rate:6d}/s: ok {result.ok}/{result.calls} failed {result.failed} "
             f"retrans {result.retrans} achieved {result.achieved:8.0f}/s "
             f"sipp CPU {result.sipp_cpu:.2f}",
             file=sys.stderr,
@@ -176,9 +276,10 @@ def sustained(
             low = mid
         else:
             high = mid
+    cpu_ms = 1000 * (tree_cpu(pid) - cpu_before) / max(answered, 1) if pid else 0.0
     if best is None:
-        return Ceiling(0.0, 0, high, 0.0, steps)
-    return Ceiling(best.achieved, best.rate, high, best.sipp_cpu, steps)
+        return Ceiling(0.0, 0, high, 0.0, steps, cpu_ms)
+    return Ceiling(best.achieved, best.rate, high, best.sipp_cpu, steps, cpu_ms)
 
 
 def wait_udp(port: int, timeout: float = 10.0) -> None:
@@ -226,7 +327,9 @@ def measure_callboard(step: int, resolution: int, seconds: float, workdir: Path)
         stop(proc)
 
 
-def measure_kamailio(step: int, resolution: int, seconds: float, workdir: Path) -> Ceiling:
+def measure_kamailio(
+    step: int, resolution: int, seconds: float, workdir: Path, load: Load | None = None
+) -> Ceiling:
     port = free_udp_port()
     proc = subprocess.Popen(
         ["/usr/sbin/kamailio", "-f", str(KAMAILIO_CFG), "-DD", "-E", "-m", "1024",
@@ -237,12 +340,14 @@ def measure_kamailio(step: int, resolution: int, seconds: float, workdir: Path) 
     )  # fmt: skip
     try:
         wait_udp(port)
-        return sustained(port, step, resolution, seconds, workdir, "kamailio")
+        return sustained(port, step, resolution, seconds, workdir, "kamailio", load, proc.pid)
     finally:
         stop(proc)
 
 
-def measure_generator(step: int, resolution: int, seconds: float, workdir: Path) -> Ceiling:
+def measure_generator(
+    step: int, resolution: int, seconds: float, workdir: Path, load: Load | None = None
+) -> Ceiling:
     """sipp against sipp answering 200: the most the load generator can show."""
     port = free_udp_port()
     proc = subprocess.Popen(
@@ -253,9 +358,90 @@ def measure_generator(step: int, resolution: int, seconds: float, workdir: Path)
     )  # fmt: skip
     try:
         time.sleep(1.0)
-        return sustained(port, step, resolution, seconds, workdir, "sipp")
+        return sustained(port, step, resolution, seconds, workdir, "sipp", load)
     finally:
         stop(proc)
+
+
+class Daemon:
+    """``callboard serve [--workers N]`` on loopback with ``devices`` phones imported."""
+
+    def __init__(self, workdir: Path, workers: int, devices: int) -> None:
+        self.name = f"callboard-w{workers}"
+        self.base = workdir / self.name
+        self.base.mkdir()
+        self.state = self.base / "state"
+        self.workers = workers
+        self.devices = devices
+        self.port = free_udp_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start, wait for READY=1 (every worker ready), import the phones, wait for answers."""
+        notify_path = self.base / "notify.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        command = [
+            *CALLBOARD, "serve", "--state-dir", str(self.state), "--listen-address", "127.0.0.1",
+            "--tftp-port", "0", "--http-port", "0", "--tvs-port", "0", "--https-port", "0",
+            "--sip-port", str(self.port), "--sip-tls-port", "0",
+        ]  # fmt: skip
+        if self.workers > 1:
+            command += ["--workers", str(self.workers)]
+        with (self.base / "daemon.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=dict(os.environ, NOTIFY_SOCKET=str(notify_path)),
+            )
+        try:
+            notify.settimeout(timeout)
+            while b"READY=1" not in notify.recv(4096):
+                pass
+        finally:
+            notify.close()
+        rows = ["mac,model,description,user,directory_number,display_name,requires_activation"]
+        rows += [
+            f"{mac_of(i)},{MODEL},bench {i},,{dn_of(i)},Phone {i},false"
+            for i in range(self.devices)
+        ]
+        phones = self.base / "phones.csv"
+        phones.write_text("\n".join(rows) + "\n")
+        self.cli("import", str(phones))
+        time.sleep(1.0)  # every worker follows the store's change feed within 0.2 s
+        wait_udp(self.port)
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [*CALLBOARD, "--admin-socket", str(self.state / "admin.sock"), *args],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"callboard {' '.join(args)}: {out.stderr.strip()[-2000:]}")
+        return out.stdout
+
+    def spread(self) -> str:
+        """REGISTER answers per worker so far (``callboard status``: workers[].served)."""
+        import json
+
+        status = json.loads(self.cli("status", "--json"))
+        workers = status.get("workers") or []
+        if not workers:
+            return f"one process: {status['counters'].get('sip_register', '?')} REGISTERs"
+        return ", ".join(
+            f"worker {w['index']}: {w['served']['sip_register_responses']}" for w in workers
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
 
 
 def _version(args: list[str]) -> str:
@@ -271,6 +457,20 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each rate step")
     ap.add_argument("--runs", type=int, default=3, help="repeat and take medians")
     ap.add_argument("--no-generator", action="store_true", help="skip the sipp-vs-sipp ceiling")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure the real daemon with 1 and with N workers instead of the bare registrar",
+    )
+    ap.add_argument("--devices", type=int, default=20_000, help="phones imported (--workers)")
+    ap.add_argument(
+        "--sipp-processes", type=int, default=2, help="sipp processes per probe (--workers)"
+    )
+    ap.add_argument(
+        "--transport", choices=("u1", "un"), default="un", help="sipp UDP mode (--workers)"
+    )
     opts = ap.parse_args()
     if opts.serve:
         serve(opts.serve)
@@ -280,6 +480,12 @@ def main() -> int:
         return 2
     if not (1 <= opts.runs <= 5 and 0 < opts.seconds <= 10 and 100 <= opts.resolution <= opts.step):
         ap.error("--runs 1..5, --seconds up to 10, 100 <= --resolution <= --step")
+    if opts.workers:
+        if not (2 <= opts.workers <= 8 and 1 <= opts.sipp_processes <= 8):
+            ap.error("--workers 2..8, --sipp-processes 1..8")
+        if not 100 <= opts.devices <= 200_000:
+            ap.error("--devices 100..200000")
+        return main_workers(opts)
     print(
         f"cores: {os.cpu_count()}; {_version(['sipp', '-v'])}; "
         f"{_version(['/usr/sbin/kamailio', '-v'])}; Python {sys.version.split()[0]}"
@@ -320,6 +526,80 @@ def main() -> int:
     print(f"\nratio Callboard/Kamailio: {c / k:.2f}" if k else "\nKamailio rate is 0")
     print(f"load averages after each run: {', '.join(loads)}")
     return 0
+
+
+def main_workers(opts: argparse.Namespace) -> int:
+    """The real daemon with 1 and N workers, Kamailio and the generator, interleaved."""
+    print(
+        f"cores: {os.cpu_count()}; {_version(['sipp', '-v'])}; "
+        f"{_version(['/usr/sbin/kamailio', '-v'])}; Python {sys.version.split()[0]}"
+    )
+    load = Load(DEVICES_SCENARIO, opts.devices, opts.sipp_processes, opts.transport)
+    print(
+        f"load: {opts.sipp_processes} sipp processes per probe, -t {opts.transport}, "
+        f"{opts.devices} imported devices, {opts.seconds:g} s per probe, steps of {opts.step}/s "
+        f"bisected to {opts.resolution}/s",
+        flush=True,
+    )
+    args = (opts.step, opts.resolution, opts.seconds)
+    with tempfile.TemporaryDirectory(prefix="sipbench") as tmp:
+        work = Path(tmp)
+        daemons = [Daemon(work, 1, opts.devices), Daemon(work, opts.workers, opts.devices)]
+        found: dict[str, list[Ceiling]] = {d.name: [] for d in daemons}
+        found |= {"kamailio": [], "sipp": []}
+        loads: list[str] = []
+        try:
+            for daemon in daemons:
+                started = time.monotonic()
+                daemon.start()
+                print(f"{daemon.name}: started with {opts.devices} devices imported in "
+                      f"{time.monotonic() - started:.1f} s", flush=True)  # fmt: skip
+            for i in range(opts.runs):
+                print(f"run {i + 1}/{opts.runs} (uptime: {_uptime()})", flush=True)
+                for daemon in daemons:
+                    found[daemon.name].append(
+                        sustained(daemon.port, *args, work, daemon.name, load, daemon.pid)
+                    )
+                found["kamailio"].append(measure_kamailio(*args, work, load))
+                if not opts.no_generator:
+                    found["sipp"].append(measure_generator(*args, work, load))
+                loads.append(_uptime())
+                print(f"run {i + 1}: " + ", ".join(
+                    f"{k} {v[-1].rate:.0f}/s (offered {v[-1].offered}, failed at "
+                    f"{v[-1].failed_at}, sipp CPU {v[-1].sipp_cpu:.2f}, server "
+                    f"{v[-1].server_cpu_ms:.3f} ms CPU/REGISTER)"
+                    for k, v in found.items() if v
+                ) + f"; uptime {loads[-1]}", flush=True)  # fmt: skip
+            for daemon in daemons:
+                print(f"{daemon.name} REGISTER answers per worker (SO_REUSEPORT spread): "
+                      f"{daemon.spread()}")  # fmt: skip
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+    med = statistics.median
+    print("| server | sustained REGISTER/s, zero failures (median) | runs | first failing offered "
+          "rate | server CPU per REGISTER | sipp CPU at the ceiling |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for key, values in found.items():
+        if values:
+            print(f"| {key} | {med(v.rate for v in values):.0f} | "
+                  f"{', '.join(f'{v.rate:.0f}' for v in values)} | "
+                  f"{', '.join(str(v.failed_at) for v in values)} | "
+                  f"{med(v.server_cpu_ms for v in values):.3f} ms | "
+                  f"{med(v.sipp_cpu for v in values):.2f} |")  # fmt: skip
+    rates = {k: med(v.rate for v in values) for k, values in found.items() if values}
+    many = daemons[1].name
+    for ours in (many, daemons[0].name):
+        for ref in (daemons[0].name, "kamailio"):
+            if ref != ours and rates.get(ref):
+                print(f"ratio {ours}/{ref}: {rates[ours] / rates[ref]:.2f}")
+    print(f"uptime after each run: {'; '.join(loads)}")
+    return 0
+
+
+def _uptime() -> str:
+    out = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
+    return out.strip().split("load average:")[-1].strip()
 
 
 if __name__ == "__main__":

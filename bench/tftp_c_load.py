@@ -12,9 +12,13 @@ Printed: core count, versions, ``uptime`` before each round, every run (transfer
 server CPU per transfer, generator CPU %), medians and ratios, and the generator's ceiling: two
 generator processes (half the transfers each) against the fastest server. With
 ``--profile`` a last Callboard run is sampled with ``py-spy record`` and its top frames shown.
+With ``--workers N`` (N > 1) a second Callboard, ``callboard serve --workers N`` (the
+supervisor and its N worker processes sharing the TFTP port through ``SO_REUSEPORT``), runs
+next to the one-worker daemon in every round; its CPU is the sum over the supervisor and its
+workers, and its ratios against one worker and the reference servers are printed.
 Bounded: each run lasts ``--seconds`` (≤ 30), at most 9 runs. Needs root (namespaces).
 
-    python bench/tftp_c_load.py [--seconds 4] [--runs 3] [--profile]
+    python bench/tftp_c_load.py [--seconds 4] [--runs 3] [--profile] [--workers 2]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ NETNS = f"cbtftp{os.getpid()}"
 CALLBOARD_PORT = 6969
 ATFTPD_PORT = 6970
 BASELINE_PORT = 6968
+WORKERS_PORT = 6967
 DNSMASQ_PORT = 69  # the only port dnsmasq serves TFTP on
 CALLBOARD = [sys.executable, "-m", "callboard.daemon.main"]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -50,10 +55,33 @@ def netns(*cmd: str) -> list[str]:
     return ["ip", "netns", "exec", NETNS, *cmd]
 
 
+def process_tree(pid: int) -> list[int]:
+    """The process and its live descendants (a supervisor and its workers), from /proc."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children[ppid].append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], ()))
+    return tree
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+    """(utime, stime) of a process and its live descendants (all threads), from /proc."""
+    user = system = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / TICKS, system / TICKS
 
 
 def run_delay(pid: int) -> float:
@@ -63,11 +91,16 @@ def run_delay(pid: int) -> float:
     single-threaded servers this is the whole of it.
     """
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for member in process_tree(pid):
         try:
-            total += int((task / "schedstat").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
+            tasks = list(Path(f"/proc/{member}/task").iterdir())
+        except OSError:
             continue
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
     return total / 1e9
 
 
@@ -81,10 +114,27 @@ class Server:
     env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     runs: list[Run] = field(default_factory=list)
+    notify: socket.socket | None = None  # READY=1 from a callboard daemon (sd_notify)
 
     def start(self) -> None:
+        env = self.env
+        if self.name.startswith(("callboard", "baseline")):
+            # Wait for READY=1 (sent once every worker is ready), not only for one answer:
+            # with workers, the first answer may come from worker 0 alone.
+            path = self.log.with_suffix(".notify")
+            path.unlink(missing_ok=True)
+            self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.notify.bind(str(path))
+            env = {**(env or os.environ), "NOTIFY_SOCKET": str(path)}
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(netns(*self.command), stdout=out, stderr=out, env=self.env)
+            self.proc = subprocess.Popen(netns(*self.command), stdout=out, stderr=out, env=env)
+
+    def wait_notified(self, timeout: float = 90.0) -> None:
+        if self.notify is None:
+            return
+        self.notify.settimeout(timeout)
+        while b"READY=1" not in self.notify.recv(4096):
+            pass
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -178,12 +228,12 @@ class ChildCPU:
         return spent
 
 
-def wait_ready(port: int, timeout: float = 30.0) -> None:
+def wait_ready(port: int, binary: str, timeout: float = 30.0) -> None:
     """Until the server answers an RRQ for the file in the namespace (via tftpload -n 1)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         probe = subprocess.run(
-            netns("/tmp/tftpload", "-p", str(port), "-f", FILE, "-n", "1", "-d", "1"),
+            netns(binary, "-p", str(port), "-f", FILE, "-n", "1", "-d", "1"),
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if "transfers=1 errors=0" in probe.stdout:
@@ -206,7 +256,7 @@ def callboard_version() -> str:
 
 
 def callboard_serve(
-    work: Path, root: Path, name: str, port: int, log_level: str | None
+    work: Path, root: Path, name: str, port: int, log_level: str | None, workers: int = 1
 ) -> list[str]:
     state = work / f"{name}-state"
     state.mkdir()
@@ -216,16 +266,24 @@ def callboard_serve(
         "--tftp-port", str(port), "--http-port", "0", "--tvs-port", "0",
         "--sip-port", "0", "--sip-tls-port", "0", "--https-port", "0",
     ]  # fmt: skip
+    if workers > 1:
+        serve += ["--workers", str(workers)]
     return serve + (["--log-level", log_level] if log_level else [])
 
 
 def make_servers(
-    work: Path, root: Path, log_level: str | None, baseline: str | None
+    work: Path, root: Path, log_level: str | None, baseline: str | None, workers: int = 1
 ) -> list[Server]:
     serve = callboard_serve(work, root, "callboard", CALLBOARD_PORT, log_level)
     servers = [
         Server("callboard", CALLBOARD_PORT, serve, callboard_version(), work / "callboard.log"),
     ]
+    if workers > 1:
+        name = f"callboard-w{workers}"
+        serve = callboard_serve(work, root, name, WORKERS_PORT, log_level, workers)
+        servers.append(Server(name, WORKERS_PORT, serve,
+                              f"{callboard_version()}, --workers {workers}",
+                              work / f"{name}.log"))  # fmt: skip
     if baseline:
         # Another tree of Callboard (say, the commit before a change), interleaved with the
         # rest: the before/after comparison shares the machine's load like the ratios do.
@@ -280,6 +338,21 @@ def make_servers(
     return servers
 
 
+def worker_spread(state: Path, key: str) -> str:
+    """What each worker served, from ``callboard status --json`` (worker 0 asks the rest)."""
+    import json
+
+    out = subprocess.run(
+        [*CALLBOARD, "--admin-socket", str(state / "admin.sock"), "status", "--json"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    try:
+        workers = json.loads(out.stdout)["workers"]
+        return ", ".join(f"worker {w['index']}: {w['served'][key]}" for w in workers)
+    except (ValueError, KeyError, TypeError):
+        return f"unknown ({out.stderr.strip()[-200:]})"
+
+
 def profile(server: Server, binary: str, seconds: float, top: int) -> None:
     """py-spy record during one run; the frames with most samples (self and total)."""
     raw = Path(tempfile.mkstemp(suffix=".txt")[1])
@@ -324,13 +397,20 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated server names to run")
     parser.add_argument("--profile", action="store_true", help="py-spy a last callboard run")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run `callboard serve --workers N` (N > 1) next to the one-worker daemon",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="PYTHONPATH",
         help="also run the callboard importable from this PYTHONPATH (e.g. an older commit)",
     )
     args = parser.parse_args()
-    if not 1 <= args.seconds <= 30 or not 1 <= args.runs <= 9:
-        parser.error("--seconds must be 1..30 and --runs 1..9")
+    if not 1 <= args.seconds <= 30 or not 1 <= args.runs <= 9 or not 1 <= args.workers <= 8:
+        parser.error("--seconds must be 1..30, --runs 1..9 and --workers 1..8")
     if os.geteuid() != 0:
         parser.error("needs root (network namespace, reference servers)")
     if not os.access(args.tftpload, os.X_OK):
@@ -346,7 +426,7 @@ def main() -> int:
     servers: list[Server] = []
     try:
         subprocess.run(netns("ip", "link", "set", "lo", "up"), check=True)
-        servers = make_servers(work, root, args.log_level, args.baseline)
+        servers = make_servers(work, root, args.log_level, args.baseline, args.workers)
         if args.only:
             servers = [s for s in servers if s.name in args.only.split(",")]
         print(f"cores: {os.cpu_count()}  kernel: {platform.release()}")
@@ -356,7 +436,8 @@ def main() -> int:
             print(f"  {server.name}: {server.version}")
             server.start()
         for server in servers:
-            wait_ready(server.port)
+            server.wait_notified()
+            wait_ready(server.port, args.tftpload)
         cpu = ChildCPU()
         for round_ in range(1, args.runs + 1):
             print(f"round {round_}: uptime: {version_of(['uptime']).split('load', 1)[-1]}")
@@ -365,7 +446,7 @@ def main() -> int:
                 run = load(server, args.tftpload, args.seconds, 1, 64)
                 run.generator_cpu = cpu.since_last() / args.seconds
                 server.runs.append(run)
-                print(f"  {server.name:9} {run.tps:8.0f}/s  errors={run.errors:<3} "
+                print(f"  {server.name:12} {run.tps:8.0f}/s  errors={run.errors:<3} "
                       f"server {run.server_cpu_ms:.3f} ms CPU/transfer "
                       f"({100 * run.server_sys_share:.0f}% sys; busy {100 * run.server_busy:.0f}% "
                       f"of a core, waited {100 * run.runq_wait:.0f}% for one)  "
@@ -375,13 +456,18 @@ def main() -> int:
         for server in servers:
             cpu_ms = statistics.median(r.server_cpu_ms for r in server.runs)
             errors = sum(r.errors for r in server.runs)
-            print(f"  {server.name:9} {medians[server.name]:8.0f}  "
+            print(f"  {server.name:12} {medians[server.name]:8.0f}  "
                   f"({cpu_ms:.3f} ms server CPU/transfer, {errors} errors)")  # fmt: skip
-        if "callboard" in medians:
-            for ref in ("baseline", "atftpd", "dnsmasq"):
-                if ref in medians:
-                    ratio = medians["callboard"] / medians[ref]
-                    print(f"  callboard / {ref}: {ratio:.2f}")
+        ours = [name for name in medians if name.startswith("callboard")]
+        for name in ours:
+            for ref in ("callboard", "baseline", "atftpd", "dnsmasq"):
+                if ref in medians and ref != name:
+                    ratio = medians[name] / medians[ref]
+                    print(f"  {name} / {ref}: {ratio:.2f}")
+        for server in servers:
+            if server.name.startswith("callboard-w"):
+                print(f"  {server.name} transfers served per worker (SO_REUSEPORT spread): "
+                      f"{worker_spread(work / f'{server.name}-state', 'transfers')}")  # fmt: skip
         fastest = max(servers, key=lambda s: medians[s.name])
         cpu.since_last()
         split = load(fastest, args.tftpload, args.seconds, 2, 64)
@@ -392,11 +478,13 @@ def main() -> int:
               f"{100 * split_cpu:.0f}% of a core in all)")  # fmt: skip
         if args.profile:
             for server in servers:
-                if server.name in ("callboard", "baseline"):
+                if server.name in ("callboard", "baseline"):  # one process: py-spy it
                     profile(server, args.tftpload, args.seconds, 15)
     finally:
         for server in servers:
             server.stop()
+            if server.notify is not None:
+                server.notify.close()
         subprocess.run(["ip", "netns", "delete", NETNS], check=False)
         shutil.rmtree(work, ignore_errors=True)
     return 0
