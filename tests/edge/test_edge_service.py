@@ -102,7 +102,7 @@ async def in_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 @pytest_twisted.async_yield_fixture
 async def edge(tmp_path: Path, lab: dict[str, Any]) -> AsyncIterator[Edge]:
-    ports = ("tftp", "http", "tvs", "sip", "sip_tls")
+    ports = ("tftp", "http", "https", "tvs", "sip", "sip_tls")  # https 0: off
     config = load_config(
         None,
         {
