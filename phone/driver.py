@@ -159,15 +159,20 @@ async def _activate(
 
 
 def _user_agent(
-    reactor: Any, identity: PhoneIdentity, config: DeviceConfig, options: BootOptions, **extra: Any
+    reactor: Any,
+    identity: PhoneIdentity,
+    config: DeviceConfig,
+    options: BootOptions,
+    server: CallManager | None = None,
+    **extra: Any,
 ) -> Any:
-    """The SIP user agent of ``config``'s lines, over its transport (TCP, or TLS with the MIC)."""
+    """The SIP user agent of ``config``'s lines at ``server`` (default: the config's first
+    call manager), over its transport (TCP, or TLS with the MIC)."""
     from .sip_ua import SipUserAgent
 
-    server = config.sip_server
+    server = server or config.sip_server
     assert server is not None
-    transport = "tls" if config.transport == "tls" else "tcp"  # the UA speaks TCP and TLS
-    port = server.secured_sip_port if transport == "tls" else server.sip_port
+    transport, port = _sip_endpoint(config, server)
     tls_options = None
     if transport == "tls":
         tls_options = tls.client_options((identity.mic_cert, identity.mic_key), identity.mic_chain)
@@ -186,6 +191,13 @@ def _user_agent(
         tls_options=tls_options,
         **extra,
     )
+
+
+def _sip_endpoint(config: DeviceConfig, server: CallManager) -> tuple[str, int]:
+    """The transport and port the UA uses at ``server`` (it speaks TCP and TLS)."""
+    if config.transport == "tls":
+        return "tls", server.secured_sip_port
+    return "tcp", server.sip_port
 
 
 async def _call_activation(
@@ -276,30 +288,16 @@ async def _register_at(
     server: CallManager,
 ) -> Registered | str:
     """REGISTER at ``server``: the result, or why it did not answer (try the next one)."""
-    from .sip_ua import SipUserAgent
-
-    config = action.config
-    transport = "tls" if config.transport == "tls" else "tcp"  # the UA speaks TCP and TLS
-    port = server.secured_sip_port if transport == "tls" else server.sip_port
-    tls_options = None
-    if transport == "tls":
-        tls_options = tls.client_options((identity.mic_cert, identity.mic_key), identity.mic_chain)
-    ua = SipUserAgent(
+    ua = _user_agent(
         reactor,
-        server.address,
-        port,
-        transport=transport,
-        device_name=identity.sep_name,
-        mac=identity.mac,
-        model_id=identity.model_id,
-        model=identity.model,
-        lines=[(ln.name, ln.auth_name or ln.name, ln.auth_password) for ln in config.lines],
-        load=config.load or identity.load,
-        response_timeout=options.timeout,
-        tls_options=tls_options,
+        identity,
+        action.config,
+        options,
+        server,
         itl_signature=action.itl_signature,
         itl_tftp_server=action.itl_tftp_server,
     )
+    transport, port = _sip_endpoint(action.config, server)
     where = f"{transport}:{server.address}:{port}"
     try:
         try:
