@@ -7,8 +7,6 @@ the TVS client speaking to each node over real TLS; files come over real HTTP.
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +15,9 @@ import pytest_twisted
 from callboard.daemon import certs
 from callboard.protocols.tvs.client import activate
 from callboard.protocols.tvs.codec import DeviceName
-from callboard.protocols.tvs.itl import Role, parse_itl
-from cryptography.hazmat.primitives import serialization
 from support.harness import run_cli
+from support.probes import http_status, tvs_pin
 from twisted.internet import defer, reactor
-
-
-def tvs_pin(daemon: Any) -> bytes:
-    url = f"http://127.0.0.1:{daemon.port('http')}/ITLSEP00AABBCCDDEE.tlv"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        parsed = parse_itl(response.read())
-    (record,) = [r for r in parsed.records if r.role == Role.TVS]
-    return record.certificate.public_bytes(serialization.Encoding.DER)
-
-
-def http_status(daemon: Any, name: str) -> int:
-    url = f"http://127.0.0.1:{daemon.port('http')}/{name}"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def two_nodes(daemon_factory: Any, tmp_path: Path, dsn: str, *extra: str) -> tuple[Any, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +12,8 @@ import pytest_twisted
 from callboard.daemon import certs
 from callboard.protocols.tvs.client import activate
 from callboard.protocols.tvs.codec import DeviceName
-from callboard.protocols.tvs.itl import Role, parse_itl
-from cryptography.hazmat.primitives import serialization
+from support.probes import tvs_pin
 from twisted.internet import reactor
-
-
-def tvs_pin(daemon: Any) -> bytes:
-    """The TVS certificate as a phone learns it: from the signed ITL the daemon serves."""
-    url = f"http://127.0.0.1:{daemon.port('http')}/ITLSEP00AABBCCDDEE.tlv"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        parsed = parse_itl(response.read())
-    (record,) = [r for r in parsed.records if r.role == Role.TVS]
-    return record.certificate.public_bytes(serialization.Encoding.DER)
 
 
 @pytest_twisted.ensureDeferred

@@ -28,10 +28,9 @@ import pytest_twisted
 from callboard.daemon import certs
 from callboard.protocols.tvs.client import activate
 from callboard.protocols.tvs.codec import DeviceName
-from callboard.protocols.tvs.itl import Role, parse_itl
-from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 from support.harness import Daemon, run_cli, serve_args, systemd_launcher
+from support.probes import http_status, tvs_pin
 from twisted.internet import defer, reactor
 
 WORKERS = ("--workers", "2")
@@ -80,21 +79,6 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
 
 
-def tvs_pin(daemon: Daemon) -> bytes:
-    url = f"http://127.0.0.1:{daemon.port('http')}/ITLSEP00AABBCCDDEE.tlv"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        parsed = parse_itl(response.read())
-    (record,) = [r for r in parsed.records if r.role == Role.TVS]
-    return record.certificate.public_bytes(serialization.Encoding.DER)
-
-
-def http_status(daemon: Daemon, name: str) -> int:
-    url = f"http://127.0.0.1:{daemon.port('http')}/{name}"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def tftp_hpa(port: int, name: str, out: Path) -> bool:
