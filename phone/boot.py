@@ -22,6 +22,7 @@ certificate hash matched that ITL record; HTTP 6970 (signed) is the fallback.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
@@ -308,6 +309,7 @@ class BootSequence:
         self._via: tuple[str, str] | None = None
         self.pinned_der: bytes | None = None
         self.itl: ITLFile | None = None  # the installed trust list
+        self._itl_data = b""  # its bytes (the key of the verified-file caches)
         self.itl_server = ""
         self.result: BootResult | None = None
         self.voice: Any = None  # the activation call's record (--ivr)
@@ -466,7 +468,7 @@ class BootSequence:
 
     def _pin_from_itl(self, itl: Fetched, data: bytes) -> BootResult | None:
         try:
-            parsed = parse_itl(data, verify=True)
+            parsed = verified_itl(data)
         except ITLError as exc:
             self.note(itl.via, f"{itl.name}: {len(data)} bytes, signature BAD")
             return self._done(Outcome.UNTRUSTED, f"{itl.name} refused: {exc}")
@@ -477,6 +479,7 @@ class BootSequence:
         else:
             pinned = "no TVS certificate in it"
         self.itl = parsed
+        self._itl_data = data
         self.itl_server = itl.server.rsplit(":", 1)[0]
         if parsed.wants_signed_files:
             pinned += ", TFTP role: signed files"
@@ -545,8 +548,7 @@ class BootSequence:
         """The body of a ``.sgn`` signed by the ITL's RSA TFTP-role certificate, or the end."""
         assert self.itl is not None
         try:
-            signer = find_signer(self.itl, parse_sgn(blob))
-            body = verify_sgn(blob, signer, filename=got.name.rsplit("/", 1)[-1])
+            signer, body = verified_sgn(self._itl_data, blob, got.name.rsplit("/", 1)[-1])
         except SgnError as exc:
             return self._done(Outcome.UNTRUSTED, f"{got.name} refused: not validly signed: {exc}")
         self.note(
@@ -592,7 +594,7 @@ class BootSequence:
                 Outcome.NOT_PROVISIONED, "neither SEP config nor XMLDefault.cnf.xml is served"
             )
         try:
-            default = parse_default_config(dflt.data)
+            default = parsed_default_config(dflt.data)
         except ConfigError as exc:
             return self._done(Outcome.ERROR, f"XMLDefault.cnf.xml unusable: {exc}")
         needs = default.requires_code(me.product, me.sep_name)
@@ -748,6 +750,35 @@ class BootSequence:
                 registration_status=reg.status,
             )
         return reg.status
+
+
+# Verified files, once per distinct content ---------------------------------------------------
+#
+# Every phone of a site gets the same ITL and XMLDefault, byte for byte, and checking an RSA
+# signature or parsing XML gives the same answer for the same bytes. So the result is kept
+# per process by content: each phone still fetches the file and its bytes are compared with
+# the cached ones (the dict lookup), only the verification and the parse happen once. A file
+# that fails is not kept (``lru_cache`` does not keep exceptions): it fails again each time.
+
+
+@functools.lru_cache(maxsize=16)
+def verified_itl(data: bytes) -> ITLFile:
+    """``parse_itl(data, verify=True)`` (:class:`ITLError` if not validly signed)."""
+    return parse_itl(data, verify=True)
+
+
+@functools.lru_cache(maxsize=64)
+def verified_sgn(itl_data: bytes, blob: bytes, filename: str) -> tuple[x509.Certificate, bytes]:
+    """(signer, body) of ``blob``, signed by a TFTP-role certificate of the ITL ``itl_data``
+    (:class:`SgnError` if not)."""
+    signer = find_signer(verified_itl(itl_data), parse_sgn(blob))
+    return signer, verify_sgn(blob, signer, filename=filename)
+
+
+@functools.lru_cache(maxsize=16)
+def parsed_default_config(data: bytes) -> DefaultConfig:
+    """:func:`parse_default_config` (:class:`ConfigError` if unusable); its result is frozen."""
+    return parse_default_config(data)
 
 
 def _is_bootstrap(data: bytes) -> bool:

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from callboard.protocols import tls
 from callboard.protocols.tvs import client as tvs_client
 from callboard.protocols.tvs.codec import DeviceName
 from twisted.internet import defer
@@ -44,6 +43,7 @@ from .boot import (
 )
 from .config import CallManager, DeviceConfig
 from .http_client import HttpFetcher, PinMismatch
+from .tls_client import MicClientOptions
 
 __all__ = ["boot_phone"]
 
@@ -129,7 +129,7 @@ async def _activate(
 ) -> Activated:
     assert identity.code is not None
     device = DeviceName(identity.model, identity.mac)
-    context = tls.client_options((identity.mic_cert, identity.mic_key), identity.mic_chain)
+    context = MicClientOptions(identity.mic_cert, identity.mic_key, identity.mic_chain)
     errors: list[str] = []
     for member in action.members:
         where = f"{member.address}:{member.port}"
@@ -175,7 +175,7 @@ def _user_agent(
     transport, port = _sip_endpoint(config, server)
     tls_options = None
     if transport == "tls":
-        tls_options = tls.client_options((identity.mic_cert, identity.mic_key), identity.mic_chain)
+        tls_options = MicClientOptions(identity.mic_cert, identity.mic_key, identity.mic_chain)
     return SipUserAgent(
         reactor,
         server.address,

@@ -1,28 +1,40 @@
-"""HTTP provisioning fetches (port 6970) for the emulated phone, with ``twisted.web`` Agent.
+"""HTTP provisioning fetches (port 6970, and HTTPS 6971 pinned by the ITL) for the emulated phone.
 
 Current Cisco firmware tries HTTP on 6970 before TFTP. A 404 means "no such file" (the phone
 moves on), so it resolves to ``None``; any other status or a connection failure raises, which
 the boot driver reads as "this server/transport is not answering". One :class:`HttpFetcher`
-(one persistent connection pool) serves every phone of a storm.
+(one pool of keep-alive connections per server) serves every phone of a storm.
+
+A phone only GETs files, so this is a small HTTP/1.1 client of its own (the wire format in
+:mod:`callboard.phone.http_wire`) rather than ``twisted.web``'s Agent: in a storm the Agent's
+machinery per request (a name resolution in a thread even for an address, a connection pool
+of Deferreds, a body-delivery protocol) cost more CPU than the phone's TLS handshakes.
+Addresses are connected to directly; host names go through ``HostnameEndpoint``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-from callboard.protocols import tls
-from cryptography.hazmat.primitives import hashes, serialization
-from OpenSSL import SSL, crypto
 from twisted.internet import defer
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS, IResponse
-from zope.interface import implementer
+
+from .http_wire import BodyTooLarge, HttpResponse, HttpWireError, ResponseReader, get_request
+from .tls_client import PinnedConnections
 
 DEFAULT_MAX_SIZE = 16 * 1024 * 1024
 
@@ -40,49 +52,77 @@ class PinMismatch(Exception):
     """The HTTPS server's certificate hashes to none of the ITL's pins."""
 
 
-_PIN_HASHES: dict[int, type[hashes.HashAlgorithm]] = {
-    1: hashes.SHA1,
-    2: hashes.SHA256,
-    3: hashes.SHA512,
-}
+class _Stale(Exception):
+    """A kept-alive connection closed before answering: the request may go on a new one."""
 
 
-@implementer(IPolicyForHTTPS)
-class PinnedPolicy:
-    """Accept only a server whose leaf certificate hashes to one of ``pins``.
+class _HttpConnection(Protocol):
+    """One connection to a server; one GET at a time on it."""
 
-    ``pins`` are (hash algorithm code, hash) pairs as an ITL record carries them (1 SHA-1,
-    2 SHA-256, 3 SHA-512). The check runs inside the handshake, so nothing is sent to a server
-    that fails it; ``refused`` then says why.
-    """
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.reader: ResponseReader | None = None
+        self.waiting: defer.Deferred[HttpResponse] | None = None
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.open = False
+        self.reused = False  # it already answered a request (so it may have gone stale)
 
-    def __init__(self, pins: Sequence[tuple[int, bytes]]) -> None:
-        self.pins = tuple(pins)
-        self.refused: str | None = None
+    def connectionMade(self) -> None:
+        self.open = True
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        options = tls.client_options()
-        options.getContext().set_verify(SSL.VERIFY_PEER, self._verify)
-        return options
+    def request(self, raw: bytes) -> defer.Deferred[HttpResponse]:
+        assert self.transport is not None and self.waiting is None
+        self.reader = ResponseReader(self.max_size)
+        self.waiting = defer.Deferred(lambda _: self._abandon())
+        self.transport.write(raw)
+        return self.waiting
 
-    def _verify(
-        self, _conn: SSL.Connection, cert: crypto.X509, _errno: int, depth: int, _ok: int
-    ) -> bool:
-        if depth != 0:
-            return True  # the leaf decides; chain certificates are not pinned
-        der = cert.to_cryptography().public_bytes(serialization.Encoding.DER)
-        for algorithm, expected in self.pins:
-            hash_type = _PIN_HASHES.get(algorithm)
-            if hash_type is not None and _digest(hash_type(), der) == expected:
-                return True
-        self.refused = "server certificate is not the ITL's TFTP-role EC certificate"
-        return False
+    def _abandon(self) -> None:
+        """The caller gave up (timeout): drop the connection, the answer would come too late."""
+        self.waiting = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def _answer(self, outcome: HttpResponse | Exception) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is None:
+            return
+        if isinstance(outcome, Exception):
+            waiting.errback(outcome)
+        else:
+            waiting.callback(outcome)
 
-def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
-    h = hashes.Hash(algorithm)
-    h.update(data)
-    return h.finalize()
+    def dataReceived(self, data: bytes) -> None:
+        if self.waiting is None or self.reader is None:
+            self.close()  # bytes nobody asked for: this connection is not reusable
+            return
+        try:
+            response = self.reader.feed(data)
+        except HttpWireError as exc:
+            self.close()
+            self._answer(exc)
+            return
+        if response is not None:
+            if not response.keep_alive:
+                self.close()
+            self._answer(response)
+
+    def close(self) -> None:
+        self.open = False
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.open = False
+        if self.waiting is not None and self.reader is not None:
+            if self.reused and not self.reader.received:
+                self._answer(_Stale())
+            else:
+                try:
+                    self._answer(self.reader.closed())
+                except HttpWireError as exc:
+                    self._answer(exc)
+        self.lost.callback(None)
 
 
 class HttpFetcher:
@@ -99,12 +139,12 @@ class HttpFetcher:
         max_size: int = DEFAULT_MAX_SIZE,
     ) -> None:
         self.reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=persistent)
-        self.pool.maxPersistentPerHost = max_per_host
-        self.pool.retryAutomatically = True
-        self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        self.connect_timeout = connect_timeout
+        self.persistent = persistent
+        self.max_per_host = max_per_host
         self.user_agent = user_agent
         self.max_size = max_size
+        self._idle: dict[tuple[str, int], list[_HttpConnection]] = {}
 
     @staticmethod
     def url(host: str, port: int, name: str) -> str:
@@ -116,21 +156,10 @@ class HttpFetcher:
     ) -> defer.Deferred[bytes | None]:
         """Fetch ``name``; the whole exchange (connect, headers, body) is bounded by ``timeout``."""
         url = self.url(host, port, name)
+        raw = get_request(host, port, name, self.user_agent, keep_alive=self.persistent)
 
         async def run() -> bytes | None:
-            headers = Headers({b"User-Agent": [self.user_agent.encode("ascii")]})
-            response: IResponse = await self.agent.request(b"GET", url.encode("ascii"), headers)
-            if isinstance(response.length, int) and response.length > self.max_size:
-                response.deliverBody(_Collector(0))
-                raise HTTPStatusError(413, url)
-            collector = _Collector(self.max_size)
-            response.deliverBody(collector)
-            body = await collector.done
-            if response.code == 404:
-                return None
-            if response.code != 200:
-                raise HTTPStatusError(response.code, url)
-            return body
+            return _outcome(await self._exchange(host, port, raw, url), url)
 
         d = defer.Deferred.fromCoroutine(run())
         d.addTimeout(timeout, self.reactor)
@@ -147,43 +176,92 @@ class HttpFetcher:
     ) -> defer.Deferred[bytes | None]:
         """Fetch ``name`` over HTTPS from a server pinned by ``pins`` (an ITL's records).
 
-        Raises :class:`PinMismatch` when the server's certificate is not one of them.
+        Raises :class:`PinMismatch` when the server's certificate is not one of them. One
+        connection per fetch, closed after it, as a phone's HTTPS config request is.
         """
         shown = f"[{host}]" if ":" in host else host
         url = f"https://{shown}:{port}/{quote(name.lstrip('/'))}"
-        policy = PinnedPolicy(pins)
-        agent = Agent(
-            self.reactor,
-            contextFactory=policy,
-            connectTimeout=timeout,
-            pool=HTTPConnectionPool(self.reactor, persistent=False),
-        )
+        raw = get_request(host, port, name, self.user_agent, keep_alive=False)
+        pinned = PinnedConnections(pins)
 
         async def run() -> bytes | None:
-            headers = Headers({b"User-Agent": [self.user_agent.encode("ascii")]})
+            endpoint = wrapClientTLS(pinned, self._endpoint(host, port, timeout))
             try:
-                response: IResponse = await agent.request(b"GET", url.encode("ascii"), headers)
+                conn = await connectProtocol(endpoint, _HttpConnection(self.max_size))
+                try:
+                    response = await self._answer(conn, raw, url)
+                finally:
+                    conn.close()
             except Exception:
-                if policy.refused is not None:
-                    raise PinMismatch(f"{url}: {policy.refused}") from None
+                if pinned.refused is not None:
+                    raise PinMismatch(f"{url}: {pinned.refused}") from None
                 raise
-            collector = _Collector(self.max_size)
-            response.deliverBody(collector)
-            body = await collector.done
-            if response.code == 404:
-                return None
-            if response.code != 200:
-                raise HTTPStatusError(response.code, url)
-            return body
+            return _outcome(response, url)
 
         d = defer.Deferred.fromCoroutine(run())
         d.addTimeout(timeout, self.reactor)
         return d
 
+    async def _exchange(self, host: str, port: int, raw: bytes, url: str) -> HttpResponse:
+        """One GET on a kept-alive connection to ``host:port``, else on a new one."""
+        key = (host, port)
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.open:
+                continue
+            try:
+                response = await self._answer(conn, raw, url)
+            except _Stale:
+                break  # the server closed it meanwhile: a new connection, as Agent retried
+            self._keep(key, conn, response)
+            return response
+        endpoint = self._endpoint(host, port, self.connect_timeout)
+        conn = await connectProtocol(endpoint, _HttpConnection(self.max_size))
+        response = await self._answer(conn, raw, url)
+        self._keep(key, conn, response)
+        return response
+
+    async def _answer(self, conn: _HttpConnection, raw: bytes, url: str) -> HttpResponse:
+        try:
+            return await conn.request(raw)
+        except BodyTooLarge:
+            raise HTTPStatusError(413, url) from None
+
+    def _keep(self, key: tuple[str, int], conn: _HttpConnection, response: HttpResponse) -> None:
+        """Keep ``conn`` for the next request to ``key`` if it may carry one, else close it."""
+        idle = self._idle.setdefault(key, [])
+        if self.persistent and response.keep_alive and conn.open and len(idle) < self.max_per_host:
+            conn.reused = True
+            idle.append(conn)
+        else:
+            conn.close()
+
+    def _endpoint(self, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        """A direct endpoint for an address; name resolution only for a host name."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=timeout)
+        if address.version == 6:
+            return TCP6ClientEndpoint(self.reactor, host, port, timeout=timeout)
+        return TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
+
     def close(self) -> defer.Deferred[Any]:
-        """Close the pooled connections (tests and the CLI call it before the reactor stops)."""
-        d: defer.Deferred[Any] = self.pool.closeCachedConnections()
-        return d
+        """Close the kept-alive connections (tests and the CLI call it before the reactor stops)."""
+        idle = [conn for conns in self._idle.values() for conn in conns]
+        self._idle.clear()
+        for conn in idle:
+            conn.close()
+        return defer.DeferredList([conn.lost for conn in idle])
+
+
+def _outcome(response: HttpResponse, url: str) -> bytes | None:
+    if response.status == 404:
+        return None
+    if response.status != 200:
+        raise HTTPStatusError(response.status, url)
+    return response.body
 
 
 class _Collector(Protocol):
