@@ -9,30 +9,23 @@ A phone only GETs files, so this is a small HTTP/1.1 client of its own (the wire
 :mod:`callboard.phone.http_wire`) rather than ``twisted.web``'s Agent: in a storm the Agent's
 machinery per request (a name resolution in a thread even for an address, a connection pool
 of Deferreds, a body-delivery protocol) cost more CPU than the phone's TLS handshakes.
-Addresses are connected to directly; host names go through ``HostnameEndpoint``.
+Connections are made as :mod:`callboard.phone.endpoints` makes them (an address directly).
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-    wrapClientTLS,
-)
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from .endpoints import client_endpoint, connect_protocol
 from .http_wire import BodyTooLarge, HttpResponse, HttpWireError, ResponseReader, get_request
 from .tls_client import PinnedConnections
 
@@ -185,9 +178,9 @@ class HttpFetcher:
         pinned = PinnedConnections(pins)
 
         async def run() -> bytes | None:
-            endpoint = wrapClientTLS(pinned, self._endpoint(host, port, timeout))
+            endpoint = wrapClientTLS(pinned, client_endpoint(self.reactor, host, port, timeout))
             try:
-                conn = await connectProtocol(endpoint, _HttpConnection(self.max_size))
+                conn = await connect_protocol(endpoint, _HttpConnection(self.max_size))
                 try:
                     response = await self._answer(conn, raw, url)
                 finally:
@@ -216,8 +209,8 @@ class HttpFetcher:
                 break  # the server closed it meanwhile: a new connection, as Agent retried
             self._keep(key, conn, response)
             return response
-        endpoint = self._endpoint(host, port, self.connect_timeout)
-        conn = await connectProtocol(endpoint, _HttpConnection(self.max_size))
+        endpoint = client_endpoint(self.reactor, host, port, self.connect_timeout)
+        conn = await connect_protocol(endpoint, _HttpConnection(self.max_size))
         response = await self._answer(conn, raw, url)
         self._keep(key, conn, response)
         return response
@@ -236,16 +229,6 @@ class HttpFetcher:
             idle.append(conn)
         else:
             conn.close()
-
-    def _endpoint(self, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-        """A direct endpoint for an address; name resolution only for a host name."""
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=timeout)
-        if address.version == 6:
-            return TCP6ClientEndpoint(self.reactor, host, port, timeout=timeout)
-        return TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
 
     def close(self) -> defer.Deferred[Any]:
         """Close the kept-alive connections (tests and the CLI call it before the reactor stops)."""

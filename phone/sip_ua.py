@@ -61,11 +61,13 @@ from callboard.protocols.sip.message import (
     parse_name_addr,
 )
 from twisted.internet import defer
-from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from .endpoints import client_endpoint, connect_protocol
 
 CISCO_SUPPORTED = PHONE_SUPPORTED
 #: What a 7821 says it accepts, on its REFER (TechNote 214535).
@@ -331,11 +333,10 @@ class SipUserAgent:
             return self._proto
         proto = _UAProtocol()
         proto.on_request = self._on_request
+        ep = client_endpoint(self.reactor, self.host, self.port, self.response_timeout)
         if self.transport == "tls":
-            ep: Any = SSL4ClientEndpoint(self.reactor, self.host, self.port, self.tls_options)
-        else:
-            ep = TCP4ClientEndpoint(self.reactor, self.host, self.port)
-        d = connectProtocol(ep, proto)
+            ep = wrapClientTLS(self.tls_options, ep)
+        d = connect_protocol(ep, proto)
         d.addTimeout(self.response_timeout, self.reactor)
         await d
 
