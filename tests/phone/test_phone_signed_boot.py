@@ -17,9 +17,12 @@ from callboard.phone.boot import (
     PhoneIdentity,
     Register,
     Registered,
+    parsed_default_config,
+    verified_itl,
+    verified_sgn,
 )
-from callboard.protocols.tvs.itl import Role, build_itl, parse_itl
-from callboard.protocols.tvs.sgn import build_signed
+from callboard.protocols.tvs.itl import ITLError, Role, build_itl, parse_itl
+from callboard.protocols.tvs.sgn import SgnError, build_signed, verify_sgn
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 MAC = "00AABBCCDDEE"
@@ -184,3 +187,57 @@ def test_https_off_or_tftp_only_skips_6971(
     for options in (BootOptions(https_port=0), BootOptions(transport="tftp")):
         result, actions = run(BootSequence(identity, options), answer)
         assert result.ok and not any(isinstance(a, Fetch) and a.secure for a in actions)
+
+
+# Verified files are kept by content: checked once, never trusted by name --------------------
+
+
+def test_the_trust_list_is_verified_once_per_content_and_a_tampered_one_still_fails(
+    identity: PhoneIdentity, itl: bytes, server: certs.ServerCertificates
+) -> None:
+    verified_itl.cache_clear()
+    answer = files(itl, **{f"{SEP}.sgn": signed(server, SEP_CONFIG, SEP)})
+    first, _ = run(BootSequence(identity), answer)
+    second, _ = run(BootSequence(identity), answer)
+    assert first.ok and second.ok and first.steps == second.steps
+    info = verified_itl.cache_info()
+    assert (info.misses, info.currsize) == (1, 1) and info.hits >= 1
+    assert verified_itl(bytes(itl)) == parse_itl(itl, verify=True)  # same answer, by content
+
+    tampered = itl[:-1] + bytes([itl[-1] ^ 1])  # same length and name, one bit off
+    with pytest.raises(ITLError):
+        parse_itl(tampered, verify=True)
+    for _ in range(2):  # a failure is not kept: refused every time
+        result, _ = run(BootSequence(identity), files(tampered, **{SEP: SEP_CONFIG}))
+        assert result.outcome is Outcome.UNTRUSTED and "ITLFile.tlv refused" in result.reason
+    assert verified_itl.cache_info().currsize == 1
+
+
+def test_a_signed_file_is_verified_once_per_content_and_a_tampered_one_still_fails(
+    identity: PhoneIdentity, itl: bytes, server: certs.ServerCertificates
+) -> None:
+    verified_sgn.cache_clear()
+    parsed_default_config.cache_clear()
+    default = b'<Default><activationCodeOnboarding><model id="683" name="Cisco 8841"/>'
+    default += b"</activationCodeOnboarding></Default>"
+    good = signed(server, default, "XMLDefault.cnf.xml")
+    options = BootOptions(config_retries=1)
+    for _ in range(3):
+        result, _ = run(
+            BootSequence(identity, options), files(itl, **{"XMLDefault.cnf.xml.sgn": good})
+        )
+        assert result.outcome is Outcome.CODE_REQUIRED  # read, understood: my model needs a code
+    assert verified_sgn.cache_info().misses == 1 and verified_sgn.cache_info().hits == 2
+    assert parsed_default_config.cache_info().misses == 1
+    signer, body = verified_sgn(itl, good, "XMLDefault.cnf.xml.sgn")
+    assert body == verify_sgn(good, signer, filename="XMLDefault.cnf.xml.sgn") == default
+
+    tampered = good[:-2] + b"X>"
+    for _ in range(2):
+        result, _ = run(
+            BootSequence(identity, options), files(itl, **{"XMLDefault.cnf.xml.sgn": tampered})
+        )
+        assert result.outcome is Outcome.UNTRUSTED
+        assert "XMLDefault.cnf.xml.sgn refused: not validly signed" in result.reason
+    with pytest.raises(SgnError):  # the same content under another name is refused too
+        verified_sgn(itl, good, "SEP001122334455.cnf.xml.sgn")
