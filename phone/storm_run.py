@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import selectors
@@ -26,7 +27,7 @@ from typing import IO, Any
 
 from twisted.internet import defer, task
 
-from .boot import BootOptions
+from .boot import BootOptions, PhoneIdentity
 from .storm import PhoneRecord, StormReport, load_cached_phone, run_storm
 
 ProgressFn = Callable[[int, int], None]
@@ -88,13 +89,25 @@ class Progress:
             self.out.flush()
 
 
+def load_phones(phones: Sequence[PhoneSpec]) -> list[PhoneIdentity]:
+    """Every phone's identity from its cached MIC, before the clock starts.
+
+    What is loaded by then (modules, the identities) lives as long as the storm: frozen, so
+    that the cyclic collector does not walk it again on each full collection of a storm's
+    Deferreds and connections.
+    """
+    identities = [
+        load_cached_phone(Path(p.mic_path), mac=p.mac, model=p.model, code=p.code) for p in phones
+    ]
+    gc.freeze()
+    return identities
+
+
 def storm_in_process(
     phones: Sequence[PhoneSpec], spec: StormSpec, progress: ProgressFn | None
 ) -> StormReport:
     """Boot every phone in this process's reactor (``task.react``: once per process)."""
-    identities = [
-        load_cached_phone(Path(p.mic_path), mac=p.mac, model=p.model, code=p.code) for p in phones
-    ]
+    identities = load_phones(phones)
     counts = [0, 0]
     reports: list[StormReport] = []
 
@@ -278,9 +291,7 @@ def worker_main(spec_path: str) -> int:
         activation_domain=body.get("activation_domain"),
     )
     phones = [PhoneSpec(**p) for p in body["phones"]]
-    identities = [
-        load_cached_phone(Path(p.mic_path), mac=p.mac, model=p.model, code=p.code) for p in phones
-    ]
+    identities = load_phones(phones)
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return 1
