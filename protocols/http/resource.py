@@ -249,6 +249,26 @@ class _Exchange:
             body.close()
             self.finish(status, 0)
             return b""
+        if length <= CHUNK:
+            return self._whole(body, first, length, status)
+        return self._stream(body, first, last, status)
+
+    def _whole(self, body: FileBody, first: int, length: int, status: int) -> bytes:
+        """A body of one chunk (every config and trust list): sent with the headers at once.
+
+        Twisted writes the headers and the returned bytes in one go; a pull producer would
+        take another reactor turn, a Cooperator task and a second send for the same bytes.
+        """
+        try:
+            data = body.read_at(first, length)
+        finally:
+            body.close()
+        self.finish(status, len(data))
+        return data
+
+    def _stream(self, body: FileBody, first: int, last: int, status: int) -> int:
+        """A larger body, read and written chunk by chunk as the transport drains."""
+        request = self.request
 
         def done(result: Failure | None) -> None:
             body.close()
