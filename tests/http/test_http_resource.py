@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import random
 from collections.abc import Iterator
@@ -11,7 +12,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from callboard.protocols.filesource import DirectorySource
-from callboard.protocols.http.resource import CHUNK, parse_range, provisioning_site
+from callboard.protocols.http.resource import (
+    CHUNK,
+    content_type,
+    parse_range,
+    provisioning_site,
+)
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.utils import getProcessOutputAndValue
@@ -201,3 +207,17 @@ def test_parse_range_edges() -> None:
     assert parse_range("bytes=-0", 10) is False
     assert parse_range("bytes=0-100", 10) == (0, 9)
     assert parse_range("bytes=-", 10) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ITLSEP0A0000000007.tlv", "SEP0A0000000007.cnf.xml.sgn", "XMLDefault.cnf.xml",
+        "sip88xx.14-2-1.loads", "firmware.tar.gz", "a.tgz", "b.svgz", "ring.raw", "x.gz",
+        "noextension", ".hidden", ".hidden.xml", "dir/file.xml", "dir.d/file", "a..gz",
+        "data:text/plain.xml", "DATA.txt", "http.xml", "weird\\name.PNG", "UPPER.XML", "a.b:c",
+    ],
+)  # fmt: skip
+def test_content_type_is_what_mimetypes_says(name: str) -> None:
+    expected = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    assert content_type(name) == expected.encode()
