@@ -9,6 +9,10 @@ daemon's own TVS certificate and the same lab chain, N mutual-TLS handshakes (on
 each, from the same MIC), its CPU per handshake. Prints the core count, the openssl version,
 each run, the medians and the ratio. Loopback only, bounded in count and time.
 
+``--baseline PYTHONPATH`` runs, after each storm, the same storm against a daemon that imports
+Callboard from elsewhere (``''``: the installed package), so a change is measured against the
+code before it in the same run, storm for storm.
+
 ``--concurrency 64,512`` measures several in-flight levels, interleaved within each run (storm
 at 64, openssl, storm at 512, openssl, ...). The load generator's own CPU (the storm command and
 its client processes, from ``wait4``) is reported per phone, with the rate it could sustain on
@@ -17,7 +21,7 @@ daemon with ``py-spy record --pid PID -r 200 -d SECONDS --format raw --nonblocki
 booting starts (first run of each level) and prints the hottest frames.
 
     python bench/storm_cpu.py [--phones 2000] [--concurrency 64[,512]] [--processes 2] [--runs 3]
-        [--profile 12]
+        [--profile 12] [--baseline PYTHONPATH]
 """
 
 from __future__ import annotations
@@ -52,13 +56,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_daemon(state: Path, lab: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+def daemon_env(pythonpath: str | None) -> dict[str, str] | None:
+    """The daemon's environment: ours, or ours with PYTHONPATH set (``""``: removed)."""
+    if pythonpath is None:
+        return None
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def start_daemon(
+    state: Path, lab: Path, pythonpath: str | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     log = open(state.parent / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
+    # HTTPS has no ephemeral port of its own (phones are told 6971 unless the storm says
+    # otherwise): a free one, so that runs side by side (or another daemon) do not collide.
+    https = _free_port()
     proc = subprocess.Popen(
         [*CALLBOARD, "serve", "--state-dir", str(state), "--listen-address", "127.0.0.1",
          "--tftp-port", "0", "--http-port", "0", "--tvs-port", "0", "--sip-port", "0",
-         "--sip-tls-port", "0", "--manufacturing-trust", str(lab)],
-        stdout=log, stderr=subprocess.STDOUT,
+         "--sip-tls-port", "0", "--https-port", str(https), "--manufacturing-trust", str(lab)],
+        stdout=log, stderr=subprocess.STDOUT, env=daemon_env(pythonpath),
     )  # fmt: skip
     log.close()
     deadline = time.monotonic() + 60
@@ -72,7 +92,7 @@ def start_daemon(state: Path, lab: Path) -> tuple[subprocess.Popen[bytes], dict[
         if out.returncode == 0:
             status = json.loads(out.stdout)
             ports = {k: int(status[k][0].rsplit(":", 1)[1]) for k in ("http", "tftp")}
-            return proc, ports
+            return proc, {**ports, "https": https}
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError("daemon did not start")
@@ -90,21 +110,23 @@ class StormResult:
 
 def storm_run(
     base: Path, lab: Path, phones: int, concurrency: int, processes: int, run: int,
-    profile: float = 0.0,
+    profile: float = 0.0, pythonpath: str | None = None, tag: str = "",
 ) -> StormResult:  # fmt: skip
-    """One fresh daemon, one storm."""
-    state = base / f"state{run}-{concurrency}"
-    proc, ports = start_daemon(state, lab)
+    """One fresh daemon (its code from ``pythonpath`` when given), one storm."""
+    state = base / f"state{run}-{concurrency}{tag}"
+    proc, ports = start_daemon(state, lab, pythonpath)
     spy: subprocess.Popen[bytes] | None = None
-    raw = base / f"profile-{concurrency}-{run}.raw"
+    raw = base / f"profile-{concurrency}-{run}{tag}.raw"
     try:
         storm = subprocess.Popen(
             [*CALLBOARD, "phone", "storm", "--provision", "--count", str(phones),
              "--model", "8841", "--lab-ca", str(lab), "--server", "127.0.0.1",
              "--admin-socket", str(state / "admin.sock"), "--http-port", str(ports["http"]),
-             "--tftp-port", str(ports["tftp"]), "--transport", "http",
+             "--tftp-port", str(ports["tftp"]), "--https-port", str(ports["https"]),
+             "--transport", "http",
              "--concurrency", str(concurrency), "--processes", str(processes),
-             "--mic-cache", str(base / "mics"), "--first-mac", f"0A{run:02X}{concurrency:04X}0000",
+             "--mic-cache", str(base / "mics"),
+             "--first-mac", f"{'0B' if tag else '0A'}{run:02X}{concurrency:04X}0000",
              "--timeout", "60", "--time-limit", "1800"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -219,6 +241,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--handshakes", type=int, default=2000)
     ap.add_argument("--profile", type=int, default=0, help="py-spy seconds (first run)")
+    ap.add_argument(
+        "--baseline", metavar="PYTHONPATH", default=None,
+        help="also storm a daemon importing callboard from this PYTHONPATH ('' = the installed "
+        "package), right after each storm, and print its CPU per phone next to ours",
+    )  # fmt: skip
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     if not 1 <= args.phones <= MAX_PHONES or not 1 <= args.runs <= 10:
@@ -227,6 +254,7 @@ def main() -> int:
     cores = os.cpu_count() or 1
     print(f"cores: {cores}; {version.strip()}; load average {os.getloadavg()}")
     storms: dict[int, list[StormResult]] = {c: [] for c in levels}
+    baseline: dict[int, list[StormResult]] = {c: [] for c in levels}
     ossl: list[tuple[float, float]] = []
     loads: list[str] = []
     with tempfile.TemporaryDirectory(prefix="callboard-stormcpu-") as tmp:
@@ -249,6 +277,15 @@ def main() -> int:
                 if result.profile is not None:
                     print(f"py-spy, daemon, storm at {level} (inclusive share of samples):")
                     print("\n".join("    " + line for line in hot_spots(result.profile)))
+                if args.baseline is not None:
+                    before = storm_run(
+                        base, lab, args.phones, level, args.processes, run,
+                        pythonpath=args.baseline, tag="-baseline",
+                    )  # fmt: skip
+                    baseline[level].append(before)
+                    print(f"run {run + 1} baseline storm at {level}: {before.last} "
+                          f"daemon_cpu_ms_per_phone={before.daemon_cpu_ms:.2f} "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
                 tvs = (
                     base / f"state{run}-{level}" / "certs" / "tvs.pem",
                     base / f"state{run}-{level}" / "certs" / "tvs.key",
@@ -274,6 +311,14 @@ def main() -> int:
             f"(its ceiling on {cores} cores: ~{ceiling:.0f} phones/s); "
             f"ratio daemon CPU per phone / openssl CPU per handshake: {cpu / ocpu:.2f}x"
         )
+        if baseline[level]:
+            before = statistics.median(r.daemon_cpu_ms for r in baseline[level])
+            failed += sum(r.failed for r in baseline[level])
+            print(
+                f"baseline ({args.baseline or 'installed package'}) at {level} in flight, median "
+                f"of {args.runs}: daemon CPU {before:.2f} ms per phone "
+                f"({before / ocpu:.2f}x openssl); this tree / baseline: {cpu / before:.2f}"
+            )
     print(f"load averages (1 min) after each openssl run: {', '.join(loads)}")
     return 0 if failed == 0 else 1
 

@@ -15,6 +15,7 @@ Wiring (the daemon)::
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 import re
 import time
@@ -69,6 +70,24 @@ def parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
     if last < first:
         return None
     return first, min(last, size - 1)
+
+
+def content_type(name: str) -> bytes:
+    """The Content-Type for a file name, as ``mimetypes.guess_type`` decides it.
+
+    ``guess_type`` looks only at the extensions, but every phone asks for names of its own
+    (``ITLSEP<MAC>.tlv``): a plain stem before the first dot is replaced by ``x``, so that
+    one cached answer serves every phone's name of that shape.
+    """
+    stem, dot, extensions = name.partition(".")
+    if dot and stem and not any(c in stem for c in "/:\\"):
+        return _content_type_of("x." + extensions)
+    return _content_type_of(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _content_type_of(name: str) -> bytes:
+    return (mimetypes.guess_type(name)[0] or "application/octet-stream").encode()
 
 
 def _client(request: server.Request) -> tuple[str, int]:
@@ -241,14 +260,33 @@ class _Exchange:
                 request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
         length = last - first + 1
         request.setResponseCode(status)
-        content_type = mimetypes.guess_type(normalised)[0] or "application/octet-stream"
-        request.setHeader(b"Content-Type", content_type.encode())
+        request.setHeader(b"Content-Type", content_type(normalised))
         request.setHeader(b"Content-Length", str(length).encode())
         request.setHeader(b"Accept-Ranges", b"bytes")
         if request.method == b"HEAD" or length == 0:
             body.close()
             self.finish(status, 0)
             return b""
+        if length <= CHUNK:
+            return self._whole(body, first, length, status)
+        return self._stream(body, first, last, status)
+
+    def _whole(self, body: FileBody, first: int, length: int, status: int) -> bytes:
+        """A body of one chunk (every config and trust list): sent with the headers at once.
+
+        Twisted writes the headers and the returned bytes in one go; a pull producer would
+        take another reactor turn, a Cooperator task and a second send for the same bytes.
+        """
+        try:
+            data = body.read_at(first, length)
+        finally:
+            body.close()
+        self.finish(status, len(data))
+        return data
+
+    def _stream(self, body: FileBody, first: int, last: int, status: int) -> int:
+        """A larger body, read and written chunk by chunk as the transport drains."""
+        request = self.request
 
         def done(result: Failure | None) -> None:
             body.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -227,3 +228,119 @@ def test_console_format_end_to_end(tmp_path: Path) -> None:
     assert "device=SEP00AABBCCDDEE" in redeemed[0] and "1234567812345678" not in redeemed[0]
     assert not any(line.startswith("{") for line in lines)
     assert not any("Starting protocol" in line for line in lines)
+
+
+# -- the cheap paths give what the general ones give -------------------------------------------
+
+
+class _Thing:
+    name = "thing"
+
+    def __repr__(self) -> str:
+        return "<Thing>"
+
+    def shout(self) -> str:
+        return "THING"
+
+
+@pytest.mark.parametrize(
+    "log_format",
+    [
+        "{transport} {client_host}:{client_port} {method} {file} {status} {bytes} bytes",
+        "plain text, no fields",
+        "{thing!r} {thing!s} {thing!a} {thing.name} {number:>6.2f} {items[0]} {mapping[k]}",
+        "{thing.shout()} and {caller()}",  # Twisted's call syntax: the general path
+        "{missing} field",  # unformattable: Twisted says so
+        "{0} positional",
+        "{unbalanced",
+        "",
+    ],
+)
+def test_event_text_is_twisted_format_event(log_format: str) -> None:
+    from callboard.daemon.logs import event_text
+
+    event: dict[str, Any] = {
+        "log_format": log_format,
+        "log_namespace": "callboard.test",
+        "transport": "http",
+        "client_host": "127.0.0.1",
+        "client_port": 4000,
+        "method": "GET",
+        "file": "/ITLSEP00AABBCCDDEE.tlv",
+        "status": 200,
+        "bytes": 4991,
+        "thing": _Thing(),
+        "number": 3.14159,
+        "items": ["first"],
+        "mapping": {"k": "v"},
+        "caller": lambda: "called",
+    }
+    assert event_text(event) == formatEvent(event)
+    assert event_text({"log_namespace": "x"}) == formatEvent({"log_namespace": "x"}) == ""
+    as_bytes = {**event, "log_format": log_format.encode()}
+    assert event_text(as_bytes) == formatEvent(as_bytes)
+
+
+def test_level_filter_decides_as_twisted_predicate() -> None:
+    from callboard.daemon.logs import TwistedLevelFilter
+    from twisted.logger import LogLevel, LogLevelFilterPredicate, PredicateResult
+
+    for name in ("debug", "info", "warning", "error", "critical"):
+        twisted_name = "warn" if name == "warning" else name
+        predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(twisted_name))
+        passed: list[dict[str, Any]] = []
+        cheap = TwistedLevelFilter(name, passed.append)
+        for level in [*LogLevel.iterconstants(), None]:
+            for namespace in ("callboard.http", "a", "", None):
+                event: dict[str, Any] = {"log_level": level, "log_namespace": namespace}
+                if level is None:
+                    del event["log_level"]
+                if namespace is None:
+                    del event["log_namespace"]
+                passed.clear()
+                cheap(event)
+                assert bool(passed) == (predicate(event) is not PredicateResult.no), (name, event)
+
+
+def _old_chain(event: dict[str, Any], method: str) -> str:
+    """The processor chain logs.py used before it had one finishing processor."""
+    import structlog
+    from callboard.daemon import logs
+
+    chain = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        logs._device_from_file,
+        logs._redact,
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(default=str, sort_keys=False),
+    ]
+    out: Any = event
+    for processor in chain:
+        out = processor(None, method, out)
+    return str(out)
+
+
+@pytest.mark.parametrize("method", ["debug", "info", "warn", "warning", "error", "exception"])
+def test_finishing_processor_writes_the_old_chains_line(method: str) -> None:
+    from callboard.daemon import logs
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failing = sys.exc_info()
+    samples: list[dict[str, Any]] = [
+        {"event": "http GET", "file": "/ITLSEP00AABBCCDDEE.tlv", "status": 200, "duration": 0.5},
+        {"event": "config served", "device": "SEP1", "file": "SEP00AABBCCDDEE.cnf.xml"},
+        {"event": "redeem", "code": "1234567812345678", "password": "pw", "key": b"k", "n": None},
+        {"event": "odd", "when": Path("/x"), "exc_info": failing, "file": 7, "ünï": "cödé"},
+        {"event": "no exception", "exc_info": False},
+    ]
+    stamp = re.compile(r'"timestamp": "[^"]*"')
+    for sample in samples:
+        finished = logs._finish_event(None, method, dict(sample))
+        new = logs.render_json(None, method, finished)
+        old = _old_chain(dict(sample), method)
+        assert stamp.sub("T", new) == stamp.sub("T", old)  # the same line, byte for byte
+        assert re.search(r'"timestamp": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z"', new)
+        assert "1234567812345678" not in repr(new)

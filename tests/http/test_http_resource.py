@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import random
 from collections.abc import Iterator
@@ -11,7 +12,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from callboard.protocols.filesource import DirectorySource
-from callboard.protocols.http.resource import parse_range, provisioning_site
+from callboard.protocols.http.resource import (
+    CHUNK,
+    content_type,
+    parse_range,
+    provisioning_site,
+)
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.utils import getProcessOutputAndValue
@@ -28,6 +34,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (path / "SEP001122334455.cnf.xml").write_bytes(CONFIG)
     (path / "big.loads").write_bytes(BIG)
     (path / "empty.txt").write_bytes(b"")
+    (path / "one-chunk.bin").write_bytes(BIG[:CHUNK])  # answered from render, with its headers
+    (path / "two-chunks.bin").write_bytes(BIG[: CHUNK + 1])  # streamed by the pull producer
     (path.parent / "outside.txt").write_bytes(b"secret")
     (path / "escape").symlink_to(path.parent / "outside.txt")
     return path
@@ -154,8 +162,62 @@ async def test_empty_file(base: str) -> None:
     assert headers.getRawHeaders(b"content-length") == [b"0"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_one_chunk_and_streamed_answers_look_alike(base: str) -> None:
+    """A body sent at once from render and one streamed chunk by chunk: the same headers,
+    one keep-alive connection for both (curl reuses it), every byte right."""
+    d = getProcessOutputAndValue(
+        "/usr/bin/curl",
+        ("-sS", "-i", "--http1.1", "-w", "%{num_connects}\\n",
+         f"{base}/one-chunk.bin", f"{base}/two-chunks.bin"),
+        env=dict(os.environ),
+    )  # fmt: skip
+    d.addTimeout(30, reactor)
+    out, err, code = await d
+    assert code == 0, err
+    answers = []
+    rest = out
+    for size in (CHUNK, CHUNK + 1):
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        body, rest = rest[:size], rest[size:]
+        connects, _, rest = rest.partition(b"\n")
+        lines = head.split(b"\r\n")
+        fields = dict(line.split(b": ", 1) for line in lines[1:])
+        answers.append((lines[0], fields, body, connects))
+    (status1, one, body1, connects1), (status2, two, body2, connects2) = answers
+    assert status1 == status2 == b"HTTP/1.1 200 OK"
+    assert (body1, body2) == (BIG[:CHUNK], BIG[: CHUNK + 1])
+    assert one.pop(b"Content-Length") == str(CHUNK).encode()
+    assert two.pop(b"Content-Length") == str(CHUNK + 1).encode()
+    one.pop(b"Date"), two.pop(b"Date")
+    assert list(one.items()) == list(two.items())  # same fields, same order
+    assert (connects1, connects2) == (b"1", b"0")  # the second over the first's connection
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_chunk_range(base: str) -> None:
+    code, headers, body = await get(f"{base}/one-chunk.bin", Range="bytes=10-19")
+    assert (code, body) == (206, BIG[10:20])
+    assert headers.getRawHeaders(b"content-range") == [f"bytes 10-19/{CHUNK}".encode()]
+    assert headers.getRawHeaders(b"content-length") == [b"10"]
+
+
 def test_parse_range_edges() -> None:
     assert parse_range("bytes=5-2", 10) is None
     assert parse_range("bytes=-0", 10) is False
     assert parse_range("bytes=0-100", 10) == (0, 9)
     assert parse_range("bytes=-", 10) is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ITLSEP0A0000000007.tlv", "SEP0A0000000007.cnf.xml.sgn", "XMLDefault.cnf.xml",
+        "sip88xx.14-2-1.loads", "firmware.tar.gz", "a.tgz", "b.svgz", "ring.raw", "x.gz",
+        "noextension", ".hidden", ".hidden.xml", "dir/file.xml", "dir.d/file", "a..gz",
+        "data:text/plain.xml", "DATA.txt", "http.xml", "weird\\name.PNG", "UPPER.XML", "a.b:c",
+    ],
+)  # fmt: skip
+def test_content_type_is_what_mimetypes_says(name: str) -> None:
+    expected = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    assert content_type(name) == expected.encode()
