@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -958,57 +959,55 @@ def _why_code_differs(db: sqlite3.Connection, code_id: str, expect: CodeExpectat
 
 
 def _device(r: Sequence[Any]) -> Device:
+    return _device_of(r, json.loads(r[5]))
+
+
+def _devices(rows: list[Sequence[Any]]) -> list[Device]:
+    """Many rows at once, for a start with many devices: one JSON parse for all their lines
+    columns instead of one per row; same result as ``_device``.
+    (The caller reads ``_LOAD_CHUNK`` rows at a time: all 100,000 rows and their parsed JSON
+    at once would raise the peak, and the process's resident memory with it, for good.)
+    """
+    lines = json.loads("[" + ",".join(r[5] for r in rows) + "]")
+    return [_device_of(r, entries) for r, entries in zip(rows, lines, strict=True)]
+
+
+def _device_of(r: Sequence[Any], lines: list[dict[str, str]]) -> Device:
+    """A device row and its parsed lines column, the one decoding both engines use.
+
+    Every device is held in memory for the life of the process, so values that repeat are
+    held once rather than once per row as the database driver hands them out: the model
+    and owner names (interned), a line's auth name that is its number, an update time that
+    is the creation time (a record never edited).
+    """
+    created_at, updated_at = r[8], r[9]
     return Device(
         id=r[0],
         name=r[1],
-        model=r[2],
+        model=sys.intern(r[2]),
         description=r[3],
-        owner_user=r[4],
-        lines=tuple(Line(**entry) for entry in json.loads(r[5])),
+        owner_user=sys.intern(r[4]),
+        lines=tuple([_line(entry) for entry in lines]),
         requires_activation=bool(r[6]),
-        state=DeviceState(r[7]),
-        created_at=r[8],
-        updated_at=r[9],
+        state=_STATES[r[7]],
+        created_at=created_at,
+        updated_at=created_at if updated_at == created_at else updated_at,
         version=r[10],
         activated_at=r[11],
         mic_sha256=r[12],
         allow_remote=bool(r[13]),
         token_generation=r[14],
         refresh_serial=r[15],
-        onboarding=Onboarding(r[16]) if r[16] else None,
+        onboarding=_ONBOARDINGS[r[16]] if r[16] else None,
     )
 
 
-def _devices(rows: list[Sequence[Any]]) -> list[Device]:
-    """Many rows at once, for a start with many devices: one JSON parse for all their lines
-    columns instead of one per row, and enum members from a dict; same result as ``_device``.
-    (The caller reads ``_LOAD_CHUNK`` rows at a time: all 100,000 rows and their parsed JSON
-    at once would raise the peak, and the process's resident memory with it, for good.)
-    """
-    lines = json.loads("[" + ",".join(r[5] for r in rows) + "]")
-    states, onboardings = _STATES, _ONBOARDINGS
-    return [
-        Device(
-            id=r[0],
-            name=r[1],
-            model=r[2],
-            description=r[3],
-            owner_user=r[4],
-            lines=tuple([Line(**entry) for entry in entries]),
-            requires_activation=bool(r[6]),
-            state=states[r[7]],
-            created_at=r[8],
-            updated_at=r[9],
-            version=r[10],
-            activated_at=r[11],
-            mic_sha256=r[12],
-            allow_remote=bool(r[13]),
-            token_generation=r[14],
-            refresh_serial=r[15],
-            onboarding=onboardings[r[16]] if r[16] else None,
-        )
-        for r, entries in zip(rows, lines, strict=True)
-    ]
+def _line(entry: dict[str, str]) -> Line:
+    """A stored line; its auth name, when it is the number (the default), the same string."""
+    number = entry["directory_number"]
+    if entry.get("auth_name") == number:
+        entry["auth_name"] = number
+    return Line(**entry)
 
 
 _LOAD_CHUNK = 2000
