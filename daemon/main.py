@@ -166,8 +166,10 @@ def command_of(argv: Sequence[str]) -> str | None:
 def _takes_value(word: str) -> bool:
     """A global option whose value is the next word, spelt out or abbreviated as argparse
     accepts (``--state DIR``); not ``--state-dir=DIR``."""
-    return "=" not in word and len(word) > 2 and any(
-        option.startswith(word) for option in _GLOBAL_VALUE_OPTIONS
+    return (
+        "=" not in word
+        and len(word) > 2
+        and any(option.startswith(word) for option in _GLOBAL_VALUE_OPTIONS)
     )
 
 
