@@ -612,7 +612,7 @@ class SQLiteStore:
             cursor = db.execute(_SELECT_DEVICES)
             while rows := cursor.fetchmany(_LOAD_CHUNK):
                 devices += _devices(rows)
-            codes = [_code(r) for r in db.execute(_SELECT_CODES)]
+            codes = _loaded_codes(db.execute(_SELECT_CODES), devices)
             defaults = {
                 r[0]: Onboarding(r[1])
                 for r in db.execute("SELECT model, onboarding FROM model_defaults")
@@ -1015,16 +1015,23 @@ _STATES = {s.value: s for s in DeviceState}
 _ONBOARDINGS = {o.value: o for o in Onboarding}
 
 
-def _code(r: Sequence[Any]) -> ActivationCode:
+def _code(r: Sequence[Any], device_id: str | None = None) -> ActivationCode:
     return ActivationCode(
         id=r[0],
-        device_id=r[1],
+        device_id=device_id or r[1],
         code=r[2],
         issued_at=r[3],
         expires_at=r[4],
         state=CodeState(r[5]),
         used_at=r[6],
     )
+
+
+def _loaded_codes(rows: Iterable[Sequence[Any]], devices: list[Device]) -> list[ActivationCode]:
+    """The codes of a start-up load, each naming its device with the device's own id string
+    (held once for both, instead of once per row as the driver hands them out)."""
+    ids = {d.id: d.id for d in devices}
+    return [_code(r, ids.get(r[1])) for r in rows]
 
 
 def _code_row(c: ActivationCode) -> tuple[Any, ...]:
