@@ -103,7 +103,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [*CALLBOARD, "serve", "--state-dir", str(self.state), "--listen-address",
              "127.0.0.1", "--tftp-port", "0", "--http-port", "0", "--tvs-port", "0",
-             "--sip-port", str(self.sip_port), "--sip-tls-port", "0"],
+             "--sip-port", str(self.sip_port), "--sip-tls-port", "0", "--https-port", "0"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         log.close()
