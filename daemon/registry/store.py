@@ -1030,8 +1030,13 @@ def _code(r: Sequence[Any], device_id: str | None = None) -> ActivationCode:
 def _loaded_codes(rows: Iterable[Sequence[Any]], devices: list[Device]) -> list[ActivationCode]:
     """The codes of a start-up load, each naming its device with the device's own id string
     (held once for both, instead of once per row as the driver hands them out)."""
-    ids = {d.id: d.id for d in devices}
-    return [_code(r, ids.get(r[1])) for r in rows]
+    ids: dict[str, str] = {}
+    codes = []
+    for r in rows:
+        if not ids:  # built at the first code: none for a registry without codes
+            ids = {d.id: d.id for d in devices}
+        codes.append(_code(r, ids.get(r[1])))
+    return codes
 
 
 def _code_row(c: ActivationCode) -> tuple[Any, ...]:
