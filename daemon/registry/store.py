@@ -959,7 +959,7 @@ def _why_code_differs(db: sqlite3.Connection, code_id: str, expect: CodeExpectat
 
 
 def _device(r: Sequence[Any]) -> Device:
-    return _device_of(r, json.loads(r[5]))
+    return _device_of(r, json.loads(r[5]), {})
 
 
 def _devices(rows: list[Sequence[Any]]) -> list[Device]:
@@ -969,18 +969,19 @@ def _devices(rows: list[Sequence[Any]]) -> list[Device]:
     at once would raise the peak, and the process's resident memory with it, for good.)
     """
     lines = json.loads("[" + ",".join(r[5] for r in rows) + "]")
-    return [_device_of(r, entries) for r, entries in zip(rows, lines, strict=True)]
+    times: dict[float, float] = {}
+    return [_device_of(r, entries, times) for r, entries in zip(rows, lines, strict=True)]
 
 
-def _device_of(r: Sequence[Any], lines: list[dict[str, str]]) -> Device:
+def _device_of(r: Sequence[Any], lines: list[dict[str, str]], times: dict[float, float]) -> Device:
     """A device row and its parsed lines column, the one decoding both engines use.
 
     Every device is held in memory for the life of the process, so values that repeat are
     held once rather than once per row as the database driver hands them out: the model
-    and owner names (interned), a line's auth name that is its number, an update time that
-    is the creation time (a record never edited).
+    and owner names (interned), a line's auth name that is its number, and equal times
+    (``times`` maps each time met so far to its one float: a record never edited was
+    updated when it was created, and devices imported together were created at one time).
     """
-    created_at, updated_at = r[8], r[9]
     return Device(
         id=r[0],
         name=r[1],
@@ -990,10 +991,10 @@ def _device_of(r: Sequence[Any], lines: list[dict[str, str]]) -> Device:
         lines=tuple([_line(entry) for entry in lines]),
         requires_activation=bool(r[6]),
         state=_STATES[r[7]],
-        created_at=created_at,
-        updated_at=created_at if updated_at == created_at else updated_at,
+        created_at=times.setdefault(r[8], r[8]),
+        updated_at=times.setdefault(r[9], r[9]),
         version=r[10],
-        activated_at=r[11],
+        activated_at=None if r[11] is None else times.setdefault(r[11], r[11]),
         mic_sha256=r[12],
         allow_remote=bool(r[13]),
         token_generation=r[14],
