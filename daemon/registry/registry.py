@@ -187,11 +187,11 @@ class Registry:
         with _no_cyclic_gc():  # 100,000 new records: no point in scanning them as they come
             snapshot = store.load()
             self._load_devices(snapshot.devices)
+            self._remember(
+                [PutCode(c) for c in sorted(snapshot.codes, key=lambda c: c.issued_at)]
+                + [PutDefault(m, o) for m, o in snapshot.defaults.items()]
+            )
         self._seq = snapshot.seq
-        self._remember(
-            [PutCode(c) for c in sorted(snapshot.codes, key=lambda c: c.issued_at)]
-            + [PutDefault(m, o) for m, o in snapshot.defaults.items()]
-        )
 
     # -- reads -------------------------------------------------------------------------
 
