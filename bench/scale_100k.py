@@ -21,6 +21,7 @@ Prints the core count, the load average with each figure, medians over ``--runs`
 Markdown table for docs/BENCHMARKS.md. Bounded: at most 200,000 devices, loopback only.
 
     python bench/scale_100k.py [--sizes 25000,50000,100000] [--runs 1] [--restarts 3]
+        [--devices-only]
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [*CALLBOARD, "serve", "--state-dir", str(self.state), "--listen-address",
              "127.0.0.1", "--tftp-port", "0", "--http-port", "0", "--tvs-port", "0",
-             "--sip-port", str(self.sip_port), "--sip-tls-port", "0"],
+             "--sip-port", str(self.sip_port), "--sip-tls-port", "0", "--https-port", "0"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         log.close()
@@ -249,7 +250,9 @@ class Result:
     loads: list[str] = field(default_factory=list)
 
 
-def one_run(size: int, restarts: int, window: int, result: Result) -> None:
+def one_run(
+    size: int, restarts: int, window: int, result: Result, *, register: bool = True
+) -> None:
     with tempfile.TemporaryDirectory(prefix="callboard-scale-") as tmp:
         base = Path(tmp)
         csv_path = base / "phones.csv"
@@ -277,6 +280,11 @@ def one_run(size: int, restarts: int, window: int, result: Result) -> None:
             pid = daemon.proc.pid  # type: ignore[union-attr]
             time.sleep(1.0)
             result.rss_start.append(rss_mb(pid))
+            if not register:
+                result.loads.append(load())
+                print(f"  {size}: RSS {result.rss_start[-1]:.0f} MB with devices only "
+                      f"({load()})", flush=True)  # fmt: skip
+                return
             ok, seconds = register_all(daemon.sip_port, size, window)
             time.sleep(1.0)
             result.rss_bound.append(rss_mb(pid))
@@ -299,6 +307,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--restarts", type=int, default=3)
     ap.add_argument("--window", type=int, default=200, help="REGISTERs in flight")
+    ap.add_argument(
+        "--devices-only",
+        action="store_true",
+        help="skip the REGISTERs: import, restarts and the RSS with devices only",
+    )
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if not all(1 <= s <= MAX_DEVICES for s in sizes) or not 1 <= args.runs <= 5:
@@ -310,9 +323,17 @@ def main() -> int:
     for run in range(args.runs):
         for size in sizes:  # interleaved: every size in each run
             print(f"run {run + 1}/{args.runs}, {size} devices", flush=True)
-            one_run(size, args.restarts, args.window, results[size])
+            one_run(size, args.restarts, args.window, results[size], register=not args.devices_only)
     med = statistics.median
     print()
+    if args.devices_only:
+        print("| devices | import (CPU) | start → READY (CPU) | RSS, devices only | load |")
+        print("|---|---|---|---|---|")
+        for r in results.values():
+            print(f"| {r.size:,} | {med(r.import_s):.2f} s ({med(r.import_cpu):.2f} s) | "
+                  f"{med(r.ready_s):.2f} s ({med(r.ready_cpu):.2f} s) | "
+                  f"{med(r.rss_start):.0f} MB | {r.loads[-1]} |")  # fmt: skip
+        return 0
     print(
         "| devices | import (CPU) | start → READY (CPU) | start → first SIP answer |"
         " RSS, devices only | RSS, + one binding each | same, 36 s later | bindings |"

@@ -95,7 +95,9 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; for ``command`` ``serve`` only what the daemon parses, so a
+    daemon does not import the clients' modules (the emulated phone) it never runs."""
     parser = argparse.ArgumentParser(
         prog="callboard",
         description="Onboard IP phones with activation codes: provisioning, TVS and registrar.",
@@ -141,9 +143,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=run_serve)
 
-    admin_cli.register_cli(sub)
-    _register_optional(sub)
+    if command != "serve":
+        admin_cli.register_cli(sub)
+        _register_optional(sub)
     return parser
+
+
+_GLOBAL_VALUE_OPTIONS = ("--admin-socket", "--state-dir")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (its first word that is not a global option)."""
+    words = iter(argv)
+    for word in words:
+        if _takes_value(word):
+            next(words, None)  # the option's value
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _takes_value(word: str) -> bool:
+    """A global option whose value is the next word, spelt out or abbreviated as argparse
+    accepts (``--state DIR``); not ``--state-dir=DIR``."""
+    return (
+        "=" not in word
+        and len(word) > 2
+        and any(option.startswith(word) for option in _GLOBAL_VALUE_OPTIONS)
+    )
 
 
 def _register_optional(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -223,10 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Socket activation's variables, read before anything imports twisted.internet.endpoints
     # (building the parser does), which would remove them.
     inherited = socket_activation.capture()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_of(words))
+    args = parser.parse_args(words)
     args.inherited = inherited
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # workers run the same command
+    args.argv = words  # workers run the same command
     if args.command != "serve":
         # Short-lived clients die quietly when piped into `head`; the daemon must not.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

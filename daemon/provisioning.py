@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -56,6 +57,10 @@ _RENDERED_ONLY = re.compile(
     r"^(sep|bat)[0-9a-f]{12}\.cnf\.xml(\.sgn|\.enc\.sgn)?$|^sepdefault\.cnf$"
 )
 _SIGNED_NEVER = re.compile(r"\.(sgn|enc|tlv)$")  # no .sgn of a .sgn, an .enc or a trust list
+# Rendered device configs kept, least recently served dropped first: a booting phone fetches
+# its file again within seconds (TFTP then HTTP, retries), but keeping every device's file
+# (a few KB each) would hold hundreds of MB with 100,000 devices.
+CONFIG_CACHE_SIZE = 4096
 _VERSION_NAMESPACE = uuid.UUID("6f1e3a52-8f0b-4c55-9d2e-3c1b7e0a9d41")
 _TRANSPORT_CODES = {"tcp": "1", "udp": "2", "tls": "3"}
 _SECURITY_MODES = {"tls": (2, 3), "tcp": (1,), "udp": (1,)}
@@ -185,7 +190,7 @@ class ProvisioningTree:
         self._default_template = load_template("XMLDefault.cnf.xml", template_dir)
         self._device_template = load_template("SEPDevice.cnf.xml", template_dir)
         self._templates = _template_files(template_dir)
-        self._device_cache: dict[str, tuple[int, bytes]] = {}
+        self._device_cache: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
         self._default_cache: tuple[int, bytes] | None = None  # (defaults version, bytes)
         #: The bootstrap config of a MAC that may activate by voice (None: not that MAC).
         self.bootstrap: Callable[[str], bytes | None] | None = None
@@ -362,9 +367,12 @@ class ProvisioningTree:
         cached = self._device_cache.get(device.id)
         if cached and cached[0] == device.version:
             data = cached[1]
+            self._device_cache.move_to_end(device.id)
         else:
             data = self.render_device(device)
             self._device_cache[device.id] = (device.version, data)
+            if len(self._device_cache) > CONFIG_CACHE_SIZE:
+                self._device_cache.popitem(last=False)
         log.info(
             "config served",
             device=device.name,

@@ -15,6 +15,7 @@ SQL is what both engines speak (``ON CONFLICT … DO UPDATE``), parameters in th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -43,8 +44,16 @@ MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 
 _hasher = PasswordHasher()  # Argon2id, t=3, m=64 MiB, p=4 (RFC 9106 second choice)
-# Verified against when the user is unknown, so both answers take the same time.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user is unknown, so both answers take the same time.
+
+    Made at the first verification (on a worker thread), not at import: one Argon2id hash
+    costs 0.1-0.8 s of CPU and 64 MiB, which every daemon start paid, web on or off.
+    """
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True)
@@ -108,8 +117,9 @@ def hash_password(password: str) -> str:
 
 def verify_password(stored_hash: str | None, password: str) -> bool:
     """True when ``password`` matches; an unknown user (None) costs the same time."""
+    dummy = _dummy_hash()  # first, known user or not: the first answer is no tell either
     try:
-        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and bool(stored_hash)
+        return _hasher.verify(stored_hash or dummy, password) and bool(stored_hash)
     except (VerificationError, InvalidHashError):
         return False
 

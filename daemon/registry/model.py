@@ -175,7 +175,7 @@ class Device:
         return replace(self, updated_at=now, version=self.version + 1, **changes)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ActivationCode:
     id: str
     device_id: str

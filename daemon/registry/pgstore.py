@@ -65,12 +65,12 @@ from .store import (
     PutDevice,
     Snapshot,
     StoreError,
-    _code,
     _code_row,
     _device,
     _device_row,
     _feed_batch,
     _feed_keys,
+    _loaded_codes,
     _StoreThread,
     _wanted_keys,
 )
@@ -435,7 +435,7 @@ class PostgreSQLStore:
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             devices = [_device(r) for r in conn.execute(_SELECT_DEVICES)]
-            codes = [_code(r) for r in conn.execute(_SELECT_CODES)]
+            codes = _loaded_codes(conn.execute(_SELECT_CODES), devices)
             defaults = {
                 r[0]: Onboarding(r[1])
                 for r in conn.execute("SELECT model, onboarding FROM model_defaults")

@@ -173,9 +173,10 @@ class Registry:
         self._codes: dict[str, ActivationCode] = {}
         self._code_of_device: dict[str, str] = {}
         self._code_index: dict[bytes, str] = {}
-        # Directory number -> ids of the devices with a line on it (almost always one: a
-        # tuple, not a set, which would cost ~200 bytes per number with 100,000 devices).
-        self._dn_owners: dict[str, tuple[str, ...]] = {}
+        # Directory number -> how many devices have a line on it: all that is asked of it is
+        # whether a number is taken, and a count (a shared small int) costs nothing per
+        # device, where a set or tuple of ids cost 50-200 bytes each with 100,000 devices.
+        self._dn_users: dict[str, int] = {}
         self._defaults: dict[str, Onboarding] = {}
         self.defaults_version = 0  # bumped on every change of a model's default
         # Names and directory numbers claimed by writes still on their way to the disk.
@@ -186,11 +187,11 @@ class Registry:
         with _no_cyclic_gc():  # 100,000 new records: no point in scanning them as they come
             snapshot = store.load()
             self._load_devices(snapshot.devices)
+            self._remember(
+                [PutCode(c) for c in sorted(snapshot.codes, key=lambda c: c.issued_at)]
+                + [PutDefault(m, o) for m, o in snapshot.defaults.items()]
+            )
         self._seq = snapshot.seq
-        self._remember(
-            [PutCode(c) for c in sorted(snapshot.codes, key=lambda c: c.issued_at)]
-            + [PutDefault(m, o) for m, o in snapshot.defaults.items()]
-        )
 
     # -- reads -------------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ class Registry:
 
     def directory_number_in_use(self, dn: str) -> bool:
         """Whether a device has the number, or a write still in flight claims it."""
-        return bool(self._dn_owners.get(dn)) or self._pending_dns[dn] > 0
+        return dn in self._dn_users or self._pending_dns[dn] > 0
 
     def now(self) -> float:
         return self._clock()
@@ -769,34 +770,27 @@ class Registry:
     def _load_devices(self, devices: Iterable[Device]) -> None:
         """The start-up load into empty indexes: what ``_remember`` does for each
         ``PutDevice``, without the change objects and events (100,000 devices at start)."""
-        by_id, by_name, dn_owners = self._devices, self._by_name, self._dn_owners
         for device in devices:
-            old = by_id.get(device.id)
-            if old is not None:
-                self._forget_device_indexes(old)
-            by_id[device.id] = device
-            by_name[device.name] = device.id
-            for ln in device.lines:
-                owners = dn_owners.get(ln.directory_number, ())
-                if device.id not in owners:
-                    dn_owners[ln.directory_number] = (*owners, device.id)
+            self._put_device(device)
+
+    def _put_device(self, new: Device) -> Device | None:
+        """Hold ``new`` in place of its older version (returned), in every index."""
+        old = self._devices.get(new.id)
+        if old is not None:
+            self._forget_device_indexes(old)
+        self._devices[new.id] = new
+        self._by_name[new.name] = new.id
+        users = self._dn_users
+        for dn in _numbers_of(new):
+            users[dn] = users.get(dn, 0) + 1
+        return old
 
     def _remember(self, changes: Iterable[Change]) -> list[Event]:
         """Apply already-stored changes to memory; return (old, new) device pairs."""
         events: list[Event] = []
         for change in changes:
             if isinstance(change, PutDevice):
-                new = change.device
-                old = self._devices.get(new.id)
-                if old is not None:
-                    self._forget_device_indexes(old)
-                self._devices[new.id] = new
-                self._by_name[new.name] = new.id
-                for ln in new.lines:
-                    owners = self._dn_owners.get(ln.directory_number, ())
-                    if new.id not in owners:
-                        self._dn_owners[ln.directory_number] = (*owners, new.id)
-                events.append((old, new))
+                events.append((self._put_device(change.device), change.device))
             elif isinstance(change, DeleteDevice):
                 old = self._devices.pop(change.device_id, None)
                 if old is not None:
@@ -832,11 +826,18 @@ class Registry:
     def _forget_device_indexes(self, device: Device) -> None:
         if self._by_name.get(device.name) == device.id:
             del self._by_name[device.name]
-        for ln in device.lines:
-            owners = self._dn_owners.get(ln.directory_number)
-            if owners and device.id in owners:
-                rest = tuple(o for o in owners if o != device.id)
-                if rest:
-                    self._dn_owners[ln.directory_number] = rest
-                else:
-                    del self._dn_owners[ln.directory_number]
+        users = self._dn_users
+        for dn in _numbers_of(device):
+            left = users.get(dn, 0) - 1
+            if left > 0:
+                users[dn] = left
+            else:
+                users.pop(dn, None)
+
+
+def _numbers_of(device: Device) -> Iterable[str]:
+    """The device's distinct directory numbers (each counts once in the index)."""
+    lines = device.lines
+    if len(lines) == 1:  # the common case, without building a dict
+        return (lines[0].directory_number,)
+    return dict.fromkeys(ln.directory_number for ln in lines)

@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -611,7 +612,7 @@ class SQLiteStore:
             cursor = db.execute(_SELECT_DEVICES)
             while rows := cursor.fetchmany(_LOAD_CHUNK):
                 devices += _devices(rows)
-            codes = [_code(r) for r in db.execute(_SELECT_CODES)]
+            codes = _loaded_codes(db.execute(_SELECT_CODES), devices)
             defaults = {
                 r[0]: Onboarding(r[1])
                 for r in db.execute("SELECT model, onboarding FROM model_defaults")
@@ -958,57 +959,56 @@ def _why_code_differs(db: sqlite3.Connection, code_id: str, expect: CodeExpectat
 
 
 def _device(r: Sequence[Any]) -> Device:
-    return Device(
-        id=r[0],
-        name=r[1],
-        model=r[2],
-        description=r[3],
-        owner_user=r[4],
-        lines=tuple(Line(**entry) for entry in json.loads(r[5])),
-        requires_activation=bool(r[6]),
-        state=DeviceState(r[7]),
-        created_at=r[8],
-        updated_at=r[9],
-        version=r[10],
-        activated_at=r[11],
-        mic_sha256=r[12],
-        allow_remote=bool(r[13]),
-        token_generation=r[14],
-        refresh_serial=r[15],
-        onboarding=Onboarding(r[16]) if r[16] else None,
-    )
+    return _device_of(r, json.loads(r[5]), {})
 
 
 def _devices(rows: list[Sequence[Any]]) -> list[Device]:
     """Many rows at once, for a start with many devices: one JSON parse for all their lines
-    columns instead of one per row, and enum members from a dict; same result as ``_device``.
+    columns instead of one per row; same result as ``_device``.
     (The caller reads ``_LOAD_CHUNK`` rows at a time: all 100,000 rows and their parsed JSON
     at once would raise the peak, and the process's resident memory with it, for good.)
     """
     lines = json.loads("[" + ",".join(r[5] for r in rows) + "]")
-    states, onboardings = _STATES, _ONBOARDINGS
-    return [
-        Device(
-            id=r[0],
-            name=r[1],
-            model=r[2],
-            description=r[3],
-            owner_user=r[4],
-            lines=tuple([Line(**entry) for entry in entries]),
-            requires_activation=bool(r[6]),
-            state=states[r[7]],
-            created_at=r[8],
-            updated_at=r[9],
-            version=r[10],
-            activated_at=r[11],
-            mic_sha256=r[12],
-            allow_remote=bool(r[13]),
-            token_generation=r[14],
-            refresh_serial=r[15],
-            onboarding=onboardings[r[16]] if r[16] else None,
-        )
-        for r, entries in zip(rows, lines, strict=True)
-    ]
+    times: dict[float, float] = {}
+    return [_device_of(r, entries, times) for r, entries in zip(rows, lines, strict=True)]
+
+
+def _device_of(r: Sequence[Any], lines: list[dict[str, str]], times: dict[float, float]) -> Device:
+    """A device row and its parsed lines column, the one decoding both engines use.
+
+    Every device is held in memory for the life of the process, so values that repeat are
+    held once rather than once per row as the database driver hands them out: the model
+    and owner names (interned), a line's auth name that is its number, and equal times
+    (``times`` maps each time met so far to its one float: a record never edited was
+    updated when it was created, and devices imported together were created at one time).
+    """
+    return Device(
+        id=r[0],
+        name=r[1],
+        model=sys.intern(r[2]),
+        description=r[3],
+        owner_user=sys.intern(r[4]),
+        lines=tuple([_line(entry) for entry in lines]),
+        requires_activation=bool(r[6]),
+        state=_STATES[r[7]],
+        created_at=times.setdefault(r[8], r[8]),
+        updated_at=times.setdefault(r[9], r[9]),
+        version=r[10],
+        activated_at=None if r[11] is None else times.setdefault(r[11], r[11]),
+        mic_sha256=r[12],
+        allow_remote=bool(r[13]),
+        token_generation=r[14],
+        refresh_serial=r[15],
+        onboarding=_ONBOARDINGS[r[16]] if r[16] else None,
+    )
+
+
+def _line(entry: dict[str, str]) -> Line:
+    """A stored line; its auth name, when it is the number (the default), the same string."""
+    number = entry["directory_number"]
+    if entry.get("auth_name") == number:
+        entry["auth_name"] = number
+    return Line(**entry)
 
 
 _LOAD_CHUNK = 2000
@@ -1016,16 +1016,28 @@ _STATES = {s.value: s for s in DeviceState}
 _ONBOARDINGS = {o.value: o for o in Onboarding}
 
 
-def _code(r: Sequence[Any]) -> ActivationCode:
+def _code(r: Sequence[Any], device_id: str | None = None) -> ActivationCode:
     return ActivationCode(
         id=r[0],
-        device_id=r[1],
+        device_id=device_id or r[1],
         code=r[2],
         issued_at=r[3],
         expires_at=r[4],
         state=CodeState(r[5]),
         used_at=r[6],
     )
+
+
+def _loaded_codes(rows: Iterable[Sequence[Any]], devices: list[Device]) -> list[ActivationCode]:
+    """The codes of a start-up load, each naming its device with the device's own id string
+    (held once for both, instead of once per row as the driver hands them out)."""
+    ids: dict[str, str] = {}
+    codes = []
+    for r in rows:
+        if not ids:  # built at the first code: none for a registry without codes
+            ids = {d.id: d.id for d in devices}
+        codes.append(_code(r, ids.get(r[1])))
+    return codes
 
 
 def _code_row(c: ActivationCode) -> tuple[Any, ...]:

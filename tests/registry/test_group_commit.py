@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest_twisted
@@ -122,9 +123,7 @@ async def test_a_failed_write_in_a_group_is_rolled_back_alone(store: SQLiteStore
     assert all(codes)
     first, wrong, third = codes
     assert first is not None and wrong is not None and third is not None
-    used = [
-        c.__class__(**{**c.__dict__, "state": CodeState.USED, "used_at": NOW}) for c in codes if c
-    ]
+    used = [replace(c, state=CodeState.USED, used_at=NOW) for c in codes if c]
 
     held = Held(store)
     ds = [

@@ -298,3 +298,26 @@ async def test_listeners_hear_renames(registry: Registry) -> None:
         (device.name, "SEP001122334455"),
         ("SEP001122334455", None),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_number_is_in_use_while_any_device_holds_it(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """The index counts the devices on each number: shared, changed, deleted, reloaded."""
+    registry = open_registry(db_path, clock)
+    first = await registry.add_device(DeviceSpec(model="8841", lines=(Line("1001"), Line("1002"))))
+    second = await registry.add_device(DeviceSpec(model="8841", lines=(Line("1001"),)))
+    assert registry.directory_number_in_use("1001") and registry.directory_number_in_use("1002")
+    await registry.delete(first.name)
+    assert registry.directory_number_in_use("1001")  # the second device still has it
+    assert not registry.directory_number_in_use("1002")
+    await registry.update_device(second.name, lines=[Line("2001", "Renamed")])
+    assert not registry.directory_number_in_use("1001")
+    await registry.update_device(second.name, description="same lines, new version")
+    assert registry.directory_number_in_use("2001")
+    reloaded = open_registry(db_path, clock)
+    assert reloaded.directory_number_in_use("2001")
+    assert not reloaded.directory_number_in_use("1001")
+    await reloaded.delete(second.name)
+    assert not reloaded.directory_number_in_use("2001")

@@ -69,3 +69,32 @@ async def test_bulk_load_builds_the_same_devices_as_one_row_at_a_time(
     assert loaded[special.id] == special
     assert loaded[added[1].id] == added[1]
     assert [ln.directory_number for ln in added[1].lines] == ["1001", "1002"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_loaded_records_hold_repeated_values_once(store: SQLiteStore, tmp_path: Path) -> None:
+    """What 100,000 records repeat is one object in memory, not one per row: the model and
+    owner names, a line's auth name that is its number, the time of devices imported together
+    (and an untouched record's update time), and a code's device id (the device's own)."""
+    registry = Registry(store, lambda: NOW)
+    await registry.add_devices(
+        [DeviceSpec(model="8841", owner_user="alice", lines=(Line(f"10{i}"),)) for i in range(3)]
+    )
+    reopened = SQLiteStore(tmp_path / "callboard.sqlite3")
+    try:
+        snapshot = reopened.load()
+    finally:
+        await reopened.close()
+    devices = snapshot.devices
+    assert len(devices) == 3 and len(snapshot.codes) == 3
+    assert devices[0].model is devices[1].model is devices[2].model
+    assert devices[0].owner_user is devices[1].owner_user is devices[2].owner_user
+    for device in devices:
+        (line,) = device.lines
+        assert line.auth_name == line.directory_number
+        assert line.auth_name is line.directory_number
+        assert device.updated_at is device.created_at
+        assert device.created_at is devices[0].created_at  # imported together
+    by_id = {d.id: d for d in devices}
+    for code in snapshot.codes:
+        assert code.device_id is by_id[code.device_id].id
