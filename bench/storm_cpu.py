@@ -21,7 +21,11 @@ daemon with ``py-spy record --pid PID -r 200 -d SECONDS --format raw --nonblocki
 booting starts (first run of each level) and prints the hottest frames.
 
     python bench/storm_cpu.py [--phones 2000] [--concurrency 64[,512]] [--processes 2] [--runs 3]
-        [--profile 12] [--baseline PYTHONPATH]
+        [--profile 12] [--baseline PYTHONPATH] [--workers 1[,2]]
+
+``--workers 1,2`` (issue 12) storms a ``callboard serve --workers 2`` daemon too, right before
+each storm of the first count, and reports its phones/s against it; the daemon's CPU is then
+the supervisor's and its workers' together.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def daemon_env(pythonpath: str | None) -> dict[str, str] | None:
 
 
 def start_daemon(
-    state: Path, lab: Path, pythonpath: str | None = None
+    state: Path, lab: Path, pythonpath: str | None = None, workers: int = 1
 ) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     log = open(state.parent / "daemon.log", "ab")  # noqa: SIM115 - handed to the child
     # HTTPS has no ephemeral port of its own (phones are told 6971 unless the storm says
@@ -77,7 +81,8 @@ def start_daemon(
     proc = subprocess.Popen(
         [*CALLBOARD, "serve", "--state-dir", str(state), "--listen-address", "127.0.0.1",
          "--tftp-port", "0", "--http-port", "0", "--tvs-port", "0", "--sip-port", "0",
-         "--sip-tls-port", "0", "--https-port", str(https), "--manufacturing-trust", str(lab)],
+         "--sip-tls-port", "0", "--https-port", str(https), "--manufacturing-trust", str(lab),
+         *(["--workers", str(workers)] if workers > 1 else [])],
         stdout=log, stderr=subprocess.STDOUT, env=daemon_env(pythonpath),
     )  # fmt: skip
     log.close()
@@ -110,11 +115,11 @@ class StormResult:
 
 def storm_run(
     base: Path, lab: Path, phones: int, concurrency: int, processes: int, run: int,
-    profile: float = 0.0, pythonpath: str | None = None, tag: str = "",
+    profile: float = 0.0, pythonpath: str | None = None, tag: str = "", workers: int = 1,
 ) -> StormResult:  # fmt: skip
     """One fresh daemon (its code from ``pythonpath`` when given), one storm."""
     state = base / f"state{run}-{concurrency}{tag}"
-    proc, ports = start_daemon(state, lab, pythonpath)
+    proc, ports = start_daemon(state, lab, pythonpath, workers)
     spy: subprocess.Popen[bytes] | None = None
     raw = base / f"profile-{concurrency}-{run}{tag}.raw"
     try:
@@ -134,7 +139,7 @@ def storm_run(
         cpu0, gen0, last = None, 0.0, ""
         for line in storm.stdout:
             if cpu0 is None and re.match(r"^storm: \d+ phone\(s\) of model", line):
-                cpu0 = cpu_seconds(proc.pid)  # provisioning done: booting starts
+                cpu0 = _tree_cpu(proc.pid)  # provisioning done: booting starts
                 gen0 = _tree_cpu(storm.pid)
                 if profile:
                     spy = subprocess.Popen(
@@ -146,7 +151,7 @@ def storm_run(
                 last = line.strip()
         _, _, usage = os.wait4(storm.pid, 0)  # its own CPU and its reaped client processes'
         storm.returncode = 0
-        cpu = cpu_seconds(proc.pid) - (cpu0 or 0.0)
+        cpu = _tree_cpu(proc.pid) - (cpu0 or 0.0)  # a supervisor's workers included
         generator = usage.ru_utime + usage.ru_stime - gen0 if cpu0 is not None else 0.0
         if spy is not None:
             spy.wait(timeout=max(60.0, profile * 3))
@@ -246,8 +251,14 @@ def main() -> int:
         help="also storm a daemon importing callboard from this PYTHONPATH ('' = the installed "
         "package), right after each storm, and print its CPU per phone next to ours",
     )  # fmt: skip
+    ap.add_argument(
+        "--workers", default="1", help="daemon worker processes; a list (1,2) also storms a "
+        "daemon with each further count right before the first one's storm",
+    )  # fmt: skip
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    by_workers: dict[tuple[int, int], list[StormResult]] = collections.defaultdict(list)
     if not 1 <= args.phones <= MAX_PHONES or not 1 <= args.runs <= 10:
         ap.error(f"--phones must be 1..{MAX_PHONES}, --runs 1..10")
     version = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout
@@ -263,9 +274,18 @@ def main() -> int:
         certs.write_lab_ca(lab, certs.make_lab_ca("ec"))
         for run in range(args.runs):
             for level in levels:  # interleaved: each storm next to an openssl measurement
+                for workers in worker_counts[1:]:  # the same storm on a --workers N daemon
+                    multi = storm_run(
+                        base, lab, args.phones, level, args.processes, run,
+                        tag=f"-w{workers}", workers=workers,
+                    )  # fmt: skip
+                    by_workers[(level, workers)].append(multi)
+                    print(f"run {run + 1} storm at {level}, --workers {workers}: {multi.last} "
+                          f"daemon_cpu_ms_per_phone={multi.daemon_cpu_ms:.2f} "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
                 result = storm_run(
                     base, lab, args.phones, level, args.processes, run,
-                    args.profile if run == 0 else 0.0,
+                    args.profile if run == 0 else 0.0, workers=worker_counts[0],
                 )  # fmt: skip
                 storms[level].append(result)
                 print(f"run {run + 1} storm at {level}: {result.last} daemon_cpu_ms_per_phone="
@@ -311,6 +331,16 @@ def main() -> int:
             f"(its ceiling on {cores} cores: ~{ceiling:.0f} phones/s); "
             f"ratio daemon CPU per phone / openssl CPU per handshake: {cpu / ocpu:.2f}x"
         )
+        for workers in worker_counts[1:]:
+            multi = by_workers[(level, workers)]
+            failed += sum(r.failed for r in multi)
+            mrate = statistics.median(r.rate for r in multi)
+            print(
+                f"  --workers {workers} at {level} in flight, median of {args.runs}: "
+                f"{mrate:.1f} phones/s ({mrate / rate:.2f}x {worker_counts[0]} worker(s)), "
+                f"daemon CPU {statistics.median(r.daemon_cpu_ms for r in multi):.2f} ms per "
+                f"phone, {sum(r.failed for r in multi)} failed"
+            )
         if baseline[level]:
             before = statistics.median(r.daemon_cpu_ms for r in baseline[level])
             failed += sum(r.failed for r in baseline[level])

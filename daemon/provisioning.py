@@ -276,6 +276,16 @@ class ProvisioningTree:
         return self._signer
 
     def open(self, name: str, requester: Requester) -> Opened:
+        try:
+            return self._open(name, requester)
+        except FileNotFound:
+            if not (self._registry.shared and _SEP_CONFIG.match(_unsigned(name.lower()))):
+                raise
+        # A phone activated through another worker or node a moment ago, perhaps: read the
+        # change feed before answering "not found" (the phone would retry, but seconds later).
+        return self._registry.settled().addCallback(lambda _: self._open(name, requester))
+
+    def _open(self, name: str, requester: Requester) -> Opened:
         lowered = name.lower()
         if self._signer is not None and lowered.endswith(".sgn"):
             return self._open_signed(name[: -len(".sgn")], requester)
@@ -558,3 +568,7 @@ def _later(result: bytes | Deferred[bytes]) -> Opened:
     if isinstance(result, bytes):
         return MemoryBody(result)
     return result.addCallback(MemoryBody)
+
+
+def _unsigned(lowered: str) -> str:
+    return lowered[: -len(".sgn")] if lowered.endswith(".sgn") else lowered

@@ -142,6 +142,8 @@ class CallboardService(AtomicMultiService):
         self.store = open_store(config.store.url, state_dir, self.reactor)
         try:
             self.registry = Registry(self.store, self.now, config.registry)
+            # Workers of one box, or nodes on one PostgreSQL: others write the registry too.
+            self.registry.shared = config.workers > 1 or not isinstance(self.store, SQLiteStore)
             if not certs.certs_present(state_dir):
                 log.info("creating server certificates", directory=str(state_dir / "certs"))
                 certs.init_certs(state_dir, key_type=config.trust.key_type)

@@ -84,6 +84,14 @@ class RegistryPolicy:
             else:
                 return PolicyDecision.refuse(404, "no +u.sip!devicename.ccm.cisco.com parameter")
         device = self._registry.find(name)
+        if self._registry.shared and not _settled(device):
+            # Activated or added through another worker or node a moment ago, perhaps:
+            # read the change feed before telling a phone it is unknown or not active.
+            return self._registry.settled().addCallback(lambda _: self._decide(name, request))
+        return self._decide(name, request)
+
+    def _decide(self, name: str, request: RegistrationRequest) -> Decision:
+        device = self._registry.find(name)
         if device is None:
             if name.upper() in self._creating:
                 return self._after_creation(name.upper(), request)
@@ -169,3 +177,12 @@ class RegistryPolicy:
             return self._known(device, request)
 
         return waiter.addCallback(again)
+
+
+def _settled(device: Device | None) -> bool:
+    """A device this view may answer for without news from other writers."""
+    return (
+        device is not None
+        and device.state is not DeviceState.AWAITING_ACTIVATION
+        and (not device.is_placeholder)
+    )

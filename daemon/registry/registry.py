@@ -111,6 +111,15 @@ class Redeemed:
     device: Device | None = None
 
 
+@dataclass(frozen=True)
+class _Activation:
+    """What redeeming a code writes: the code used, the device activated (and renamed)."""
+
+    changes: list[Change]
+    device: Device
+    names: frozenset[str]  # a BAT record's new SEP name, claimed until the store answers
+
+
 class BulkError(RegistryError):
     """Some rows of a bulk insert are bad; nothing was written."""
 
@@ -184,6 +193,10 @@ class Registry:
         self._pending_dns: Counter[str] = Counter()
         self._refreshing = False
         self._refresh_waiters: list[Deferred[int]] = []
+        #: Other processes write this registry too (workers, nodes): a refusal decided from
+        #: this view may only mean their change is not followed yet, so ``redeem`` and the
+        #: readers that use :meth:`settled` read the feed once more before refusing.
+        self.shared = False
         with _no_cyclic_gc():  # 100,000 new records: no point in scanning them as they come
             snapshot = store.load()
             self._load_devices(snapshot.devices)
@@ -497,41 +510,61 @@ class Registry:
         issued, unexpired and with these digits; the device at the version read). The code
         becomes used, a BAT record becomes SEP<mac>, the device becomes active with the MIC
         fingerprint recorded, and the Deferred fires once that is durable. A refusal decided
-        from memory fires at once (no store round trip for a wrong guess). ``remote``: the
+        from memory fires at once (no store round trip for a wrong guess) unless the registry
+        is :attr:`shared`: then the view reads the change feed and checks once more, so a
+        code issued through another worker or node a moment ago is found. ``remote``: the
         phone came through the edge, which the device must allow; every activation starts a
         new token generation (tokens of an earlier activation stop working).
         """
+        plan = self._plan_redemption(mac, model, code, mic_sha256, remote)
+        if isinstance(plan, Redeemed) and self.shared:  # perhaps news from another writer
+            return self.settled().addCallback(
+                lambda _: self._carry_out(
+                    self._plan_redemption(mac, model, code, mic_sha256, remote)
+                )
+            )
+        return self._carry_out(plan)
+
+    def settled(self) -> Deferred[None]:
+        """Fires once the view has read the change feed (at once when nobody else writes);
+        a failed read is logged and the view stays as it was."""
+        if not self.shared:
+            return succeed(None)
+        return self.follow()
+
+    def _plan_redemption(
+        self, mac: str, model: str, code: str, mic_sha256: str, remote: bool
+    ) -> Redeemed | _Activation:
+        """The checks of :meth:`redeem` on this view: a refusal, or what to commit."""
         now = self._clock()
         try:
             digits = normalise_code(code)
             mac = normalise_mac(mac)
             phone_model = model_info(model).name
         except RegistryError as exc:
-            return succeed(Redeemed(False, str(exc)))
+            return Redeemed(False, str(exc))
         code_id = self._code_index.get(self._index_digest(digits))
         stored = self._codes.get(code_id) if code_id else None
         if stored is None or not hmac.compare_digest(stored.code, digits):
-            return succeed(Redeemed(False, "unknown activation code"))
+            return Redeemed(False, "unknown activation code")
         state = stored.effective_state(now)
         if state is not CodeState.ISSUED:
-            return succeed(Redeemed(False, f"activation code is {state.value}"))
+            return Redeemed(False, f"activation code is {state.value}")
         device = self._devices[stored.device_id]
         if device.is_placeholder:
             if device.model != phone_model:
-                return succeed(Redeemed(False, f"code is bound to model {device.model}"))
+                return Redeemed(False, f"code is bound to model {device.model}")
             target = "SEP" + mac
             if self._name_taken(target):
-                return succeed(Redeemed(False, f"MAC {mac} already belongs to another device"))
+                return Redeemed(False, f"MAC {mac} already belongs to another device")
         else:
             if device.mac != mac:
-                return succeed(Redeemed(False, f"code is bound to another MAC ({device.name})"))
+                return Redeemed(False, f"code is bound to another MAC ({device.name})")
             if device.model != phone_model:
-                return succeed(
-                    Redeemed(False, f"{device.name} is provisioned as model {device.model}")
-                )
+                return Redeemed(False, f"{device.name} is provisioned as model {device.model}")
             target = device.name
         if remote and not device.allow_remote:
-            return succeed(Redeemed(False, f"remote activation not allowed for {device.name}"))
+            return Redeemed(False, f"remote activation not allowed for {device.name}")
         new = device.changed(
             now,
             name=target,
@@ -546,7 +579,14 @@ class Registry:
             PutCode(used, CodeExpectation(CodeState.ISSUED, digits=digits, live_at=now)),
             PutDevice(new, expect_version=device.version),
         ]
-        d = self._commit(changes, names={target} if target != device.name else ())
+        return _Activation(changes, new, frozenset({target} if target != device.name else ()))
+
+    def _carry_out(self, plan: Redeemed | _Activation) -> Deferred[Redeemed]:
+        """A refusal at once; an activation committed, then told."""
+        if isinstance(plan, Redeemed):
+            return succeed(plan)
+        new = plan.device
+        d = self._commit(plan.changes, names=plan.names)
 
         def refused(failure: Failure) -> Redeemed:
             if isinstance(failure.value, Stale):

@@ -85,3 +85,29 @@ async def test_a_repeated_register_waits_for_the_first_write(registry: Registry)
     results = await defer.gatherResults([first, again]).addTimeout(10, reactor)
     assert [d.allowed for d in results] == [True, True]
     assert len(registry) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_registry_reads_the_feed_before_refusing_a_phone(tmp_path: Path) -> None:
+    """Workers and nodes: a phone activated through another one a moment ago registers here."""
+    path = tmp_path / "shared.sqlite3"
+    stores = [SQLiteStore(path), SQLiteStore(path)]
+    try:
+        writer, view = Registry(stores[0], lambda: 1.8e9), Registry(stores[1], lambda: 1.8e9)
+        view.shared = True
+        policy = RegistryPolicy(view, None)
+        await writer.add_device(
+            DeviceSpec(model="8841", mac="001122334455", lines=(Line("1001"),),
+                       requires_activation=False)
+        )  # fmt: skip
+        pending = policy.decide(register("001122334455", "1001"))
+        assert isinstance(pending, defer.Deferred)  # not in this view yet: read first
+        decision = await pending.addTimeout(10, reactor)
+        assert decision.allowed and decision.device_name == "SEP001122334455"
+        now_known = policy.decide(register("001122334455", "1001"))
+        assert isinstance(now_known, PolicyDecision) and now_known.allowed  # no read now
+        unknown = await defer.maybeDeferred(policy.decide, register("0011223344FF"))
+        assert unknown.status == 404  # still refused after the read
+    finally:
+        for store in stores:
+            await store.close()

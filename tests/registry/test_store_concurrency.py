@@ -284,3 +284,43 @@ async def test_a_refresh_asked_during_another_reads_again_after_it(opened: Opene
     first, second = follower.refresh(), follower.refresh()
     assert await with_timeout(defer.gatherResults([first, second])) == [2, 0]
     assert len(follower) == 1
+
+
+# -- a shared view reads the feed before it refuses -----------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_view_finds_a_code_issued_by_another_writer_a_moment_ago(
+    opened: Opened,
+) -> None:
+    writer, other = opened.registry(), opened.registry()
+    _, code = await code_of(writer, DeviceSpec(model="8841", lines=(Line("1001", "Lobby"),)))
+    # Not shared: the refusal comes from this view alone (no store round trip).
+    stale = await other.redeem(mac="001122334455", model="8841", code=code.code, mic_sha256="")
+    assert (stale.ok, stale.reason) == (False, "unknown activation code")
+    shared = opened.registry()
+    shared.shared = True
+    done = await with_timeout(
+        shared.redeem(mac="001122334455", model="8841", code=code.code, mic_sha256="")
+    )
+    assert done.ok and done.device is not None and done.device.name == "SEP001122334455"
+    # A wrong code is still refused, after the one read.
+    wrong = await with_timeout(
+        shared.redeem(mac="001122334466", model="8841", code="1" * 16, mic_sha256="")
+    )
+    assert not wrong.ok
+    assert [state for _, state in used_codes(opened.path)] == ["used"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_view_settles_by_reading_the_feed_and_an_unshared_one_at_once(
+    opened: Opened,
+) -> None:
+    writer, view = opened.registry(), opened.registry()
+    device = await writer.add_device(DeviceSpec(model="8841", mac="001122334455"))
+    settled = view.settled()
+    assert settled.called  # nobody else writes: nothing to read
+    assert view.find(device.name) is None
+    view.shared = True
+    await with_timeout(view.settled())
+    assert view.get(device.name) == device

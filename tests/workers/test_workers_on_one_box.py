@@ -345,3 +345,30 @@ def test_under_systemd_ready_waits_for_every_worker_and_sighup_reloads_them_all(
     finally:
         if daemon.proc is not None:
             daemon.stop(signal.SIGKILL)
+
+
+def test_a_storm_across_two_workers_onboards_every_phone(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """A phone's TVS connection, its file fetches and its REGISTER land on either worker: one
+    activated through worker A a moment ago is served its config and registered by worker B
+    at once (B reads the change feed before it says "not found" or 404), not after a retry."""
+    from e2e.phone_e2e_support import make_lab
+
+    lab = tmp_path / "lab"
+    make_lab(lab)
+    daemon = start(daemon_factory, "--manufacturing-trust", str(lab))
+    result = run_cli(
+        "phone", "storm", "--provision", "--count", "40", "--model", "8841",
+        "--lab-ca", str(lab), "--server", "127.0.0.1", "--admin-socket", str(daemon.socket),
+        "--http-port", str(daemon.port("http")), "--tftp-port", str(daemon.port("tftp")),
+        "--https-port", "0", "--transport", "http", "--mic-cache", str(tmp_path / "mics"),
+        "--concurrency", "16", "--timeout", "20",
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr + daemon.log()[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("phones=40 ok=40 failed=0 ")
+    status = all_workers(daemon)
+    assert status["cluster_registrations"] == 40, status
+    served = [w["served"]["sip_register_responses"] for w in status["workers"]]
+    assert all(n > 0 for n in served), served  # both workers took REGISTERs
