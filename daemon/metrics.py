@@ -184,6 +184,10 @@ class _DevicesByState(Collector):
         yield family
 
 
+_TransferChildren = tuple[Counter, Counter, Histogram]
+_TRANSFER_CHILDREN_CACHE = 4096
+
+
 class CallboardMetrics:
     """Every Callboard metric, in a registry of its own, with bounded ``record_*`` methods."""
 
@@ -281,6 +285,10 @@ class CallboardMetrics:
                     self.transfers.labels(protocol, kind, outcome)
         for scope in LOCKOUT_SCOPES:
             self.lockouts.labels(scope)
+        # The labelled children a transfer counts in, per (protocol, name asked, outcome): a
+        # boot storm asks for the same few names thousands of times, and the kind pattern
+        # matching plus three label look-ups cost more than the counting itself.
+        self._transfer_children: dict[tuple[str, str, str], _TransferChildren] = {}
 
     # -- events ---------------------------------------------------------------------------
 
@@ -288,12 +296,29 @@ class CallboardMetrics:
         self, protocol: str, name: str, outcome: str, seconds: float, size: int = 0
     ) -> None:
         """One finished transfer; ``outcome`` from :func:`transfer_outcome`/:func:`http_outcome`."""
+        children = self._transfer_children.get((protocol, name, outcome))
+        if children is None:
+            children = self._children_for(protocol, name, outcome)
+        count, sent, duration = children
+        count.inc()
+        if size > 0:
+            sent.inc(size)
+        duration.observe(max(seconds, 0.0))
+
+    def _children_for(self, protocol: str, name: str, outcome: str) -> _TransferChildren:
+        """Look the children up once and remember them (forgetting all past a bound)."""
         proto = _bounded(protocol, TRANSFER_PROTOCOLS)
         kind = file_kind(name)
-        self.transfers.labels(proto, kind, _bounded(outcome, TRANSFER_OUTCOMES)).inc()
-        if size > 0:
-            self.transfer_bytes.labels(proto, kind).inc(size)
-        self.transfer_duration.labels(proto, kind).observe(max(seconds, 0.0))
+        children = (
+            self.transfers.labels(proto, kind, _bounded(outcome, TRANSFER_OUTCOMES)),
+            self.transfer_bytes.labels(proto, kind),
+            self.transfer_duration.labels(proto, kind),
+        )
+        cache = self._transfer_children
+        if len(cache) >= _TRANSFER_CHILDREN_CACHE:
+            cache.clear()  # names are the clients' choice: the memory stays bounded
+        cache[(protocol, name, outcome)] = children
+        return children
 
     def tvs_connection_opened(self) -> None:
         self.tvs_connections.inc()

@@ -85,6 +85,25 @@ def test_http_outcome_and_sip_code() -> None:
     assert codes == ["200", "401", "423", "other", "other"]
 
 
+def test_repeated_transfers_count_in_the_same_children_and_the_cache_stays_bounded() -> None:
+    m = CallboardMetrics(process=False)
+    get = m.registry.get_sample_value
+    for _ in range(3):
+        m.record_transfer("tftp", "SEP00AABBCCDDEE.cnf.xml", "ok", 0.02, size=100)
+    m.record_transfer("tftp", "sep00aabbccddee.cnf.xml", "timeout", 0.5)
+    for port in range(5000):  # names are the clients' choice
+        m.record_transfer("tftp", f"junk{port}", "not_found", 0.001)
+    m.record_transfer("tftp", "SEP00AABBCCDDEE.cnf.xml", "ok", 0.02, size=100)
+    labels = {"protocol": "tftp", "kind": "sep_config"}
+    assert get("callboard_transfers_total", {**labels, "outcome": "ok"}) == 4
+    assert get("callboard_transfers_total", {**labels, "outcome": "timeout"}) == 1
+    assert get("callboard_transfer_bytes_total", labels) == 400
+    assert get("callboard_transfer_duration_seconds_count", labels) == 5
+    other = {"protocol": "tftp", "kind": "other", "outcome": "not_found"}
+    assert get("callboard_transfers_total", other) == 5000
+    assert len(m._transfer_children) <= 4096
+
+
 # -- scraped over loopback ---------------------------------------------------------------------
 
 

@@ -68,7 +68,19 @@ def test_lingering_clients_are_pruned_so_memory_stays_bounded() -> None:
         table.add(client, "t")
         table.remove(client, now=port * 0.01)
     assert len(table._recent) < 300  # about a second's worth, not all 1000
+    assert len(table._expiry) < 300
     assert table.lingering(("192.0.2.9", 999), 9.99)
+
+
+def test_a_client_that_finishes_again_lingers_for_its_latest_transfer() -> None:
+    table: PortTable[str] = PortTable(linger=1.0)
+    table.add(A, "first")
+    table.remove(A, now=0.0)
+    table.add(A, "second")
+    table.remove(A, now=0.9)
+    table.add(B, "other")
+    table.remove(B, now=1.5)  # prunes: A's first expiry (1.0) is due, its second (1.9) not
+    assert table.lingering(A, 1.8) and not table.lingering(A, 1.9)
 
 
 def test_a_new_transfer_of_the_same_client_clears_its_lingering() -> None:
