@@ -41,6 +41,7 @@ from callboard.protocols.filesource import (
     FileBody,
     FileNotFound,
     FileSource,
+    HeldBody,
     MemoryBody,
     Requester,
     printable_name,
@@ -608,7 +609,7 @@ class TFTPService(AtomicMultiService):
             return terms
         if request.netascii:
             body = NetasciiBody(body)
-        elif body.size <= self.small_file and not isinstance(body, MemoryBody):
+        elif body.size <= self.small_file and not isinstance(body, MemoryBody | HeldBody):
             whole = self._read_whole(body)
             if whole is None:
                 code = codec.ErrorCode.NOT_DEFINED
