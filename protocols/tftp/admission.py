@@ -12,6 +12,7 @@ request, mail mode, server busy, bad name; then the file source's errors; then t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,7 +66,7 @@ class Admitted:
     filename: str
     name: str
     netascii: bool
-    options: dict[str, str]
+    options: dict[str, str]  # shared by every request of the same bytes: never changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,32 @@ def admit(datagram: bytes, load: Load, limits: Limits) -> Admitted | Refusal | N
     None means "ignore it": stray DATA, ACK or ERROR on the well-known port is never answered,
     and neither is junk that does not even claim to be a request.
     """
+    if len(datagram) <= _REMEMBERED_SIZE and type(datagram) is bytes:
+        screened = _screen_remembered(datagram)
+    else:
+        screened = _screen(datagram)  # a large datagram is junk: not worth its memory
+    if not isinstance(screened, _Named):
+        return screened  # refused or ignored before the load matters
+    if load.total >= limits.max_transfers or load.client >= limits.max_transfers_per_client:
+        return Refusal(screened.filename, ErrorCode.NOT_DEFINED, "server busy")
+    return screened.verdict
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    """A read request past the checks that come before "server busy": its name's verdict."""
+
+    filename: str
+    verdict: Admitted | Refusal
+
+
+def _screen(datagram: bytes) -> _Named | Refusal | None:
+    """Everything :func:`admit` decides that does not depend on the load, per datagram.
+
+    Remembered (below) for small datagrams: in a boot storm thousands of phones send the
+    very same RRQ bytes, and the answer (immutable values) is the same for each. Only the
+    busy check is asked every time.
+    """
     try:
         packet = codec.decode(datagram)
     except codec.MalformedPacket as exc:
@@ -99,13 +126,16 @@ def admit(datagram: bytes, load: Load, limits: Limits) -> Admitted | Refusal | N
         return None
     if packet.mode == "mail":
         return Refusal(packet.filename, ErrorCode.ILLEGAL_OPERATION, "mail mode is not supported")
-    if load.total >= limits.max_transfers or load.client >= limits.max_transfers_per_client:
-        return Refusal(packet.filename, ErrorCode.NOT_DEFINED, "server busy")
     try:
         name = normalise_name(packet.filename)
     except (FileNotFound, AccessViolation) as exc:
-        return refusal_for(packet.filename, exc)
-    return Admitted(packet.filename, name, packet.mode == "netascii", packet.options)
+        return _Named(packet.filename, refusal_for(packet.filename, exc))
+    admitted = Admitted(packet.filename, name, packet.mode == "netascii", packet.options)
+    return _Named(packet.filename, admitted)
+
+
+_REMEMBERED_SIZE = 512
+_screen_remembered = functools.lru_cache(maxsize=1024)(_screen)
 
 
 def refusal_for(filename: str, error: FileNotFound | AccessViolation) -> Refusal:
