@@ -50,7 +50,7 @@ from callboard.protocols.listening import AtomicMultiService, ListenerService, L
 from callboard.protocols.settings import SettingError, check_range
 from callboard.protocols.tftp import admission, codec
 from callboard.protocols.tftp.demux import PortTable, pick_port
-from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
+from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer, encode_blocks
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -399,6 +399,9 @@ class TFTPService(AtomicMultiService):
     # Files up to this size (a config, a trust list) are read whole when the transfer starts
     # and served from memory: one read instead of one per block, no descriptor kept open.
     small_file: int = 65536
+    # Such a file's DATA packets are encoded once per block size and shared by the transfers
+    # of the same bytes (a held file, a rendered config); this many kept, then all forgotten.
+    encoded_files: int = 256
     log_each_transfer: bool = False
     # Told of every finished or refused request, once, at its end (metrics): the file name
     # asked for, the outcome as logged ("ok", "timeout", "client error N", "error N", ...),
@@ -442,6 +445,8 @@ class TFTPService(AtomicMultiService):
         # Requests whose file is still being prepared (a .sgn being signed): a repeated RRQ
         # from the same TID is ignored meanwhile, and each counts against the limits.
         self._pending: set[tuple[str, str, int]] = set()
+        # (id of the bytes, blksize) -> (the bytes, kept so the id stays theirs; packets)
+        self._encoded: dict[tuple[int, int], tuple[bytes, tuple[bytes, ...]]] = {}
         for spec in specs:
             # An RRQ is small, but a stray large datagram must not be read truncated as one.
             spec = spec.with_options(max_packet_size=65536)
@@ -627,6 +632,21 @@ class TFTPService(AtomicMultiService):
         finally:
             body.close()
 
+    def _packets_for(self, body: FileBody, blksize: int) -> tuple[bytes, ...] | None:
+        """A small in-memory file's DATA packets, encoded by the first transfer that needs them."""
+        if not isinstance(body, MemoryBody | HeldBody) or body.size > self.small_file:
+            return None
+        data = body.data
+        key = (id(data), blksize)
+        known = self._encoded.get(key)
+        if known is not None and known[0] is data:
+            return known[1]
+        packets = encode_blocks(data, blksize)
+        if len(self._encoded) >= self.encoded_files:
+            self._encoded.clear()
+        self._encoded[key] = (data, packets)
+        return packets
+
     def _pool(self, local: str) -> _TransferPool:
         """The transfer ports of ``local``, opened with its first transfer."""
         pool = self._pools.get(local)
@@ -649,6 +669,7 @@ class TFTPService(AtomicMultiService):
             max_retries=self.settings.max_retries,
             deadline=self.settings.transfer_deadline,
             oack=terms.oack,
+            packets=self._packets_for(body, terms.blksize),
         )
         try:
             port = self._pool(key[0]).pick((key[1], key[2]))

@@ -278,3 +278,28 @@ def test_a_pooled_socket_drains_what_is_queued_and_normalises_addresses(local: s
     assert fds.readers == [sock]  # registered once, when opened
     sock.close()
     assert fds.readers == [] and sock.fileno() == -1
+
+
+def test_a_small_file_is_encoded_once_and_again_only_when_it_changes(
+    pooled: Callable[..., Pooled], tmp_path: Path
+) -> None:
+    p = pooled(initial_timeout=5.0)
+
+    def fetch(client: Addr) -> bytes:
+        port = p.rrq(client)
+        got = b""
+        for block in range(1, 100):
+            packets = port.to(client)
+            if not packets:
+                return got
+            assert packets == [codec.Data(block, packets[0].payload)]
+            got += packets[0].payload
+            port.receive(struct.pack("!HH", 4, block), client)
+        raise AssertionError("did not end")
+
+    assert fetch(A) == BIG and fetch(B) == BIG
+    assert len(p.service._encoded) == 1  # the second transfer sent the first one's packets
+    (tmp_path / "big.bin").write_bytes(BIG[::-1])
+    p.service.encoded_files = 1  # the bound: the old file's packets are forgotten
+    assert fetch(("192.0.2.8", 1)) == BIG[::-1] and len(p.service._encoded) == 1
+    assert fetch(("192.0.2.8", 2)) == BIG[::-1] and len(p.service._encoded) == 1
