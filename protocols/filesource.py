@@ -197,6 +197,7 @@ class DirectorySource:
 
     def __init__(self, root: str, *, hold_up_to: int = 65536, held_budget: int = 16 << 20) -> None:
         self._root = os.path.realpath(root)
+        self._prefix = os.path.join(self._root, "")  # + a normalised name: its path
         self._hold_up_to = hold_up_to  # bytes; 0 holds nothing
         self._held_budget = held_budget  # bytes held in all, past which all are forgotten
         self._held: dict[str, HeldBody] = {}
@@ -214,7 +215,7 @@ class DirectorySource:
             # The common case, a file at the top: the root is already resolved and
             # O_NOFOLLOW refuses a symlink, so one open() is safe. A symlink takes the
             # resolving path below, which allows it only if it stays inside the root.
-            path = os.path.join(self._root, relative)
+            path = self._prefix + relative
             held = self._held.get(relative)
             if held is not None and held.identity() == _regular_identity(path):
                 return held

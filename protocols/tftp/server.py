@@ -305,8 +305,11 @@ class _TransferProtocol:
         sock = self.port.socket
         if not datagrams or sock is None:
             return
-        try:  # noqa: SIM105 - the per-packet path: no context manager object per send
-            sock.send_all(datagrams, self.client)
+        try:
+            if len(datagrams) == 1:  # lock-step: the per-packet path, one call less
+                sock.sendto(datagrams[0], self.client)
+            else:
+                sock.send_all(datagrams, self.client)
         except OSError:
             pass  # a full buffer or an unreachable client is a lost packet: the timer retries
 
