@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from callboard.protocols.filesource import AccessViolation, FileNotFound, normalise_name
 from callboard.protocols.tftp import codec
@@ -38,9 +38,12 @@ class Limits(Protocol):
     def initial_timeout(self) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Load:
-    """Live transfers when the request arrived: all clients, and the requesting address."""
+class Load(NamedTuple):
+    """Live transfers when the request arrived: all clients, and the requesting address.
+
+    A named tuple: made for every request, and a tuple is made in a third of the time a
+    frozen dataclass takes.
+    """
 
     total: int
     client: int
@@ -145,13 +148,19 @@ def refusal_for(filename: str, error: FileNotFound | AccessViolation) -> Refusal
     return Refusal(filename, ErrorCode.ACCESS_VIOLATION, "access violation")
 
 
+@functools.lru_cache(maxsize=16)
+def _plain_terms(timeout: float) -> Terms:
+    """The terms of a request without options (immutable, so one per timeout will do)."""
+    return Terms(codec.DEFAULT_BLKSIZE, 1, timeout, False, None)
+
+
 def agree(request: Admitted, size: int, limits: Limits) -> Terms | Refusal:
     """Negotiate the options for a file of ``size`` bytes (RFC 2347-2349, 7440).
 
     In netascii the size on the wire is unknown until converted, so tsize is not offered.
     """
     if not request.options:  # RFC 1350 as most clients speak it: nothing to negotiate
-        return Terms(codec.DEFAULT_BLKSIZE, 1, limits.initial_timeout, False, None)
+        return _plain_terms(limits.initial_timeout)
     try:
         agreed = codec.negotiate(
             request.options,
