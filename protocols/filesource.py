@@ -13,7 +13,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import NamedTuple, Protocol, TypeAlias
 
 from twisted.internet.defer import Deferred
 
@@ -43,9 +43,8 @@ class FileBody(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Requester:
-    """Who asked, for logging and per-client naming."""
+class Requester(NamedTuple):
+    """Who asked, for logging and per-client naming (a named tuple: one per request)."""
 
     host: str
     port: int
