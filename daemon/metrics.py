@@ -286,6 +286,7 @@ TRANSFER_BOUNDS = (*TRANSFER_BUCKETS, math.inf)
 _LE = tuple(floatToGoString(bound) for bound in TRANSFER_BOUNDS)  # type: ignore[no-untyped-call]
 _TransferChildren = tuple[list[float], _KindSeries]
 _TRANSFER_CHILDREN_CACHE = 4096
+_REMEMBERED_NAME = 256
 
 
 class CallboardMetrics:
@@ -403,8 +404,10 @@ class CallboardMetrics:
             counts.by_kind(proto, kind),
         )
         cache = self._transfer_children
+        if len(name) > _REMEMBERED_NAME:
+            return children  # names are the clients' choice: the memory stays bounded
         if len(cache) >= _TRANSFER_CHILDREN_CACHE:
-            cache.clear()  # names are the clients' choice: the memory stays bounded
+            cache.clear()
         cache[(protocol, name, outcome)] = children
         return children
 

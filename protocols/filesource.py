@@ -160,16 +160,21 @@ def printable_name(name: str) -> str:
     return "".join(ch if 0x20 <= ord(ch) < 0x7F else f"\\x{ord(ch):02x}" for ch in name)[:200]
 
 
-@functools.lru_cache(maxsize=4096)
 def normalise_name(raw: str) -> str:
     """Turn a requested name into a relative path under the served root.
 
     Phones send both ``\\`` and a leading ``/``; both are normalised first. Empty
     components and ``.`` are dropped. ``..``, NUL and other control characters are
     refused with :class:`AccessViolation`, so no caller ever sees an escaping path.
-    Remembered per name (a boot storm asks for a few names, each transport normalises
-    them, and so does the source); refusals are not remembered, they raise each time.
+    Remembered per name up to 256 characters (a boot storm asks for a few names, each
+    transport normalises them, and so does the source); refusals are not remembered.
     """
+    if len(raw) <= _REMEMBERED_NAME:
+        return _normalise_remembered(raw)
+    return _normalise(raw)
+
+
+def _normalise(raw: str) -> str:
     if _CONTROL.search(raw):
         raise AccessViolation("control character in file name")
     parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
@@ -178,6 +183,10 @@ def normalise_name(raw: str) -> str:
     if not parts:
         raise FileNotFound("empty file name")
     return "/".join(parts)
+
+
+_REMEMBERED_NAME = 256
+_normalise_remembered = functools.lru_cache(maxsize=4096)(_normalise)
 
 
 class DirectorySource:

@@ -402,9 +402,11 @@ class TFTPService(AtomicMultiService):
     # Files up to this size (a config, a trust list) are read whole when the transfer starts
     # and served from memory: one read instead of one per block, no descriptor kept open.
     small_file: int = 65536
-    # Such a file's DATA packets are encoded once per block size and shared by the transfers
-    # of the same bytes (a held file, a rendered config); this many kept, then all forgotten.
-    encoded_files: int = 256
+    # Such a file's DATA packets are encoded once per block size (512 and up: a tiny block
+    # size would make thousands of packet objects) and shared by the transfers of the same
+    # bytes (a held file, a rendered config); this many kept, then all forgotten: at most
+    # about 2 x 64 KiB each.
+    encoded_files: int = 64
     log_each_transfer: bool = False
     # Told of every finished or refused request, once, at its end (metrics): the file name
     # asked for, the outcome as logged ("ok", "timeout", "client error N", "error N", ...),
@@ -637,7 +639,11 @@ class TFTPService(AtomicMultiService):
 
     def _packets_for(self, body: FileBody, blksize: int) -> tuple[bytes, ...] | None:
         """A small in-memory file's DATA packets, encoded by the first transfer that needs them."""
-        if not isinstance(body, MemoryBody | HeldBody) or body.size > self.small_file:
+        if (
+            not isinstance(body, MemoryBody | HeldBody)
+            or body.size > self.small_file
+            or blksize < codec.DEFAULT_BLKSIZE
+        ):
             return None
         data = body.data
         key = (id(data), blksize)

@@ -12,6 +12,7 @@ from callboard.protocols.filesource import (
     FileNotFound,
     HeldBody,
     Requester,
+    normalise_name,
 )
 
 WHO = Requester("127.0.0.1", 1, "tftp")
@@ -116,3 +117,15 @@ def test_held_files_stay_within_their_budget(tmp_path: Path) -> None:
     assert read(source, "f9.bin") == bytes([9]) * 1000
     nothing = DirectorySource(str(tmp_path), hold_up_to=0)
     assert not isinstance(nothing.open("f1.bin", WHO), HeldBody)
+
+
+@pytest.mark.parametrize("name", ["a//./b", "/" + "d/" * 200 + "f", "x/../y", "\\" * 300, "a\x00"])
+def test_long_and_short_names_are_normalised_alike(name: str) -> None:
+    def outcome(raw: str) -> str:
+        try:
+            return normalise_name(raw)
+        except (AccessViolation, FileNotFound) as exc:
+            return type(exc).__name__
+
+    assert outcome(name) == outcome(name) == outcome(name + "/.")
+    assert normalise_name("/" + "d/" * 200 + "f") == "d/" * 200 + "f"

@@ -106,6 +106,9 @@ def test_repeated_transfers_count_in_the_same_children_and_the_cache_stays_bound
     other = {"protocol": "tftp", "kind": "other", "outcome": "not_found"}
     assert get("callboard_transfers_total", other) == 5000
     assert len(m._transfer_children) <= 4096
+    m.record_transfer("tftp", "x" * 10_000, "not_found", 0.001)  # too long to be remembered
+    assert get("callboard_transfers_total", other) == 5001
+    assert not any(len(name) > 256 for _, name, _ in m._transfer_children)
 
 
 def _reference_transfers(events: list[tuple[str, str, str, float, int]]) -> bytes:
