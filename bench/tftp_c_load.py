@@ -353,8 +353,11 @@ def worker_spread(state: Path, key: str) -> str:
         return f"unknown ({out.stderr.strip()[-200:]})"
 
 
-def profile(server: Server, binary: str, seconds: float, top: int) -> None:
-    """py-spy record during one run; the frames with most samples (self and total)."""
+def profile(server: Server, binary: str, seconds: float, top: int, keep: str | None) -> None:
+    """py-spy record during one run; the frames with most samples (self and total).
+
+    ``keep``: a directory to leave the raw samples in (``<server>.raw``), for a closer look.
+    """
     raw = Path(tempfile.mkstemp(suffix=".txt")[1])
     spy = subprocess.Popen(
         ["py-spy", "record", "--format", "raw", "-r", "200", "-d", str(int(seconds) + 1),
@@ -376,7 +379,12 @@ def profile(server: Server, binary: str, seconds: float, top: int) -> None:
         own[frames[-1]] += n
         for frame in set(frames):
             total[frame] += n
-    raw.unlink()
+    if keep:
+        kept = Path(keep) / f"{server.name}.raw"
+        shutil.move(raw, kept)
+        print(f"\nraw py-spy samples of {server.name}: {kept}")
+    else:
+        raw.unlink()
     print(f"\npy-spy record -r 200 --nonblocking on {server.name} during a {seconds:g}s run "
           f"({run.tps:.0f}/s), {samples} samples")  # fmt: skip
     print("  self %  function")
@@ -396,6 +404,9 @@ def main() -> int:
     parser.add_argument("--log-level", default=None, help="callboard's (default: its default)")
     parser.add_argument("--only", default="", help="comma-separated server names to run")
     parser.add_argument("--profile", action="store_true", help="py-spy a last callboard run")
+    parser.add_argument(
+        "--profile-keep", metavar="DIR", help="with --profile: keep the raw samples in DIR"
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -479,7 +490,7 @@ def main() -> int:
         if args.profile:
             for server in servers:
                 if server.name in ("callboard", "baseline"):  # one process: py-spy it
-                    profile(server, args.tftpload, args.seconds, 15)
+                    profile(server, args.tftpload, args.seconds, 15, args.profile_keep)
     finally:
         for server in servers:
             server.stop()

@@ -16,21 +16,25 @@ registry and registrar, which belong to the reactor.
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 
+import prometheus_client.metrics
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.web import http, pages, server
 from twisted.web.resource import Resource
 
@@ -184,6 +188,107 @@ class _DevicesByState(Collector):
         yield family
 
 
+class _KindSeries:
+    """One (protocol, kind): bytes sent and the duration histogram's non-cumulative buckets."""
+
+    __slots__ = ("buckets", "bytes", "created", "labels", "observed", "seconds", "sent")
+
+    def __init__(self, protocol: str, kind: str) -> None:
+        self.labels = {"protocol": protocol, "kind": kind}
+        self.created = time.time()
+        self.bytes = 0
+        self.buckets = [0] * len(TRANSFER_BOUNDS)
+        self.seconds = 0.0
+        # Each series is exported from its creation (the pre-created bytes series) or from
+        # its first use, as a Counter's or Histogram's child would be.
+        self.sent = False
+        self.observed = False
+
+
+class _TransferCounts(Collector):
+    """The transfer families, counted in plain ints and exported at scrape time.
+
+    Same names, labels, samples and order as ``Counter``/``Histogram`` children would give
+    (``callboard_transfers_total``, ``callboard_transfer_bytes_total``,
+    ``callboard_transfer_duration_seconds``), without their lock and method chain per
+    increment: four per transfer. Transfers are counted and scraped on the reactor thread.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str], list[float]] = {}  # [count, created]
+        self.kinds: dict[tuple[str, str], _KindSeries] = {}
+        self.observed: list[_KindSeries] = []  # in the order of their first observation
+
+    def count(self, protocol: str, kind: str, outcome: str) -> list[float]:
+        cell = self.counts.get((protocol, kind, outcome))
+        if cell is None:
+            cell = self.counts[(protocol, kind, outcome)] = [0, time.time()]
+        return cell
+
+    def by_kind(self, protocol: str, kind: str) -> _KindSeries:
+        series = self.kinds.get((protocol, kind))
+        if series is None:
+            series = self.kinds[(protocol, kind)] = _KindSeries(protocol, kind)
+        return series
+
+    def observed_first(self, series: _KindSeries) -> None:
+        series.observed = True
+        self.observed.append(series)
+
+    def collect(self) -> Iterable[Metric]:
+        transfers = Metric(
+            "callboard_transfers",
+            "File transfers (TFTP and HTTP) by protocol, file kind and outcome.",
+            "counter",
+        )
+        for (protocol, kind, outcome), (count, created) in list(self.counts.items()):
+            labels = {"protocol": protocol, "kind": kind, "outcome": outcome}
+            _counter_samples(transfers, labels, count, created)
+        sent = Metric(
+            "callboard_transfer_bytes",
+            "Bytes sent in file transfers (acknowledged, for TFTP).",
+            "counter",
+        )
+        duration = Metric(
+            "callboard_transfer_duration_seconds",
+            "How long file transfers took, from request to last byte.",
+            "histogram",
+        )
+        for series in list(self.kinds.values()):
+            if series.sent:
+                _counter_samples(sent, series.labels, series.bytes, series.created)
+        for series in list(self.observed):
+            _histogram_samples(duration, series.labels, series)
+        return [transfers, sent, duration]
+
+
+def _counter_samples(metric: Metric, labels: dict[str, str], value: float, created: float) -> None:
+    metric.add_sample(metric.name + "_total", labels, float(value))
+    if _CREATED:
+        metric.add_sample(metric.name + "_created", labels, created)
+
+
+def _histogram_samples(metric: Metric, labels: dict[str, str], series: _KindSeries) -> None:
+    name = metric.name
+    total = 0.0
+    for le, count in zip(_LE, series.buckets, strict=True):
+        total += count
+        metric.add_sample(name + "_bucket", {**labels, "le": le}, total)
+    metric.add_sample(name + "_count", labels, total)
+    metric.add_sample(name + "_sum", labels, series.seconds)
+    if _CREATED:
+        metric.add_sample(name + "_created", labels, series.created)
+
+
+# As prometheus_client's own metrics do (PROMETHEUS_DISABLE_CREATED_SERIES turns them off).
+_CREATED: bool = getattr(prometheus_client.metrics, "_use_created", True)
+TRANSFER_BOUNDS = (*TRANSFER_BUCKETS, math.inf)
+_LE = tuple(floatToGoString(bound) for bound in TRANSFER_BOUNDS)  # type: ignore[no-untyped-call]
+_TransferChildren = tuple[list[float], _KindSeries]
+_TRANSFER_CHILDREN_CACHE = 4096
+_REMEMBERED_NAME = 256
+
+
 class CallboardMetrics:
     """Every Callboard metric, in a registry of its own, with bounded ``record_*`` methods."""
 
@@ -206,25 +311,8 @@ class CallboardMetrics:
             ["version"],
             registry=r,
         ).labels(version or "unknown").set(1)
-        self.transfers = Counter(
-            "callboard_transfers_total",
-            "File transfers (TFTP and HTTP) by protocol, file kind and outcome.",
-            ["protocol", "kind", "outcome"],
-            registry=r,
-        )
-        self.transfer_bytes = Counter(
-            "callboard_transfer_bytes_total",
-            "Bytes sent in file transfers (acknowledged, for TFTP).",
-            ["protocol", "kind"],
-            registry=r,
-        )
-        self.transfer_duration = Histogram(
-            "callboard_transfer_duration_seconds",
-            "How long file transfers took, from request to last byte.",
-            ["protocol", "kind"],
-            buckets=TRANSFER_BUCKETS,
-            registry=r,
-        )
+        self._transfer_counts = _TransferCounts()
+        r.register(self._transfer_counts)
         self.tvs_connections = Counter(
             "callboard_tvs_connections_total", "TVS connections accepted.", registry=r
         )
@@ -276,11 +364,15 @@ class CallboardMetrics:
         # first scrape instead of when a label value first occurs.
         for protocol in ("tftp", "http"):
             for kind in FILE_KINDS:
-                self.transfer_bytes.labels(protocol, kind)
+                self._transfer_counts.by_kind(protocol, kind).sent = True  # exported at 0
                 for outcome in TRANSFER_OUTCOMES:
-                    self.transfers.labels(protocol, kind, outcome)
+                    self._transfer_counts.count(protocol, kind, outcome)
         for scope in LOCKOUT_SCOPES:
             self.lockouts.labels(scope)
+        # The series a transfer counts in, per (protocol, name asked, outcome): a boot storm
+        # asks for the same few names thousands of times, and finding the file kind costs
+        # more than the counting itself.
+        self._transfer_children: dict[tuple[str, str, str], _TransferChildren] = {}
 
     # -- events ---------------------------------------------------------------------------
 
@@ -288,12 +380,36 @@ class CallboardMetrics:
         self, protocol: str, name: str, outcome: str, seconds: float, size: int = 0
     ) -> None:
         """One finished transfer; ``outcome`` from :func:`transfer_outcome`/:func:`http_outcome`."""
+        children = self._transfer_children.get((protocol, name, outcome))
+        if children is None:
+            children = self._children_for(protocol, name, outcome)
+        count, series = children
+        count[0] += 1
+        if size > 0:
+            series.bytes += size
+            series.sent = True
+        seconds = max(seconds, 0.0)
+        series.buckets[bisect.bisect_left(TRANSFER_BOUNDS, seconds)] += 1
+        series.seconds += seconds
+        if not series.observed:
+            self._transfer_counts.observed_first(series)
+
+    def _children_for(self, protocol: str, name: str, outcome: str) -> _TransferChildren:
+        """Find the series once and remember them (forgetting all past a bound)."""
         proto = _bounded(protocol, TRANSFER_PROTOCOLS)
         kind = file_kind(name)
-        self.transfers.labels(proto, kind, _bounded(outcome, TRANSFER_OUTCOMES)).inc()
-        if size > 0:
-            self.transfer_bytes.labels(proto, kind).inc(size)
-        self.transfer_duration.labels(proto, kind).observe(max(seconds, 0.0))
+        counts = self._transfer_counts
+        children = (
+            counts.count(proto, kind, _bounded(outcome, TRANSFER_OUTCOMES)),
+            counts.by_kind(proto, kind),
+        )
+        cache = self._transfer_children
+        if len(name) > _REMEMBERED_NAME:
+            return children  # names are the clients' choice: the memory stays bounded
+        if len(cache) >= _TRANSFER_CHILDREN_CACHE:
+            cache.clear()
+        cache[(protocol, name, outcome)] = children
+        return children
 
     def tvs_connection_opened(self) -> None:
         self.tvs_connections.inc()

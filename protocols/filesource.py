@@ -8,11 +8,12 @@ normalise names the same way here, so that a name refused over TFTP is refused o
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import NamedTuple, Protocol, TypeAlias
 
 from twisted.internet.defer import Deferred
 
@@ -42,9 +43,8 @@ class FileBody(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Requester:
-    """Who asked, for logging and per-client naming."""
+class Requester(NamedTuple):
+    """Who asked, for logging and per-client naming (a named tuple: one per request)."""
 
     host: str
     port: int
@@ -94,11 +94,14 @@ class DiskBody:
         self._size = os.fstat(self._fd).st_size
 
     @classmethod
-    def from_fd(cls, fd: int) -> DiskBody:
-        """Adopt an already opened (and checked) descriptor; the body closes it."""
+    def from_fd(cls, fd: int, status: os.stat_result | None = None) -> DiskBody:
+        """Adopt an already opened (and checked) descriptor; the body closes it.
+
+        ``status`` is the descriptor's ``fstat`` when the caller has it already.
+        """
         body = cls.__new__(cls)
         body._fd = fd
-        body._size = os.fstat(fd).st_size
+        body._size = (status or os.fstat(fd)).st_size
         return body
 
     @property
@@ -107,8 +110,7 @@ class DiskBody:
 
     def identity(self) -> tuple[int, ...]:
         """Device, inode, size and change times: equal while the file's bytes are the same."""
-        st = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return file_identity(os.fstat(self._fd))
 
     def read_at(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
@@ -117,6 +119,35 @@ class DiskBody:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class HeldBody(DiskBody):
+    """A small file on disk held whole in memory, shared by the requests for it.
+
+    A :class:`DiskBody` (with the identity of the file it was read from, for whoever caches
+    by it) that has no descriptor: :class:`DirectorySource` hands the same one out while the
+    file on disk keeps that identity.
+    """
+
+    def __init__(self, data: bytes, identity: tuple[int, ...]) -> None:
+        self._fd = -1
+        self._size = len(data)
+        self.data = data
+        self._identity = identity
+
+    def identity(self) -> tuple[int, ...]:
+        return self._identity
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+def file_identity(status: os.stat_result) -> tuple[int, ...]:
+    """Device, inode, size and change times of a ``stat``: the same while the bytes are."""
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -135,7 +166,15 @@ def normalise_name(raw: str) -> str:
     Phones send both ``\\`` and a leading ``/``; both are normalised first. Empty
     components and ``.`` are dropped. ``..``, NUL and other control characters are
     refused with :class:`AccessViolation`, so no caller ever sees an escaping path.
+    Remembered per name up to 256 characters (a boot storm asks for a few names, each
+    transport normalises them, and so does the source); refusals are not remembered.
     """
+    if len(raw) <= _REMEMBERED_NAME:
+        return _normalise_remembered(raw)
+    return _normalise(raw)
+
+
+def _normalise(raw: str) -> str:
     if _CONTROL.search(raw):
         raise AccessViolation("control character in file name")
     parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
@@ -146,16 +185,31 @@ def normalise_name(raw: str) -> str:
     return "/".join(parts)
 
 
+_REMEMBERED_NAME = 256
+_normalise_remembered = functools.lru_cache(maxsize=4096)(_normalise)
+
+
 class DirectorySource:
     """Serve regular files under ``root`` (firmware, static files), read lazily from disk.
 
     Names are resolved component-wise under the root: symlinks are followed only while they
     stay inside it, and directories, special files and unreadable files are refused, so a
     string prefix check can never be fooled (the tftpy #110 lesson).
+
+    A small regular file at the top of the tree (a config, a trust list: what a boot storm
+    asks for) is read whole once and held (:class:`HeldBody`): while an ``lstat`` of its
+    path shows the same identity (device, inode, size, change times), the next request gets
+    the held body with one system call instead of open, fstat, read and close. Any change
+    (rewritten, replaced, chmod, turned into a symlink) misses and takes the full path.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, hold_up_to: int = 65536, held_budget: int = 16 << 20) -> None:
         self._root = os.path.realpath(root)
+        self._prefix = os.path.join(self._root, "")  # + a normalised name: its path
+        self._hold_up_to = hold_up_to  # bytes; 0 holds nothing
+        self._held_budget = held_budget  # bytes held in all, past which all are forgotten
+        self._held: dict[str, HeldBody] = {}
+        self._held_bytes = 0
 
     @property
     def root(self) -> str:
@@ -164,25 +218,54 @@ class DirectorySource:
     def open(self, name: str, requester: Requester) -> DiskBody:
         relative = normalise_name(name)
         fd = None
-        if "/" not in relative:
+        top = "/" not in relative
+        if top:
             # The common case, a file at the top: the root is already resolved and
             # O_NOFOLLOW refuses a symlink, so one open() is safe. A symlink takes the
             # resolving path below, which allows it only if it stays inside the root.
-            fd = self._open(os.path.join(self._root, relative), relative, symlink_ok=True)
+            path = self._prefix + relative
+            held = self._held.get(relative)
+            if held is not None and held.identity() == _regular_identity(path):
+                return held
+            fd = self._open(path, relative, symlink_ok=True)
         if fd is None:
+            top = False  # a symlink: resolved each time, never held
             path = os.path.realpath(os.path.join(self._root, *relative.split("/")))
             if os.path.commonpath([self._root, path]) != self._root or path == self._root:
                 raise AccessViolation("name resolves outside the served root")
             fd = self._open(path, relative, symlink_ok=False)
             assert fd is not None
         try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
                 raise AccessViolation("not a regular file")
         except BaseException:
             os.close(fd)
             raise
-        return DiskBody.from_fd(fd)
+        body = DiskBody.from_fd(fd, status)
+        if top and status.st_size <= self._hold_up_to:
+            return self._hold(relative, body, file_identity(status))
+        return body
+
+    def _hold(self, relative: str, body: DiskBody, identity: tuple[int, ...]) -> DiskBody:
+        """Read a small file whole and keep it; a failed or short read serves it lazily."""
+        try:
+            data = body.read_at(0, body.size)
+        except OSError:
+            return body
+        if len(data) != body.size:
+            return body  # changing under us: serve it as read from disk, hold nothing
+        body.close()
+        held = HeldBody(data, identity)
+        if self._held_bytes + len(data) > self._held_budget:
+            self._held.clear()
+            self._held_bytes = 0
+        previous = self._held.pop(relative, None)
+        if previous is not None:
+            self._held_bytes -= previous.size
+        self._held[relative] = held
+        self._held_bytes += len(data)
+        return held
 
     @staticmethod
     def _open(path: str, relative: str, *, symlink_ok: bool) -> int | None:
@@ -197,3 +280,12 @@ class DirectorySource:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise FileNotFound(relative) from None
             raise AccessViolation(f"cannot open: {exc.strerror}") from None
+
+
+def _regular_identity(path: str) -> tuple[int, ...] | None:
+    """The identity of a regular file at ``path`` itself (a symlink is not followed)."""
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return file_identity(status) if stat.S_ISREG(status.st_mode) else None

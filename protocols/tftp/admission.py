@@ -12,8 +12,9 @@ request, mail mode, server busy, bad name; then the file source's errors; then t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from callboard.protocols.filesource import AccessViolation, FileNotFound, normalise_name
 from callboard.protocols.tftp import codec
@@ -37,9 +38,12 @@ class Limits(Protocol):
     def initial_timeout(self) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Load:
-    """Live transfers when the request arrived: all clients, and the requesting address."""
+class Load(NamedTuple):
+    """Live transfers when the request arrived: all clients, and the requesting address.
+
+    A named tuple: made for every request, and a tuple is made in a third of the time a
+    frozen dataclass takes.
+    """
 
     total: int
     client: int
@@ -65,7 +69,7 @@ class Admitted:
     filename: str
     name: str
     netascii: bool
-    options: dict[str, str]
+    options: dict[str, str]  # shared by every request of the same bytes: never changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,32 @@ def admit(datagram: bytes, load: Load, limits: Limits) -> Admitted | Refusal | N
     None means "ignore it": stray DATA, ACK or ERROR on the well-known port is never answered,
     and neither is junk that does not even claim to be a request.
     """
+    if len(datagram) <= _REMEMBERED_SIZE and type(datagram) is bytes:
+        screened = _screen_remembered(datagram)
+    else:
+        screened = _screen(datagram)  # a large datagram is junk: not worth its memory
+    if not isinstance(screened, _Named):
+        return screened  # refused or ignored before the load matters
+    if load.total >= limits.max_transfers or load.client >= limits.max_transfers_per_client:
+        return Refusal(screened.filename, ErrorCode.NOT_DEFINED, "server busy")
+    return screened.verdict
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    """A read request past the checks that come before "server busy": its name's verdict."""
+
+    filename: str
+    verdict: Admitted | Refusal
+
+
+def _screen(datagram: bytes) -> _Named | Refusal | None:
+    """Everything :func:`admit` decides that does not depend on the load, per datagram.
+
+    Remembered (below) for small datagrams: in a boot storm thousands of phones send the
+    very same RRQ bytes, and the answer (immutable values) is the same for each. Only the
+    busy check is asked every time.
+    """
     try:
         packet = codec.decode(datagram)
     except codec.MalformedPacket as exc:
@@ -99,13 +129,16 @@ def admit(datagram: bytes, load: Load, limits: Limits) -> Admitted | Refusal | N
         return None
     if packet.mode == "mail":
         return Refusal(packet.filename, ErrorCode.ILLEGAL_OPERATION, "mail mode is not supported")
-    if load.total >= limits.max_transfers or load.client >= limits.max_transfers_per_client:
-        return Refusal(packet.filename, ErrorCode.NOT_DEFINED, "server busy")
     try:
         name = normalise_name(packet.filename)
     except (FileNotFound, AccessViolation) as exc:
-        return refusal_for(packet.filename, exc)
-    return Admitted(packet.filename, name, packet.mode == "netascii", packet.options)
+        return _Named(packet.filename, refusal_for(packet.filename, exc))
+    admitted = Admitted(packet.filename, name, packet.mode == "netascii", packet.options)
+    return _Named(packet.filename, admitted)
+
+
+_REMEMBERED_SIZE = 512
+_screen_remembered = functools.lru_cache(maxsize=1024)(_screen)
 
 
 def refusal_for(filename: str, error: FileNotFound | AccessViolation) -> Refusal:
@@ -115,13 +148,19 @@ def refusal_for(filename: str, error: FileNotFound | AccessViolation) -> Refusal
     return Refusal(filename, ErrorCode.ACCESS_VIOLATION, "access violation")
 
 
+@functools.lru_cache(maxsize=16)
+def _plain_terms(timeout: float) -> Terms:
+    """The terms of a request without options (immutable, so one per timeout will do)."""
+    return Terms(codec.DEFAULT_BLKSIZE, 1, timeout, False, None)
+
+
 def agree(request: Admitted, size: int, limits: Limits) -> Terms | Refusal:
     """Negotiate the options for a file of ``size`` bytes (RFC 2347-2349, 7440).
 
     In netascii the size on the wire is unknown until converted, so tsize is not offered.
     """
     if not request.options:  # RFC 1350 as most clients speak it: nothing to negotiate
-        return Terms(codec.DEFAULT_BLKSIZE, 1, limits.initial_timeout, False, None)
+        return _plain_terms(limits.initial_timeout)
     try:
         agreed = codec.negotiate(
             request.options,

@@ -18,6 +18,7 @@ for one of the new.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
@@ -35,14 +36,17 @@ _ERROR = int(codec.Opcode.ERROR)
 class PortTable(Generic[T]):
     """The live transfers of one pooled port, keyed by the client's TID (address, port)."""
 
-    __slots__ = ("_prune_at", "_recent", "linger", "live")
+    __slots__ = ("_expiry", "_prune_at", "_recent", "linger", "live")
 
     def __init__(self, linger: float = 5.0) -> None:
         self.live: dict[Address, T] = {}
         self.linger = linger
-        # Clients whose transfer on this port ended, with when to forget them; insertion
-        # order is expiry order (same linger for all), so pruning looks at the front only.
+        # Clients whose transfer on this port ended, with when to forget them, and the same
+        # in expiry order (same linger for all) so that pruning pops from the front only. A
+        # queue rather than the dict's own order: taking the first key of a dict whose front
+        # was deleted scans the holes, which made pruning quadratic under load.
         self._recent: dict[Address, float] = {}
+        self._expiry: deque[tuple[float, Address]] = deque()
         self._prune_at = 0.0
 
     def add(self, client: Address, transfer: T) -> None:
@@ -53,9 +57,9 @@ class PortTable(Generic[T]):
         """The transfer with ``client`` ended: forget it, but recognise its stragglers."""
         if self.live.pop(client, None) is None:
             return
-        recent = self._recent
-        recent.pop(client, None)  # re-inserted at the back: expiry order is kept
-        recent[client] = now + self.linger
+        until = now + self.linger
+        self._recent[client] = until
+        self._expiry.append((until, client))
         if now >= self._prune_at:  # at most once a second: the memory is bounded all the same
             self._prune_at = now + 1.0
             self._prune(now)
@@ -78,12 +82,11 @@ class PortTable(Generic[T]):
         return UNKNOWN_TID
 
     def _prune(self, now: float) -> None:
-        recent = self._recent
-        while recent:
-            client = next(iter(recent))
-            if recent[client] > now:
-                return
-            del recent[client]
+        recent, expiry = self._recent, self._expiry
+        while expiry and expiry[0][0] <= now:
+            until, client = expiry.popleft()
+            if recent.get(client) == until:  # not re-inserted (or cleared) since
+                del recent[client]
 
     def __len__(self) -> int:
         return len(self.live)

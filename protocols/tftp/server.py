@@ -41,6 +41,7 @@ from callboard.protocols.filesource import (
     FileBody,
     FileNotFound,
     FileSource,
+    HeldBody,
     MemoryBody,
     Requester,
     printable_name,
@@ -49,7 +50,7 @@ from callboard.protocols.listening import AtomicMultiService, ListenerService, L
 from callboard.protocols.settings import SettingError, check_range
 from callboard.protocols.tftp import admission, codec
 from callboard.protocols.tftp.demux import PortTable, pick_port
-from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer
+from callboard.protocols.tftp.transfer import NetasciiBody, Outcome, Transfer, encode_blocks
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -304,8 +305,11 @@ class _TransferProtocol:
         sock = self.port.socket
         if not datagrams or sock is None:
             return
-        try:  # noqa: SIM105 - the per-packet path: no context manager object per send
-            sock.send_all(datagrams, self.client)
+        try:
+            if len(datagrams) == 1:  # lock-step: the per-packet path, one call less
+                sock.sendto(datagrams[0], self.client)
+            else:
+                sock.send_all(datagrams, self.client)
         except OSError:
             pass  # a full buffer or an unreachable client is a lost packet: the timer retries
 
@@ -398,6 +402,11 @@ class TFTPService(AtomicMultiService):
     # Files up to this size (a config, a trust list) are read whole when the transfer starts
     # and served from memory: one read instead of one per block, no descriptor kept open.
     small_file: int = 65536
+    # Such a file's DATA packets are encoded once per block size (512 and up: a tiny block
+    # size would make thousands of packet objects) and shared by the transfers of the same
+    # bytes (a held file, a rendered config); this many kept, then all forgotten: at most
+    # about 2 x 64 KiB each.
+    encoded_files: int = 64
     log_each_transfer: bool = False
     # Told of every finished or refused request, once, at its end (metrics): the file name
     # asked for, the outcome as logged ("ok", "timeout", "client error N", "error N", ...),
@@ -441,6 +450,8 @@ class TFTPService(AtomicMultiService):
         # Requests whose file is still being prepared (a .sgn being signed): a repeated RRQ
         # from the same TID is ignored meanwhile, and each counts against the limits.
         self._pending: set[tuple[str, str, int]] = set()
+        # (id of the bytes, blksize) -> (the bytes, kept so the id stays theirs; packets)
+        self._encoded: dict[tuple[int, int], tuple[bytes, tuple[bytes, ...]]] = {}
         for spec in specs:
             # An RRQ is small, but a stray large datagram must not be read truncated as one.
             spec = spec.with_options(max_packet_size=65536)
@@ -608,7 +619,7 @@ class TFTPService(AtomicMultiService):
             return terms
         if request.netascii:
             body = NetasciiBody(body)
-        elif body.size <= self.small_file and not isinstance(body, MemoryBody):
+        elif body.size <= self.small_file and not isinstance(body, MemoryBody | HeldBody):
             whole = self._read_whole(body)
             if whole is None:
                 code = codec.ErrorCode.NOT_DEFINED
@@ -625,6 +636,25 @@ class TFTPService(AtomicMultiService):
             return None
         finally:
             body.close()
+
+    def _packets_for(self, body: FileBody, blksize: int) -> tuple[bytes, ...] | None:
+        """A small in-memory file's DATA packets, encoded by the first transfer that needs them."""
+        if (
+            not isinstance(body, MemoryBody | HeldBody)
+            or body.size > self.small_file
+            or blksize < codec.DEFAULT_BLKSIZE
+        ):
+            return None
+        data = body.data
+        key = (id(data), blksize)
+        known = self._encoded.get(key)
+        if known is not None and known[0] is data:
+            return known[1]
+        packets = encode_blocks(data, blksize)
+        if len(self._encoded) >= self.encoded_files:
+            self._encoded.clear()
+        self._encoded[key] = (data, packets)
+        return packets
 
     def _pool(self, local: str) -> _TransferPool:
         """The transfer ports of ``local``, opened with its first transfer."""
@@ -648,6 +678,7 @@ class TFTPService(AtomicMultiService):
             max_retries=self.settings.max_retries,
             deadline=self.settings.transfer_deadline,
             oack=terms.oack,
+            packets=self._packets_for(body, terms.blksize),
         )
         try:
             port = self._pool(key[0]).pick((key[1], key[2]))

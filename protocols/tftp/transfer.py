@@ -23,7 +23,7 @@ from callboard.protocols.filesource import FileBody
 from callboard.protocols.tftp import codec
 from callboard.protocols.tftp.codec import decode_ack, encode_data
 
-__all__ = ["NetasciiBody", "Outcome", "Transfer"]
+__all__ = ["NetasciiBody", "Outcome", "Transfer", "encode_blocks"]
 
 _NOTHING: tuple[bytes, ...] = ()
 
@@ -105,6 +105,17 @@ class NetasciiBody:
         self._inner.close()
 
 
+def encode_blocks(data: bytes, blksize: int) -> tuple[bytes, ...]:
+    """Every DATA packet of ``data`` at ``blksize``, block 1 first: what a transfer sends.
+
+    The last packet is shorter than ``blksize`` (empty when the size is a multiple of it), as
+    :class:`Transfer` ends a file. Encoded once per small file and block size, and shared
+    by every transfer of those bytes (see ``Transfer(packets=...)``).
+    """
+    count = len(data) // blksize + 1
+    return tuple(encode_data(n + 1, data[n * blksize : (n + 1) * blksize]) for n in range(count))
+
+
 class Transfer:
     """Serve one file to one client TID.
 
@@ -113,6 +124,8 @@ class Transfer:
     retransmit interval; it doubles per retry up to ``max(timeout, 8)`` s unless the client
     negotiated it (RFC 2349), in which case it is used as is. After ``max_retries``
     retransmits without progress, or past ``deadline`` seconds in all, the transfer ends.
+    ``packets``, when given, is :func:`encode_blocks` of the body's bytes at ``blksize``:
+    sent as they are instead of reading and encoding each block (the same datagrams).
     """
 
     __slots__ = (
@@ -125,6 +138,7 @@ class Transfer:
         "_last_length",
         "_max_retries",
         "_oack",
+        "_packets",
         "_retries",
         "_sent",
         "_started",
@@ -146,8 +160,10 @@ class Transfer:
         max_retries: int = 5,
         deadline: float = 600.0,
         oack: bytes | None = None,
+        packets: Sequence[bytes] | None = None,
     ) -> None:
         self._body = body
+        self._packets = packets
         self._blksize = blksize
         self._windowsize = windowsize
         self._timeout = timeout
@@ -268,10 +284,12 @@ class Transfer:
         self._arm(now)
         return self._window(now)
 
-    def _window(self, now: float) -> list[bytes]:
+    def _window(self, now: float) -> Sequence[bytes]:
         """Send blocks from the window base: a fresh window, or a restart after a gap."""
         if self._windowsize == 1:
             return self._block(now)
+        if self._packets is not None:
+            return self._encoded_window()
         out: list[bytes] = []
         block = self._base
         end = self._base + self._windowsize
@@ -298,10 +316,32 @@ class Transfer:
             self._sent = block - 1
         return out
 
-    def _block(self, now: float) -> list[bytes]:
+    def _encoded_window(self) -> list[bytes]:
+        """:meth:`_window` from the pre-encoded packets: a slice, nothing read or encoded."""
+        packets = self._packets
+        assert packets is not None
+        end = min(self._base - 1 + self._windowsize, len(packets))
+        out = list(packets[self._base - 1 : end])
+        if end == len(packets):
+            self._last = end
+            self._last_length = len(packets[-1]) - 4
+        if end > self._sent:
+            self._sent = end
+        return out
+
+    def _block(self, now: float) -> Sequence[bytes]:
         """Lock-step (window 1, the RFC 1350 case): the block at the base, alone."""
         block = self._base
         size = self._blksize
+        packets = self._packets
+        if packets is not None:
+            packet = packets[block - 1]
+            if len(packet) - 4 < size:
+                self._last = block
+                self._last_length = len(packet) - 4
+            if block > self._sent:
+                self._sent = block
+            return (packet,)
         try:
             payload = self._body.read_at((block - 1) * size, size)
         except OSError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,9 @@ import pytest
 import pytest_twisted
 from callboard.daemon.metrics import (
     FILE_KINDS,
+    TRANSFER_BUCKETS,
+    TRANSFER_OUTCOMES,
+    TRANSFER_PROTOCOLS,
     CallboardMetrics,
     file_kind,
     http_outcome,
@@ -18,7 +22,7 @@ from callboard.daemon.metrics import (
     sip_code,
     transfer_outcome,
 )
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
@@ -83,6 +87,87 @@ def test_http_outcome_and_sip_code() -> None:
     ]  # fmt: skip
     codes = [sip_code(c) for c in (200, 401, 423, 99, 700)]
     assert codes == ["200", "401", "423", "other", "other"]
+
+
+def test_repeated_transfers_count_in_the_same_children_and_the_cache_stays_bounded() -> None:
+    m = CallboardMetrics(process=False)
+    get = m.registry.get_sample_value
+    for _ in range(3):
+        m.record_transfer("tftp", "SEP00AABBCCDDEE.cnf.xml", "ok", 0.02, size=100)
+    m.record_transfer("tftp", "sep00aabbccddee.cnf.xml", "timeout", 0.5)
+    for port in range(5000):  # names are the clients' choice
+        m.record_transfer("tftp", f"junk{port}", "not_found", 0.001)
+    m.record_transfer("tftp", "SEP00AABBCCDDEE.cnf.xml", "ok", 0.02, size=100)
+    labels = {"protocol": "tftp", "kind": "sep_config"}
+    assert get("callboard_transfers_total", {**labels, "outcome": "ok"}) == 4
+    assert get("callboard_transfers_total", {**labels, "outcome": "timeout"}) == 1
+    assert get("callboard_transfer_bytes_total", labels) == 400
+    assert get("callboard_transfer_duration_seconds_count", labels) == 5
+    other = {"protocol": "tftp", "kind": "other", "outcome": "not_found"}
+    assert get("callboard_transfers_total", other) == 5000
+    assert len(m._transfer_children) <= 4096
+    m.record_transfer("tftp", "x" * 10_000, "not_found", 0.001)  # too long to be remembered
+    assert get("callboard_transfers_total", other) == 5001
+    assert not any(len(name) > 256 for _, name, _ in m._transfer_children)
+
+
+def _reference_transfers(events: list[tuple[str, str, str, float, int]]) -> bytes:
+    """The transfer families as prometheus_client's Counter and Histogram children give them."""
+    registry = CollectorRegistry()
+    labels = ["protocol", "kind"]
+    doc = "File transfers (TFTP and HTTP) by protocol, file kind and outcome."
+    transfers = Counter("callboard_transfers_total", doc, [*labels, "outcome"], registry=registry)
+    doc = "Bytes sent in file transfers (acknowledged, for TFTP)."
+    sent = Counter("callboard_transfer_bytes_total", doc, labels, registry=registry)
+    duration = Histogram(
+        "callboard_transfer_duration_seconds",
+        "How long file transfers took, from request to last byte.",
+        labels,
+        buckets=TRANSFER_BUCKETS,
+        registry=registry,
+    )
+    for protocol in ("tftp", "http"):
+        for kind in FILE_KINDS:
+            sent.labels(protocol, kind)
+            for outcome in TRANSFER_OUTCOMES:
+                transfers.labels(protocol, kind, outcome)
+    for protocol, name, outcome, seconds, size in events:
+        proto = protocol if protocol in TRANSFER_PROTOCOLS else "other"
+        kind = file_kind(name)
+        transfers.labels(proto, kind, outcome if outcome in TRANSFER_OUTCOMES else "other").inc()
+        if size > 0:
+            sent.labels(proto, kind).inc(size)
+        duration.labels(proto, kind).observe(max(seconds, 0.0))
+    return generate_latest(registry)
+
+
+def test_transfer_families_expose_exactly_what_prometheus_client_children_would() -> None:
+    events = [
+        ("tftp", "SEP00AABBCCDDEE.cnf.xml", "ok", 0.02, 1500),
+        ("tftp", "SEP00AABBCCDDEE.cnf.xml", "aborted", 0.01, 0),
+        ("http", "/XMLDefault.cnf.xml", "ok", 0.003, 4000),
+        ("tftp", "sip88xx.loads", "ok", 42.0, 10_000_000),
+        ("https", "ITLFile.tlv", "ok", 0.005, 300),  # exactly on a bucket bound
+        ("tftp", "x", "timeout", 700.0, 0),  # past the last bound: +Inf only
+        ("tftp", "y", "ok", -1.0, 10),  # a clock step: counted as 0 s
+        ("gopher", "x", "weird", 1.0, 0),
+    ]
+    ours = CallboardMetrics(process=False)
+    for protocol, name, outcome, seconds, size in events:
+        ours.record_transfer(protocol, name, outcome, seconds, size)
+
+    def transfer_lines(text: bytes) -> list[str]:
+        lines = [
+            re.sub(r"_created(\{.*\})? .*", r"_created\1 T", line)
+            for line in text.decode().splitlines()
+            if re.match(r"(# \w+ )?callboard_transfer", line)
+        ]
+        assert lines
+        return lines
+
+    assert transfer_lines(generate_latest(ours.registry)) == transfer_lines(
+        _reference_transfers(events)
+    )
 
 
 # -- scraped over loopback ---------------------------------------------------------------------

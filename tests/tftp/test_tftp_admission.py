@@ -125,3 +125,38 @@ def test_netascii_never_offers_tsize() -> None:
 def test_bad_option_values_are_refused_with_error_8(options: dict[str, str]) -> None:
     verdict = admission.agree(admitted(**options), 10, SETTINGS)
     assert isinstance(verdict, Refusal) and verdict.code == ErrorCode.OPTION_REFUSED
+
+
+REQUESTS = [
+    rrq("SEP001122334455.cnf.xml"),
+    rrq("a", "NetASCII", blksize="1468", tsize="0"),
+    rrq("../x"),
+    rrq("../x", "mail"),
+    rrq("//./"),
+    codec.encode(codec.WriteRequest("a", "octet", {})),
+    b"\x00\x01a\x00octet",  # not NUL-terminated
+    b"\x00\x01a\x00more\x00octet\x00",  # a NUL inside the name
+    b"\x00\x04\x00\x01",
+    b"\x00\x01" + b"x" * 600 + b"\x00octet\x00",  # too large to be remembered
+]
+
+
+@pytest.mark.parametrize("datagram", REQUESTS)
+@pytest.mark.parametrize("load", [IDLE, Load(total=10, client=0), Load(total=0, client=2)])
+def test_remembered_screening_answers_as_a_fresh_one(datagram: bytes, load: Load) -> None:
+    fresh = admission._screen(datagram)
+    for _ in range(2):  # the first time fills the cache, the second answers from it
+        assert admission.admit(datagram, load, SETTINGS) == admission.admit(
+            bytearray(datagram),  # type: ignore[arg-type]  # not hashable: never remembered
+            load,
+            SETTINGS,
+        )
+    assert admission._screen(datagram) == fresh
+
+
+def test_the_same_request_bytes_are_admitted_or_refused_by_the_load_of_the_moment() -> None:
+    datagram = rrq("a")
+    assert isinstance(admission.admit(datagram, IDLE, SETTINGS), Admitted)
+    busy = admission.admit(datagram, Load(total=10, client=0), SETTINGS)
+    assert isinstance(busy, Refusal) and busy.message == "server busy"
+    assert isinstance(admission.admit(datagram, IDLE, SETTINGS), Admitted)

@@ -68,7 +68,19 @@ def test_lingering_clients_are_pruned_so_memory_stays_bounded() -> None:
         table.add(client, "t")
         table.remove(client, now=port * 0.01)
     assert len(table._recent) < 300  # about a second's worth, not all 1000
+    assert len(table._expiry) < 300
     assert table.lingering(("192.0.2.9", 999), 9.99)
+
+
+def test_a_client_that_finishes_again_lingers_for_its_latest_transfer() -> None:
+    table: PortTable[str] = PortTable(linger=1.0)
+    table.add(A, "first")
+    table.remove(A, now=0.0)
+    table.add(A, "second")
+    table.remove(A, now=0.9)
+    table.add(B, "other")
+    table.remove(B, now=1.5)  # prunes: A's first expiry (1.0) is due, its second (1.9) not
+    assert table.lingering(A, 1.8) and not table.lingering(A, 1.9)
 
 
 def test_a_new_transfer_of_the_same_client_clears_its_lingering() -> None:
@@ -266,3 +278,28 @@ def test_a_pooled_socket_drains_what_is_queued_and_normalises_addresses(local: s
     assert fds.readers == [sock]  # registered once, when opened
     sock.close()
     assert fds.readers == [] and sock.fileno() == -1
+
+
+def test_a_small_file_is_encoded_once_and_again_only_when_it_changes(
+    pooled: Callable[..., Pooled], tmp_path: Path
+) -> None:
+    p = pooled(initial_timeout=5.0)
+
+    def fetch(client: Addr) -> bytes:
+        port = p.rrq(client)
+        got = b""
+        for block in range(1, 100):
+            packets = port.to(client)
+            if not packets:
+                return got
+            assert packets == [codec.Data(block, packets[0].payload)]
+            got += packets[0].payload
+            port.receive(struct.pack("!HH", 4, block), client)
+        raise AssertionError("did not end")
+
+    assert fetch(A) == BIG and fetch(B) == BIG
+    assert len(p.service._encoded) == 1  # the second transfer sent the first one's packets
+    (tmp_path / "big.bin").write_bytes(BIG[::-1])
+    p.service.encoded_files = 1  # the bound: the old file's packets are forgotten
+    assert fetch(("192.0.2.8", 1)) == BIG[::-1] and len(p.service._encoded) == 1
+    assert fetch(("192.0.2.8", 2)) == BIG[::-1] and len(p.service._encoded) == 1

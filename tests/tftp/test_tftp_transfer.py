@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from callboard.protocols.filesource import MemoryBody
 from callboard.protocols.tftp import codec
-from callboard.protocols.tftp.transfer import NetasciiBody, Transfer
+from callboard.protocols.tftp.transfer import NetasciiBody, Transfer, encode_blocks
 
 
 def ack(n: int) -> bytes:
@@ -164,3 +165,36 @@ def test_netascii_body_converts_lazily_across_chunks() -> None:
         assert body.read_at(len(expected), 5) == b""
     finally:
         NetasciiBody.CHUNK = 65536
+
+
+def _script(t: Transfer, total_blocks: int) -> list[object]:
+    """Drive a transfer through every kind of event; everything it sent and how it ended."""
+    sent: list[object] = [list(t.start(0.0))]
+    now = 0.0
+    sent.append(list(t.timer_fired(5.0)))  # a retransmit of the first window
+    acked = 0
+    while t.outcome is None and acked <= total_blocks + 1:
+        now += 0.1
+        sent.append(list(t.datagram_received(ack(acked), now)))  # a duplicate: nothing
+        acked += 1
+        sent.append(list(t.datagram_received(ack(acked), now)))
+        if acked % 3 == 0 and t.outcome is None:
+            now += 10.0
+            sent.append(list(t.timer_fired(now)))
+    sent.append(t.outcome)
+    return sent
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 1024, 1500, 4096, 10_000])
+@pytest.mark.parametrize(("blksize", "windowsize"), [(512, 1), (512, 4), (1468, 1), (8, 16)])
+def test_pre_encoded_packets_send_exactly_what_reading_the_body_sends(
+    size: int, blksize: int, windowsize: int
+) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    packets = encode_blocks(data, blksize)
+    assert b"".join(p[4:] for p in packets) == data and len(packets[-1]) - 4 < blksize
+    kw = {"blksize": blksize, "windowsize": windowsize, "max_retries": 1000, "deadline": 1e9}
+    read = _script(make(data, **kw), len(packets))
+    encoded = _script(make(data, packets=packets, **kw), len(packets))
+    assert encoded == read
+    assert read[-1] is not None and read[-1].ok  # type: ignore[attr-defined]
