@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
@@ -158,6 +159,42 @@ def make_renderer(log_format: str, *, journal: bool, colors: bool = False) -> Re
     return with_priority_prefix(renderer) if journal else renderer
 
 
+class LineWriter:
+    """Writes each rendered event as one line, under a lock that the same thread may take again.
+
+    structlog's ``PrintLogger`` holds a plain lock while it writes. Twisted logs from its
+    SIGTERM handler, and Python runs a signal handler on the main thread between two
+    bytecodes, perhaps inside that very write: the handler then waited for a lock its own
+    thread held, and the daemon hung instead of stopping. Here the lock is re-entrant and the
+    line goes out in one ``write`` call (no bytecode runs inside it), so a line logged by a
+    handler comes whole, after the one it interrupted.
+    """
+
+    _locks: dict[int, threading.RLock] = {}
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._lock = self._locks.setdefault(id(file), threading.RLock())
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            self._file.write(message + "\n")
+            self._file.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class LineWriterFactory:
+    """structlog's logger factory for :class:`LineWriter` on one stream."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> LineWriter:
+        return LineWriter(self._file)
+
+
 def _is_terminal(stream: TextIO) -> bool:
     try:
         return stream.isatty()
@@ -187,7 +224,7 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=LineWriterFactory(out),
         cache_logger_on_first_use=True,
     )
     global _bridge  # one structlog logger per configuration (see where it is defined)

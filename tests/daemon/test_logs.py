@@ -344,3 +344,41 @@ def test_finishing_processor_writes_the_old_chains_line(method: str) -> None:
         assert stamp.sub("T", new) == stamp.sub("T", old)  # the same line, byte for byte
         assert re.search(r'"timestamp": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z"', new)
         assert "1234567812345678" not in repr(new)
+
+
+REENTRY_SCRIPT = textwrap.dedent(
+    """
+    import io, sys
+    from callboard.daemon.logs import configure_logging
+    from twisted.logger import Logger
+
+    class Interrupted(io.StringIO):
+        # The first write is interrupted as a signal handler would interrupt it: Twisted's
+        # SIGTERM handler logs on the same thread while the line is being written.
+        interrupted = False
+
+        def write(self, text):
+            if not Interrupted.interrupted:
+                Interrupted.interrupted = True
+                Logger(namespace="twisted").info("Received SIGTERM, shutting down.")
+            return super().write(text)
+
+    out = Interrupted()
+    configure_logging("info", out, journal=False)
+    Logger(namespace="callboard.test").info("first line")
+    sys.stdout.write(out.getvalue())
+    """
+)
+
+
+def test_a_line_logged_while_another_is_written_does_not_hang(tmp_path: Path) -> None:
+    """The daemon once hung on SIGTERM: the handler's log line waited for the output lock
+    its own thread held (structlog's PrintLogger lock is not re-entrant)."""
+    environ = dict(os.environ, PYTHONPATH=str(Path("build/typecheck").resolve()))
+    result = subprocess.run(
+        [sys.executable, "-c", REENTRY_SCRIPT],
+        capture_output=True, text=True, env=environ, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line)["event"] for line in result.stdout.splitlines()]
+    assert events == ["Received SIGTERM, shutting down.", "first line"]
