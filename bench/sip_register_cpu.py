@@ -35,10 +35,10 @@ from callboard.daemon import ivr
 from callboard.daemon.bindings import BindingsSync, SharedLocationService
 from callboard.daemon.logs import configure_logging
 from callboard.daemon.registry.bindings import open_binding_journal
+from callboard.daemon.registry.engines import DATABASE_NAME
 from callboard.daemon.registry.model import Device, Line
 from callboard.daemon.registry.registry import Registry
-from callboard.daemon.registry.engines import DATABASE_NAME
-from callboard.daemon.registry.store import SQLiteStore, Snapshot
+from callboard.daemon.registry.store import Snapshot, SQLiteStore
 from callboard.daemon.sip_policy import RegistryPolicy
 from callboard.protocols.sip.registrar import Registrar, RegistrarSettings
 from callboard.protocols.sip.transports import SIPDatagramProtocol
@@ -65,9 +65,7 @@ class _Devices:
 
     def load(self) -> Snapshot:
         devices = [
-            Device(
-                id=f"d{i}", name=f"SEP{mac_of(i)}", model=MODEL, lines=(Line(dn_of(i)),)
-            )
+            Device(id=f"d{i}", name=f"SEP{mac_of(i)}", model=MODEL, lines=(Line(dn_of(i)),))
             for i in range(self.n)
         ]
         return Snapshot(devices=devices)
@@ -134,7 +132,8 @@ def main() -> int:
     port = sink.getsockname()[1]
     protocol = SIPDatagramProtocol(registrar)
     listening = global_reactor.listenUDP(0, protocol, interface="127.0.0.1")  # type: ignore[attr-defined]
-    print(f"python {sys.version.split()[0]}, {registrar.__module__} from {sys.modules[Registrar.__module__].__file__}")
+    where = sys.modules[Registrar.__module__].__file__
+    print(f"python {sys.version.split()[0]}, registrar from {where}")
 
     def feed(first: int, n: int, call: int, cseq: int) -> float:
         datagrams = [register(first + k, port, call, cseq) for k in range(n)]

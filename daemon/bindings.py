@@ -201,7 +201,7 @@ class BindingsSync(Service):
             aor=b.aor,
             key=b.key,
             device_name=b.device_name or "",
-            contact=str(b.contact),
+            contact=b.contact,
             transport=b.transport,
             source=b.source,
             user_agent=b.user_agent,
@@ -225,7 +225,7 @@ def _signature(b: Binding) -> _Signature:
     """What a stored row shows of a binding, the expiry by bucket (a refresh's new CSeq and
     registration time alone are not worth a write)."""
     return (
-        str(b.contact),
+        b.contact,
         b.device_name,
         b.transport,
         b.source,

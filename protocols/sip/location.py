@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from callboard.protocols.sip.message import NameAddr
+from callboard.protocols.sip.message import parse_name_addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,13 +25,16 @@ class Binding:
     """One contact bound to an AoR, as the registrar accepted it.
 
     ``key`` identifies the binding within its AoR (``+sip.instance`` when present, else the
-    contact URI); ``expires_at`` is on the registrar's clock, ``registered_at`` wall-clock
-    epoch seconds (shown to people only).
+    contact URI); ``contact`` is the Contact value as bound (``<uri>;params``, without
+    ``expires``), kept as the one string it is sent and shown as: a parsed form costs
+    several hundred bytes per binding, and is only needed when someone looks
+    (:attr:`contact_uri`, :attr:`instance`, :attr:`model_id`). ``expires_at`` is on the
+    registrar's clock, ``registered_at`` wall-clock epoch seconds (shown to people only).
     """
 
     aor: str
     key: str
-    contact: NameAddr
+    contact: str
     call_id: str
     cseq: int
     expires_at: float
@@ -40,9 +43,21 @@ class Binding:
     transport: str
     source: str
     user_agent: str | None
-    instance: str | None
-    model_id: str | None
     client_cert_fingerprint: str | None
+
+    @property
+    def contact_uri(self) -> str:
+        return parse_name_addr(self.contact).uri
+
+    @property
+    def instance(self) -> str | None:
+        """The contact's ``+sip.instance``, as sent."""
+        return parse_name_addr(self.contact).param("+sip.instance")
+
+    @property
+    def model_id(self) -> str | None:
+        """The contact's Cisco model ID (``+u.sip!model.ccm.cisco.com``)."""
+        return parse_name_addr(self.contact).param("+u.sip!model.ccm.cisco.com")
 
 
 class LocationService(Protocol):

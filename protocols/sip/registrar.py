@@ -41,7 +41,7 @@ applies RFC 3261 §10.3 around it, one named step each:
 Bindings are keyed per AoR by ``+sip.instance`` when present (a rebooted Cisco phone with a
 new random contact user replaces its old binding) and by contact URI otherwise. They expire
 through :meth:`Registrar.sweep` (the service calls it every second).
-Retransmissions (same Via branch, sent-by and method within 32 s) get the cached reply.
+Retransmissions over UDP (same Via branch, sent-by and method within 32 s) get the cached reply.
 The out-of-dialog ``REFER`` carrying an ``application/x-cisco-alarm+xml`` body, which Cisco
 phones send before registering, gets ``202 Accepted``; its alarm is logged and counted (and
 not trusted for anything). Other methods get 405 with ``Allow``; ACK is absorbed silently.
@@ -450,7 +450,9 @@ class Registrar:
         self._date_second, self._date_text = -1, ""
         # Told the status of every REGISTER answer (metrics); not of retransmitted ones.
         self.on_register_answer: Callable[[int], None] | None = None
-        self._transactions: dict[tuple[str, str, str], tuple[float, Reply | None]] = {}
+        # "METHOD sent-by branch" (one string: compact, as thousands live 32 s each) →
+        # (forget at, the reply, None while pending).
+        self._transactions: dict[str, tuple[float, Reply | None]] = {}
         # AoR → REGISTERs waiting behind one whose policy answer is pending (key present while
         # one is pending), each with the Deferred its answer goes to.
         self._waiting: dict[str, deque[tuple[_Register, Deferred[Response]]]] = {}
@@ -500,9 +502,10 @@ class Registrar:
                 self.request_handler.handle_request(req, source, self._responder(req, source, via))
             return None
         branch = via.branch
-        tkey: tuple[str, str, str] | None = None
-        if branch and branch.startswith("z9hG4bK"):
-            tkey = (branch, f"{via.host}:{via.port}", method)
+        tkey: str | None = None
+        # Only UDP retransmits: on TCP/TLS Timer J is 0 (RFC 3261 §17.2.2), nothing is kept.
+        if branch and branch.startswith("z9hG4bK") and source.transport == "udp":
+            tkey = f"{method} {via.host}:{via.port} {branch}"
             cached = self._transactions.get(tkey)
             if cached is not None:
                 self.counters.retransmissions += 1
@@ -527,7 +530,7 @@ class Registrar:
             return None
         return self._route(req, response, source, via)
 
-    def _remember(self, tkey: tuple[str, str, str], answer: Answer) -> None:
+    def _remember(self, tkey: str, answer: Answer) -> None:
         """Cache the reply for retransmissions; while it is pending, absorb them."""
         if not isinstance(answer, Deferred):
             self._transactions[tkey] = (self.now() + TRANSACTION_LINGER, answer)
@@ -793,7 +796,7 @@ class Registrar:
         return Binding(
             aor=reg.aor,
             key=key,
-            contact=c.with_params([(k, v) for k, v in c.params if k.lower() not in drop]),
+            contact=str(c.with_params([(k, v) for k, v in c.params if k.lower() not in drop])),
             call_id=reg.call_id,
             cseq=reg.cseq,
             expires_at=expires_at,
@@ -802,8 +805,6 @@ class Registrar:
             transport=reg.source.transport,
             source=reg.source.address,
             user_agent=reg.user_agent,
-            instance=c.param("+sip.instance"),
-            model_id=c.param("+u.sip!model.ccm.cisco.com"),
             client_cert_fingerprint=reg.source.client_cert_fingerprint,
         )
 
@@ -817,7 +818,7 @@ class Registrar:
             self.log.info(
                 "SIP unregistered {aor} {contact} device={device}",
                 aor=reg.aor,
-                contact=old.contact.uri,
+                contact=old.contact_uri,
                 device=old.device_name,
                 source=reg.source.address,
             )
@@ -835,7 +836,6 @@ class Registrar:
                 source=reg.source.address,
                 user_agent=reg.user_agent,
                 new_registration=change.newreg,
-                contacts=[str(c.uri) for c, e in reg.planned if e],
             )
             if reg.alarm is not None:
                 self._log_reason_alarm(reg, owner, reg.alarm)
@@ -864,10 +864,9 @@ class Registrar:
         resp = self._response(reg.req, 200)
         own_keys = {instance_key(c) for c, e in reg.planned if e} if change.newreg else set()
         for key, b in sorted(change.after.items(), key=lambda kv: kv[1].expires_at):
-            params = [*b.contact.params, ("expires", str(max(0, round(b.expires_at - now))))]
-            if key in own_keys:
-                params.append(("x-cisco-newreg", None))
-            resp.headers.add("Contact", str(b.contact.with_params(params)))
+            # The bound contact is kept formatted: its parameters then these, as text.
+            value = f"{b.contact};expires={max(0, round(b.expires_at - now))}"
+            resp.headers.add("Contact", value + ";x-cisco-newreg" if key in own_keys else value)
         if change.added:
             resp.headers.add("Expires", str(self.settings.keepalive_expires))
         resp.headers.add("Supported", CUCM_SUPPORTED)
@@ -1019,9 +1018,10 @@ class Registrar:
 
     @staticmethod
     def _info(b: Binding, now: float) -> BindingInfo:
+        contact = parse_name_addr(b.contact)
         return BindingInfo(
             aor=b.aor,
-            contact=str(b.contact),
+            contact=b.contact,
             device_name=b.device_name,
             transport=b.transport,
             source=b.source,
@@ -1031,8 +1031,8 @@ class Registrar:
             registered_at=b.registered_at,
             call_id=b.call_id,
             cseq=b.cseq,
-            instance=b.instance,
-            model_id=b.model_id,
+            instance=contact.param("+sip.instance"),
+            model_id=contact.param("+u.sip!model.ccm.cisco.com"),
             client_cert_fingerprint=b.client_cert_fingerprint,
         )
 
@@ -1054,7 +1054,7 @@ class Registrar:
             self.log.info(
                 "SIP binding expired {aor} {contact} device={device}",
                 aor=b.aor,
-                contact=b.contact.uri,
+                contact=b.contact_uri,
                 device=b.device_name,
             )
         self.counters.expired += len(expired)

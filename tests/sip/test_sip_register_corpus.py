@@ -130,7 +130,7 @@ CASES: list[tuple[str, str, bytes]] = [
     ("over TCP", "tcp",
      register(user="1008", call_id="c19", branch="z9hG4bK-23",
               via="Via: SIP/2.0/TCP 192.0.2.50:5060;branch={branch}")),
-    ("over TLS, retransmitted", "tls",
+    ("over TLS, same branch again: a new transaction (Timer J 0)", "tls",
      register(user="1008", call_id="c19", branch="z9hG4bK-23",
               via="Via: SIP/2.0/TCP 192.0.2.50:5060;branch={branch}")),
     ("Max-Forwards 0", "udp",
@@ -149,7 +149,8 @@ CASES: list[tuple[str, str, bytes]] = [
     ("To without a user", "udp",
      register(call_id="c25", branch="z9hG4bK-31").replace(
          b"To: <sip:1001@192.0.2.10>", b"To: <sip:192.0.2.10>")),
-    ("too large", "udp", register(call_id="c26", branch="z9hG4bK-32", extra=("X-Pad: " + "p" * 70000,))),
+    ("too large", "udp",
+     register(call_id="c26", branch="z9hG4bK-32", extra=("X-Pad: " + "p" * 70000,))),
 ]  # fmt: skip
 
 _MASKS = (
