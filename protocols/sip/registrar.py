@@ -666,7 +666,7 @@ class Registrar:
             identity=CiscoIdentity.of(listed),
             user_agent=req.headers.get("user-agent"),
             keepalive=bool(listed)
-            and all(has_param(list(c.params), KEEPALIVE_PARAM) for c in listed),
+            and all(has_param(c.params, KEEPALIVE_PARAM) for c in listed),
             remotecc=self._read_remotecc(req),
             alarm=parse_reason_alarm(req.headers.get_all("reason")),
         )
@@ -1195,9 +1195,8 @@ class Registrar:
         """RFC 3261 §18.2.2 + RFC 3581: stamp received/rport on the top Via and pick the port."""
         if self.on_register_answer is not None and req.method.upper() == "REGISTER":
             self.on_register_answer(resp.status)
-        vias = req.headers.values("via")
         if top is None:
-            top = parse_via(vias[0])
+            top = parse_via(req.headers.values("via")[0])
         params = list(top.params)
         has_rport = False
         out: list[tuple[str, str | None]] = []
@@ -1214,16 +1213,9 @@ class Registrar:
         if has_rport:
             out.append(("rport", str(source.port)))
         if out != params:
-            new_top = str(top.with_params(out))
-            resp.headers.remove("via")
-            resp.headers.add("Via", new_top)
-            for v in vias[1:]:
-                resp.headers.add("Via", v)
-            # Keep the response's other headers after Via for readability.
-            items = list(resp.headers)
-            resp.headers = type(resp.headers)(
-                [i for i in items if i[0] == "via"] + [i for i in items if i[0] != "via"]
-            )
+            # The Via list first, one value a line, then the response's other headers.
+            rest = req.headers.values("via")[1:]
+            resp.headers.put_first("via", [str(top.with_params(out)), *rest])
         if source.transport != "udp" or has_rport:
             port = source.port
         else:
