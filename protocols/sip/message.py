@@ -623,6 +623,8 @@ Params = list[tuple[str, str | None]]
 def parse_params(s: str) -> Params:
     """``;a=1;b;c="x;y"`` (leading ';' optional) → ordered (name, value) pairs."""
     out: Params = []
+    if not s:
+        return out  # most URIs and addresses have none
     for piece in split_unquoted(s, ";"):
         piece = piece.strip()
         if not piece:

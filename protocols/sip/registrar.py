@@ -834,7 +834,6 @@ class Registrar:
                 device=owner,
                 transport=reg.source.transport,
                 source=reg.source.address,
-                user_agent=reg.user_agent,
                 new_registration=change.newreg,
             )
             if reg.alarm is not None:
