@@ -456,6 +456,7 @@ class Registrar:
         # AoR → REGISTERs waiting behind one whose policy answer is pending (key present while
         # one is pending), each with the Deferred its answer goes to.
         self._waiting: dict[str, deque[tuple[_Register, Deferred[Response]]]] = {}
+        self._shared_values: dict[str, str] = {}
         #: Methods other than REGISTER, OPTIONS and REFER go here; None: 405.
         self.request_handler: RequestHandler | None = None
 
@@ -664,12 +665,24 @@ class Registrar:
             wildcard=wildcard,
             planned=self._plan_expiries(req, source, to_uri.aor, listed, header_expires),
             identity=CiscoIdentity.of(listed),
-            user_agent=req.headers.get("user-agent"),
+            user_agent=self._shared(req.headers.get("user-agent")),
             keepalive=bool(listed)
             and all(has_param(c.params, KEEPALIVE_PARAM) for c in listed),
             remotecc=self._read_remotecc(req),
             alarm=parse_reason_alarm(req.headers.get_all("reason")),
         )
+
+    def _shared(self, value: str | None) -> str | None:
+        """One copy of a value thousands of bindings repeat (the user agent: a few firmware
+        builds across every phone), instead of one per binding."""
+        if value is None:
+            return None
+        found = self._shared_values.get(value)
+        if found is None:
+            if len(self._shared_values) < 1024:
+                self._shared_values[value] = value
+            return value
+        return found
 
     def _read_remotecc(self, req: Request) -> RemoteccRequest | None:
         """The remotecc parts of the body (Cisco's bulkregisterreq and optionsind); other
