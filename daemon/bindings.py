@@ -49,7 +49,6 @@ PURGE_GRACE = 60.0  # seconds past their stored expiry before others' rows are p
 READ_TIMEOUT = 2.0  # seconds a `status` or `device show` waits for the table
 
 
-
 class SharedLocationService:
     """A :class:`~callboard.protocols.sip.location.LocationService`: memory answers, and
     every AoR whose bindings change is noted for the next flush (O(1) per change)."""

@@ -666,8 +666,7 @@ class Registrar:
             planned=self._plan_expiries(req, source, to_uri.aor, listed, header_expires),
             identity=CiscoIdentity.of(listed),
             user_agent=self._shared(req.headers.get("user-agent")),
-            keepalive=bool(listed)
-            and all(has_param(c.params, KEEPALIVE_PARAM) for c in listed),
+            keepalive=bool(listed) and all(has_param(c.params, KEEPALIVE_PARAM) for c in listed),
             remotecc=self._read_remotecc(req),
             alarm=parse_reason_alarm(req.headers.get_all("reason")),
         )
