@@ -104,9 +104,9 @@ class MemoryLocationService:
 
     def __init__(self) -> None:
         self._bindings: dict[str, Binding | dict[str, Binding]] = {}
-        # Device name → AoRs it holds bindings on: usually one, so a tuple (a set would cost
-        # ~200 bytes per registered phone).
-        self._by_device: dict[str, tuple[str, ...]] = {}
+        # Device name → the AoR it holds bindings on, or a tuple of several (a set would cost
+        # ~200 bytes per registered phone, a one-item tuple ~50).
+        self._by_device: dict[str, str | tuple[str, ...]] = {}
         self._heap: list[tuple[float, str, str]] = []
 
     def _held(self, aor: str) -> Mapping[str, Binding]:
@@ -149,17 +149,23 @@ class MemoryLocationService:
             if device is not None:
                 self._index(device, aor)
 
+    def _aors_of(self, device_name: str) -> tuple[str, ...]:
+        aors = self._by_device.get(device_name, ())
+        return (aors,) if isinstance(aors, str) else aors
+
     def by_device(self, device_name: str, now: float) -> list[Binding]:
         return [
             b
-            for aor in sorted(self._by_device.get(device_name, ()))
+            for aor in sorted(self._aors_of(device_name))
             for b in self._held(aor).values()
             if b.device_name == device_name and b.expires_at > now
         ]
 
     def remove_device(self, device_name: str) -> list[Binding]:
         removed: list[Binding] = []
-        for aor in sorted(self._by_device.pop(device_name, ())):
+        aors = self._aors_of(device_name)
+        self._by_device.pop(device_name, None)
+        for aor in sorted(aors):
             kept: dict[str, Binding] = {}
             for key, b in self._held(aor).items():
                 if b.device_name == device_name:
@@ -190,13 +196,15 @@ class MemoryLocationService:
     def _index(self, device_name: str, aor: str) -> None:
         """Keep ``aor`` under ``device_name`` exactly while the device holds a binding there."""
         holds = any(b.device_name == device_name for b in self._held(aor).values())
-        aors = self._by_device.get(device_name, ())
+        aors = self._aors_of(device_name)
         if holds:
             if aor not in aors:
-                self._by_device[device_name] = (*aors, aor)
+                self._by_device[device_name] = (*aors, aor) if aors else aor
         elif aor in aors:
             rest = tuple(a for a in aors if a != aor)
-            if rest:
+            if len(rest) > 1:
                 self._by_device[device_name] = rest
+            elif rest:
+                self._by_device[device_name] = rest[0]
             else:
                 del self._by_device[device_name]
