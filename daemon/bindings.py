@@ -48,8 +48,6 @@ PURGE_INTERVAL = 30.0  # seconds between purges of rows dead processes left behi
 PURGE_GRACE = 60.0  # seconds past their stored expiry before others' rows are purged
 READ_TIMEOUT = 2.0  # seconds a `status` or `device show` waits for the table
 
-_Signature = tuple[Any, ...]
-
 
 class SharedLocationService:
     """A :class:`~callboard.protocols.sip.location.LocationService`: memory answers, and
@@ -112,9 +110,10 @@ class BindingsSync(Service):
         self.now = now
         self.reactor = reactor
         self.interval = interval
-        # What the table holds for each AoR (by binding key: the signature written);
-        # None: unknown (a write failed), so the AoR is written whatever it holds.
-        self._stored: dict[str, dict[str, _Signature] | None] = {}
+        # What the table holds for each AoR: the hash of its rows' signatures (an int, not
+        # the rows: this lives as long as the binding); None: unknown (a write failed), so
+        # the AoR is written whatever it holds; absent: no rows.
+        self._stored: dict[str, int | None] = {}
         self._busy = False
         self._failing = False
         self._next_purge = 0.0
@@ -151,13 +150,21 @@ class BindingsSync(Service):
             return succeed(None)
         now = self.now()
         changed: dict[str, list[StoredBinding]] = {}
-        signatures: dict[str, dict[str, _Signature]] = {}
+        signatures: dict[str, int | None] = {}  # None: the AoR's rows go
+        unstored: set[str] = set()  # no rows to delete first
+        stored = self._stored
         for aor in self.location.take_dirty():
             live = self.location.memory.lookup(aor, now)
-            signature = {key: _signature(b) for key, b in live.items()}
-            before = self._stored.get(aor, {})
-            if before is not None and before == signature:
-                continue
+            if not live:
+                if aor not in stored:
+                    continue  # nothing held, nothing written
+                signature = None
+            else:
+                signature = hash(tuple((key, _signature(b)) for key, b in live.items()))
+                if stored.get(aor) == signature:
+                    continue  # written as it stands
+                if aor not in stored:
+                    unstored.add(aor)
             changed[aor] = [self._stored_form(b) for b in live.values()]
             signatures[aor] = signature
         purge_before = 0.0
@@ -167,11 +174,11 @@ class BindingsSync(Service):
         if not changed and not purge_before:
             return succeed(None)
         self._busy = True
-        d = self.journal.replace(self.holder, changed, purge_before)
+        d = self.journal.replace(self.holder, changed, purge_before, unstored)
 
         def written(_: object) -> None:
             for aor, signature in signatures.items():
-                if signature:
+                if signature is not None:
                     self._stored[aor] = signature
                 else:
                     self._stored.pop(aor, None)
@@ -201,7 +208,7 @@ class BindingsSync(Service):
             aor=b.aor,
             key=b.key,
             device_name=b.device_name or "",
-            contact=str(b.contact),
+            contact=b.contact,
             transport=b.transport,
             source=b.source,
             user_agent=b.user_agent,
@@ -221,11 +228,12 @@ class BindingsSync(Service):
         return self.journal.count_by_node(self.now()).addTimeout(READ_TIMEOUT, self.reactor)
 
 
-def _signature(b: Binding) -> _Signature:
+def _signature(b: Binding) -> tuple[Any, ...]:
     """What a stored row shows of a binding, the expiry by bucket (a refresh's new CSeq and
-    registration time alone are not worth a write)."""
+    registration time alone are not worth a write). Kept only as part of a hash: a collision
+    (one in 2**64) would leave a row one change behind until the next."""
     return (
-        str(b.contact),
+        b.contact,
         b.device_name,
         b.transport,
         b.source,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,17 +84,24 @@ class BindingJournal:
     # -- writes --------------------------------------------------------------------------
 
     def replace(
-        self, holder: str, aors: Mapping[str, Sequence[StoredBinding]], purge_before: float
+        self,
+        holder: str,
+        aors: Mapping[str, Sequence[StoredBinding]],
+        purge_before: float,
+        unstored: Collection[str] = (),
     ) -> Deferred[None]:
         """Make each AoR's rows of ``holder`` exactly the bindings given (none: removed),
         all in one transaction; and drop anyone's rows that expired before
-        ``purge_before`` (a process that died without removing its own)."""
+        ``purge_before`` (a process that died without removing its own). ``unstored``
+        names AoRs the holder is known to have no rows of: their rows are only inserted
+        (a phone's first registration costs one statement, not two)."""
         if not aors and not purge_before:
             return succeed(None)
         delete = self._sql("DELETE FROM bindings WHERE holder = ? AND aor = ?")
         insert = self._sql(f"INSERT INTO bindings ({_COLUMNS}) VALUES ({', '.join(['?'] * 12)})")
         purge = self._sql("DELETE FROM bindings WHERE expires_at < ?")
-        gone = [(holder, aor) for aor in aors]
+        skip = frozenset(unstored)
+        gone = [(holder, aor) for aor in aors if aor not in skip]
         rows = [_row(holder, b) for bindings in aors.values() for b in bindings]
 
         def write(db: Any) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from callboard.protocols.sip.message import NameAddr
+from callboard.protocols.sip.message import parse_name_addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,13 +25,16 @@ class Binding:
     """One contact bound to an AoR, as the registrar accepted it.
 
     ``key`` identifies the binding within its AoR (``+sip.instance`` when present, else the
-    contact URI); ``expires_at`` is on the registrar's clock, ``registered_at`` wall-clock
-    epoch seconds (shown to people only).
+    contact URI); ``contact`` is the Contact value as bound (``<uri>;params``, without
+    ``expires``), kept as the one string it is sent and shown as: a parsed form costs
+    several hundred bytes per binding, and is only needed when someone looks
+    (:attr:`contact_uri`, :attr:`instance`, :attr:`model_id`). ``expires_at`` is on the
+    registrar's clock, ``registered_at`` wall-clock epoch seconds (shown to people only).
     """
 
     aor: str
     key: str
-    contact: NameAddr
+    contact: str
     call_id: str
     cseq: int
     expires_at: float
@@ -40,9 +43,21 @@ class Binding:
     transport: str
     source: str
     user_agent: str | None
-    instance: str | None
-    model_id: str | None
     client_cert_fingerprint: str | None
+
+    @property
+    def contact_uri(self) -> str:
+        return parse_name_addr(self.contact).uri
+
+    @property
+    def instance(self) -> str | None:
+        """The contact's ``+sip.instance``, as sent."""
+        return parse_name_addr(self.contact).param("+sip.instance")
+
+    @property
+    def model_id(self) -> str | None:
+        """The contact's Cisco model ID (``+u.sip!model.ccm.cisco.com``)."""
+        return parse_name_addr(self.contact).param("+u.sip!model.ccm.cisco.com")
 
 
 class LocationService(Protocol):
@@ -81,49 +96,83 @@ class LocationService(Protocol):
 class MemoryLocationService:
     """Bindings in this process's memory; expiry through one heap (not a timer per binding).
 
+    An AoR with one binding (nearly every phone line) holds the :class:`Binding` itself, not a
+    one-entry dict (~180 bytes per registered line saved); more bindings, a dict by key.
     The heap may hold stale entries (a binding refreshed or removed since): :meth:`sweep`
     skips any entry that no longer names the stored binding with that expiry.
     """
 
     def __init__(self) -> None:
-        self._bindings: dict[str, dict[str, Binding]] = {}
-        # Device name → AoRs it holds bindings on: usually one, so a tuple (a set would cost
-        # ~200 bytes per registered phone).
-        self._by_device: dict[str, tuple[str, ...]] = {}
+        self._bindings: dict[str, Binding | dict[str, Binding]] = {}
+        # Device name → the AoR it holds bindings on, or a tuple of several (a set would cost
+        # ~200 bytes per registered phone, a one-item tuple ~50).
+        self._by_device: dict[str, str | tuple[str, ...]] = {}
         self._heap: list[tuple[float, str, str]] = []
 
+    def _held(self, aor: str) -> Mapping[str, Binding]:
+        """The stored bindings of ``aor`` by key, expired ones included (do not change it)."""
+        held = self._bindings.get(aor)
+        if held is None:
+            return {}
+        if isinstance(held, Binding):
+            return {held.key: held}
+        return held
+
+    def _store(self, aor: str, bindings: Mapping[str, Binding]) -> None:
+        """Make ``bindings`` the stored set of ``aor``, in its compact form."""
+        if not bindings:
+            self._bindings.pop(aor, None)
+            return
+        if len(bindings) == 1:
+            ((key, only),) = bindings.items()
+            if key == only.key:
+                self._bindings[aor] = only
+                return
+        self._bindings[aor] = dict(bindings)
+
     def lookup(self, aor: str, now: float) -> dict[str, Binding]:
-        return {k: b for k, b in self._bindings.get(aor, {}).items() if b.expires_at > now}
+        held = self._bindings.get(aor)
+        if held is None:
+            return {}
+        if isinstance(held, Binding):
+            return {held.key: held} if held.expires_at > now else {}
+        return {k: b for k, b in held.items() if b.expires_at > now}
 
     def replace(self, aor: str, bindings: Mapping[str, Binding]) -> None:
-        before = self._bindings.pop(aor, {})
-        after = dict(bindings)
-        if after:
-            self._bindings[aor] = after
-        for key, b in after.items():
+        before = self._held(aor)
+        self._store(aor, bindings)
+        for key, b in bindings.items():
             if before.get(key) is not b:
                 heapq.heappush(self._heap, (b.expires_at, aor, key))
-        devices = {b.device_name for b in (*before.values(), *after.values())}
+        devices = {b.device_name for b in (*before.values(), *bindings.values())}
         for device in devices:
             if device is not None:
                 self._index(device, aor)
 
+    def _aors_of(self, device_name: str) -> tuple[str, ...]:
+        aors = self._by_device.get(device_name, ())
+        return (aors,) if isinstance(aors, str) else aors
+
     def by_device(self, device_name: str, now: float) -> list[Binding]:
         return [
             b
-            for aor in sorted(self._by_device.get(device_name, ()))
-            for b in self._bindings.get(aor, {}).values()
+            for aor in sorted(self._aors_of(device_name))
+            for b in self._held(aor).values()
             if b.device_name == device_name and b.expires_at > now
         ]
 
     def remove_device(self, device_name: str) -> list[Binding]:
         removed: list[Binding] = []
-        for aor in sorted(self._by_device.pop(device_name, ())):
-            bindings = self._bindings.get(aor, {})
-            for key in [k for k, b in bindings.items() if b.device_name == device_name]:
-                removed.append(bindings.pop(key))
-            if not bindings:
-                self._bindings.pop(aor, None)
+        aors = self._aors_of(device_name)
+        self._by_device.pop(device_name, None)
+        for aor in sorted(aors):
+            kept: dict[str, Binding] = {}
+            for key, b in self._held(aor).items():
+                if b.device_name == device_name:
+                    removed.append(b)
+                else:
+                    kept[key] = b
+            self._store(aor, kept)
         return removed
 
     def sweep(self, now: float) -> list[Binding]:
@@ -131,31 +180,31 @@ class MemoryLocationService:
         heap = self._heap
         while heap and heap[0][0] <= now:
             at, aor, key = heapq.heappop(heap)
-            bindings = self._bindings.get(aor)
-            b = bindings.get(key) if bindings is not None else None
-            if bindings is None or b is None or b.expires_at != at:
+            held = self._held(aor)
+            b = held.get(key)
+            if b is None or b.expires_at != at:
                 continue  # refreshed or removed since
-            del bindings[key]
-            if not bindings:
-                del self._bindings[aor]
+            self._store(aor, {k: v for k, v in held.items() if k != key})
             if b.device_name is not None:
                 self._index(b.device_name, aor)
             expired.append(b)
         return expired
 
     def count(self) -> int:
-        return sum(len(v) for v in self._bindings.values())
+        return sum(1 if isinstance(v, Binding) else len(v) for v in self._bindings.values())
 
     def _index(self, device_name: str, aor: str) -> None:
         """Keep ``aor`` under ``device_name`` exactly while the device holds a binding there."""
-        holds = any(b.device_name == device_name for b in self._bindings.get(aor, {}).values())
-        aors = self._by_device.get(device_name, ())
+        holds = any(b.device_name == device_name for b in self._held(aor).values())
+        aors = self._aors_of(device_name)
         if holds:
             if aor not in aors:
-                self._by_device[device_name] = (*aors, aor)
+                self._by_device[device_name] = (*aors, aor) if aors else aor
         elif aor in aors:
             rest = tuple(a for a in aors if a != aor)
-            if rest:
+            if len(rest) > 1:
                 self._by_device[device_name] = rest
+            elif rest:
+                self._by_device[device_name] = rest[0]
             else:
                 del self._by_device[device_name]

@@ -41,7 +41,7 @@ applies RFC 3261 §10.3 around it, one named step each:
 Bindings are keyed per AoR by ``+sip.instance`` when present (a rebooted Cisco phone with a
 new random contact user replaces its old binding) and by contact URI otherwise. They expire
 through :meth:`Registrar.sweep` (the service calls it every second).
-Retransmissions (same Via branch, sent-by and method within 32 s) get the cached reply.
+Retransmissions over UDP (same Via branch, sent-by and method within 32 s) get the cached reply.
 The out-of-dialog ``REFER`` carrying an ``application/x-cisco-alarm+xml`` body, which Cisco
 phones send before registering, gets ``202 Accepted``; its alarm is logged and counted (and
 not trusted for anything). Other methods get 405 with ``Allow``; ACK is absorbed silently.
@@ -412,6 +412,7 @@ class _Change:
     after: dict[str, Binding]
     added: bool
     newreg: bool  # the owner had no live binding anywhere: ``x-cisco-newreg``
+    bound_keys: frozenset[str] = frozenset()  # the keys this REGISTER's contacts bound
 
 
 def _sent_by_port(transport: str) -> int:
@@ -448,12 +449,16 @@ class Registrar:
         )
         self.counters = Counters()
         self._date_second, self._date_text = -1, ""
+        self._tag_pool, self._tag_at = b"", 0
         # Told the status of every REGISTER answer (metrics); not of retransmitted ones.
         self.on_register_answer: Callable[[int], None] | None = None
-        self._transactions: dict[tuple[str, str, str], tuple[float, Reply | None]] = {}
+        # "METHOD sent-by branch" (one string: compact, as thousands live 32 s each) →
+        # (forget at, the reply, None while pending).
+        self._transactions: dict[str, tuple[float, Reply | None]] = {}
         # AoR → REGISTERs waiting behind one whose policy answer is pending (key present while
         # one is pending), each with the Deferred its answer goes to.
         self._waiting: dict[str, deque[tuple[_Register, Deferred[Response]]]] = {}
+        self._shared_values: dict[str, str] = {}
         #: Methods other than REGISTER, OPTIONS and REFER go here; None: 405.
         self.request_handler: RequestHandler | None = None
 
@@ -500,9 +505,10 @@ class Registrar:
                 self.request_handler.handle_request(req, source, self._responder(req, source, via))
             return None
         branch = via.branch
-        tkey: tuple[str, str, str] | None = None
-        if branch and branch.startswith("z9hG4bK"):
-            tkey = (branch, f"{via.host}:{via.port}", method)
+        tkey: str | None = None
+        # Only UDP retransmits: on TCP/TLS Timer J is 0 (RFC 3261 §17.2.2), nothing is kept.
+        if branch and branch.startswith("z9hG4bK") and source.transport == "udp":
+            tkey = f"{method} {via.host}:{via.port} {branch}"
             cached = self._transactions.get(tkey)
             if cached is not None:
                 self.counters.retransmissions += 1
@@ -527,7 +533,7 @@ class Registrar:
             return None
         return self._route(req, response, source, via)
 
-    def _remember(self, tkey: tuple[str, str, str], answer: Answer) -> None:
+    def _remember(self, tkey: str, answer: Answer) -> None:
         """Cache the reply for retransmissions; while it is pending, absorb them."""
         if not isinstance(answer, Deferred):
             self._transactions[tkey] = (self.now() + TRANSACTION_LINGER, answer)
@@ -661,12 +667,23 @@ class Registrar:
             wildcard=wildcard,
             planned=self._plan_expiries(req, source, to_uri.aor, listed, header_expires),
             identity=CiscoIdentity.of(listed),
-            user_agent=req.headers.get("user-agent"),
-            keepalive=bool(listed)
-            and all(has_param(list(c.params), KEEPALIVE_PARAM) for c in listed),
+            user_agent=self._shared(req.headers.get("user-agent")),
+            keepalive=bool(listed) and all(has_param(c.params, KEEPALIVE_PARAM) for c in listed),
             remotecc=self._read_remotecc(req),
             alarm=parse_reason_alarm(req.headers.get_all("reason")),
         )
+
+    def _shared(self, value: str | None) -> str | None:
+        """One copy of a value thousands of bindings repeat (the user agent: a few firmware
+        builds across every phone), instead of one per binding."""
+        if value is None:
+            return None
+        found = self._shared_values.get(value)
+        if found is None:
+            if len(self._shared_values) < 1024:
+                self._shared_values[value] = value
+            return value
+        return found
 
     def _read_remotecc(self, req: Request) -> RemoteccRequest | None:
         """The remotecc parts of the body (Cisco's bulkregisterreq and optionsind); other
@@ -764,6 +781,7 @@ class Registrar:
         live = self.location.lookup(reg.aor, now)
         after = dict(live)
         added = False
+        bound: list[str] = []
         if reg.wildcard:
             for key, b in live.items():
                 if b.call_id == reg.call_id and reg.cseq <= b.cseq:
@@ -780,11 +798,12 @@ class Registrar:
                     after.pop(key, None)
                     continue
                 added = True
+                bound.append(key)
                 after[key] = self._binding(reg, c, key, now + exp, owner)
             if len(after) > self.settings.max_contacts:
                 raise _Reject(self._bad(reg.req, "too many bindings for this address"))
         newreg = added and owner is not None and not self.location.by_device(owner, now)
-        return _Change(live, after, added, newreg)
+        return _Change(live, after, added, newreg, frozenset(bound))
 
     def _binding(
         self, reg: _Register, c: NameAddr, key: str, expires_at: float, owner: str | None
@@ -793,7 +812,7 @@ class Registrar:
         return Binding(
             aor=reg.aor,
             key=key,
-            contact=c.with_params([(k, v) for k, v in c.params if k.lower() not in drop]),
+            contact=str(c.with_params([(k, v) for k, v in c.params if k.lower() not in drop])),
             call_id=reg.call_id,
             cseq=reg.cseq,
             expires_at=expires_at,
@@ -802,8 +821,6 @@ class Registrar:
             transport=reg.source.transport,
             source=reg.source.address,
             user_agent=reg.user_agent,
-            instance=c.param("+sip.instance"),
-            model_id=c.param("+u.sip!model.ccm.cisco.com"),
             client_cert_fingerprint=reg.source.client_cert_fingerprint,
         )
 
@@ -817,7 +834,7 @@ class Registrar:
             self.log.info(
                 "SIP unregistered {aor} {contact} device={device}",
                 aor=reg.aor,
-                contact=old.contact.uri,
+                contact=old.contact_uri,
                 device=old.device_name,
                 source=reg.source.address,
             )
@@ -833,9 +850,7 @@ class Registrar:
                 device=owner,
                 transport=reg.source.transport,
                 source=reg.source.address,
-                user_agent=reg.user_agent,
                 new_registration=change.newreg,
-                contacts=[str(c.uri) for c, e in reg.planned if e],
             )
             if reg.alarm is not None:
                 self._log_reason_alarm(reg, owner, reg.alarm)
@@ -862,12 +877,11 @@ class Registrar:
         """Step 5b: the 200 listing every live binding of the AoR."""
         self.counters.ok += 1
         resp = self._response(reg.req, 200)
-        own_keys = {instance_key(c) for c, e in reg.planned if e} if change.newreg else set()
+        own_keys = change.bound_keys if change.newreg else frozenset()
         for key, b in sorted(change.after.items(), key=lambda kv: kv[1].expires_at):
-            params = [*b.contact.params, ("expires", str(max(0, round(b.expires_at - now))))]
-            if key in own_keys:
-                params.append(("x-cisco-newreg", None))
-            resp.headers.add("Contact", str(b.contact.with_params(params)))
+            # The bound contact is kept formatted: its parameters then these, as text.
+            value = f"{b.contact};expires={max(0, round(b.expires_at - now))}"
+            resp.headers.add("Contact", value + ";x-cisco-newreg" if key in own_keys else value)
         if change.added:
             resp.headers.add("Expires", str(self.settings.keepalive_expires))
         resp.headers.add("Supported", CUCM_SUPPORTED)
@@ -1019,9 +1033,10 @@ class Registrar:
 
     @staticmethod
     def _info(b: Binding, now: float) -> BindingInfo:
+        contact = parse_name_addr(b.contact)
         return BindingInfo(
             aor=b.aor,
-            contact=str(b.contact),
+            contact=b.contact,
             device_name=b.device_name,
             transport=b.transport,
             source=b.source,
@@ -1031,8 +1046,8 @@ class Registrar:
             registered_at=b.registered_at,
             call_id=b.call_id,
             cseq=b.cseq,
-            instance=b.instance,
-            model_id=b.model_id,
+            instance=contact.param("+sip.instance"),
+            model_id=contact.param("+u.sip!model.ccm.cisco.com"),
             client_cert_fingerprint=b.client_cert_fingerprint,
         )
 
@@ -1054,7 +1069,7 @@ class Registrar:
             self.log.info(
                 "SIP binding expired {aor} {contact} device={device}",
                 aor=b.aor,
-                contact=b.contact.uri,
+                contact=b.contact_uri,
                 device=b.device_name,
             )
         self.counters.expired += len(expired)
@@ -1076,10 +1091,19 @@ class Registrar:
     # --- responses ------------------------------------------------------------------------
 
     def _response(self, req: Request, status: int, reason: str = "") -> Response:
-        resp = response_to(req, status, reason, to_tag=os.urandom(4).hex())
+        resp = response_to(req, status, reason, to_tag=self._to_tag())
         resp.headers.add("Date", self._date())
         resp.headers.add("Server", self.settings.server_name)
         return resp
+
+    def _to_tag(self) -> str:
+        """32 random bits (RFC 3261 §19.3), from a pool of OS randomness drawn 4 KiB at a
+        time: one system call per 1,024 answers, not one per answer."""
+        at = self._tag_at
+        if at + 4 > len(self._tag_pool):
+            self._tag_pool, at = os.urandom(4096), 0
+        self._tag_at = at + 4
+        return self._tag_pool[at : at + 4].hex()
 
     def _date(self) -> str:
         """The ``Date`` value, formatted once per second (not once per answer)."""
@@ -1195,9 +1219,8 @@ class Registrar:
         """RFC 3261 §18.2.2 + RFC 3581: stamp received/rport on the top Via and pick the port."""
         if self.on_register_answer is not None and req.method.upper() == "REGISTER":
             self.on_register_answer(resp.status)
-        vias = req.headers.values("via")
         if top is None:
-            top = parse_via(vias[0])
+            top = parse_via(req.headers.values("via")[0])
         params = list(top.params)
         has_rport = False
         out: list[tuple[str, str | None]] = []
@@ -1214,16 +1237,9 @@ class Registrar:
         if has_rport:
             out.append(("rport", str(source.port)))
         if out != params:
-            new_top = str(top.with_params(out))
-            resp.headers.remove("via")
-            resp.headers.add("Via", new_top)
-            for v in vias[1:]:
-                resp.headers.add("Via", v)
-            # Keep the response's other headers after Via for readability.
-            items = list(resp.headers)
-            resp.headers = type(resp.headers)(
-                [i for i in items if i[0] == "via"] + [i for i in items if i[0] != "via"]
-            )
+            # The Via list first, one value a line, then the response's other headers.
+            rest = req.headers.values("via")[1:]
+            resp.headers.put_first("via", [str(top.with_params(out)), *rest])
         if source.transport != "udp" or has_rport:
             port = source.port
         else:

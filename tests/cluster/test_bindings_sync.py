@@ -16,7 +16,6 @@ from callboard.daemon.bindings import EXPIRY_BUCKET, BindingsSync, SharedLocatio
 from callboard.daemon.registry.bindings import BindingJournal, open_binding_journal
 from callboard.daemon.registry.store import SQLiteStore
 from callboard.protocols.sip.location import Binding
-from callboard.protocols.sip.message import NameAddr
 from twisted.internet import defer, reactor
 
 NOW = 1_800_000_000.0  # on a bucket boundary (a multiple of 30)
@@ -34,7 +33,7 @@ def binding(aor: str, expires_at: float, device: str = "SEP001122334455") -> Bin
     return Binding(
         aor=aor,
         key="k",
-        contact=NameAddr(None, f"sip:{aor[4:8]}@192.0.2.1"),
+        contact=f"<sip:{aor[4:8]}@192.0.2.1>",
         call_id="cid",
         cseq=1,
         expires_at=expires_at,
@@ -43,8 +42,6 @@ def binding(aor: str, expires_at: float, device: str = "SEP001122334455") -> Bin
         transport="udp",
         source="192.0.2.1:5060",
         user_agent="Cisco-CP8841",
-        instance=None,
-        model_id=None,
         client_cert_fingerprint=None,
     )
 

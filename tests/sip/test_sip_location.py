@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
-from callboard.protocols.sip.message import NameAddr
 
 
 def binding(aor: str, key: str, expires_at: float, device: str | None = "SEPA") -> Binding:
     return Binding(
         aor=aor,
         key=key,
-        contact=NameAddr(None, f"sip:{key}@192.0.2.1"),
+        contact=f"<sip:{key}@192.0.2.1>",
         call_id="cid",
         cseq=1,
         expires_at=expires_at,
@@ -21,8 +20,6 @@ def binding(aor: str, key: str, expires_at: float, device: str | None = "SEPA") 
         transport="udp",
         source="192.0.2.1:5060",
         user_agent=None,
-        instance=None,
-        model_id=None,
         client_cert_fingerprint=None,
     )
 
