@@ -25,7 +25,6 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 PASSWORD = "correct horse battery"
 MAC = "00AABBCC0B01"
 
-selenium = pytest.importorskip("selenium.webdriver")
 if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists() and shutil.which("zbarimg")):
     pytest.fail(
         "the browser tests need Debian's chromium, chromium-driver and zbar-tools "
@@ -33,10 +32,11 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists() and shutil.which
         pytrace=False,
     )
 
+from selenium import webdriver as selenium  # noqa: E402 - missing: the tests fail, not skip
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -106,7 +106,18 @@ def submit(driver: Any, button_id: str) -> None:
     """
     old_page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.ID, button_id).click()
-    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old_page))
+    WebDriverWait(driver, 60).until(lambda _: _left(old_page))
+
+
+def _left(element: Any) -> bool:
+    """The browser has left ``element``'s document. Mid-navigation chromedriver may say so
+    with "Node ... does not belong to the document" instead of a stale-element error, which
+    Selenium's ``staleness_of`` lets through (it failed a CI run)."""
+    try:
+        element.is_enabled()
+    except WebDriverException:  # stale, or the node's document is going away
+        return True
+    return False
 
 
 def decode_qr(png: Path) -> list[str]:
