@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,17 +12,9 @@ from callboard.daemon.admin.app import Actor, AdminApp, Problem, problem_from
 from callboard.daemon.admin.csvio import ImportRow
 from callboard.daemon.registry.model import Onboarding, Stale
 from callboard.daemon.registry.registry import DeviceSpec, Registry
-from callboard.daemon.registry.store import SQLiteStore
 
 ADMIN = Actor(name="alice", is_admin=True, via="test", uid=1000)
 VIEWER = Actor(name="bob", is_admin=False, via="https-token")
-
-
-@pytest_twisted.async_yield_fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    yield Registry(store, lambda: 1_800_000_000.0)
-    await store.close()
 
 
 @pytest.fixture

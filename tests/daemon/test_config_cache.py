@@ -3,7 +3,6 @@ fetch of a boot storm, and 100,000 devices do not keep 100,000 rendered files in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,9 @@ from callboard.daemon import provisioning
 from callboard.daemon.provisioning import ProvisioningSettings, ProvisioningTree
 from callboard.daemon.registry.model import Line
 from callboard.daemon.registry.registry import DeviceSpec, Registry
-from callboard.daemon.registry.store import SQLiteStore
 from callboard.protocols.filesource import DirectorySource, Requester
 
 PHONE = Requester("127.0.0.1", 50000, "tftp")
-
-
-@pytest_twisted.async_yield_fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    yield Registry(store, lambda: 1_800_000_000.0)
-    await store.close()
 
 
 def fetch(tree: ProvisioningTree, name: str) -> bytes:

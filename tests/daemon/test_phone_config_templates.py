@@ -3,26 +3,16 @@ the transport, per-model and per-device templates, and missing firmware loads re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
-import pytest_twisted
 from callboard.daemon.config import ConfigError, load_config
 from callboard.daemon.provisioning import PhoneSettings, ProvisioningSettings, ProvisioningTree
 from callboard.daemon.registry.model import Device, Line
 from callboard.daemon.registry.registry import Registry
-from callboard.daemon.registry.store import SQLiteStore
 from callboard.protocols.filesource import DirectorySource
-
-
-@pytest_twisted.async_yield_fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    yield Registry(store, lambda: 1_800_000_000.0)
-    await store.close()
 
 
 def make_tree(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -14,7 +13,6 @@ import pytest_twisted
 from callboard.daemon.provisioning import ProvisioningSettings, ProvisioningTree
 from callboard.daemon.registry.model import Line, Onboarding
 from callboard.daemon.registry.registry import DeviceSpec, Registry
-from callboard.daemon.registry.store import SQLiteStore
 from callboard.protocols.filesource import (
     AccessViolation,
     DirectorySource,
@@ -23,13 +21,6 @@ from callboard.protocols.filesource import (
 )
 
 PHONE = Requester("127.0.0.1", 50000, "tftp")
-
-
-@pytest_twisted.async_yield_fixture
-async def registry(tmp_path: Path) -> AsyncIterator[Registry]:
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    yield Registry(store, lambda: 1_800_000_000.0)
-    await store.close()
 
 
 @pytest.fixture
