@@ -87,11 +87,12 @@ class RegistryPolicy:
         if self._registry.shared and not _settled(device):
             # Activated or added through another worker or node a moment ago, perhaps:
             # read the change feed before telling a phone it is unknown or not active.
-            return self._registry.settled().addCallback(lambda _: self._decide(name, request))
-        return self._decide(name, request)
+            return self._registry.settled().addCallback(
+                lambda _: self._decide(name, self._registry.find(name), request)
+            )
+        return self._decide(name, device, request)
 
-    def _decide(self, name: str, request: RegistrationRequest) -> Decision:
-        device = self._registry.find(name)
+    def _decide(self, name: str, device: Device | None, request: RegistrationRequest) -> Decision:
         if device is None:
             if name.upper() in self._creating:
                 return self._after_creation(name.upper(), request)
