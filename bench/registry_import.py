@@ -63,8 +63,10 @@ def main() -> None:
     imports = [r[0] for r in results]
     exports = [r[1] for r in results]
     print(f"rows: {args.rows}, runs: {args.runs}")
-    print(f"import: median {statistics.median(imports):.2f} s "
-          f"({args.rows / statistics.median(imports):,.0f} phones/s), all {imports}")
+    print(
+        f"import: median {statistics.median(imports):.2f} s "
+        f"({args.rows / statistics.median(imports):,.0f} phones/s), all {imports}"
+    )
     print(f"codes export: median {statistics.median(exports):.2f} s")
 
 

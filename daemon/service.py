@@ -404,6 +404,7 @@ class CallboardService(AtomicMultiService):
         )
         self.registrar.request_handler = self.ivr.dialogs
         ivr.IVRLifecycle(self.ivr).setServiceParent(self)  # type: ignore[no-untyped-call]
+
     def _wire_edge(self) -> None:
         """Remote activation (OAuth with the MIC) and SIP with bearer tokens, when enabled."""
         self.edge = wire_edge(self)

@@ -28,13 +28,13 @@ MAC = "00AABB112233"
 MODEL_ID = "36670"  # 8841 (protocols.models)
 
 
-
 @pytest.fixture(autouse=True)
 def _sipp_and_its_pcaps() -> None:
     """A missing peer is a failure, never a skip: .ci/run installs Debian's sip-tester."""
     assert Path(SIPP).exists() and (PCAPS / "dtmf_2833_1.pcap").exists(), (
         "sip-tester (sipp and its dtmf_2833_N.pcap files) is not installed"
     )
+
 
 HEAD = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 <!DOCTYPE scenario SYSTEM "sipp.dtd">

@@ -32,9 +32,7 @@ def env(**variables: str) -> dict[str, str]:
 
 
 def test_names_map_to_descriptors_in_order() -> None:
-    fds = parse_listen_fds(
-        env(LISTEN_FDS="5", LISTEN_FDNAMES="tftp:http:tvs:tftp:sip-udp"), PID
-    )
+    fds = parse_listen_fds(env(LISTEN_FDS="5", LISTEN_FDNAMES="tftp:http:tvs:tftp:sip-udp"), PID)
     assert fds == {"tftp": [3, 6], "http": [4], "tvs": [5], "sip-udp": [7]}
 
 
@@ -66,9 +64,7 @@ def test_descriptors_without_names_are_unknown() -> None:
         ({"LISTEN_FDS": "2", "LISTEN_FDNAMES": "tftp"}, "LISTEN_FDS=2 but LISTEN_FDNAMES has 1"),
     ],
 )
-def test_malformed_variables_are_one_line_errors(
-    variables: dict[str, str], message: str
-) -> None:
+def test_malformed_variables_are_one_line_errors(variables: dict[str, str], message: str) -> None:
     with pytest.raises(SocketActivationError) as caught:
         parse_listen_fds(env(**variables), PID)
     assert message in str(caught.value)

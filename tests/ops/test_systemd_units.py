@@ -97,9 +97,7 @@ def exposure(name: str) -> float:
         timeout=120,
         check=False,
     )
-    match = re.search(
-        rf"Overall exposure level for {re.escape(name)}: (\d+\.\d+)", result.stdout
-    )
+    match = re.search(rf"Overall exposure level for {re.escape(name)}: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     return float(match.group(1))
 
@@ -114,9 +112,10 @@ def test_the_socket_activated_service_has_no_capabilities() -> None:
     assert service["CapabilityBoundingSet"] == "" and service["AmbientCapabilities"] == ""
     assert service["Type"] == "notify" and service["DynamicUser"] == "yes"
     assert "MemoryDenyWriteExecute" not in service
-    assert "MemoryDenyWriteExecute=yes is deliberately not set" in (
-        SYSTEMD / "callboard.service"
-    ).read_text()
+    assert (
+        "MemoryDenyWriteExecute=yes is deliberately not set"
+        in (SYSTEMD / "callboard.service").read_text()
+    )
     standalone = unit("callboard-standalone.service")["Service"]
     assert standalone["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
     assert standalone["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"

@@ -136,4 +136,3 @@ async def test_accounts_write_through_the_registry_store(opened: Opened) -> None
         await accounts.put_token(ApiToken("t1", "same", created_at=NOW))
         await accounts.put_token(ApiToken("t2", "same", created_at=NOW))
     assert list(accounts.tokens) == ["t1"]
-

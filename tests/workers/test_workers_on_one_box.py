@@ -79,8 +79,6 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
 
 
-
-
 def tftp_hpa(port: int, name: str, out: Path) -> bool:
     result = subprocess.run(
         ["tftp", "-m", "binary", "127.0.0.1", str(port), "-c", "get", name, str(out)],
