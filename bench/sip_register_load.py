@@ -32,6 +32,11 @@ sipp processes, each with ``-t un`` (a socket, hence a source port, per call) by
 
     python bench/sip_register_load.py --workers 2 [--devices 20000] [--sipp-processes 2]
 
+With ``--floor`` every run also measures the cheapest REGISTER responder Python on Twisted can
+be (``serve_floor``: copy five header lines into a 200; no parsing, policy, binding or log):
+what separates Callboard from that floor is our code, what separates the floor from Kamailio
+is the language and the reactor.
+
 Prints the core count, versions, load averages and a Markdown table for docs/BENCHMARKS.md.
 """
 
@@ -121,6 +126,34 @@ def free_udp_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def serve_floor(port: int) -> None:
+    """The floor of any Python registrar on Twisted: each REGISTER answered 200 by copying its
+    Via, From, To (plus a tag), Call-ID, CSeq and Contact lines, with no parsing, no policy, no
+    binding kept and no logging. What this process spends per REGISTER is the cost of the
+    reactor, the two system calls and a few string operations: no real registrar in Python
+    on Twisted can be cheaper."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import DatagramProtocol
+
+    copied = (b"via:", b"from:", b"call-id:", b"cseq:", b"contact:")
+
+    class Floor(DatagramProtocol):
+        def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
+            head = datagram.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            lines = [b"SIP/2.0 200 OK"]
+            for line in head[1:]:
+                lowered = line[:9].lower()
+                if lowered.startswith(copied):
+                    lines.append(line)
+                elif lowered.startswith(b"to:"):
+                    lines.append(line + b";tag=floor")
+            lines.append(b"Content-Length: 0\r\n\r\n")
+            self.transport.write(b"\r\n".join(lines), addr)
+
+    reactor.listenUDP(port, Floor(), interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
 
 
 def serve(port: int) -> None:
@@ -313,16 +346,25 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def measure_callboard(step: int, resolution: int, seconds: float, workdir: Path) -> Ceiling:
+def measure_callboard(
+    step: int,
+    resolution: int,
+    seconds: float,
+    workdir: Path,
+    mode: str = "--serve",
+    load: Load | None = None,
+) -> Ceiling:
+    """The bare registrar (``--serve``) or the Python floor (``--serve-floor``)."""
     port = free_udp_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port)],
+        [sys.executable, __file__, mode, str(port)],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
     )
+    name = "callboard" if mode == "--serve" else "floor"
     try:
         wait_udp(port)
-        return sustained(port, step, resolution, seconds, workdir, "callboard")
+        return sustained(port, step, resolution, seconds, workdir, name, load, proc.pid)
     finally:
         stop(proc)
 
@@ -452,6 +494,12 @@ def _version(args: list[str]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the cheapest possible Python/Twisted responder (copies 5 headers)",
+    )
     ap.add_argument("--step", type=int, default=2000, help="coarse rate step, per second")
     ap.add_argument("--resolution", type=int, default=250, help="bisect down to this, per second")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each rate step")
@@ -475,6 +523,9 @@ def main() -> int:
     if opts.serve:
         serve(opts.serve)
         return 0
+    if opts.serve_floor:
+        serve_floor(opts.serve_floor)
+        return 0
     if shutil.which("sipp") is None:
         print("sipp not found (Debian package sip-tester)", file=sys.stderr)
         return 2
@@ -491,13 +542,15 @@ def main() -> int:
         f"{_version(['/usr/sbin/kamailio', '-v'])}; Python {sys.version.split()[0]}"
     )
     args = (opts.step, opts.resolution, opts.seconds)
-    found: dict[str, list[Ceiling]] = {"callboard": [], "kamailio": [], "sipp": []}
+    found: dict[str, list[Ceiling]] = {"callboard": [], "kamailio": [], "sipp": [], "floor": []}
     loads: list[str] = []
     with tempfile.TemporaryDirectory(prefix="sipbench") as tmp:
         work = Path(tmp)
         for i in range(opts.runs):
             print(f"run {i + 1}/{opts.runs} (load {os.getloadavg()})", file=sys.stderr)
             found["callboard"].append(measure_callboard(*args, work))
+            if opts.floor:
+                found["floor"].append(measure_callboard(*args, work, "--serve-floor"))
             found["kamailio"].append(measure_kamailio(*args, work))
             if not opts.no_generator:
                 found["sipp"].append(measure_generator(*args, work))
@@ -511,19 +564,24 @@ def main() -> int:
         "callboard": "Callboard (Twisted, 1 process)",
         "kamailio": "Kamailio (2 UDP workers)",
         "sipp": "sipp answering 200 (generator ceiling)",
+        "floor": "Python floor (Twisted, copies 5 headers, 1 process)",
     }
     print("| server | sustained REGISTER/s, zero failures (median) | runs | first failing offered "
-          "rate | sipp CPU at the ceiling |")  # fmt: skip
-    print("|---|---|---|---|---|")
+          "rate | server CPU per REGISTER | sipp CPU at the ceiling |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for key, values in found.items():
         if values:
             print(f"| {names[key]} | {med(v.rate for v in values):.0f} | "
                   f"{', '.join(f'{v.rate:.0f}' for v in values)} | "
                   f"{', '.join(str(v.failed_at) for v in values)} | "
+                  f"{med(v.server_cpu_ms for v in values):.3f} ms | "
                   f"{med(v.sipp_cpu for v in values):.2f} |")  # fmt: skip
     c = med(v.rate for v in found["callboard"])
     k = med(v.rate for v in found["kamailio"])
     print(f"\nratio Callboard/Kamailio: {c / k:.2f}" if k else "\nKamailio rate is 0")
+    if found["floor"] and k:
+        f = med(v.rate for v in found["floor"])
+        print(f"ratio Python floor/Kamailio: {f / k:.2f}; Callboard/Python floor: {c / f:.2f}")
     print(f"load averages after each run: {', '.join(loads)}")
     return 0
 
@@ -546,7 +604,7 @@ def main_workers(opts: argparse.Namespace) -> int:
         work = Path(tmp)
         daemons = [Daemon(work, 1, opts.devices), Daemon(work, opts.workers, opts.devices)]
         found: dict[str, list[Ceiling]] = {d.name: [] for d in daemons}
-        found |= {"kamailio": [], "sipp": []}
+        found |= {"kamailio": [], "sipp": [], "python floor": []}
         loads: list[str] = []
         try:
             for daemon in daemons:
@@ -561,6 +619,10 @@ def main_workers(opts: argparse.Namespace) -> int:
                         sustained(daemon.port, *args, work, daemon.name, load, daemon.pid)
                     )
                 found["kamailio"].append(measure_kamailio(*args, work, load))
+                if opts.floor:
+                    found["python floor"].append(
+                        measure_callboard(*args, work, "--serve-floor", load)
+                    )
                 if not opts.no_generator:
                     found["sipp"].append(measure_generator(*args, work, load))
                 loads.append(_uptime())
@@ -590,7 +652,7 @@ def main_workers(opts: argparse.Namespace) -> int:
     rates = {k: med(v.rate for v in values) for k, values in found.items() if values}
     many = daemons[1].name
     for ours in (many, daemons[0].name):
-        for ref in (daemons[0].name, "kamailio"):
+        for ref in (daemons[0].name, "kamailio", "python floor"):
             if ref != ours and rates.get(ref):
                 print(f"ratio {ours}/{ref}: {rates[ours] / rates[ref]:.2f}")
     print(f"uptime after each run: {'; '.join(loads)}")
