@@ -11,7 +11,8 @@ each run, the medians and the ratio. Loopback only, bounded in count and time.
 
 ``--baseline PYTHONPATH`` runs, after each storm, the same storm against a daemon that imports
 Callboard from elsewhere (``''``: the installed package), so a change is measured against the
-code before it in the same run, storm for storm.
+code before it in the same run, storm for storm. ``--baseline-parts phone`` takes the phones'
+code (the storm command) from there instead, and this tree's daemon; ``both`` takes both.
 
 ``--concurrency 64,512`` measures several in-flight levels, interleaved within each run (storm
 at 64, openssl, storm at 512, openssl, ...). The load generator's own CPU (the storm command and
@@ -121,14 +122,17 @@ class StormResult:
 def storm_run(
     base: Path, lab: Path, phones: int, concurrency: int, processes: int, run: int,
     profile: float = 0.0, pythonpath: str | None = None, tag: str = "", workers: int = 1,
-    phone_flags: tuple[str, ...] = (),
+    phone_flags: tuple[str, ...] = (), baseline_parts: str = "daemon",
 ) -> StormResult:  # fmt: skip
-    """One fresh daemon (its code from ``pythonpath`` when given), one storm.
+    """One fresh daemon, one storm; ``pythonpath`` (when given) is where the code of
+    ``baseline_parts`` comes from: the daemon's, the phones' (the storm command) or both.
 
     ``phone_flags`` go to ``callboard phone storm`` as they are (``--no-reuse``).
     """
     state = base / f"state{run}-{concurrency}{tag}"
-    proc, ports = start_daemon(state, lab, pythonpath, workers)
+    daemon_code = pythonpath if baseline_parts in ("daemon", "both") else None
+    phone_code = pythonpath if baseline_parts in ("phone", "both") else None
+    proc, ports = start_daemon(state, lab, daemon_code, workers)
     spy: subprocess.Popen[bytes] | None = None
     raw = base / f"profile-{concurrency}-{run}{tag}.raw"
     try:
@@ -142,7 +146,7 @@ def storm_run(
              "--mic-cache", str(base / "mics"),
              "--first-mac", f"{_mac_prefix(tag)}{run:02X}{concurrency:04X}0000",
              "--timeout", "60", "--time-limit", "1800", *phone_flags],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, text=True, env=daemon_env(phone_code),
         )  # fmt: skip
         assert storm.stdout is not None
         cpu0, gen0, last = None, 0.0, ""
@@ -266,6 +270,11 @@ def main() -> int:
         "package), right after each storm, and print its CPU per phone next to ours",
     )  # fmt: skip
     ap.add_argument(
+        "--baseline-parts", choices=("daemon", "phone", "both"), default="daemon",
+        help="what the baseline storm takes from --baseline: the daemon (default; the phones "
+        "are this tree's), the phones (the daemon is this tree's), or both",
+    )  # fmt: skip
+    ap.add_argument(
         "--no-reuse", action="store_true",
         help="also storm with `phone storm --no-reuse` (a new connection and a full TLS "
         "handshake per fetch) right after each storm, this tree's daemon",
@@ -337,6 +346,7 @@ def main() -> int:
                     before = storm_run(
                         base, lab, args.phones, level, args.processes, run,
                         pythonpath=args.baseline, tag="-baseline",
+                        baseline_parts=args.baseline_parts,
                     )  # fmt: skip
                     baseline[level].append(before)
                     print(f"run {run + 1} baseline storm at {level}: {before.last} "
@@ -389,7 +399,8 @@ def main() -> int:
             before = statistics.median(r.daemon_cpu_ms for r in baseline[level])
             failed += sum(r.failed for r in baseline[level])
             print(
-                f"baseline ({args.baseline or 'installed package'}) at {level} in flight, median "
+                f"baseline ({args.baseline_parts} from {args.baseline or 'installed package'}) "
+                f"at {level} in flight, median "
                 f"of {args.runs}: daemon CPU {before:.2f} ms per phone "
                 f"({before / ocpu:.2f}x openssl); this tree / baseline: {cpu / before:.2f}"
             )
