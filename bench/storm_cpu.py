@@ -11,7 +11,8 @@ each run, the medians and the ratio. Loopback only, bounded in count and time.
 
 ``--baseline PYTHONPATH`` runs, after each storm, the same storm against a daemon that imports
 Callboard from elsewhere (``''``: the installed package), so a change is measured against the
-code before it in the same run, storm for storm.
+code before it in the same run, storm for storm. ``--baseline-parts phone`` takes the phones'
+code (the storm command) from there instead, and this tree's daemon; ``both`` takes both.
 
 ``--concurrency 64,512`` measures several in-flight levels, interleaved within each run (storm
 at 64, openssl, storm at 512, openssl, ...). The load generator's own CPU (the storm command and
@@ -21,7 +22,11 @@ daemon with ``py-spy record --pid PID -r 200 -d SECONDS --format raw --nonblocki
 booting starts (first run of each level) and prints the hottest frames.
 
     python bench/storm_cpu.py [--phones 2000] [--concurrency 64[,512]] [--processes 2] [--runs 3]
-        [--profile 12] [--baseline PYTHONPATH] [--workers 1[,2]]
+        [--profile 12 [--profile-out DIR]] [--baseline PYTHONPATH] [--workers 1[,2]] [--no-reuse]
+
+``--no-reuse`` storms this tree's daemon a second time with ``phone storm --no-reuse`` (every
+fetch on a new connection with a full TLS handshake, where the phones otherwise keep their
+HTTP connection and keep or resume their HTTPS one), so both figures come from one run.
 
 ``--workers 1,2`` (issue 12) storms a ``callboard serve --workers 2`` daemon too, right before
 each storm of the first count, and reports its phones/s against it; the daemon's CPU is then
@@ -35,6 +40,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -116,10 +122,17 @@ class StormResult:
 def storm_run(
     base: Path, lab: Path, phones: int, concurrency: int, processes: int, run: int,
     profile: float = 0.0, pythonpath: str | None = None, tag: str = "", workers: int = 1,
+    phone_flags: tuple[str, ...] = (), baseline_parts: str = "daemon",
 ) -> StormResult:  # fmt: skip
-    """One fresh daemon (its code from ``pythonpath`` when given), one storm."""
+    """One fresh daemon, one storm; ``pythonpath`` (when given) is where the code of
+    ``baseline_parts`` comes from: the daemon's, the phones' (the storm command) or both.
+
+    ``phone_flags`` go to ``callboard phone storm`` as they are (``--no-reuse``).
+    """
     state = base / f"state{run}-{concurrency}{tag}"
-    proc, ports = start_daemon(state, lab, pythonpath, workers)
+    daemon_code = pythonpath if baseline_parts in ("daemon", "both") else None
+    phone_code = pythonpath if baseline_parts in ("phone", "both") else None
+    proc, ports = start_daemon(state, lab, daemon_code, workers)
     spy: subprocess.Popen[bytes] | None = None
     raw = base / f"profile-{concurrency}-{run}{tag}.raw"
     try:
@@ -131,9 +144,9 @@ def storm_run(
              "--transport", "http",
              "--concurrency", str(concurrency), "--processes", str(processes),
              "--mic-cache", str(base / "mics"),
-             "--first-mac", f"{'0B' if tag else '0A'}{run:02X}{concurrency:04X}0000",
-             "--timeout", "60", "--time-limit", "1800"],
-            stdout=subprocess.PIPE, text=True,
+             "--first-mac", f"{_mac_prefix(tag)}{run:02X}{concurrency:04X}0000",
+             "--timeout", "60", "--time-limit", "1800", *phone_flags],
+            stdout=subprocess.PIPE, text=True, env=daemon_env(phone_code),
         )  # fmt: skip
         assert storm.stdout is not None
         cpu0, gen0, last = None, 0.0, ""
@@ -166,6 +179,11 @@ def storm_run(
         rate, cpu / max(ok, 1) * 1000, failed, last, generator / max(ok, 1) * 1000,
         raw if spy is not None and raw.exists() else None,
     )  # fmt: skip
+
+
+def _mac_prefix(tag: str) -> str:
+    """Each kind of storm its own MAC range (the MIC cache is shared between them)."""
+    return {"": "0A", "-no-reuse": "0C"}.get(tag, "0B")
 
 
 def _tree_cpu(pid: int) -> float:
@@ -252,6 +270,20 @@ def main() -> int:
         "package), right after each storm, and print its CPU per phone next to ours",
     )  # fmt: skip
     ap.add_argument(
+        "--baseline-parts", choices=("daemon", "phone", "both"), default="daemon",
+        help="what the baseline storm takes from --baseline: the daemon (default; the phones "
+        "are this tree's), the phones (the daemon is this tree's), or both",
+    )  # fmt: skip
+    ap.add_argument(
+        "--no-reuse", action="store_true",
+        help="also storm with `phone storm --no-reuse` (a new connection and a full TLS "
+        "handshake per fetch) right after each storm, this tree's daemon",
+    )  # fmt: skip
+    ap.add_argument(
+        "--profile-out", metavar="DIR", type=Path,
+        help="copy py-spy's raw profiles here (the temporary directory goes at the end)",
+    )  # fmt: skip
+    ap.add_argument(
         "--workers", default="1", help="daemon worker processes; a list (1,2) also storms a "
         "daemon with each further count right before the first one's storm",
     )  # fmt: skip
@@ -266,6 +298,7 @@ def main() -> int:
     print(f"cores: {cores}; {version.strip()}; load average {os.getloadavg()}")
     storms: dict[int, list[StormResult]] = {c: [] for c in levels}
     baseline: dict[int, list[StormResult]] = {c: [] for c in levels}
+    no_reuse: dict[int, list[StormResult]] = {c: [] for c in levels}
     ossl: list[tuple[float, float]] = []
     loads: list[str] = []
     with tempfile.TemporaryDirectory(prefix="callboard-stormcpu-") as tmp:
@@ -295,12 +328,25 @@ def main() -> int:
                 if args.profile and run == 0 and result.profile is None:
                     print("py-spy wrote nothing:", (base / "py-spy.log").read_text()[-500:])
                 if result.profile is not None:
+                    if args.profile_out is not None:
+                        args.profile_out.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(result.profile, args.profile_out)
                     print(f"py-spy, daemon, storm at {level} (inclusive share of samples):")
                     print("\n".join("    " + line for line in hot_spots(result.profile)))
+                if args.no_reuse:
+                    plain = storm_run(
+                        base, lab, args.phones, level, args.processes, run,
+                        tag="-no-reuse", phone_flags=("--no-reuse",),
+                    )  # fmt: skip
+                    no_reuse[level].append(plain)
+                    print(f"run {run + 1} storm at {level}, phones --no-reuse: {plain.last} "
+                          f"daemon_cpu_ms_per_phone={plain.daemon_cpu_ms:.2f} "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
                 if args.baseline is not None:
                     before = storm_run(
                         base, lab, args.phones, level, args.processes, run,
                         pythonpath=args.baseline, tag="-baseline",
+                        baseline_parts=args.baseline_parts,
                     )  # fmt: skip
                     baseline[level].append(before)
                     print(f"run {run + 1} baseline storm at {level}: {before.last} "
@@ -341,11 +387,20 @@ def main() -> int:
                 f"daemon CPU {statistics.median(r.daemon_cpu_ms for r in multi):.2f} ms per "
                 f"phone, {sum(r.failed for r in multi)} failed"
             )
+        if no_reuse[level]:
+            plain = statistics.median(r.daemon_cpu_ms for r in no_reuse[level])
+            failed += sum(r.failed for r in no_reuse[level])
+            print(
+                f"phones --no-reuse at {level} in flight, median of {args.runs}: daemon CPU "
+                f"{plain:.2f} ms per phone ({plain / ocpu:.2f}x openssl); reuse / no reuse: "
+                f"{cpu / plain:.2f}"
+            )
         if baseline[level]:
             before = statistics.median(r.daemon_cpu_ms for r in baseline[level])
             failed += sum(r.failed for r in baseline[level])
             print(
-                f"baseline ({args.baseline or 'installed package'}) at {level} in flight, median "
+                f"baseline ({args.baseline_parts} from {args.baseline or 'installed package'}) "
+                f"at {level} in flight, median "
                 f"of {args.runs}: daemon CPU {before:.2f} ms per phone "
                 f"({before / ocpu:.2f}x openssl); this tree / baseline: {cpu / before:.2f}"
             )

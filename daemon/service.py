@@ -298,7 +298,7 @@ class CallboardService(AtomicMultiService):
         if not net.https_port and self.config.endpoints.spec("https") is None:
             return
         pair = self.server_certs.https_tftp
-        options = tls.server_options(pair.cert, pair.key)
+        options = tls.server_options(pair.cert, pair.key, resumable=True)  # a phone may resume
         site = provisioning_site(self.tree, transport="https")
         for spec in self._stream_specs("https", net.https_port):
             self._add_listener("https", spec, TLSMemoryBIOFactory(options, False, site))

@@ -133,6 +133,9 @@ class BootOptions:
     register: bool | None = None  # None: register when the config names a SIP server
     unregister: bool = False  # send Expires: 0 after registering (a clean shutdown)
     allow_tofu: bool = False  # send a code to a TVS not pinned by an ITL (labs only)
+    # Keep-alive HTTP, and HTTPS kept open or resumed between a boot's fetches (a real
+    # phone); False: a new connection (and a full TLS handshake) for every fetch.
+    reuse_connections: bool = True
     # After falling over to another call manager, how long a refusal there (403/404) is
     # retried: the node may not have seen the failed node's last change yet (a cluster's
     # change feed takes up to a second).

@@ -75,6 +75,7 @@ def _options(args: argparse.Namespace) -> BootOptions:
         unregister=args.unregister,
         allow_tofu=args.tofu,
         ivr=args.ivr,
+        reuse_connections=args.reuse_connections,
     )
 
 
@@ -344,6 +345,13 @@ def _network_arguments() -> argparse.ArgumentParser:
     )
     reg.add_argument("--no-register", dest="register", action="store_const", const=False)
     net.add_argument("--unregister", action="store_true", help="unregister after registering")
+    net.add_argument(
+        "--no-reuse",
+        dest="reuse_connections",
+        action="store_false",
+        help="a new connection and a full TLS handshake for every HTTP(S) fetch (default: "
+        "keep-alive, and HTTPS kept open or its TLS session resumed, as a real phone)",
+    )
     net.add_argument(
         "--tofu",
         action="store_true",

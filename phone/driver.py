@@ -42,7 +42,7 @@ from .boot import (
     VoiceActivated,
 )
 from .config import CallManager, DeviceConfig
-from .http_client import HttpFetcher, PinMismatch
+from .http_client import HttpFetcher, PinMismatch, SecureSessions
 from .tls_client import MicClientOptions
 
 __all__ = ["boot_phone"]
@@ -64,10 +64,12 @@ class _Fetcher:
         servers: Sequence[str],
         options: BootOptions,
         http: HttpFetcher,
+        secure: SecureSessions | None = None,
     ) -> None:
         self.reactor = reactor
         self.options = options
         self.http = http
+        self.secure = secure  # this phone's HTTPS connection and TLS session, when reused
         vias = ("http", "tftp") if options.transport == "auto" else (options.transport,)
         self.candidates = [(server, via) for server in servers for via in vias]
         self.current: tuple[str, str] | None = None
@@ -97,8 +99,9 @@ class _Fetcher:
         for server in dict.fromkeys(server for server, _via in self.candidates):
             try:
                 data = await self.http.fetch_pinned(
-                    server, port, action.name, action.pins, timeout=self.options.timeout
-                )
+                    server, port, action.name, action.pins, timeout=self.options.timeout,
+                    sessions=self.secure,
+                )  # fmt: skip
             except PinMismatch as exc:
                 return FetchFailed(action.name, str(exc), untrusted=True)
             except Exception as exc:
@@ -329,13 +332,20 @@ def boot_phone(
     """Boot one emulated phone against ``servers`` (option-150 order); never errbacks.
 
     Pass one shared :class:`HttpFetcher` when booting many phones; without it the phone makes
-    its own and closes it at the end. ``emit`` receives each step line as it happens;
-    ``observe`` each action performed and the seconds it took (a storm's per-step times).
+    its own and closes it at the end. The phone's HTTPS connection and TLS session are its own
+    either way (kept between its fetches unless ``options.reuse_connections`` is off).
+    ``emit`` receives each step line as it happens; ``observe`` each action performed and the
+    seconds it took (a storm's per-step times).
     """
     opts = options or BootOptions()
     own_http = http is None
-    fetcher_http = http if http is not None else HttpFetcher(reactor, connect_timeout=opts.timeout)
-    fetcher = _Fetcher(reactor, servers, opts, fetcher_http)
+    fetcher_http = (
+        http
+        if http is not None
+        else HttpFetcher(reactor, connect_timeout=opts.timeout, persistent=opts.reuse_connections)
+    )
+    secure = SecureSessions() if opts.reuse_connections else None
+    fetcher = _Fetcher(reactor, servers, opts, fetcher_http, secure)
     started = time.monotonic()
 
     async def perform(action: Action) -> Feed:
@@ -365,6 +375,8 @@ def boot_phone(
         try:
             result = await _drive(BootSequence(identity, opts, emit), perform)
         finally:
+            if secure is not None:
+                await secure.close()
             if own_http:
                 await fetcher_http.close()
         return replace(result, elapsed=time.monotonic() - started)

@@ -14,10 +14,11 @@ Connections are made as :mod:`callboard.phone.endpoints` makes them (an address 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.protocol import Protocol, connectionDone
@@ -166,29 +167,42 @@ class HttpFetcher:
         pins: Sequence[tuple[int, bytes]],
         *,
         timeout: float = 10.0,
+        sessions: SecureSessions | None = None,
     ) -> defer.Deferred[bytes | None]:
         """Fetch ``name`` over HTTPS from a server pinned by ``pins`` (an ITL's records).
 
-        Raises :class:`PinMismatch` when the server's certificate is not one of them. One
-        connection per fetch, closed after it, as a phone's HTTPS config request is.
+        Raises :class:`PinMismatch` when the server's certificate is not one of them. With
+        ``sessions`` (one phone's), the connection is kept for that phone's next fetch and its
+        TLS session resumed when the server closed it meanwhile; without, one connection and
+        one full handshake per fetch, closed after it.
         """
         shown = f"[{host}]" if ":" in host else host
         url = f"https://{shown}:{port}/{quote(name.lstrip('/'))}"
-        raw = get_request(host, port, name, self.user_agent, keep_alive=False)
-        pinned = PinnedConnections(pins)
+        raw = get_request(host, port, name, self.user_agent, keep_alive=sessions is not None)
+        key: SessionKey = (host, port, tuple(pins))
 
         async def run() -> bytes | None:
+            if sessions is not None:
+                kept = await sessions.on_kept(key, lambda conn: self._answer(conn, raw, url))
+                if kept is not None:
+                    return _outcome(kept, url)
+            pinned = PinnedConnections(pins, sessions.session(key) if sessions else None)
             endpoint = wrapClientTLS(pinned, client_endpoint(self.reactor, host, port, timeout))
             try:
                 conn = await connect_protocol(endpoint, _HttpConnection(self.max_size))
                 try:
                     response = await self._answer(conn, raw, url)
-                finally:
+                except BaseException:
                     conn.close()
+                    raise
             except Exception:
                 if pinned.refused is not None:
                     raise PinMismatch(f"{url}: {pinned.refused}") from None
                 raise
+            if sessions is None:
+                conn.close()
+            else:
+                sessions.keep(key, conn, response, pinned)
             return _outcome(response, url)
 
         d = defer.Deferred.fromCoroutine(run())
@@ -234,6 +248,87 @@ class HttpFetcher:
         """Close the kept-alive connections (tests and the CLI call it before the reactor stops)."""
         idle = [conn for conns in self._idle.values() for conn in conns]
         self._idle.clear()
+        for conn in idle:
+            conn.close()
+        return defer.DeferredList([conn.lost for conn in idle])
+
+
+SessionKey = tuple[str, int, tuple[tuple[int, bytes], ...]]
+"""(host, port, pins): what one phone's HTTPS connections and TLS sessions are kept under."""
+
+
+class SecureSessions:
+    """One phone's HTTPS between its fetches: its kept-alive connection and its TLS session.
+
+    A phone asks 6971 for its config twice in one boot (before activation: 404; after: the
+    file). As a real phone, it keeps the connection open for the second request, and when the
+    server closed it meanwhile, it resumes the TLS session on the new one (an abbreviated
+    handshake: no certificate sent, no signature made). Both are kept per server *and pins*:
+    a resumed handshake shows no certificate, so a session verified under one set of pins is
+    never offered under another. Not shared between phones; :meth:`close` ends the boot.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[SessionKey, _HttpConnection] = {}
+        self._sessions: dict[SessionKey, SSL.Session] = {}
+        self.handshakes = 0  # full handshakes (the server's certificate checked)
+        self.resumed = 0  # resumed handshakes
+        self.reused = 0  # requests on a kept-alive connection
+
+    def session(self, key: SessionKey) -> SSL.Session | None:
+        return self._sessions.get(key)
+
+    async def on_kept(
+        self,
+        key: SessionKey,
+        ask: Callable[[_HttpConnection], Awaitable[HttpResponse]],
+    ) -> HttpResponse | None:
+        """The answer on the kept connection for ``key``, or None (none, or it went stale)."""
+        conn = self._idle.pop(key, None)
+        if conn is None or not conn.open:
+            return None
+        try:
+            response = await ask(conn)
+        except _Stale:
+            return None  # the server closed it meanwhile: a new connection (resumed)
+        except BaseException:
+            conn.close()
+            raise
+        self.reused += 1
+        self._keep_open(key, conn, response)
+        return response
+
+    def keep(
+        self, key: SessionKey, conn: _HttpConnection, response: HttpResponse,
+        pinned: PinnedConnections,
+    ) -> None:  # fmt: skip
+        """After a new connection's answer: remember its session, keep it if it may carry more."""
+        if pinned.resumed:
+            self.resumed += 1
+        else:
+            self.handshakes += 1
+        if pinned.connection is not None:
+            # Read after the answer: TLS 1.3 tickets come after the handshake, before the data.
+            session = pinned.connection.get_session()
+            if session is not None:
+                self._sessions[key] = session
+        self._keep_open(key, conn, response)
+
+    def _keep_open(self, key: SessionKey, conn: _HttpConnection, response: HttpResponse) -> None:
+        if response.keep_alive and conn.open:
+            conn.reused = True
+            old = self._idle.pop(key, None)
+            if old is not None:
+                old.close()
+            self._idle[key] = conn
+        else:
+            conn.close()
+
+    def close(self) -> defer.Deferred[Any]:
+        """Close the kept connections (the phone's boot is over)."""
+        idle = list(self._idle.values())
+        self._idle.clear()
+        self._sessions.clear()
         for conn in idle:
             conn.close()
         return defer.DeferredList([conn.lost for conn in idle])

@@ -220,7 +220,10 @@ def run_storm(
         raise ValueError("concurrency must be at least 1")
 
     async def run() -> StormReport:
-        http = HttpFetcher(reactor, connect_timeout=options.timeout, max_per_host=concurrency)
+        http = HttpFetcher(
+            reactor, connect_timeout=options.timeout, max_per_host=concurrency,
+            persistent=options.reuse_connections,
+        )  # fmt: skip
         semaphore = defer.DeferredSemaphore(concurrency)
         records: list[PhoneRecord] = []
         started = time.monotonic()

@@ -89,16 +89,35 @@ class PinnedConnections:
     ``pins`` are (hash algorithm code, hash) pairs as an ITL record carries them (1 SHA-1,
     2 SHA-256, 3 SHA-512). The check runs inside the handshake, so nothing is sent to a server
     that fails it; ``refused`` then says why.
+
+
+    ``session`` (a :class:`SSL.Session` from an earlier connection made under the *same*
+    pins) is offered for resumption: a resumed handshake shows no certificate, and needs
+    none, since only a server that passed these pins holds that session's secret. The caller
+    keys sessions by pins; a server that declines gets a full handshake and the pin check.
     """
 
-    def __init__(self, pins: Sequence[tuple[int, bytes]]) -> None:
+    def __init__(
+        self, pins: Sequence[tuple[int, bytes]], session: SSL.Session | None = None
+    ) -> None:
         self.pins = tuple(pins)
         self.refused: str | None = None
+        self.session = session
+        self.connection: SSL.Connection | None = None
+        self.leaf_checked = False  # a full handshake: the server's leaf passed the pins
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(shared_client_context(), None)
         connection.set_verify(SSL.VERIFY_PEER, self._verify)
+        if self.session is not None:
+            connection.set_session(self.session)
+        self.connection = connection
         return connection
+
+    @property
+    def resumed(self) -> bool:
+        """The handshake resumed the offered session (no certificate was shown)."""
+        return self.session is not None and self.connection is not None and not self.leaf_checked
 
     def _verify(
         self, _conn: SSL.Connection, cert: crypto.X509, _errno: int, depth: int, _ok: int
@@ -109,6 +128,7 @@ class PinnedConnections:
         for algorithm, expected in self.pins:
             hash_type = _PIN_HASHES.get(algorithm)
             if hash_type is not None and _digest(hash_type(), der) == expected:
+                self.leaf_checked = True
                 return True
         self.refused = "server certificate is not the ITL's TFTP-role EC certificate"
         return False
