@@ -218,32 +218,52 @@ class Headers:
         self._items = [(k, v) for k, v in self._items if k != key]
         self._index = None
 
+    def _found(self, name: str) -> list[str] | None:
+        """The values under ``name``: looked up as given first (callers mostly pass the
+        canonical key itself, which then needs no lowering), else under its canonical key."""
+        index = self._index
+        if index is None:
+            index = self._by_key()
+        found = index.get(name)
+        if found is None:
+            key = canonical_key(name)
+            if key != name:
+                found = index.get(key)
+        return found
+
     @overload
     def get(self, name: str) -> str | None: ...
     @overload
     def get(self, name: str, default: str) -> str: ...
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first raw field value (no comma splitting)."""
-        found = self._by_key().get(canonical_key(name))
+        found = self._found(name)
         return default if found is None else found[0]
 
     def get_all(self, name: str) -> list[str]:
         """Every raw field value of that name (no comma splitting)."""
-        return list(self._by_key().get(canonical_key(name), ()))
+        found = self._found(name)
+        return [] if found is None else list(found)
 
     def values(self, name: str) -> list[str]:
         """Every value, with comma-separated lists split for list headers."""
-        key = canonical_key(name)
-        raw = self._by_key().get(key, ())
-        if key not in LIST_HEADERS:
+        raw = self._found(name)
+        if raw is None:
+            return []
+        if canonical_key(name) not in LIST_HEADERS:
             return list(raw)
         out: list[str] = []
         for v in raw:
+            if _one_value(v):
+                stripped = v.strip()
+                if stripped:
+                    out.append(stripped)
+                continue
             out.extend(p.strip() for p in split_unquoted(v, ",") if p.strip())
         return out
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and canonical_key(name) in self._by_key()
+        return isinstance(name, str) and self._found(name) is not None
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
@@ -255,6 +275,12 @@ class Headers:
         h = Headers()
         h._items = list(self._items)
         return h
+
+
+def _one_value(v: str) -> bool:
+    """A field value that :func:`split_unquoted` would return whole (the usual Via or
+    Contact line): no comma, and its quotes pair up without escapes, so none is left open."""
+    return "," not in v and "\\" not in v and not v.count('"') % 2
 
 
 @dataclass

@@ -49,12 +49,15 @@ not trusted for anything). Other methods get 405 with ``Allow``; ACK is absorbed
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
+from itertools import islice
 from typing import Any, Protocol, TypeAlias
 
 from callboard.protocols.settings import SettingError, check_choice, check_range, config_key
@@ -419,6 +422,96 @@ def _sent_by_port(transport: str) -> int:
     return 5061 if transport.upper() == "TLS" else 5060
 
 
+#: What a typical answer to a Cisco phone's REGISTER looks like: the preset dictionary the
+#: cached answers are deflated against (only the text they share matters, not its values).
+_TYPICAL_ANSWER = (
+    "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK;rport=5060;received=\r\n"
+    "From: <sip:@>;tag=\r\nTo: <sip:@>;tag=\r\nCall-ID: @\r\nCSeq: 1 REGISTER\r\n"
+    "Date: Mon, 01 Jan 2027 00:00:00 GMT\r\nServer: Callboard\r\n"
+    'Contact: <sip:@:5060;transport=udp>;+sip.instance="<urn:uuid:00000000-0000-0000-0000-00>"'
+    ';+u.sip!devicename.ccm.cisco.com="SEP";+u.sip!model.ccm.cisco.com="";expires=3600'
+    f";x-cisco-newreg\r\nExpires: 120\r\nSupported: {CUCM_SUPPORTED}\r\n"
+    "Content-Length: 0\r\n\r\n"
+).encode()
+_DEFLATE_WINDOW = -10  # raw deflate, 1 KiB window: an answer is smaller than that
+
+
+class AnswerCache:
+    """The answers a UDP retransmission gets again (RFC 3261 §17.2.1: Timer J, 32 s).
+
+    Under load tens of thousands are alive at once, so each keeps only what a retransmission
+    needs, in one bytes object: the answer deflated against :data:`_TYPICAL_ANSWER` (a
+    200 to a Cisco REGISTER: ~600 bytes → ~120) and where it went. None marks an answer
+    still pending (the retransmission is absorbed). Entries are kept in arrival order and
+    expire by the whole second they were stored in (at least ``linger`` later), a batch at
+    a time: no deadline of their own, no scan of what was already removed.
+    """
+
+    __slots__ = ("_answers", "_counts", "_due", "linger")
+
+    def __init__(self, linger: float) -> None:
+        self.linger = linger
+        self._answers: dict[str, bytes | None] = {}
+        self._due: deque[float] = deque()  # the expiry seconds, in arrival order
+        self._counts: deque[int] = deque()  # how many entries were stored in each
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._answers
+
+    def get(self, key: str) -> Reply | None:
+        """The answer kept for ``key``: None while pending (only call it for a key held)."""
+        packed = self._answers[key]
+        return None if packed is None else _unpack(packed)
+
+    def keep(self, key: str, reply: Reply | None, now: float) -> None:
+        """Keep ``reply`` (None: pending) for ``key``, stored now; a pending entry that gets
+        its answer keeps its place (it expires ``linger`` after the request came)."""
+        answers = self._answers
+        known = key in answers
+        answers[key] = None if reply is None else _pack(reply)
+        if known:
+            return
+        due = float(math.ceil(now + self.linger))
+        if self._due and self._due[-1] == due:
+            self._counts[-1] += 1
+        else:
+            self._due.append(due)
+            self._counts.append(1)
+
+    def expire(self, now: float) -> None:
+        """Forget the entries stored in every second that is due."""
+        answers, due, counts = self._answers, self._due, self._counts
+        n = 0
+        while due and due[0] <= now:
+            due.popleft()
+            n += counts.popleft()
+        for key in list(islice(answers, n)):
+            del answers[key]
+
+    def clear(self) -> None:
+        self._answers.clear()
+        self._due.clear()
+        self._counts.clear()
+
+
+def _pack(reply: Reply) -> bytes:
+    deflate = zlib.compressobj(1, zlib.DEFLATED, _DEFLATE_WINDOW, 1, zdict=_TYPICAL_ANSWER)
+    where = f"{int(reply.close)}{reply.port} {reply.host}".encode()
+    return deflate.compress(reply.data) + deflate.flush() + where + bytes((len(where),))
+
+
+def _unpack(packed: bytes) -> Reply:
+    size = packed[-1]
+    where = packed[-1 - size : -1].decode()
+    port, _, host = where[1:].partition(" ")
+    inflate = zlib.decompressobj(_DEFLATE_WINDOW, zdict=_TYPICAL_ANSWER)
+    data = inflate.decompress(packed[: -1 - size]) + inflate.flush()
+    return Reply(data, host, int(port), close=where[0] == "1")
+
+
 class Registrar:
     """REGISTER/OPTIONS processing. Not thread-safe: reactor thread only.
 
@@ -452,9 +545,9 @@ class Registrar:
         self._tag_pool, self._tag_at = b"", 0
         # Told the status of every REGISTER answer (metrics); not of retransmitted ones.
         self.on_register_answer: Callable[[int], None] | None = None
-        # "METHOD sent-by branch" (one string: compact, as thousands live 32 s each) →
-        # (forget at, the reply, None while pending).
-        self._transactions: dict[str, tuple[float, Reply | None]] = {}
+        # "METHOD sent-by branch" (one string: compact, as thousands live 32 s each) → the
+        # reply (UDP only).
+        self._transactions = AnswerCache(TRANSACTION_LINGER)
         # AoR → REGISTERs waiting behind one whose policy answer is pending (key present while
         # one is pending), each with the Deferred its answer goes to.
         self._waiting: dict[str, deque[tuple[_Register, Deferred[Response]]]] = {}
@@ -509,10 +602,9 @@ class Registrar:
         # Only UDP retransmits: on TCP/TLS Timer J is 0 (RFC 3261 §17.2.2), nothing is kept.
         if branch and branch.startswith("z9hG4bK") and source.transport == "udp":
             tkey = f"{method} {via.host}:{via.port} {branch}"
-            cached = self._transactions.get(tkey)
-            if cached is not None:
+            if tkey in self._transactions:
                 self.counters.retransmissions += 1
-                return cached[1]  # None while the first is still pending: absorbed
+                return self._transactions.get(tkey)  # None while pending: absorbed
         answer: Answer
         if cseq.method.upper() != method:
             answer = self.error_reply(req, 400, source, "CSeq method does not match")
@@ -536,13 +628,12 @@ class Registrar:
     def _remember(self, tkey: str, answer: Answer) -> None:
         """Cache the reply for retransmissions; while it is pending, absorb them."""
         if not isinstance(answer, Deferred):
-            self._transactions[tkey] = (self.now() + TRANSACTION_LINGER, answer)
+            self._transactions.keep(tkey, answer, self.now())
             return
-        self._transactions[tkey] = (self.now() + TRANSACTION_LINGER, None)
+        self._transactions.keep(tkey, None, self.now())
 
         def answered(reply: Reply) -> Reply:
-            self._transactions.pop(tkey, None)  # re-insert: the table stays in deadline order
-            self._transactions[tkey] = (self.now() + TRANSACTION_LINGER, reply)
+            self._transactions.keep(tkey, reply, self.now())
             return reply
 
         answer.addCallback(answered)
@@ -1073,12 +1164,7 @@ class Registrar:
                 device=b.device_name,
             )
         self.counters.expired += len(expired)
-        tx = self._transactions
-        while tx:
-            first = next(iter(tx))
-            if tx[first][0] > now:
-                break
-            del tx[first]
+        self._transactions.expire(now)
         return len(expired)
 
     def counters_snapshot(self) -> Mapping[str, int]:
