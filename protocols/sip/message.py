@@ -311,14 +311,28 @@ class Response:
 Message = Request | Response
 
 
+#: "Name: " as each key is written, made once per key.
+_FIELD_PREFIXES: dict[str, str] = {}
+
+
+def _field_prefix(key: str) -> str:
+    prefix = _FIELD_PREFIXES.get(key)
+    if prefix is None:
+        prefix = canonical_name(key) + ": "
+        if len(_FIELD_PREFIXES) < 4096:
+            _FIELD_PREFIXES[key] = prefix
+    return prefix
+
+
 def _serialize(start: str, headers: Headers, body: bytes) -> bytes:
-    lines = [start]
-    for key, value in headers:
-        if key == "content-length":
-            continue
-        lines.append(f"{canonical_name(key)}: {value}")
-    lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+    prefix = _FIELD_PREFIXES.get
+    lines = [
+        (prefix(key) or _field_prefix(key)) + value
+        for key, value in headers._items
+        if key != "content-length"
+    ]
+    lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    return (start + "\r\n" + "\r\n".join(lines)).encode() + body
 
 
 def _head_end(data: bytes | bytearray) -> tuple[int, int] | None:
@@ -674,6 +688,15 @@ def param(params: Sequence[tuple[str, str | None]], name: str) -> str | None:
         if k.lower() == lname:
             return "" if v is None else unquote(v)
     return None
+
+
+def params_by_name(params: Sequence[tuple[str, str | None]]) -> dict[str, str]:
+    """Every parameter by lower-case name, read as :func:`param` reads it (unquoted, '' for a
+    flag, the first of a name wins): for a caller that asks several, each name lowered once."""
+    out: dict[str, str] = {}
+    for k, v in params:
+        out.setdefault(k.lower(), "" if v is None else unquote(v))
+    return out
 
 
 def has_param(params: Sequence[tuple[str, str | None]], name: str) -> bool:

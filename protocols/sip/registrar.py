@@ -88,8 +88,8 @@ from callboard.protocols.sip.message import (
     Response,
     SIPParseError,
     Via,
-    has_param,
     is_number,
+    params_by_name,
     parse_contact_list,
     parse_cseq,
     parse_message,
@@ -365,7 +365,7 @@ class _Reject(Exception):
         self.response = response
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CiscoIdentity:
     """Who a Cisco phone says it is, from the first contact that carries each parameter."""
 
@@ -375,16 +375,21 @@ class CiscoIdentity:
 
     @classmethod
     def of(cls, contacts: list[NameAddr]) -> CiscoIdentity:
+        return cls.of_params([params_by_name(c.params) for c in contacts])
+
+    @classmethod
+    def of_params(cls, contacts: list[dict[str, str]]) -> CiscoIdentity:
+        """The same, from each contact's :func:`params_by_name`."""
         device = model = instance = None
         for c in contacts:
-            device = device or c.param("+u.sip!devicename.ccm.cisco.com")
-            model = model or c.param("+u.sip!model.ccm.cisco.com")
-            instance = instance or c.param("+sip.instance")
+            device = device or c.get("+u.sip!devicename.ccm.cisco.com")
+            model = model or c.get("+u.sip!model.ccm.cisco.com")
+            instance = instance or c.get("+sip.instance")
         m = _INSTANCE_RE.match(instance.strip()) if instance else None
         return cls(device, m.group(1).lower() if m else None, model)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Register:
     """A REGISTER read and checked before anyone is asked anything (step 1)."""
 
@@ -397,6 +402,7 @@ class _Register:
     wildcard: bool  # ``Contact: *`` (with Expires 0): remove every binding
     planned: tuple[tuple[NameAddr, int], ...]  # each contact with its granted expiry (0 removes)
     identity: CiscoIdentity
+    keys: tuple[str, ...]  # each planned contact's binding key (:func:`instance_key`)
     user_agent: str | None
     keepalive: bool = False  # every contact says ``cisco-keep-alive``: a backup node's probe
     remotecc: RemoteccRequest | None = None  # the body's remotecc parts, when any
@@ -407,7 +413,7 @@ class _Register:
         return self.wildcard or (bool(self.planned) and all(e == 0 for _, e in self.planned))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Change:
     """What a REGISTER does to its AoR's bindings (step 4), before it is applied."""
 
@@ -439,18 +445,20 @@ _DEFLATE_WINDOW = -10  # raw deflate, 1 KiB window: an answer is smaller than th
 class AnswerCache:
     """The answers a UDP retransmission gets again (RFC 3261 §17.2.1: Timer J, 32 s).
 
-    Under load tens of thousands are alive at once, so each keeps only what a retransmission
-    needs, in one bytes object: the answer deflated against :data:`_TYPICAL_ANSWER` (a
-    200 to a Cisco REGISTER: ~600 bytes → ~120) and where it went. None marks an answer
-    still pending (the retransmission is absorbed). Entries are kept in arrival order and
-    expire by the whole second they were stored in (at least ``linger`` later), a batch at
-    a time: no deadline of their own, no scan of what was already removed.
+    Each keeps only what a retransmission needs, in one bytes object: the answer and where
+    it went. Under load tens of thousands are alive at once: past ``deflate_from`` entries,
+    answers are also deflated against :data:`_TYPICAL_ANSWER` (a 200 to a Cisco REGISTER:
+    ~600 bytes → ~120, for ~3 µs; below that they take a few MB, not worth the CPU). None
+    marks an answer still pending (its retransmissions are absorbed). Entries are kept in
+    arrival order and expire by the whole second they were stored in (at least ``linger``
+    later), a batch at a time: no deadline of their own, no scan of what was removed.
     """
 
-    __slots__ = ("_answers", "_counts", "_due", "linger")
+    __slots__ = ("_answers", "_counts", "_due", "deflate_from", "linger")
 
-    def __init__(self, linger: float) -> None:
+    def __init__(self, linger: float, deflate_from: int = 8192) -> None:
         self.linger = linger
+        self.deflate_from = deflate_from
         self._answers: dict[str, bytes | None] = {}
         self._due: deque[float] = deque()  # the expiry seconds, in arrival order
         self._counts: deque[int] = deque()  # how many entries were stored in each
@@ -471,7 +479,10 @@ class AnswerCache:
         its answer keeps its place (it expires ``linger`` after the request came)."""
         answers = self._answers
         known = key in answers
-        answers[key] = None if reply is None else _pack(reply)
+        if reply is None:
+            answers[key] = None
+        else:
+            answers[key] = _pack(reply, len(answers) >= self.deflate_from)
         if known:
             return
         due = float(math.ceil(now + self.linger))
@@ -497,19 +508,30 @@ class AnswerCache:
         self._counts.clear()
 
 
-def _pack(reply: Reply) -> bytes:
-    deflate = zlib.compressobj(1, zlib.DEFLATED, _DEFLATE_WINDOW, 1, zdict=_TYPICAL_ANSWER)
-    where = f"{int(reply.close)}{reply.port} {reply.host}".encode()
-    return deflate.compress(reply.data) + deflate.flush() + where + bytes((len(where),))
+#: A compressor that has read :data:`_TYPICAL_ANSWER`: each answer deflates with a copy.
+_PRIMED = zlib.compressobj(1, zlib.DEFLATED, _DEFLATE_WINDOW, 1, zdict=_TYPICAL_ANSWER)
+
+
+def _pack(reply: Reply, deflate: bool) -> bytes:
+    """``reply`` as one bytes object: its data (deflated or not), then ``FCport host`` (F:
+    deflated, C: close, as 0/1), then that trailer's length in two bytes."""
+    data = reply.data
+    if deflate:
+        compressor = _PRIMED.copy()
+        data = compressor.compress(data) + compressor.flush()
+    where = f"{int(deflate)}{int(reply.close)}{reply.port} {reply.host}".encode()
+    return data + where + len(where).to_bytes(2, "big")
 
 
 def _unpack(packed: bytes) -> Reply:
-    size = packed[-1]
-    where = packed[-1 - size : -1].decode()
-    port, _, host = where[1:].partition(" ")
-    inflate = zlib.decompressobj(_DEFLATE_WINDOW, zdict=_TYPICAL_ANSWER)
-    data = inflate.decompress(packed[: -1 - size]) + inflate.flush()
-    return Reply(data, host, int(port), close=where[0] == "1")
+    size = int.from_bytes(packed[-2:], "big")
+    where = packed[-2 - size : -2].decode()
+    port, _, host = where[2:].partition(" ")
+    data = packed[: -2 - size]
+    if where[0] == "1":
+        inflate = zlib.decompressobj(_DEFLATE_WINDOW, zdict=_TYPICAL_ANSWER)
+        data = inflate.decompress(data) + inflate.flush()
+    return Reply(data, host, int(port), close=where[1] == "1")
 
 
 class Registrar:
@@ -609,14 +631,14 @@ class Registrar:
         if cseq.method.upper() != method:
             answer = self.error_reply(req, 400, source, "CSeq method does not match")
         else:
-            answer = self._answer(req, method, source, via)
+            answer = self._answer(req, method, source, via, cseq.number)
         if tkey is not None:
             self._remember(tkey, answer)
         return answer
 
-    def _answer(self, req: Request, method: str, source: Source, via: Via) -> Answer:
+    def _answer(self, req: Request, method: str, source: Source, via: Via, cseq: int) -> Answer:
         try:
-            response = self._dispatch(req, method, source)
+            response = self._dispatch(req, method, source, cseq)
         except _Reject as exc:
             response = exc.response
         if isinstance(response, Deferred):
@@ -639,7 +661,7 @@ class Registrar:
         answer.addCallback(answered)
 
     def _dispatch(
-        self, req: Request, method: str, source: Source
+        self, req: Request, method: str, source: Source, cseq: int
     ) -> Response | Deferred[Response] | None:
         if method == "OPTIONS":
             self.counters.options += 1
@@ -657,7 +679,7 @@ class Registrar:
                 raise _Reject(self._response(req, 483))
         if method == "REGISTER":
             self.counters.register += 1
-            return self._register(req, source)
+            return self._register(req, source, cseq)
         if method == "REFER":
             self.counters.refer += 1
             return self._refer(req, source)
@@ -681,9 +703,9 @@ class Registrar:
 
     # --- REGISTER: the pipeline -----------------------------------------------------------
 
-    def _register(self, req: Request, source: Source) -> Response | Deferred[Response]:
+    def _register(self, req: Request, source: Source, cseq: int) -> Response | Deferred[Response]:
         """RFC 3261 §10.3, one named step at a time; asynchronous only when the policy is."""
-        reg = self._read_register(req, source)
+        reg = self._read_register(req, source, cseq)
         if reg.keepalive:
             return self._keepalive_ok(reg)
         waiting = self._waiting.get(reg.aor)
@@ -701,15 +723,25 @@ class Registrar:
 
     def _decide(self, reg: _Register) -> Response | Deferred[Response]:
         """Steps 2 to 5: ask the policy, then finish when it has answered."""
-        decision = self.policy.decide(self._policy_request(reg))
+        now = self.now()
+        live = self.location.lookup(reg.aor, now)
+        decision = self.policy.decide(self._policy_request(reg, live))
         if isinstance(decision, Deferred):
             d = decision.addCallback(self._after_policy, reg)
             return d.addErrback(self._policy_failed, reg)
-        return self._after_policy(decision, reg)
+        return self._after_policy(decision, reg, (now, live))
 
-    def _after_policy(self, decision: PolicyDecision, reg: _Register) -> Response:
-        """Steps 3 to 5: authenticate, plan the bindings, apply them and answer 200."""
-        now = self.now()
+    def _after_policy(
+        self,
+        decision: PolicyDecision,
+        reg: _Register,
+        looked_up: tuple[float, dict[str, Binding]] | None = None,
+    ) -> Response:
+        """Steps 3 to 5: authenticate, plan the bindings, apply them and answer 200.
+
+        ``looked_up``: the time and the AoR's live bindings the policy was asked with, when it
+        answered at once (nothing can have changed since); else they are looked up again."""
+        now, live = looked_up if looked_up is not None else (self.now(), None)
         try:
             if not decision.allowed:
                 device = reg.identity.device_name
@@ -721,20 +753,21 @@ class Registrar:
                 reg = _capped(reg, decision.max_expires)
             owner = decision.device_name or reg.identity.device_name
             self._authenticate(reg, decision.credentials, owner, now)
-            change = self._plan_bindings(reg, owner, now)
+            if live is None:
+                live = self.location.lookup(reg.aor, now)
+            change = self._plan_bindings(reg, owner, now, live)
         except _Reject as exc:
             return exc.response
         self._apply(reg, change, owner)
         return self._ok(reg, change, now)
 
-    def _read_register(self, req: Request, source: Source) -> _Register:
+    def _read_register(self, req: Request, source: Source, cseq: int) -> _Register:
         """Step 1: parse and check everything that needs no state and no policy."""
         try:
             ruri = parse_uri(req.uri)
             to_uri = parse_uri(parse_name_addr(req.headers.get("to") or "").uri)
             contacts = parse_contact_list(req.headers)
             call_id = (req.headers.get("call-id") or "").strip()
-            cseq = parse_cseq(req.headers.get("cseq") or "").number
         except SIPParseError as exc:
             raise _Reject(self._bad(req, exc.reason)) from None
         domains = self.settings.domains
@@ -748,6 +781,8 @@ class Registrar:
         if wildcard and header_expires != 0:
             raise _Reject(self._bad(req, "Contact: * requires Expires: 0"))
         listed = contacts if isinstance(contacts, list) else []
+        named = [params_by_name(c.params) for c in listed]
+        planned = self._plan_expiries(req, source, to_uri.aor, listed, named, header_expires)
         return _Register(
             req=req,
             source=source,
@@ -756,10 +791,11 @@ class Registrar:
             call_id=call_id,
             cseq=cseq,
             wildcard=wildcard,
-            planned=self._plan_expiries(req, source, to_uri.aor, listed, header_expires),
-            identity=CiscoIdentity.of(listed),
+            planned=planned,
+            identity=CiscoIdentity.of_params(named),
+            keys=tuple(_instance_key(c, n) for c, n in zip(listed, named, strict=True)),
             user_agent=self._shared(req.headers.get("user-agent")),
-            keepalive=bool(listed) and all(has_param(c.params, KEEPALIVE_PARAM) for c in listed),
+            keepalive=bool(listed) and all(KEEPALIVE_PARAM in n for n in named),
             remotecc=self._read_remotecc(req),
             alarm=parse_reason_alarm(req.headers.get_all("reason")),
         )
@@ -798,6 +834,7 @@ class Registrar:
         source: Source,
         aor: str,
         contacts: list[NameAddr],
+        named: list[dict[str, str]],
         header_expires: int | None,
     ) -> tuple[tuple[NameAddr, int], ...]:
         """Each contact's expiry, before asking anyone anything (a 423 costs nothing)."""
@@ -805,8 +842,8 @@ class Registrar:
         if len(contacts) > s.max_contacts:
             raise _Reject(self._bad(req, "too many contacts"))
         planned: list[tuple[NameAddr, int]] = []
-        for c in contacts:
-            raw = c.param("expires")
+        for c, params in zip(contacts, named, strict=True):
+            raw = params.get("expires")
             if raw is not None:
                 if not is_number(raw):
                     raise _Reject(self._bad(req, "bad expires parameter"))
@@ -820,8 +857,7 @@ class Registrar:
             planned.append((c, min(exp, s.max_expires)))
         return tuple(planned)
 
-    def _policy_request(self, reg: _Register) -> RegistrationRequest:
-        live = self.location.lookup(reg.aor, self.now())
+    def _policy_request(self, reg: _Register, live: dict[str, Binding]) -> RegistrationRequest:
         return RegistrationRequest(
             device_name=reg.identity.device_name,
             mac=reg.identity.mac,
@@ -867,9 +903,11 @@ class Registrar:
             raise _Reject(self._refuse(reg.req, 403, "bad credentials", reg.source, owner))
         raise _Reject(self._challenge(reg.req, now, stale=verdict is Verdict.STALE))
 
-    def _plan_bindings(self, reg: _Register, owner: str | None, now: float) -> _Change:
-        """Step 4: the AoR's new binding set; a stale CSeq or too many bindings change nothing."""
-        live = self.location.lookup(reg.aor, now)
+    def _plan_bindings(
+        self, reg: _Register, owner: str | None, now: float, live: dict[str, Binding]
+    ) -> _Change:
+        """Step 4: the AoR's new binding set (``live``: its bindings now); a stale CSeq or too
+        many bindings change nothing."""
         after = dict(live)
         added = False
         bound: list[str] = []
@@ -879,8 +917,7 @@ class Registrar:
                     continue  # RFC 3261 §10.3 step 6: this one is newer than the removal
                 del after[key]
         else:
-            for c, exp in reg.planned:
-                key = instance_key(c)
+            for (c, exp), key in zip(reg.planned, reg.keys, strict=True):
                 old = live.get(key)
                 if old is not None and old.call_id == reg.call_id and reg.cseq <= old.cseq:
                     why = "CSeq not higher than the stored one for this Call-ID"
@@ -893,17 +930,23 @@ class Registrar:
                 after[key] = self._binding(reg, c, key, now + exp, owner)
             if len(after) > self.settings.max_contacts:
                 raise _Reject(self._bad(reg.req, "too many bindings for this address"))
-        newreg = added and owner is not None and not self.location.by_device(owner, now)
+        newreg = added and owner is not None and not self._holds_binding(owner, live, now)
         return _Change(live, after, added, newreg, frozenset(bound))
+
+    def _holds_binding(self, device: str, live: dict[str, Binding], now: float) -> bool:
+        """Whether ``device`` has a live binding anywhere: on this AoR (a refresh: no need to
+        ask the location service), or on another."""
+        return any(b.device_name == device for b in live.values()) or bool(
+            self.location.by_device(device, now)
+        )
 
     def _binding(
         self, reg: _Register, c: NameAddr, key: str, expires_at: float, owner: str | None
     ) -> Binding:
-        drop = ("expires", "x-cisco-newreg")
         return Binding(
             aor=reg.aor,
             key=key,
-            contact=str(c.with_params([(k, v) for k, v in c.params if k.lower() not in drop])),
+            contact=_bound_contact(c),
             call_id=reg.call_id,
             cseq=reg.cseq,
             expires_at=expires_at,
@@ -1333,6 +1376,18 @@ class Registrar:
         return Reply(resp.to_bytes(), source.host, port)
 
 
+_UNBOUND_PARAMS = ("expires", "x-cisco-newreg")  # said to the phone, not part of a binding
+
+
+def _bound_contact(c: NameAddr) -> str:
+    """The Contact value a binding keeps: as sent, less ``expires`` and ``x-cisco-newreg``."""
+    params = c.params
+    if any(k.lower() in _UNBOUND_PARAMS for k, _ in params):
+        params = tuple((k, v) for k, v in params if k.lower() not in _UNBOUND_PARAMS)
+        c = NameAddr(c.display, c.uri, params)
+    return str(c)
+
+
 def _capped(reg: _Register, seconds: int) -> _Register:
     """The REGISTER with every granted expiry at most ``seconds`` (removals stay 0)."""
     cap = max(1, seconds)
@@ -1341,7 +1396,12 @@ def _capped(reg: _Register, seconds: int) -> _Register:
 
 def instance_key(contact: NameAddr) -> str:
     """Binding key: the ``+sip.instance`` when present, else the contact URI (normalised)."""
-    inst = contact.param("+sip.instance")
+    return _instance_key(contact, params_by_name(contact.params))
+
+
+def _instance_key(contact: NameAddr, params: dict[str, str]) -> str:
+    """:func:`instance_key`, given the contact's :func:`params_by_name`."""
+    inst = params.get("+sip.instance")
     if inst:
         return "instance:" + inst.strip().strip("<>").lower()
     try:

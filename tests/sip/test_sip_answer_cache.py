@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from callboard.protocols.sip.registrar import AnswerCache, Reply
 
 
@@ -12,13 +13,15 @@ def answer(n: int) -> bytes:
     ).encode()
 
 
-def test_answers_come_back_byte_for_byte_with_their_destination() -> None:
-    cache = AnswerCache(32.0)
+@pytest.mark.parametrize("deflate_from", [0, 1000])
+def test_answers_come_back_byte_for_byte_with_their_destination(deflate_from: int) -> None:
+    cache = AnswerCache(32.0, deflate_from)
     replies = [
         Reply(answer(1), "192.0.2.50", 5060),
         Reply(answer(2), "2001:db8::5", 65535, close=True),
         Reply(b"", "h", 1),
         Reply(bytes(range(256)) * 4, "198.51.100.1", 40000),  # nothing like the dictionary
+        Reply(answer(3), "h" * 300, 5060),  # a long destination
     ]
     for i, reply in enumerate(replies):
         cache.keep(f"REGISTER k{i}", reply, 100.0)
@@ -28,8 +31,8 @@ def test_answers_come_back_byte_for_byte_with_their_destination() -> None:
     assert "REGISTER other" not in cache
 
 
-def test_a_typical_answer_is_kept_in_a_fraction_of_its_size() -> None:
-    cache = AnswerCache(32.0)
+def test_a_typical_answer_is_kept_in_a_fraction_of_its_size_once_many_are() -> None:
+    cache = AnswerCache(32.0, deflate_from=1)
     data = (
         b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK-1-7;rport=5060\r\n"
         b"From: <sip:2000007@192.0.2.1>;tag=1SIPpTag007\r\n"
@@ -41,9 +44,11 @@ def test_a_typical_answer_is_kept_in_a_fraction_of_its_size() -> None:
         b"Expires: 120\r\nSupported: X-cisco-srtp-fallback,X-cisco-sis-8.0.0\r\n"
         b"Content-Length: 0\r\n\r\n"
     )
+    cache.keep("first", Reply(data, "192.0.2.7", 5060), 0.0)  # few kept yet: as it is
     cache.keep("k", Reply(data, "192.0.2.7", 5060), 0.0)
+    assert len(cache._answers["first"] or b"") > len(data)
     assert len(cache._answers["k"] or b"") < len(data) // 3
-    assert cache.get("k") == Reply(data, "192.0.2.7", 5060)
+    assert cache.get("k") == cache.get("first") == Reply(data, "192.0.2.7", 5060)
 
 
 def test_pending_then_answered_and_expiry_by_the_second() -> None:
