@@ -665,16 +665,26 @@ def parse_params(s: str) -> Params:
     out: Params = []
     if not s:
         return out  # most URIs and addresses have none
+    names = _PARAM_NAMES
     for piece in split_unquoted(s, ";"):
         piece = piece.strip()
         if not piece:
             continue
-        name, sep, value = piece.partition("=")
-        name = name.strip()
-        if not name or _BAD_PARAM_RE.search(name):
-            raise SIPParseError(f"bad parameter {piece[:40]!r}")
+        raw, sep, value = piece.partition("=")
+        name = names.get(raw)
+        if name is None:
+            name = raw.strip()
+            if not name or _BAD_PARAM_RE.search(name):
+                raise SIPParseError(f"bad parameter {piece[:40]!r}")
+            if len(names) < 4096:
+                names[raw] = name
         out.append((name, value.strip() if sep else None))
     return out
+
+
+#: Parameter names as they arrive → stripped, for names already found good: the same dozen
+#: every time (branch, rport, tag, expires, +sip.instance...), each checked once.
+_PARAM_NAMES: dict[str, str] = {}
 
 
 def format_params(params: Params) -> str:
@@ -874,7 +884,9 @@ def parse_name_addr(value: str) -> NameAddr:
     v = value.strip()
     if not v:
         raise SIPParseError("empty address")
-    lt = _find_unquoted(v, "<")
+    lt = v.find("<")
+    if lt > 0 and '"' in v[:lt]:
+        lt = _find_unquoted(v, "<")  # a display name in quotes may hold a '<'
     if lt >= 0:
         gt = v.find(">", lt)
         if gt < 0:

@@ -57,6 +57,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
+from functools import cached_property
 from itertools import islice
 from typing import Any, Protocol, TypeAlias
 
@@ -88,6 +89,7 @@ from callboard.protocols.sip.message import (
     Response,
     SIPParseError,
     Via,
+    format_params,
     is_number,
     params_by_name,
     parse_contact_list,
@@ -286,8 +288,9 @@ class Source:
     #: chain it presented; for a policy that checks the chain itself (a MIC's).
     client_certs: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
-    @property
+    @cached_property
     def address(self) -> str:
+        """``host:port`` (``[host]:port`` for IPv6): asked several times per REGISTER."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
@@ -1368,12 +1371,18 @@ class Registrar:
         if out != params:
             # The Via list first, one value a line, then the response's other headers.
             rest = req.headers.values("via")[1:]
-            resp.headers.put_first("via", [str(top.with_params(out)), *rest])
+            resp.headers.put_first("via", [_via_text(top, out), *rest])
         if source.transport != "udp" or has_rport:
             port = source.port
         else:
             port = top.port or _sent_by_port(top.transport)
         return Reply(resp.to_bytes(), source.host, port)
+
+
+def _via_text(via: Via, params: list[tuple[str, str | None]]) -> str:
+    """``str(via.with_params(params))``, without making that Via."""
+    hostport = via.host if via.port is None else f"{via.host}:{via.port}"
+    return f"SIP/2.0/{via.transport} {hostport}{format_params(params)}"
 
 
 _UNBOUND_PARAMS = ("expires", "x-cisco-newreg")  # said to the phone, not part of a binding
