@@ -523,7 +523,7 @@ def _pack(reply: Reply, deflate: bool) -> bytes:
         compressor = _PRIMED.copy()
         data = compressor.compress(data) + compressor.flush()
     where = f"{int(deflate)}{int(reply.close)}{reply.port} {reply.host}".encode()
-    return data + where + len(where).to_bytes(2, "big")
+    return b"".join((data, where, len(where).to_bytes(2, "big")))
 
 
 def _unpack(packed: bytes) -> Reply:
