@@ -443,6 +443,9 @@ _TYPICAL_ANSWER = (
     "Content-Length: 0\r\n\r\n"
 ).encode()
 _DEFLATE_WINDOW = -10  # raw deflate, 1 KiB window: an answer is smaller than that
+#: Cached answers are deflated once this many are alive: ~590 bytes saved each (~56 MB at
+#: 100,000), for ~0.01 ms of CPU per REGISTER measured in the daemon at 3,000/s.
+DEFLATE_ANSWERS_FROM = 8192
 
 
 class AnswerCache:
@@ -459,7 +462,7 @@ class AnswerCache:
 
     __slots__ = ("_answers", "_counts", "_due", "deflate_from", "linger")
 
-    def __init__(self, linger: float, deflate_from: int = 8192) -> None:
+    def __init__(self, linger: float, deflate_from: int = DEFLATE_ANSWERS_FROM) -> None:
         self.linger = linger
         self.deflate_from = deflate_from
         self._answers: dict[str, bytes | None] = {}
