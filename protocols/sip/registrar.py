@@ -454,7 +454,7 @@ class AnswerCache:
     Each keeps only what a retransmission needs, in one bytes object: the answer and where
     it went. Under load tens of thousands are alive at once: past ``deflate_from`` entries,
     answers are also deflated against :data:`_TYPICAL_ANSWER` (a 200 to a Cisco REGISTER:
-    ~600 bytes → ~120, for ~3 µs; below that they take a few MB, not worth the CPU). None
+    ~600 bytes → ~120; see :data:`DEFLATE_ANSWERS_FROM` for what it costs). None
     marks an answer still pending (its retransmissions are absorbed). Entries are kept in
     arrival order and expire by the whole second they were stored in (at least ``linger``
     later), a batch at a time: no deadline of their own, no scan of what was removed.
