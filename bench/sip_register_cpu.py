@@ -10,10 +10,13 @@ a socket nobody reads. The write-behind is flushed every ``--flush-every`` REGIS
 daemon flushes every 0.5 s: 750 REGISTERs at 1,500/s) and waited for. Prints the process
 CPU time (every thread) per REGISTER in microseconds, and the memory the bindings hold.
 
-Run it from a checkout (``PYTHONPATH=build/typecheck`` for a worktree) to compare two trees
-in one sitting::
+Run it from a checkout (``PYTHONPATH=build/typecheck`` for a worktree). ``--before PATH``
+compares two trees in one sitting: it runs this tree and the one importable with
+``PYTHONPATH=PATH`` (an empty PATH: the installed package, e.g. the editable main checkout)
+turn about, ``--repeat`` times each in fresh processes, so both see the same machine::
 
     python bench/sip_register_cpu.py [--devices 20000] [--count 10000] [--repeat 3]
+    PYTHONPATH=build/typecheck python bench/sip_register_cpu.py --count 5000 --before ""
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import queue
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -114,7 +118,14 @@ def main() -> int:
     parser.add_argument("--flush-every", type=int, default=750)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory", type=int, default=0, help="bindings for the memory figure")
+    parser.add_argument(
+        "--before",
+        metavar="PYTHONPATH",
+        help="compare with the tree this PYTHONPATH imports ('': the installed package)",
+    )
     opts = parser.parse_args()
+    if opts.before is not None:
+        return compare(opts.before, opts.repeat)
     work = Path(tempfile.mkdtemp(prefix="regcpu"))
     configure_logging("info", open(os.devnull, "w"))  # noqa: SIM115
     clock = [1_800_000_000.0]
@@ -172,6 +183,50 @@ def main() -> int:
         memory(opts.memory, protocol, registrar, port, lambda: thread_reactor.wait(sync.flush()))
     listening.stopListening()
     return 0
+
+
+def compare(before: str, repeat: int) -> int:
+    """This tree against ``before``, one fresh process each turn about; medians of each."""
+    args = [*_without(_without(sys.argv[1:], "--before"), "--repeat"), "--repeat", "1"]
+    trees = {"after": os.environ.get("PYTHONPATH"), "before": before or None}
+    figures: dict[str, dict[str, list[float]]] = {t: {} for t in trees}
+    for _ in range(repeat):
+        for tree, path in trees.items():
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            if path:
+                env["PYTHONPATH"] = path
+            out = subprocess.run(
+                [sys.executable, __file__, *args], env=env, capture_output=True, text=True
+            )
+            if out.returncode:
+                print(out.stdout + out.stderr)
+                return out.returncode
+            for line in out.stdout.splitlines():
+                if line.startswith("python "):
+                    print(f"{tree}: {line}")
+                name, sep, rest = line.partition(":")
+                if sep and " us CPU" in rest:
+                    figures[tree].setdefault(name, []).append(float(rest.split()[0]))
+                elif line.startswith("memory:"):
+                    print(f"{tree}: {line}")
+    for name in figures["after"]:
+        b, a = (statistics.median(figures[t][name]) for t in ("before", "after"))
+        print(f"{name}: before {b:.1f} us, after {a:.1f} us CPU per REGISTER ({a / b:.2f}x)")
+    return 0
+
+
+def _without(args: list[str], option: str) -> list[str]:
+    """``args`` less ``option`` and its value (``--option value`` or ``--option=value``)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def memory(

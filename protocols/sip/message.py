@@ -218,32 +218,52 @@ class Headers:
         self._items = [(k, v) for k, v in self._items if k != key]
         self._index = None
 
+    def _found(self, name: str) -> list[str] | None:
+        """The values under ``name``: looked up as given first (callers mostly pass the
+        canonical key itself, which then needs no lowering), else under its canonical key."""
+        index = self._index
+        if index is None:
+            index = self._by_key()
+        found = index.get(name)
+        if found is None:
+            key = canonical_key(name)
+            if key != name:
+                found = index.get(key)
+        return found
+
     @overload
     def get(self, name: str) -> str | None: ...
     @overload
     def get(self, name: str, default: str) -> str: ...
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first raw field value (no comma splitting)."""
-        found = self._by_key().get(canonical_key(name))
+        found = self._found(name)
         return default if found is None else found[0]
 
     def get_all(self, name: str) -> list[str]:
         """Every raw field value of that name (no comma splitting)."""
-        return list(self._by_key().get(canonical_key(name), ()))
+        found = self._found(name)
+        return [] if found is None else list(found)
 
     def values(self, name: str) -> list[str]:
         """Every value, with comma-separated lists split for list headers."""
-        key = canonical_key(name)
-        raw = self._by_key().get(key, ())
-        if key not in LIST_HEADERS:
+        raw = self._found(name)
+        if raw is None:
+            return []
+        if canonical_key(name) not in LIST_HEADERS:
             return list(raw)
         out: list[str] = []
         for v in raw:
+            if _one_value(v):
+                stripped = v.strip()
+                if stripped:
+                    out.append(stripped)
+                continue
             out.extend(p.strip() for p in split_unquoted(v, ",") if p.strip())
         return out
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and canonical_key(name) in self._by_key()
+        return isinstance(name, str) and self._found(name) is not None
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
@@ -255,6 +275,12 @@ class Headers:
         h = Headers()
         h._items = list(self._items)
         return h
+
+
+def _one_value(v: str) -> bool:
+    """A field value that :func:`split_unquoted` would return whole (the usual Via or
+    Contact line): no comma, and its quotes pair up without escapes, so none is left open."""
+    return "," not in v and "\\" not in v and not v.count('"') % 2
 
 
 @dataclass
@@ -285,14 +311,28 @@ class Response:
 Message = Request | Response
 
 
+#: "Name: " as each key is written, made once per key.
+_FIELD_PREFIXES: dict[str, str] = {}
+
+
+def _field_prefix(key: str) -> str:
+    prefix = _FIELD_PREFIXES.get(key)
+    if prefix is None:
+        prefix = canonical_name(key) + ": "
+        if len(_FIELD_PREFIXES) < 4096:
+            _FIELD_PREFIXES[key] = prefix
+    return prefix
+
+
 def _serialize(start: str, headers: Headers, body: bytes) -> bytes:
-    lines = [start]
-    for key, value in headers:
-        if key == "content-length":
-            continue
-        lines.append(f"{canonical_name(key)}: {value}")
-    lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+    prefix = _FIELD_PREFIXES.get
+    lines = [
+        (prefix(key) or _field_prefix(key)) + value
+        for key, value in headers._items
+        if key != "content-length"
+    ]
+    lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    return (start + "\r\n" + "\r\n".join(lines)).encode() + body
 
 
 def _head_end(data: bytes | bytearray) -> tuple[int, int] | None:
@@ -625,16 +665,26 @@ def parse_params(s: str) -> Params:
     out: Params = []
     if not s:
         return out  # most URIs and addresses have none
+    names = _PARAM_NAMES
     for piece in split_unquoted(s, ";"):
         piece = piece.strip()
         if not piece:
             continue
-        name, sep, value = piece.partition("=")
-        name = name.strip()
-        if not name or _BAD_PARAM_RE.search(name):
-            raise SIPParseError(f"bad parameter {piece[:40]!r}")
+        raw, sep, value = piece.partition("=")
+        name = names.get(raw)
+        if name is None:
+            name = raw.strip()
+            if not name or _BAD_PARAM_RE.search(name):
+                raise SIPParseError(f"bad parameter {piece[:40]!r}")
+            if len(names) < 4096:
+                names[raw] = name
         out.append((name, value.strip() if sep else None))
     return out
+
+
+#: Parameter names as they arrive → stripped, for names already found good: the same dozen
+#: every time (branch, rport, tag, expires, +sip.instance...), each checked once.
+_PARAM_NAMES: dict[str, str] = {}
 
 
 def format_params(params: Params) -> str:
@@ -648,6 +698,15 @@ def param(params: Sequence[tuple[str, str | None]], name: str) -> str | None:
         if k.lower() == lname:
             return "" if v is None else unquote(v)
     return None
+
+
+def params_by_name(params: Sequence[tuple[str, str | None]]) -> dict[str, str]:
+    """Every parameter by lower-case name, read as :func:`param` reads it (unquoted, '' for a
+    flag, the first of a name wins): for a caller that asks several, each name lowered once."""
+    out: dict[str, str] = {}
+    for k, v in params:
+        out.setdefault(k.lower(), "" if v is None else unquote(v))
+    return out
 
 
 def has_param(params: Sequence[tuple[str, str | None]], name: str) -> bool:
@@ -825,7 +884,9 @@ def parse_name_addr(value: str) -> NameAddr:
     v = value.strip()
     if not v:
         raise SIPParseError("empty address")
-    lt = _find_unquoted(v, "<")
+    lt = v.find("<")
+    if lt > 0 and '"' in v[:lt]:
+        lt = _find_unquoted(v, "<")  # a display name in quotes may hold a '<'
     if lt >= 0:
         gt = v.find(">", lt)
         if gt < 0:

@@ -65,6 +65,9 @@ from twisted.python.failure import Failure
 log = Logger(namespace="callboard.sip.transports")
 
 
+_KEEPALIVE_BYTES = b"\r\n\x00 "  # all a keep-alive datagram holds
+
+
 class SIPDatagramProtocol(DatagramProtocol):
     """SIP over UDP: one datagram is one message; replies follow Via received/rport."""
 
@@ -73,8 +76,8 @@ class SIPDatagramProtocol(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         host, port = addr[0], addr[1]
-        if not datagram.strip(b"\r\n\x00 "):
-            return  # keep-alive (CRLF or NAT-binding junk)
+        if datagram[:1] in _KEEPALIVE_BYTES and not datagram.strip(_KEEPALIVE_BYTES):
+            return  # keep-alive (CRLF or NAT-binding junk); a message is not copied to know
         try:
             source = Source("udp", host, port, send=self._send)
             answer = self.registrar.handle_bytes(datagram, source)

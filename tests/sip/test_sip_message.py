@@ -254,3 +254,40 @@ def test_fuzz_parse_never_raises_other(data: bytes) -> None:
     reply = _REGISTRAR.handle_bytes(data, _SRC)
     if reply is not None:
         assert isinstance(parse_message(reply.data), Response)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('<sip:a@h>;+sip.instance="<urn:uuid:1>";x', ['<sip:a@h>;+sip.instance="<urn:uuid:1>";x']),
+        ('<sip:a@h>;q="a,b"', ['<sip:a@h>;q="a,b"']),
+        ("<sip:a@h>, <sip:b@h>", ["<sip:a@h>", "<sip:b@h>"]),
+        ('"A \\" B" <sip:a@h>', ['"A \\" B" <sip:a@h>']),
+        ("  <sip:a@h>  ", ["<sip:a@h>"]),
+        ("", []),
+    ],
+)
+def test_list_values_split_only_where_a_comma_is_unquoted(value: str, expected: list[str]) -> None:
+    assert Headers([("Contact", value)]).values("m") == expected
+
+
+def test_an_unterminated_quote_in_a_list_value_is_an_error_with_or_without_a_comma() -> None:
+    for value in ('SIP/2.0/UDP h;x="abc', 'SIP/2.0/UDP h;x="a,bc'):
+        with pytest.raises(SIPParseError):
+            Headers([("Via", value)]).values("via")
+
+
+def test_lookups_by_any_spelling_of_a_name() -> None:
+    h = Headers([("v", "SIP/2.0/UDP h"), ("Call-ID", "c1"), ("X-Custom", "1")])
+    for name in ("via", "Via", "VIA", "v", "V"):
+        assert name in h and h.get(name) == "SIP/2.0/UDP h" and h.get_all(name) == ["SIP/2.0/UDP h"]
+    assert h.get("i") == h.get("call-id") == "c1" and h.get("x-custom") == "1"
+    assert "to" not in h and "t" not in h and h.get("t") is None and h.values("to") == []
+
+
+def test_name_addr_angle_inside_a_quoted_display_name_and_padded_parameter_names() -> None:
+    na = parse_name_addr('"a <b>" <sip:x@h>; tag = 1 ;lr')
+    assert (na.display, na.uri, na.params) == ('"a <b>"', "sip:x@h", (("tag", "1"), ("lr", None)))
+    assert parse_name_addr("Bob <sip:b@h>").display == "Bob"
+    with pytest.raises(SIPParseError):
+        parse_name_addr("<sip:x@h>;a b=1")
