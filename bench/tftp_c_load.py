@@ -46,6 +46,7 @@ CALLBOARD_PORT = 6969
 ATFTPD_PORT = 6970
 BASELINE_PORT = 6968
 WORKERS_PORT = 6967
+BASELINE_WORKERS_PORT = 6966
 DNSMASQ_PORT = 69  # the only port dnsmasq serves TFTP on
 CALLBOARD = [sys.executable, "-m", "callboard.daemon.main"]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -291,6 +292,12 @@ def make_servers(
         env = {**os.environ, "PYTHONPATH": baseline}
         servers.append(Server("baseline", BASELINE_PORT, serve, f"callboard from {baseline}",
                               work / "baseline.log", env))  # fmt: skip
+        if workers > 1:  # and the same tree with the same workers: the A/B of the scale-out
+            name = f"baseline-w{workers}"
+            serve = callboard_serve(work, root, name, BASELINE_WORKERS_PORT, log_level, workers)
+            servers.append(Server(name, BASELINE_WORKERS_PORT, serve,
+                                  f"callboard from {baseline}, --workers {workers}",
+                                  work / f"{name}.log", env))  # fmt: skip
     servers += [
         Server(
             "atftpd",
@@ -471,12 +478,13 @@ def main() -> int:
                   f"({cpu_ms:.3f} ms server CPU/transfer, {errors} errors)")  # fmt: skip
         ours = [name for name in medians if name.startswith("callboard")]
         for name in ours:
-            for ref in ("callboard", "baseline", "atftpd", "dnsmasq"):
+            refs = ("callboard", "baseline", f"baseline-w{args.workers}", "atftpd", "dnsmasq")
+            for ref in refs:
                 if ref in medians and ref != name:
                     ratio = medians[name] / medians[ref]
                     print(f"  {name} / {ref}: {ratio:.2f}")
         for server in servers:
-            if server.name.startswith("callboard-w"):
+            if server.name.startswith(("callboard-w", "baseline-w")):
                 print(f"  {server.name} transfers served per worker (SO_REUSEPORT spread): "
                       f"{worker_spread(work / f'{server.name}-state', 'transfers')}")  # fmt: skip
         fastest = max(servers, key=lambda s: medians[s.name])
