@@ -110,6 +110,9 @@ class TFTPSettings:
         check_range("receive_buffer", self.receive_buffer, 0, 1 << 30)
 
 
+# Bodies already in memory (a rendered file, a held one): a tuple, not a union built per call.
+_IN_MEMORY = (MemoryBody, HeldBody)
+
 # Linux UDP segmentation offload (since 4.18): socket.UDP_SEGMENT from Python 3.12 on.
 _UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 _GSO_MAX_SEGMENTS = 64
@@ -205,13 +208,13 @@ class _PooledSocket:
         sock = self._sock
         if sock is None:
             return
-        recvfrom, receive = sock.recvfrom, self._receive
+        recvfrom, receive, v6 = sock.recvfrom, self._receive, self._v6
         for _ in range(self.DRAIN):
             try:
                 datagram, addr = recvfrom(65536)
             except OSError:
                 return  # drained (EAGAIN), or an ICMP error surfaced: timers cope
-            if self._v6:
+            if v6:
                 addr = (addr[0], addr[1])
             receive(datagram, addr)
             if self._sock is None:
@@ -351,11 +354,26 @@ class _TransferProtocol:
             self._service._timer_needed(transfer.timer_at)
 
     def datagram_received(self, datagram: bytes) -> None:
-        """A datagram from this transfer's client TID on its port."""
-        out = self.transfer.datagram_received(datagram, self._seconds())
+        """A datagram from this transfer's client TID on its port.
+
+        The per-packet path, so :meth:`_emit` (lock-step case) and :meth:`_settle` are
+        written out here: the same calls, two Python frames fewer per ACK.
+        """
+        transfer = self.transfer
+        out = transfer.datagram_received(datagram, self._seconds())
         if out:
-            self._emit(out)
-        self._settle()
+            sock = self.port.socket
+            if len(out) == 1 and sock is not None:
+                try:  # noqa: SIM105 (suppress() costs a context manager per packet)
+                    sock.sendto(out[0], self.client)
+                except OSError:
+                    pass  # a lost packet: the timer retries
+            else:
+                self._emit(out)
+        if transfer.outcome is not None:
+            self.close()
+        elif transfer.timer_at < self._service._timer_at:
+            self._service._timer_needed(transfer.timer_at)
 
     def timer_due(self, now: float) -> None:
         self._emit(self.transfer.timer_fired(now))
@@ -660,7 +678,7 @@ class TFTPService(AtomicMultiService):
             return terms
         if request.netascii:
             body = NetasciiBody(body)
-        elif body.size <= self.small_file and not isinstance(body, MemoryBody | HeldBody):
+        elif body.size <= self.small_file and not isinstance(body, _IN_MEMORY):
             whole = self._read_whole(body)
             if whole is None:
                 code = codec.ErrorCode.NOT_DEFINED
@@ -681,7 +699,7 @@ class TFTPService(AtomicMultiService):
     def _packets_for(self, body: FileBody, blksize: int) -> tuple[bytes, ...] | None:
         """A small in-memory file's DATA packets, encoded by the first transfer that needs them."""
         if (
-            not isinstance(body, MemoryBody | HeldBody)
+            not isinstance(body, _IN_MEMORY)
             or body.size > self.small_file
             or blksize < codec.DEFAULT_BLKSIZE
         ):
