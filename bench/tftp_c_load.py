@@ -15,10 +15,13 @@ generator processes (half the transfers each) against the fastest server. With
 With ``--workers N`` (N > 1) a second Callboard, ``callboard serve --workers N`` (the
 supervisor and its N worker processes sharing the TFTP port through ``SO_REUSEPORT``), runs
 next to the one-worker daemon in every round; its CPU is the sum over the supervisor and its
-workers, and its ratios against one worker and the reference servers are printed.
+workers, and its ratios against one worker and the reference servers are printed. With
+``--baseline PYTHONPATH`` another tree of Callboard runs next to it (``baseline``), and with
+both options that tree also runs with N workers (``baseline-wN``): the same-run A/B of a change.
 Bounded: each run lasts ``--seconds`` (≤ 30), at most 9 runs. Needs root (namespaces).
 
-    python bench/tftp_c_load.py [--seconds 4] [--runs 3] [--profile] [--workers 2]
+    python bench/tftp_c_load.py [--seconds 4] [--runs 3] [--profile] [--workers 2] \
+        [--baseline DIR] [--only callboard-w2,baseline-w2,dnsmasq]
 """
 
 from __future__ import annotations
