@@ -217,7 +217,7 @@ class DirectorySource:
       Changes inotify cannot see (a write through a hard link outside the root, through a
       shared ``mmap``, on a network file system from another host) are caught by an
       ``lstat`` of a held file at most every ``recheck_after`` seconds.
-    - Without inotify (another OS, or the per-user limit of watches reached) an ``lstat`` of
+    - Without inotify (another OS, or the per-user limit of instances reached) an ``lstat`` of
       its path on every request must show the same identity (device, inode, size, change
       times) for the held body to be served.
 
@@ -244,7 +244,7 @@ class DirectorySource:
         # With a watch: until when each held file needs no lstat (see recheck_after).
         self._fresh_until: dict[str, float] = {}
         self._now = now
-        self._want_watch = watch  # opened with the first file held; None until then
+        self._want_watch = watch  # the watch opens with the first request for a top name
         self._watch: RootWatch | None = None
 
     @property
@@ -256,7 +256,7 @@ class DirectorySource:
         fd = None
         top = "/" not in relative
         if top:
-            if self._want_watch and self._hold_up_to > 0:
+            if self._want_watch:
                 self._start_watch()
             # The common case, a file at the top: the root is already resolved and
             # O_NOFOLLOW refuses a symlink, so one open() is safe. A symlink takes the
@@ -320,8 +320,8 @@ class DirectorySource:
 
     def _start_watch(self) -> None:
         """Watch the root before the first file is held (so no change after it is missed)."""
-        if self._want_watch:
-            self._want_watch = False
+        self._want_watch = False
+        if self._hold_up_to > 0:
             self._watch = RootWatch.open(self._root)
 
     def _hold(self, relative: str, body: DiskBody, identity: tuple[int, ...]) -> DiskBody:
@@ -393,6 +393,8 @@ _WATCHED = (
 _ALL_CHANGED = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT | _IN_Q_OVERFLOW | _IN_IGNORED
 _ENDED = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT | _IN_IGNORED
 _EVENT = struct.Struct("=iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+_READ = 65536  # bytes per read of events
+_LARGEST_EVENT = _EVENT.size + 256  # with a name of NAME_MAX bytes and its NUL
 
 
 class RootWatch:
@@ -442,7 +444,7 @@ class RootWatch:
         everything = False
         while True:
             try:
-                data = os.read(self._fd, 65536)
+                data = os.read(self._fd, _READ)
             except BlockingIOError:
                 break
             except OSError:
@@ -460,8 +462,8 @@ class RootWatch:
                     everything = True
                 else:
                     names.add(os.fsdecode(name))
-            if len(data) < 4096:
-                break
+            if len(data) <= _READ - _LARGEST_EVENT:
+                break  # another event would have fit: the queue was empty (no read to know)
         return None if everything else names
 
     def close(self) -> None:

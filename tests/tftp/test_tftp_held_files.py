@@ -137,3 +137,20 @@ def test_when_the_root_is_moved_away_the_watch_ends_and_lstat_takes_over(tmp_pat
     assert source._watch is None
     (root / "top.bin").write_bytes(b"third!")
     assert read(source, "top.bin") == b"third!"
+
+
+@linux_only
+def test_many_queued_events_are_all_read_and_only_the_changed_names_forgotten(
+    tmp_path: Path,
+) -> None:
+    """More events than one read takes (64 KiB): a change among them is not missed."""
+    (tmp_path / "top.bin").write_bytes(b"top")
+    (tmp_path / "keep.bin").write_bytes(b"keep")
+    source = DirectorySource(str(tmp_path), now=Clock())
+    held, kept = source.open("top.bin", WHO), source.open("keep.bin", WHO)
+    name = "n" * 200  # events of 216 bytes or so: 2,000 of them fill several reads
+    for n in range(2000):
+        (tmp_path / f"{name}{n}").write_bytes(b"")
+    (tmp_path / "top.bin").write_bytes(b"TOP")  # the last event of all
+    assert read(source, "top.bin") == b"TOP"
+    assert source.open("top.bin", WHO) is not held and source.open("keep.bin", WHO) is kept
