@@ -15,10 +15,13 @@ generator processes (half the transfers each) against the fastest server. With
 With ``--workers N`` (N > 1) a second Callboard, ``callboard serve --workers N`` (the
 supervisor and its N worker processes sharing the TFTP port through ``SO_REUSEPORT``), runs
 next to the one-worker daemon in every round; its CPU is the sum over the supervisor and its
-workers, and its ratios against one worker and the reference servers are printed.
+workers, and its ratios against one worker and the reference servers are printed. With
+``--baseline PYTHONPATH`` another tree of Callboard runs next to it (``baseline``), and with
+both options that tree also runs with N workers (``baseline-wN``): the same-run A/B of a change.
 Bounded: each run lasts ``--seconds`` (≤ 30), at most 9 runs. Needs root (namespaces).
 
-    python bench/tftp_c_load.py [--seconds 4] [--runs 3] [--profile] [--workers 2]
+    python bench/tftp_c_load.py [--seconds 4] [--runs 3] [--profile] [--workers 2] \
+        [--baseline DIR] [--only callboard-w2,baseline-w2,dnsmasq]
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ CALLBOARD_PORT = 6969
 ATFTPD_PORT = 6970
 BASELINE_PORT = 6968
 WORKERS_PORT = 6967
+BASELINE_WORKERS_PORT = 6966
 DNSMASQ_PORT = 69  # the only port dnsmasq serves TFTP on
 CALLBOARD = [sys.executable, "-m", "callboard.daemon.main"]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -291,6 +295,12 @@ def make_servers(
         env = {**os.environ, "PYTHONPATH": baseline}
         servers.append(Server("baseline", BASELINE_PORT, serve, f"callboard from {baseline}",
                               work / "baseline.log", env))  # fmt: skip
+        if workers > 1:  # and the same tree with the same workers: the A/B of the scale-out
+            name = f"baseline-w{workers}"
+            serve = callboard_serve(work, root, name, BASELINE_WORKERS_PORT, log_level, workers)
+            servers.append(Server(name, BASELINE_WORKERS_PORT, serve,
+                                  f"callboard from {baseline}, --workers {workers}",
+                                  work / f"{name}.log", env))  # fmt: skip
     servers += [
         Server(
             "atftpd",
@@ -471,12 +481,13 @@ def main() -> int:
                   f"({cpu_ms:.3f} ms server CPU/transfer, {errors} errors)")  # fmt: skip
         ours = [name for name in medians if name.startswith("callboard")]
         for name in ours:
-            for ref in ("callboard", "baseline", "atftpd", "dnsmasq"):
+            refs = ("callboard", "baseline", f"baseline-w{args.workers}", "atftpd", "dnsmasq")
+            for ref in refs:
                 if ref in medians and ref != name:
                     ratio = medians[name] / medians[ref]
                     print(f"  {name} / {ref}: {ratio:.2f}")
         for server in servers:
-            if server.name.startswith("callboard-w"):
+            if server.name.startswith(("callboard-w", "baseline-w")):
                 print(f"  {server.name} transfers served per worker (SO_REUSEPORT spread): "
                       f"{worker_spread(work / f'{server.name}-state', 'transfers')}")  # fmt: skip
         fastest = max(servers, key=lambda s: medians[s.name])

@@ -7,11 +7,20 @@ normalise names the same way here, so that a name refused over TFTP is refused o
 
 from __future__ import annotations
 
+import array
+import ctypes
 import errno
+import fcntl
 import functools
 import os
 import re
 import stat
+import struct
+import sys
+import termios
+import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypeAlias
 
@@ -197,19 +206,46 @@ class DirectorySource:
     string prefix check can never be fooled (the tftpy #110 lesson).
 
     A small regular file at the top of the tree (a config, a trust list: what a boot storm
-    asks for) is read whole once and held (:class:`HeldBody`): while an ``lstat`` of its
-    path shows the same identity (device, inode, size, change times), the next request gets
-    the held body with one system call instead of open, fstat, read and close. Any change
-    (rewritten, replaced, chmod, turned into a symlink) misses and takes the full path.
+    asks for) is read whole once and held (:class:`HeldBody`), and the next request gets the
+    held body instead of open, fstat, read and close, for as long as it is known unchanged:
+
+    - On Linux the root is watched with inotify (:class:`RootWatch`). Every change made in
+      it (rewritten, replaced, chmod, removed, turned into a symlink — by the daemon or by
+      anyone else) queues an event before the writing call returns, and each request first
+      asks the kernel whether any is queued (one ``ioctl``, cheaper than a path lookup); the
+      names changed are forgotten, so a change is served at once, exactly as before.
+      Changes inotify cannot see (a write through a hard link outside the root, through a
+      shared ``mmap``, on a network file system from another host) are caught by an
+      ``lstat`` of a held file at most every ``recheck_after`` seconds.
+    - Without inotify (another OS, or the per-user limit of instances reached) an ``lstat`` of
+      its path on every request must show the same identity (device, inode, size, change
+      times) for the held body to be served.
+
+    Any change misses and takes the full path.
     """
 
-    def __init__(self, root: str, *, hold_up_to: int = 65536, held_budget: int = 16 << 20) -> None:
+    recheck_after = 1.0  # seconds: the bound for changes inotify does not report
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        hold_up_to: int = 65536,
+        held_budget: int = 16 << 20,
+        watch: bool = True,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._root = os.path.realpath(root)
         self._prefix = os.path.join(self._root, "")  # + a normalised name: its path
         self._hold_up_to = hold_up_to  # bytes; 0 holds nothing
         self._held_budget = held_budget  # bytes held in all, past which all are forgotten
         self._held: dict[str, HeldBody] = {}
         self._held_bytes = 0
+        # With a watch: until when each held file needs no lstat (see recheck_after).
+        self._fresh_until: dict[str, float] = {}
+        self._now = now
+        self._want_watch = watch  # the watch opens with the first request for a top name
+        self._watch: RootWatch | None = None
 
     @property
     def root(self) -> str:
@@ -220,12 +256,14 @@ class DirectorySource:
         fd = None
         top = "/" not in relative
         if top:
+            if self._want_watch:
+                self._start_watch()
             # The common case, a file at the top: the root is already resolved and
             # O_NOFOLLOW refuses a symlink, so one open() is safe. A symlink takes the
             # resolving path below, which allows it only if it stays inside the root.
             path = self._prefix + relative
             held = self._held.get(relative)
-            if held is not None and held.identity() == _regular_identity(path):
+            if held is not None and self._unchanged(relative, held, path):
                 return held
             fd = self._open(path, relative, symlink_ok=True)
         if fd is None:
@@ -247,8 +285,51 @@ class DirectorySource:
             return self._hold(relative, body, file_identity(status))
         return body
 
+    def _unchanged(self, relative: str, held: HeldBody, path: str) -> bool:
+        """Is the held file still what is on disk? (See the class docstring.)"""
+        watch = self._watch
+        if watch is None:
+            return held.identity() == _regular_identity(path)
+        if watch.pending():
+            self._forget(watch.changed())
+            if self._held.get(relative) is not held:
+                return False
+        now = self._now()
+        if now < self._fresh_until.get(relative, 0.0):
+            return True
+        if held.identity() != _regular_identity(path):
+            return False
+        self._fresh_until[relative] = now + self.recheck_after
+        return True
+
+    def _forget(self, names: set[str] | None) -> None:
+        """Drop the held files named (None: all of them, and the watch if it has ended)."""
+        if names is None:
+            self._held.clear()
+            self._fresh_until.clear()
+            self._held_bytes = 0
+            if self._watch is not None and not self._watch.alive:
+                self._watch.close()
+                self._watch = None  # the root itself went away: lstat each time from now on
+            return
+        for name in names:
+            previous = self._held.pop(name, None)
+            if previous is not None:
+                self._held_bytes -= previous.size
+                self._fresh_until.pop(name, None)
+
+    def _start_watch(self) -> None:
+        """Watch the root before the first file is held (so no change after it is missed)."""
+        self._want_watch = False
+        if self._hold_up_to > 0:
+            self._watch = RootWatch.open(self._root)
+
     def _hold(self, relative: str, body: DiskBody, identity: tuple[int, ...]) -> DiskBody:
-        """Read a small file whole and keep it; a failed or short read serves it lazily."""
+        """Read a small file whole and keep it; a failed or short read serves it lazily.
+
+        A change between the ``fstat`` that gave ``identity`` and the read is an event the
+        next request drains (or a different identity at the next ``lstat``): read again then.
+        """
         try:
             data = body.read_at(0, body.size)
         except OSError:
@@ -259,12 +340,14 @@ class DirectorySource:
         held = HeldBody(data, identity)
         if self._held_bytes + len(data) > self._held_budget:
             self._held.clear()
+            self._fresh_until.clear()
             self._held_bytes = 0
         previous = self._held.pop(relative, None)
         if previous is not None:
             self._held_bytes -= previous.size
         self._held[relative] = held
         self._held_bytes += len(data)
+        self._fresh_until[relative] = self._now() + self.recheck_after
         return held
 
     @staticmethod
@@ -289,3 +372,99 @@ def _regular_identity(path: str) -> tuple[int, ...] | None:
     except OSError:
         return None
     return file_identity(status) if stat.S_ISREG(status.st_mode) else None
+
+
+# -- inotify, for DirectorySource ------------------------------------------------------------
+
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
+_IN_DELETE_SELF, _IN_MOVE_SELF, _IN_UNMOUNT, _IN_Q_OVERFLOW, _IN_IGNORED = (
+    0x400,
+    0x800,
+    0x2000,
+    0x4000,
+    0x8000,
+)
+_IN_ONLYDIR = 0x01000000
+_WATCHED = (
+    _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE
+) | (_IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
+# The watch itself is over (root removed, moved, unmounted) or events were lost.
+_ALL_CHANGED = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT | _IN_Q_OVERFLOW | _IN_IGNORED
+_ENDED = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT | _IN_IGNORED
+_EVENT = struct.Struct("=iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+_READ = 65536  # bytes per read of events
+_LARGEST_EVENT = _EVENT.size + 256  # with a name of NAME_MAX bytes and its NUL
+
+
+class RootWatch:
+    """The names changed directly in one directory, from Linux inotify (no reactor needed).
+
+    :meth:`pending` is one ``ioctl`` asking whether any event is queued; :meth:`changed`
+    reads them all. The kernel queues an event before the call that changed the file
+    returns, so a request that arrives after a change sees it pending.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._count = array.array("i", [0])
+        self.alive = True
+        # Closed with the source that holds it (sources are made by tests by the hundred;
+        # a user may only have 128 inotify instances).
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def open(cls, directory: str) -> RootWatch | None:
+        """A watch on ``directory``, or None where inotify is unavailable or exhausted."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if libc.inotify_add_watch(fd, os.fsencode(directory), _WATCHED) < 0:
+                os.close(fd)
+                return None
+        except (OSError, AttributeError):
+            return None
+        return cls(fd)
+
+    def pending(self) -> bool:
+        """Is any event queued? (One system call, no exception when none is.)"""
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, self._count, True)
+        except OSError:
+            return True  # cannot tell: let changed() decide
+        return self._count[0] > 0
+
+    def changed(self) -> set[str] | None:
+        """The names changed since the last call; None if anything may have (forget all)."""
+        names: set[str] = set()
+        everything = False
+        while True:
+            try:
+                data = os.read(self._fd, _READ)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.alive = False
+                return None
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                offset += _EVENT.size
+                name = data[offset : offset + length].rstrip(b"\0")
+                offset += length
+                if mask & _ENDED:
+                    self.alive = False
+                if mask & _ALL_CHANGED or not name:  # lost events, or the root itself
+                    everything = True
+                else:
+                    names.add(os.fsdecode(name))
+            if len(data) <= _READ - _LARGEST_EVENT:
+                break  # another event would have fit: the queue was empty (no read to know)
+        return None if everything else names
+
+    def close(self) -> None:
+        self._closer()

@@ -2,7 +2,7 @@
 
 RFC 1350 names each end of a transfer by its UDP port (its TID). A server that opens a socket
 per transfer lets the kernel do this sorting, at the price of a socket, an epoll registration
-and a close per transfer. Callboard instead answers from a small fixed pool of ports per local
+and a close per transfer. Callboard instead answers from a small pool of ports per local
 address and sorts datagrams itself: a transfer is (pooled port, client address and port), so
 one port serves many clients at once and one client may run several transfers from different
 ports. Each port keeps its own :class:`PortTable`; a datagram from a client TID that port does
@@ -11,9 +11,9 @@ socket per transfer would.
 
 A client that has just finished on a port may still send a late duplicate of its last ACK
 there; such datagrams are dropped quietly for ``linger`` seconds (a closed per-transfer socket
-would have dropped them too), and :func:`pick_port` puts a client's next transfer on another
-port while its previous one lingers, so a late packet of the old transfer can never be taken
-for one of the new.
+would have dropped them too), and :func:`free_port` puts a client's next transfer on another
+port while its previous one lingers (the pool opens one if it may), so a late packet of the
+old transfer can never be taken for one of the new.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 
 from callboard.protocols.tftp import codec
 
-__all__ = ["UNKNOWN_TID", "PortTable", "pick_port"]
+__all__ = ["UNKNOWN_TID", "PortTable", "free_port", "pick_port"]
 
 Address = tuple[str, int]
 T = TypeVar("T")
@@ -92,11 +92,14 @@ class PortTable(Generic[T]):
         return len(self.live)
 
 
-def pick_port(tables: Sequence[PortTable[T]], start: int, client: Address, now: float) -> int:
-    """The index of the port a new transfer from ``client`` should use.
+def free_port(
+    tables: Sequence[PortTable[T]], start: int, client: Address, now: float
+) -> int | None:
+    """The index of a port where ``client`` is neither live nor lingering, or None.
 
-    Round-robin from ``start``, skipping ports where this client TID is live or still
-    lingering after a transfer; if every port has it (a pool of one), ``start`` itself.
+    Round-robin from ``start``. None tells the pool to open another port if it may: a client
+    that reuses its TID for the next transfer (tftp-hpa does, in one session) gets a port its
+    previous transfer's late packets cannot reach.
     """
     count = len(tables)
     for step in range(count):
@@ -104,4 +107,13 @@ def pick_port(tables: Sequence[PortTable[T]], start: int, client: Address, now: 
         table = tables[index]
         if client not in table.live and not table.lingering(client, now):
             return index
-    return start % count
+    return None
+
+
+def pick_port(tables: Sequence[PortTable[T]], start: int, client: Address, now: float) -> int:
+    """The index of the port a new transfer from ``client`` should use among ``tables``.
+
+    :func:`free_port`; if every port has the client TID (a pool of one), ``start`` itself.
+    """
+    index = free_port(tables, start, client, now)
+    return start % len(tables) if index is None else index

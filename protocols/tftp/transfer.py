@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from callboard.protocols.filesource import FileBody
 from callboard.protocols.tftp import codec
@@ -28,9 +28,12 @@ __all__ = ["NetasciiBody", "Outcome", "Transfer", "encode_blocks"]
 _NOTHING: tuple[bytes, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a transfer ended: ``ok`` or why not, with bytes the client acknowledged."""
+class Outcome(NamedTuple):
+    """How a transfer ended: ``ok`` or why not, with bytes the client acknowledged.
+
+    A named tuple (immutable like a frozen dataclass, made in a third of the time): one per
+    transfer.
+    """
 
     ok: bool
     reason: str  # "ok", "timeout", "deadline", "client error N", "read error"
@@ -281,8 +284,10 @@ class Transfer:
         if self._last is not None and block >= self._last:
             self._finish(now, True, "ok", None)
             return _NOTHING
-        self._arm(now)
-        return self._window(now)
+        # _arm(now) with no retries (the per-ACK case), written out: no back-off to compute.
+        at = now + self._timeout
+        self.timer_at = at if at < self._deadline else self._deadline
+        return self._block(now) if self._windowsize == 1 else self._window(now)
 
     def _window(self, now: float) -> Sequence[bytes]:
         """Send blocks from the window base: a fresh window, or a restart after a gap."""

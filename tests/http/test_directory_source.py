@@ -18,8 +18,9 @@ from callboard.protocols.filesource import (
 WHO = Requester("127.0.0.1", 1, "tftp")
 
 
-@pytest.fixture
-def source(tmp_path: Path) -> DirectorySource:
+@pytest.fixture(params=["inotify", "lstat"])
+def source(tmp_path: Path, request: pytest.FixtureRequest) -> DirectorySource:
+    """Every test twice: held files kept fresh by the inotify watch, and by lstat alone."""
     root = tmp_path / "root"
     (root / "loads").mkdir(parents=True)
     (root / "top.bin").write_bytes(b"top")
@@ -29,7 +30,7 @@ def source(tmp_path: Path) -> DirectorySource:
     (root / "escape.bin").symlink_to(tmp_path / "secret")  # leaves the root: refused
     (root / "loads" / "escape2.bin").symlink_to(tmp_path / "secret")
     (root / "outside").symlink_to(tmp_path)  # a directory link out of the root
-    return DirectorySource(str(root))
+    return DirectorySource(str(root), watch=request.param == "inotify")
 
 
 def read(source: DirectorySource, name: str) -> bytes:

@@ -1,8 +1,8 @@
 """Pooled transfer ports: the demultiplexing rules without I/O, then the service's adapter.
 
-:class:`PortTable` and :func:`pick_port` are pure; the service is then driven on a
-``MemoryReactorClock`` with in-memory pool ports (what each port sent, and to whom), and the
-real pooled socket is read through a fake FD set over a loopback socket.
+:class:`PortTable`, :func:`free_port` and :func:`pick_port` are pure; the service is then
+driven on a ``MemoryReactorClock`` with in-memory pool ports (what each port sent, and to
+whom), and the real pooled socket is read through a fake FD set over a loopback socket.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from callboard.protocols.filesource import DirectorySource
 from callboard.protocols.tftp import codec
-from callboard.protocols.tftp.demux import UNKNOWN_TID, PortTable, pick_port
+from callboard.protocols.tftp.demux import UNKNOWN_TID, PortTable, free_port, pick_port
 from callboard.protocols.tftp.server import TFTPService, TFTPSettings, _PooledSocket
 from twisted.internet.testing import MemoryReactorClock
 
@@ -103,6 +103,8 @@ def test_pick_port_goes_round_robin_and_avoids_a_clients_previous_port() -> None
     single: list[PortTable[str]] = [PortTable()]
     single[0].add(A, "x")
     assert pick_port(single, 5, A, 0.0) == 0  # a pool of one has no choice
+    assert free_port(single, 5, A, 0.0) is None  # (which the pool answers with another port)
+    assert free_port(single, 5, B, 0.0) == 0
 
 
 # -- the service's adapter on an injected clock -------------------------------------------------
@@ -148,6 +150,12 @@ class Pooled:
         self.ports.append(port)
         return port
 
+    def open_ports(self, count: int) -> None:
+        """Grow the pool of 127.0.0.1 to ``count`` ports now (it opens one, then on demand)."""
+        pool = self.service._pool("127.0.0.1")
+        while len(pool.ports) < count:
+            pool._add_port()
+
     def rrq(self, client: Addr, name: str = "big.bin") -> Port:
         """Start a transfer; the pool port its first reply came from."""
         sent = [len(p.sent) for p in self.ports]
@@ -179,7 +187,7 @@ def test_the_pool_is_opened_once_and_reused_across_transfers(
         port = p.rrq(client)
         for block in range(1, 22):
             port.receive(struct.pack("!HH", 4, block), client)
-    assert len(p.ports) == p.service.pool_size  # no socket per transfer
+    assert len(p.ports) == 1  # no socket per transfer: distinct TIDs all share one port
     assert not any(port.closed for port in p.ports) and p.service.live_transfers == 0
     p.service.stopService()
     assert all(port.closed for port in p.ports)
@@ -205,6 +213,7 @@ def test_a_packet_on_the_wrong_pool_port_gets_error_5_and_disturbs_nothing(
     pooled: Callable[..., Pooled],
 ) -> None:
     p = pooled(initial_timeout=5.0)
+    p.open_ports(2)
     home = p.rrq(A)
     other = next(port for port in p.ports if port is not home)
     home.to(A)
@@ -228,6 +237,41 @@ def test_a_late_duplicate_of_the_last_ack_is_dropped_then_the_client_may_come_ba
     assert port.to(A) == []  # no error 5 for a transfer that just ended well
     again = p.rrq(A)  # the same TID starts over at once: another port, so no confusion
     assert again is not port and again.to(A) == [codec.Data(1, BIG[:512])]
+
+
+def test_a_client_reusing_its_tid_gets_a_new_port_while_the_old_ones_linger(
+    pooled: Callable[..., Pooled],
+) -> None:
+    """tftp-hpa keeps one TID for a session: each next transfer away from the last ones."""
+    p = pooled(initial_timeout=5.0)
+    used = []
+    for _ in range(p.service.pool_size):
+        port = p.rrq(A)
+        for block in range(1, 22):
+            port.receive(struct.pack("!HH", 4, block), A)
+        used.append(port)
+    assert len(set(map(id, used))) == p.service.pool_size == len(p.ports)
+    p.rrq(B)  # another TID still shares the ports opened: none is added for it
+    shared = p.rrq(A)  # every port has A lingering and the pool is full: one is shared
+    assert len(p.ports) == p.service.pool_size and shared in used
+    assert shared.to(A)[-1] == codec.Data(1, BIG[:512])
+    p.clock.advance(p.service.linger)  # the linger over, A is welcome on any port again
+    p.rrq(("192.0.2.7", 40002))
+    assert len(p.ports) == p.service.pool_size
+
+
+def test_a_pool_that_cannot_grow_shares_a_port(pooled: Callable[..., Pooled]) -> None:
+    p = pooled(initial_timeout=5.0)
+    first = p.rrq(A)
+    for block in range(1, 22):
+        first.receive(struct.pack("!HH", 4, block), A)
+
+    def exhausted(*_: Any) -> Port:
+        raise OSError(24, "Too many open files")
+
+    p.service.transfer_port = exhausted  # type: ignore[method-assign]
+    again = p.rrq(A)  # no second port: the lingering one serves, not "server busy"
+    assert again is first and again.to(A)[-1] == codec.Data(1, BIG[:512])
 
 
 def test_one_timer_for_all_transfers_and_none_left_when_idle(
@@ -278,6 +322,21 @@ def test_a_pooled_socket_drains_what_is_queued_and_normalises_addresses(local: s
     assert fds.readers == [sock]  # registered once, when opened
     sock.close()
     assert fds.readers == [] and sock.fileno() == -1
+
+
+def test_a_pooled_port_gets_the_receive_buffer_of_a_listener(tmp_path: Path) -> None:
+    """One port may take every client's ACKs: sized like the well-known port for bursts."""
+    settings = TFTPSettings(receive_buffer=1 << 20)
+    service = TFTPService(
+        DirectorySource(str(tmp_path)), ["127.0.0.1"], 0, settings, MemoryReactorClock()
+    )
+    sock = service.open_transfer_port("127.0.0.1", lambda d, a: None)
+    assert isinstance(sock, _PooledSocket) and sock._sock is not None
+    default = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with default:
+        unsized = default.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert sock._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) > unsized
+    sock.close()
 
 
 def test_a_small_file_is_encoded_once_and_again_only_when_it_changes(
