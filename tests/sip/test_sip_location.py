@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+import pytest
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
 
 
@@ -44,7 +43,7 @@ def test_sweep_skips_refreshed_and_removed() -> None:
     loc = MemoryLocationService()
     old = binding("sip:1@h", "a", 100.0)
     loc.replace("sip:1@h", {"a": old, "b": binding("sip:1@h", "b", 100.0)})
-    refreshed = replace(old, expires_at=300.0)
+    refreshed = old.replace(expires_at=300.0)
     loc.replace("sip:1@h", {"a": refreshed})  # b removed, a refreshed
     assert loc.sweep(150.0) == []  # both heap entries are stale
     assert loc.lookup("sip:1@h", 150.0) == {"a": refreshed}
@@ -61,3 +60,45 @@ def test_remove_device_keeps_other_devices() -> None:
     assert loc.lookup("sip:1@h", 0.0) == {"b": theirs} and loc.count() == 1
     assert loc.remove_device("SEPA") == []
     assert loc.sweep(1000.0) == [theirs]
+
+
+def test_a_binding_reads_back_every_field_and_stays_immutable() -> None:
+    b = binding("sip:1@h", "a", 100.0)
+    assert (b.aor, b.key, b.contact, b.call_id, b.source) == (
+        "sip:1@h",
+        "a",
+        "<sip:a@192.0.2.1>",
+        "cid",
+        "192.0.2.1:5060",
+    )
+    assert (b.cseq, b.expires_at, b.registered_at, b.device_name) == (
+        1,
+        100.0,
+        1553819486.0,
+        "SEPA",
+    )
+    assert (b.transport, b.user_agent, b.client_cert_fingerprint) == ("udp", None, None)
+    assert b == binding("sip:1@h", "a", 100.0) and hash(b) == hash(binding("sip:1@h", "a", 100.0))
+    assert b != binding("sip:1@h", "a", 101.0) and b != "not a binding"
+    assert repr(b).startswith("Binding(aor='sip:1@h', key='a', contact='<sip:a@192.0.2.1>'")
+    with pytest.raises(AttributeError):
+        b.expires_at = 5.0  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        b.other = 1  # type: ignore[attr-defined]
+
+
+def test_replace_changes_only_what_it_names() -> None:
+    b = binding("sip:1@h", "a", 100.0)
+    moved = b.replace(source="198.51.100.7:5061", contact='<sip:a@h>;+sip.instance="<x\ny>"')
+    assert moved.source == "198.51.100.7:5061" and moved.call_id == "cid"
+    assert moved.contact == '<sip:a@h>;+sip.instance="<x\ny>"'  # whatever the contact holds
+    assert moved.replace(source=b.source, contact=b.contact) == b
+    with pytest.raises(TypeError):
+        b.replace(expiry=5.0)
+
+
+def test_call_id_and_source_are_single_line() -> None:
+    with pytest.raises(ValueError):
+        binding("sip:1@h", "a", 100.0).replace(call_id="a\nb")
+    with pytest.raises(ValueError):
+        binding("sip:1@h", "a", 100.0).replace(source="192.0.2.1\n:5060")
