@@ -13,6 +13,7 @@ service has no clock of its own.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -208,12 +209,18 @@ class LocationService(Protocol):
 
 
 class MemoryLocationService:
-    """Bindings in this process's memory; expiry through one heap (not a timer per binding).
+    """Bindings in this process's memory; expiry through a calendar (not a timer per binding).
 
     An AoR with one binding (nearly every phone line) holds the :class:`Binding` itself, not a
     one-entry dict (~180 bytes per registered line saved); more bindings, a dict by key.
-    The heap may hold stale entries (a binding refreshed or removed since): :meth:`sweep`
-    skips any entry that no longer names the stored binding with that expiry.
+
+    The calendar files each AoR under a whole second at or before the expiry of each of its
+    bindings: one list slot per binding (a heap of ``(expiry, aor, key)`` tuples cost 72
+    bytes). A refresh to a later expiry files nothing: the AoR's earlier entry stays valid,
+    and when its second comes the sweep files the AoR again under its next expiry. So a
+    storm of refreshes does not grow the calendar, where a heap grew by one entry for each
+    REGISTER until the old expiry. Entries may be stale (a binding refreshed or removed
+    since): the sweep looks at what the AoR holds then.
     """
 
     def __init__(self) -> None:
@@ -221,7 +228,8 @@ class MemoryLocationService:
         # Device name → the AoR it holds bindings on, or a tuple of several (a set would cost
         # ~200 bytes per registered phone, a one-item tuple ~50).
         self._by_device: dict[str, str | tuple[str, ...]] = {}
-        self._heap: list[tuple[float, str, str]] = []
+        self._due: dict[int, list[str]] = {}  # whole second → AoRs to look at then
+        self._seconds: list[int] = []  # the seconds of ``_due``, a heap
 
     def _held(self, aor: str) -> Mapping[str, Binding]:
         """The stored bindings of ``aor`` by key, expired ones included (do not change it)."""
@@ -256,12 +264,23 @@ class MemoryLocationService:
         before = self._held(aor)
         self._store(aor, bindings)
         for key, b in bindings.items():
-            if before.get(key) is not b:
-                heapq.heappush(self._heap, (b.expires_at, aor, key))
+            old = before.get(key)
+            if old is None or b.expires_at < old.expires_at:
+                self._file(aor, b.expires_at)  # else: filed at or before the old expiry
         devices = {b.device_name for b in (*before.values(), *bindings.values())}
         for device in devices:
             if device is not None:
                 self._index(device, aor)
+
+    def _file(self, aor: str, expires_at: float) -> None:
+        """Look at ``aor`` again in the second ``expires_at`` falls in."""
+        second = math.floor(expires_at)
+        due = self._due.get(second)
+        if due is None:
+            self._due[second] = [aor]
+            heapq.heappush(self._seconds, second)
+        else:
+            due.append(aor)
 
     def _aors_of(self, device_name: str) -> tuple[str, ...]:
         aors = self._by_device.get(device_name, ())
@@ -291,18 +310,36 @@ class MemoryLocationService:
 
     def sweep(self, now: float) -> list[Binding]:
         expired: list[Binding] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            at, aor, key = heapq.heappop(heap)
-            held = self._held(aor)
-            b = held.get(key)
-            if b is None or b.expires_at != at:
-                continue  # refreshed or removed since
-            self._store(aor, {k: v for k, v in held.items() if k != key})
-            if b.device_name is not None:
-                self._index(b.device_name, aor)
-            expired.append(b)
+        seconds = self._seconds
+        unfinished: list[str] = []  # the current second's AoRs whose expiry is still ahead
+        while seconds and seconds[0] <= now:
+            second = heapq.heappop(seconds)
+            for aor in dict.fromkeys(self._due.pop(second)):  # once each, in filing order
+                nxt = self._expire(aor, now, expired)
+                if nxt is None:
+                    continue
+                if math.floor(nxt) > second:
+                    self._file(aor, nxt)
+                else:  # later in this very second: ``now`` is inside it, it is the last
+                    unfinished.append(aor)
+        for aor in unfinished:
+            self._file(aor, now)
+        expired.sort(key=lambda b: (b.expires_at, b.aor, b.key))
         return expired
+
+    def _expire(self, aor: str, now: float, expired: list[Binding]) -> float | None:
+        """Remove the bindings of ``aor`` that expired by ``now`` (appended to ``expired``);
+        the earliest expiry among those left (None: none left)."""
+        held = self._held(aor)
+        gone = [b for b in held.values() if b.expires_at <= now]
+        if gone:
+            self._store(aor, {k: b for k, b in held.items() if b.expires_at > now})
+            for device in {b.device_name for b in gone}:
+                if device is not None:
+                    self._index(device, aor)
+            expired.extend(gone)
+            held = self._held(aor)
+        return min((b.expires_at for b in held.values()), default=None)
 
     def count(self) -> int:
         return sum(1 if isinstance(v, Binding) else len(v) for v in self._bindings.values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
 
@@ -102,3 +104,52 @@ def test_call_id_and_source_are_single_line() -> None:
         binding("sip:1@h", "a", 100.0).replace(call_id="a\nb")
     with pytest.raises(ValueError):
         binding("sip:1@h", "a", 100.0).replace(source="192.0.2.1\n:5060")
+
+
+def test_a_refresh_storm_does_not_grow_the_expiry_calendar() -> None:
+    loc = MemoryLocationService()
+    for n in range(1000):  # every line refreshed 1000 times, each to a later expiry
+        for line in range(3):
+            aor = f"sip:{line}@h"
+            loc.replace(aor, {"a": binding(aor, "a", 3600.0 + n)})
+    assert sum(len(aors) for aors in loc._due.values()) == 3  # one entry per binding
+    assert loc.sweep(4000.0) == [] and loc.count() == 3  # the old second: filed again
+    assert sum(len(aors) for aors in loc._due.values()) == 3
+    assert [b.aor for b in loc.sweep(4599.0)] == ["sip:0@h", "sip:1@h", "sip:2@h"]
+    assert loc.count() == 0 and not loc._due
+
+
+def test_sweep_agrees_with_a_plain_scan_of_every_binding() -> None:
+    """Random replaces, removals and sweeps (fractional times, shortened and lengthened
+    expiries, several bindings per AoR): each sweep returns exactly the held bindings due
+    by then, in expiry order, as a scan of all of them would."""
+    rng = random.Random(13)
+    loc = MemoryLocationService()
+    held: dict[str, dict[str, Binding]] = {}
+    now = 0.0
+    for _ in range(3000):
+        aor = f"sip:{rng.randrange(40)}@h"
+        op = rng.random()
+        if op < 0.6:
+            bindings = dict(held.get(aor, {}))
+            key = rng.choice("abc")
+            bindings[key] = binding(aor, key, now + rng.choice((0.3, 1.0, 2.5, 7.0, 30.0)))
+            if rng.random() < 0.2:
+                bindings.pop(rng.choice("abc"), None)
+            loc.replace(aor, bindings)
+            held[aor] = bindings
+        elif op < 0.65:
+            loc.replace(aor, {})
+            held.pop(aor, None)
+        else:
+            now += rng.choice((0.0, 0.2, 0.5, 1.0, 3.0))
+            due = sorted(
+                (b for bs in held.values() for b in bs.values() if b.expires_at <= now),
+                key=lambda b: (b.expires_at, b.aor, b.key),
+            )
+            assert loc.sweep(now) == due
+            for b in due:
+                del held[b.aor][b.key]
+            held = {a: bs for a, bs in held.items() if bs}
+        assert loc.count() == sum(len(bs) for bs in held.values())
+    assert sum(len(aors) for aors in loc._due.values()) <= 4 * loc.count() + 3 * 40
