@@ -35,7 +35,9 @@ class Binding:
     most, share one string (a Python string costs 40 bytes before its first character;
     ≈ 110 bytes and two objects saved per binding). The Call-ID and the source address are
     single-line tokens (a parsed header, a socket address), so the last two line breaks of
-    that string always split it back.
+    that string always split it back. In it, the parameter names every Cisco contact repeats
+    (:data:`_ABBREVIATED`) stand as one control character each, which no contact holds (the
+    parser refuses them in header values): ≈ 110 bytes more.
     """
 
     __slots__ = (
@@ -82,7 +84,7 @@ class Binding:
         put = object.__setattr__
         put(self, "aor", aor)
         put(self, "key", key)
-        put(self, "_text", f"{contact}\n{call_id}\n{source}")
+        put(self, "_text", f"{_abbreviated(contact)}\n{call_id}\n{source}")
         put(self, "cseq", cseq)
         put(self, "expires_at", expires_at)
         put(self, "registered_at", registered_at)
@@ -93,7 +95,7 @@ class Binding:
 
     @property
     def contact(self) -> str:
-        return self._text.rsplit("\n", 2)[0]
+        return _expanded(self._text.rsplit("\n", 2)[0])
 
     @property
     def call_id(self) -> str:
@@ -116,7 +118,7 @@ class Binding:
         return {
             "aor": self.aor,
             "key": self.key,
-            "contact": contact,
+            "contact": _expanded(contact),
             "call_id": call_id,
             "cseq": self.cseq,
             "expires_at": self.expires_at,
@@ -173,6 +175,29 @@ class Binding:
     def model_id(self) -> str | None:
         """The contact's Cisco model ID (``+u.sip!model.ccm.cisco.com``)."""
         return parse_name_addr(self.contact).param("+u.sip!model.ccm.cisco.com")
+
+
+# Contact parameters (with their opening quote) that every Cisco phone sends, the first
+# with the fixed part of its instance ID; each kept as the control character before it.
+_ABBREVIATED = (
+    ("\x01", ';+sip.instance="<urn:uuid:00000000-0000-0000-0000-'),
+    ("\x02", ';+u.sip!devicename.ccm.cisco.com="'),
+    ("\x03", ';+u.sip!model.ccm.cisco.com="'),
+)
+
+
+def _abbreviated(contact: str) -> str:
+    for code, text in _ABBREVIATED:
+        if code in contact:
+            raise ValueError("a binding's contact is a header value: no control characters")
+        contact = contact.replace(text, code)
+    return contact
+
+
+def _expanded(contact: str) -> str:
+    for code, text in _ABBREVIATED:
+        contact = contact.replace(code, text)
+    return contact
 
 
 class LocationService(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
@@ -153,3 +154,36 @@ def test_sweep_agrees_with_a_plain_scan_of_every_binding() -> None:
             held = {a: bs for a, bs in held.items() if bs}
         assert loc.count() == sum(len(bs) for bs in held.values())
     assert sum(len(aors) for aors in loc._due.values()) <= 4 * loc.count() + 3 * 40
+
+
+CISCO_CONTACT = (
+    "<sip:1001@192.0.2.1:5060;transport=udp>"
+    ';+sip.instance="<urn:uuid:00000000-0000-0000-0000-00ab00000001>"'
+    ';+u.sip!devicename.ccm.cisco.com="SEP00AB00000001";+u.sip!model.ccm.cisco.com="683"'
+    ';+u.sip!devicename.ccm.cisco.com="again"'
+)
+
+
+@pytest.mark.parametrize(
+    "contact",
+    [
+        CISCO_CONTACT,
+        CISCO_CONTACT.upper(),  # other spellings are kept as they are
+        '<sip:a@h>;+SIP.INSTANCE="<urn:uuid:1>";+u.sip!model.ccm.cisco.com=683',
+        "<sip:a@h>",
+    ],
+)
+def test_a_contact_reads_back_exactly_as_bound(contact: str) -> None:
+    b = binding("sip:1@h", "a", 100.0).replace(contact=contact)
+    assert b.contact == contact and b.call_id == "cid" and b.source == "192.0.2.1:5060"
+    assert b == b.replace(contact=contact)
+
+
+def test_a_cisco_contact_is_held_in_fewer_bytes() -> None:
+    b = binding("sip:1@h", "a", 100.0).replace(contact=CISCO_CONTACT)
+    assert sys.getsizeof(b._text) < sys.getsizeof(CISCO_CONTACT) - 100
+
+
+def test_a_contact_with_control_characters_is_refused() -> None:
+    with pytest.raises(ValueError):
+        binding("sip:1@h", "a", 100.0).replace(contact="<sip:a@h>;x=\x02")
