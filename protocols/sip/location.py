@@ -156,6 +156,10 @@ class Binding:
         shown = ", ".join(f"{name}={value!r}" for name, value in self._fields().items())
         return f"Binding({shown})"
 
+    def __reduce__(self) -> tuple[type[Binding], tuple[Any, ...]]:
+        """Copied and pickled through the constructor (the attributes cannot be set)."""
+        return Binding, tuple(self._fields().values())
+
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"a Binding is immutable: cannot set {name}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import random
 import sys
 
@@ -88,6 +90,7 @@ def test_a_binding_reads_back_every_field_and_stays_immutable() -> None:
         b.expires_at = 5.0  # type: ignore[misc]
     with pytest.raises(AttributeError):
         b.other = 1  # type: ignore[attr-defined]
+    assert copy.copy(b) == b and pickle.loads(pickle.dumps(b)) == b
 
 
 def test_replace_changes_only_what_it_names() -> None:
