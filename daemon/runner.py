@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
 
 from .config import Config, ConfigError
 from .demo import provision_demo
@@ -74,6 +75,7 @@ def run_daemon(
             fail(1, f"cannot start: {exc}")
             return
         settle_memory()
+        keep_trimming(reactor)
         where = service.listening()
         log.info(
             "callboard started",
@@ -120,11 +122,92 @@ def settle_memory() -> None:
     (a few MB of resident memory; a no-op where the C library lacks it).
     """
     gc.freeze()
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return
-    trim(0)
+    heap = CHeap.of_this_process()
+    if heap is not None:
+        heap.trim()
+
+
+TRIM_INTERVAL = 5.0  # seconds between looks at how much the C heap holds free
+TRIM_SLACK = 16 << 20  # newly freed bytes in the C heap worth handing back to the system
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (2.33 and later)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+class CHeap:
+    """glibc's heap: how much it holds free, and handing the free pages back.
+
+    glibc returns freed memory to the system only from the top of its heap. Everything the
+    daemon frees in bulk (the registrar's cached answers 32 s after a REGISTER storm, a
+    sweep of expired bindings, start-up's temporaries) lies between chunks that live on, so
+    the process kept it resident for good: 80 MB after 100,000 phones registered at once.
+    ``malloc_trim(0)`` gives those pages back (``madvise``), the chunks stay mapped.
+    """
+
+    def __init__(self, free_bytes: Callable[[], int], trim: Callable[[int], object]) -> None:
+        self.free_bytes = free_bytes
+        self._trim = trim
+
+    @classmethod
+    def of_this_process(cls) -> CHeap | None:
+        """The C library's heap, or None where it is not glibc (nothing to do then)."""
+        try:
+            libc = ctypes.CDLL(None)
+            trim = libc.malloc_trim
+        except (AttributeError, OSError):
+            return None
+        try:
+            mallinfo2 = libc.mallinfo2
+        except AttributeError:  # glibc < 2.33: the start-up trim only
+            return cls(lambda: 0, trim)
+        mallinfo2.restype = _MallInfo2
+        return cls(lambda: int(mallinfo2().fordblks), trim)
+
+    def trim(self) -> None:
+        self._trim(0)
+
+
+class HeapTrimmer:
+    """Trims the C heap once a burst of frees left ``slack`` more bytes free than the least
+    seen since the last trim. Not on every look: a trim walks every free chunk (a few ms
+    with 100,000 of them), and memory that is freed and reused at a steady rate (the answers
+    of a steady REGISTER load) would only be faulted in again."""
+
+    def __init__(self, heap: CHeap, slack: int = TRIM_SLACK) -> None:
+        self.heap = heap
+        self.slack = slack
+        self._low = heap.free_bytes()
+
+    def __call__(self) -> bool:
+        """One look; True when it trimmed."""
+        free = self.heap.free_bytes()
+        if free - self._low < self.slack:
+            self._low = min(self._low, free)
+            return False
+        self.heap.trim()
+        self._low = free
+        return True
+
+
+def keep_trimming(reactor: Any, interval: float = TRIM_INTERVAL) -> LoopingCall | None:
+    """Look at the C heap every ``interval`` seconds and give back what lies free (see
+    :class:`CHeap`); None where the C library offers no trim."""
+    heap = CHeap.of_this_process()
+    if heap is None:
+        return None
+    loop = LoopingCall(HeapTrimmer(heap))
+    loop.clock = reactor
+    loop.start(interval, now=False)
+    return loop
 
 
 def serving(service: CallboardService) -> str:

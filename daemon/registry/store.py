@@ -400,8 +400,10 @@ class _StoreThread:
                         break
                     group.append(more)
                 self._commit_group(group)
+                del group
             else:
                 job()
+            del job  # its data (a flush's rows) is not kept while the thread waits for more
 
     def _commit_group(self, group: list[_Grouped]) -> None:
         assert self._run_group is not None

@@ -13,16 +13,15 @@ service has no clock of its own.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from callboard.protocols.sip.message import parse_name_addr
 
 
-@dataclass(frozen=True, slots=True)
 class Binding:
-    """One contact bound to an AoR, as the registrar accepted it.
+    """One contact bound to an AoR, as the registrar accepted it. Immutable.
 
     ``key`` identifies the binding within its AoR (``+sip.instance`` when present, else the
     contact URI); ``contact`` is the Contact value as bound (``<uri>;params``, without
@@ -30,20 +29,142 @@ class Binding:
     several hundred bytes per binding, and is only needed when someone looks
     (:attr:`contact_uri`, :attr:`instance`, :attr:`model_id`). ``expires_at`` is on the
     registrar's clock, ``registered_at`` wall-clock epoch seconds (shown to people only).
+
+    A registrar holds one per registered phone line for as long as the phone stays, so the
+    record is compact: the contact, Call-ID and source address, read once per REGISTER at
+    most, share one string (a Python string costs 40 bytes before its first character;
+    ≈ 110 bytes and two objects saved per binding). The Call-ID and the source address are
+    single-line tokens (a parsed header, a socket address), so the last two line breaks of
+    that string always split it back. In it, the parameter names every Cisco contact repeats
+    (:data:`_ABBREVIATED`) stand as one control character each, which no contact holds (the
+    parser refuses them in header values): ≈ 110 bytes more.
     """
+
+    __slots__ = (
+        "_text",
+        "aor",
+        "client_cert_fingerprint",
+        "cseq",
+        "device_name",
+        "expires_at",
+        "key",
+        "registered_at",
+        "transport",
+        "user_agent",
+    )
 
     aor: str
     key: str
-    contact: str
-    call_id: str
+    _text: str
     cseq: int
     expires_at: float
     registered_at: float
     device_name: str | None
     transport: str
-    source: str
     user_agent: str | None
     client_cert_fingerprint: str | None
+
+    def __init__(
+        self,
+        aor: str,
+        key: str,
+        contact: str,
+        call_id: str,
+        cseq: int,
+        expires_at: float,
+        registered_at: float,
+        device_name: str | None,
+        transport: str,
+        source: str,
+        user_agent: str | None,
+        client_cert_fingerprint: str | None,
+    ) -> None:
+        if "\n" in call_id or "\n" in source:
+            raise ValueError("a binding's Call-ID and source are single-line tokens")
+        put = object.__setattr__
+        put(self, "aor", aor)
+        put(self, "key", key)
+        put(self, "_text", f"{_abbreviated(contact)}\n{call_id}\n{source}")
+        put(self, "cseq", cseq)
+        put(self, "expires_at", expires_at)
+        put(self, "registered_at", registered_at)
+        put(self, "device_name", device_name)
+        put(self, "transport", transport)
+        put(self, "user_agent", user_agent)
+        put(self, "client_cert_fingerprint", client_cert_fingerprint)
+
+    @property
+    def contact(self) -> str:
+        return _expanded(self._text.rsplit("\n", 2)[0])
+
+    @property
+    def call_id(self) -> str:
+        return self._text.rsplit("\n", 2)[1]
+
+    @property
+    def source(self) -> str:
+        return self._text.rsplit("\n", 2)[2]
+
+    def replace(self, **changes: Any) -> Binding:
+        """A copy with some fields changed (``dataclasses.replace`` for this record)."""
+        fields = self._fields()
+        unknown = changes.keys() - fields.keys()
+        if unknown:
+            raise TypeError(f"Binding has no field {', '.join(sorted(unknown))}")
+        return Binding(**{**fields, **changes})
+
+    def _fields(self) -> dict[str, Any]:
+        contact, call_id, source = self._text.rsplit("\n", 2)
+        return {
+            "aor": self.aor,
+            "key": self.key,
+            "contact": _expanded(contact),
+            "call_id": call_id,
+            "cseq": self.cseq,
+            "expires_at": self.expires_at,
+            "registered_at": self.registered_at,
+            "device_name": self.device_name,
+            "transport": self.transport,
+            "source": source,
+            "user_agent": self.user_agent,
+            "client_cert_fingerprint": self.client_cert_fingerprint,
+        }
+
+    def _values(self) -> tuple[Any, ...]:
+        return (
+            self.aor,
+            self.key,
+            self._text,
+            self.cseq,
+            self.expires_at,
+            self.registered_at,
+            self.device_name,
+            self.transport,
+            self.user_agent,
+            self.client_cert_fingerprint,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Binding):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self._fields().items())
+        return f"Binding({shown})"
+
+    def __reduce__(self) -> tuple[type[Binding], tuple[Any, ...]]:
+        """Copied and pickled through the constructor (the attributes cannot be set)."""
+        return Binding, tuple(self._fields().values())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a Binding is immutable: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"a Binding is immutable: cannot delete {name}")
 
     @property
     def contact_uri(self) -> str:
@@ -58,6 +179,29 @@ class Binding:
     def model_id(self) -> str | None:
         """The contact's Cisco model ID (``+u.sip!model.ccm.cisco.com``)."""
         return parse_name_addr(self.contact).param("+u.sip!model.ccm.cisco.com")
+
+
+# Contact parameters (with their opening quote) that every Cisco phone sends, the first
+# with the fixed part of its instance ID; each kept as the control character before it.
+_ABBREVIATED = (
+    ("\x01", ';+sip.instance="<urn:uuid:00000000-0000-0000-0000-'),
+    ("\x02", ';+u.sip!devicename.ccm.cisco.com="'),
+    ("\x03", ';+u.sip!model.ccm.cisco.com="'),
+)
+
+
+def _abbreviated(contact: str) -> str:
+    for code, text in _ABBREVIATED:
+        if code in contact:
+            raise ValueError("a binding's contact is a header value: no control characters")
+        contact = contact.replace(text, code)
+    return contact
+
+
+def _expanded(contact: str) -> str:
+    for code, text in _ABBREVIATED:
+        contact = contact.replace(code, text)
+    return contact
 
 
 class LocationService(Protocol):
@@ -94,12 +238,18 @@ class LocationService(Protocol):
 
 
 class MemoryLocationService:
-    """Bindings in this process's memory; expiry through one heap (not a timer per binding).
+    """Bindings in this process's memory; expiry through a calendar (not a timer per binding).
 
     An AoR with one binding (nearly every phone line) holds the :class:`Binding` itself, not a
     one-entry dict (~180 bytes per registered line saved); more bindings, a dict by key.
-    The heap may hold stale entries (a binding refreshed or removed since): :meth:`sweep`
-    skips any entry that no longer names the stored binding with that expiry.
+
+    The calendar files each AoR under a whole second at or before the expiry of each of its
+    bindings: one list slot per binding (a heap of ``(expiry, aor, key)`` tuples cost 72
+    bytes). A refresh to a later expiry files nothing: the AoR's earlier entry stays valid,
+    and when its second comes the sweep files the AoR again under its next expiry. So a
+    storm of refreshes does not grow the calendar, where a heap grew by one entry for each
+    REGISTER until the old expiry. Entries may be stale (a binding refreshed or removed
+    since): the sweep looks at what the AoR holds then.
     """
 
     def __init__(self) -> None:
@@ -107,7 +257,8 @@ class MemoryLocationService:
         # Device name → the AoR it holds bindings on, or a tuple of several (a set would cost
         # ~200 bytes per registered phone, a one-item tuple ~50).
         self._by_device: dict[str, str | tuple[str, ...]] = {}
-        self._heap: list[tuple[float, str, str]] = []
+        self._due: dict[int, list[str]] = {}  # whole second → AoRs to look at then
+        self._seconds: list[int] = []  # the seconds of ``_due``, a heap
 
     def _held(self, aor: str) -> Mapping[str, Binding]:
         """The stored bindings of ``aor`` by key, expired ones included (do not change it)."""
@@ -142,12 +293,23 @@ class MemoryLocationService:
         before = self._held(aor)
         self._store(aor, bindings)
         for key, b in bindings.items():
-            if before.get(key) is not b:
-                heapq.heappush(self._heap, (b.expires_at, aor, key))
+            old = before.get(key)
+            if old is None or b.expires_at < old.expires_at:
+                self._file(aor, b.expires_at)  # else: filed at or before the old expiry
         devices = {b.device_name for b in (*before.values(), *bindings.values())}
         for device in devices:
             if device is not None:
                 self._index(device, aor)
+
+    def _file(self, aor: str, expires_at: float) -> None:
+        """Look at ``aor`` again in the second ``expires_at`` falls in."""
+        second = math.floor(expires_at)
+        due = self._due.get(second)
+        if due is None:
+            self._due[second] = [aor]
+            heapq.heappush(self._seconds, second)
+        else:
+            due.append(aor)
 
     def _aors_of(self, device_name: str) -> tuple[str, ...]:
         aors = self._by_device.get(device_name, ())
@@ -177,18 +339,36 @@ class MemoryLocationService:
 
     def sweep(self, now: float) -> list[Binding]:
         expired: list[Binding] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            at, aor, key = heapq.heappop(heap)
-            held = self._held(aor)
-            b = held.get(key)
-            if b is None or b.expires_at != at:
-                continue  # refreshed or removed since
-            self._store(aor, {k: v for k, v in held.items() if k != key})
-            if b.device_name is not None:
-                self._index(b.device_name, aor)
-            expired.append(b)
+        seconds = self._seconds
+        unfinished: list[str] = []  # the current second's AoRs whose expiry is still ahead
+        while seconds and seconds[0] <= now:
+            second = heapq.heappop(seconds)
+            for aor in dict.fromkeys(self._due.pop(second)):  # once each, in filing order
+                nxt = self._expire(aor, now, expired)
+                if nxt is None:
+                    continue
+                if math.floor(nxt) > second:
+                    self._file(aor, nxt)
+                else:  # later in this very second: ``now`` is inside it, it is the last
+                    unfinished.append(aor)
+        for aor in unfinished:
+            self._file(aor, now)
+        expired.sort(key=lambda b: (b.expires_at, b.aor, b.key))
         return expired
+
+    def _expire(self, aor: str, now: float, expired: list[Binding]) -> float | None:
+        """Remove the bindings of ``aor`` that expired by ``now`` (appended to ``expired``);
+        the earliest expiry among those left (None: none left)."""
+        held = self._held(aor)
+        gone = [b for b in held.values() if b.expires_at <= now]
+        if gone:
+            self._store(aor, {k: b for k, b in held.items() if b.expires_at > now})
+            for device in {b.device_name for b in gone}:
+                if device is not None:
+                    self._index(device, aor)
+            expired.extend(gone)
+            held = self._held(aor)
+        return min((b.expires_at for b in held.values()), default=None)
 
     def count(self) -> int:
         return sum(1 if isinstance(v, Binding) else len(v) for v in self._bindings.values())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest_twisted
@@ -87,7 +86,7 @@ async def test_a_refresh_storm_is_written_once_per_expiry_bucket(fx: Fixture) ->
     # 1000 refreshes, each flushed on its own, the expiry moving inside its bucket: no write.
     for i in range(1000):
         fx.clock.t = NOW + 1 + i * (EXPIRY_BUCKET - 2) / 1000
-        b = replace(binding(aor, fx.clock.t + 3600), cseq=i + 2, registered_at=fx.clock.t)
+        b = binding(aor, fx.clock.t + 3600).replace(cseq=i + 2, registered_at=fx.clock.t)
         fx.location.replace(aor, {"k": b})
         await fx.flush()
     assert fx.journal.transactions == 1

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
+import pickle
+import random
+import sys
 
+import pytest
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
 
 
@@ -44,7 +48,7 @@ def test_sweep_skips_refreshed_and_removed() -> None:
     loc = MemoryLocationService()
     old = binding("sip:1@h", "a", 100.0)
     loc.replace("sip:1@h", {"a": old, "b": binding("sip:1@h", "b", 100.0)})
-    refreshed = replace(old, expires_at=300.0)
+    refreshed = old.replace(expires_at=300.0)
     loc.replace("sip:1@h", {"a": refreshed})  # b removed, a refreshed
     assert loc.sweep(150.0) == []  # both heap entries are stale
     assert loc.lookup("sip:1@h", 150.0) == {"a": refreshed}
@@ -61,3 +65,128 @@ def test_remove_device_keeps_other_devices() -> None:
     assert loc.lookup("sip:1@h", 0.0) == {"b": theirs} and loc.count() == 1
     assert loc.remove_device("SEPA") == []
     assert loc.sweep(1000.0) == [theirs]
+
+
+def test_a_binding_reads_back_every_field_and_stays_immutable() -> None:
+    b = binding("sip:1@h", "a", 100.0)
+    assert (b.aor, b.key, b.contact, b.call_id, b.source) == (
+        "sip:1@h",
+        "a",
+        "<sip:a@192.0.2.1>",
+        "cid",
+        "192.0.2.1:5060",
+    )
+    assert (b.cseq, b.expires_at, b.registered_at, b.device_name) == (
+        1,
+        100.0,
+        1553819486.0,
+        "SEPA",
+    )
+    assert (b.transport, b.user_agent, b.client_cert_fingerprint) == ("udp", None, None)
+    assert b == binding("sip:1@h", "a", 100.0) and hash(b) == hash(binding("sip:1@h", "a", 100.0))
+    assert b != binding("sip:1@h", "a", 101.0) and b != "not a binding"
+    assert repr(b).startswith("Binding(aor='sip:1@h', key='a', contact='<sip:a@192.0.2.1>'")
+    with pytest.raises(AttributeError):
+        b.expires_at = 5.0  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        b.other = 1  # type: ignore[attr-defined]
+    assert copy.copy(b) == b and pickle.loads(pickle.dumps(b)) == b
+
+
+def test_replace_changes_only_what_it_names() -> None:
+    b = binding("sip:1@h", "a", 100.0)
+    moved = b.replace(source="198.51.100.7:5061", contact='<sip:a@h>;+sip.instance="<x\ny>"')
+    assert moved.source == "198.51.100.7:5061" and moved.call_id == "cid"
+    assert moved.contact == '<sip:a@h>;+sip.instance="<x\ny>"'  # whatever the contact holds
+    assert moved.replace(source=b.source, contact=b.contact) == b
+    with pytest.raises(TypeError):
+        b.replace(expiry=5.0)
+
+
+def test_call_id_and_source_are_single_line() -> None:
+    with pytest.raises(ValueError):
+        binding("sip:1@h", "a", 100.0).replace(call_id="a\nb")
+    with pytest.raises(ValueError):
+        binding("sip:1@h", "a", 100.0).replace(source="192.0.2.1\n:5060")
+
+
+def test_a_refresh_storm_does_not_grow_the_expiry_calendar() -> None:
+    loc = MemoryLocationService()
+    for n in range(1000):  # every line refreshed 1000 times, each to a later expiry
+        for line in range(3):
+            aor = f"sip:{line}@h"
+            loc.replace(aor, {"a": binding(aor, "a", 3600.0 + n)})
+    assert sum(len(aors) for aors in loc._due.values()) == 3  # one entry per binding
+    assert loc.sweep(4000.0) == [] and loc.count() == 3  # the old second: filed again
+    assert sum(len(aors) for aors in loc._due.values()) == 3
+    assert [b.aor for b in loc.sweep(4599.0)] == ["sip:0@h", "sip:1@h", "sip:2@h"]
+    assert loc.count() == 0 and not loc._due
+
+
+def test_sweep_agrees_with_a_plain_scan_of_every_binding() -> None:
+    """Random replaces, removals and sweeps (fractional times, shortened and lengthened
+    expiries, several bindings per AoR): each sweep returns exactly the held bindings due
+    by then, in expiry order, as a scan of all of them would."""
+    rng = random.Random(13)
+    loc = MemoryLocationService()
+    held: dict[str, dict[str, Binding]] = {}
+    now = 0.0
+    for _ in range(3000):
+        aor = f"sip:{rng.randrange(40)}@h"
+        op = rng.random()
+        if op < 0.6:
+            bindings = dict(held.get(aor, {}))
+            key = rng.choice("abc")
+            bindings[key] = binding(aor, key, now + rng.choice((0.3, 1.0, 2.5, 7.0, 30.0)))
+            if rng.random() < 0.2:
+                bindings.pop(rng.choice("abc"), None)
+            loc.replace(aor, bindings)
+            held[aor] = bindings
+        elif op < 0.65:
+            loc.replace(aor, {})
+            held.pop(aor, None)
+        else:
+            now += rng.choice((0.0, 0.2, 0.5, 1.0, 3.0))
+            due = sorted(
+                (b for bs in held.values() for b in bs.values() if b.expires_at <= now),
+                key=lambda b: (b.expires_at, b.aor, b.key),
+            )
+            assert loc.sweep(now) == due
+            for b in due:
+                del held[b.aor][b.key]
+            held = {a: bs for a, bs in held.items() if bs}
+        assert loc.count() == sum(len(bs) for bs in held.values())
+    assert sum(len(aors) for aors in loc._due.values()) <= 4 * loc.count() + 3 * 40
+
+
+CISCO_CONTACT = (
+    "<sip:1001@192.0.2.1:5060;transport=udp>"
+    ';+sip.instance="<urn:uuid:00000000-0000-0000-0000-00ab00000001>"'
+    ';+u.sip!devicename.ccm.cisco.com="SEP00AB00000001";+u.sip!model.ccm.cisco.com="683"'
+    ';+u.sip!devicename.ccm.cisco.com="again"'
+)
+
+
+@pytest.mark.parametrize(
+    "contact",
+    [
+        CISCO_CONTACT,
+        CISCO_CONTACT.upper(),  # other spellings are kept as they are
+        '<sip:a@h>;+SIP.INSTANCE="<urn:uuid:1>";+u.sip!model.ccm.cisco.com=683',
+        "<sip:a@h>",
+    ],
+)
+def test_a_contact_reads_back_exactly_as_bound(contact: str) -> None:
+    b = binding("sip:1@h", "a", 100.0).replace(contact=contact)
+    assert b.contact == contact and b.call_id == "cid" and b.source == "192.0.2.1:5060"
+    assert b == b.replace(contact=contact)
+
+
+def test_a_cisco_contact_is_held_in_fewer_bytes() -> None:
+    b = binding("sip:1@h", "a", 100.0).replace(contact=CISCO_CONTACT)
+    assert sys.getsizeof(b._text) < sys.getsizeof(CISCO_CONTACT) - 100
+
+
+def test_a_contact_with_control_characters_is_refused() -> None:
+    with pytest.raises(ValueError):
+        binding("sip:1@h", "a", 100.0).replace(contact="<sip:a@h>;x=\x02")
