@@ -28,6 +28,7 @@ from callboard.protocols.http.resource import provisioning_site
 from callboard.protocols.tftp.server import TFTPService, TFTPSettings
 from callboard.protocols.tvs import sgn
 from callboard.protocols.tvs.sgn import parse_sgn, verify_sgn
+from support.waiting import until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import DatagramProtocol
@@ -241,17 +242,17 @@ async def test_tftp_and_http_answer_a_file_that_is_opened_later(tmp_path: Path) 
         rrq = b"\x00\x01gone.xml.sgn\x00octet\x00"
         sock.write(rrq, ("127.0.0.1", port))
         sock.write(rrq, ("127.0.0.1", port))  # repeated while the first is pending
-        await _until(lambda: "tftp:gone.xml.sgn" in later)
+        await until(lambda: "tftp:gone.xml.sgn" in later, limit=10.0)
         assert len(later) == 1 and recorder.got == []
         later["tftp:gone.xml.sgn"].errback(FileNotFound("gone.xml.sgn"))
-        await _until(lambda: bool(recorder.got))
+        await until(lambda: bool(recorder.got), limit=10.0)
         assert recorder.got[0][:4] == b"\x00\x05\x00\x01"  # ERROR 1: file not found
 
         fetch = getProcessOutputAndValue(
             "tftp", ["-m", "binary", "127.0.0.1", str(port), "-c", "get", "a.xml.sgn",
                      str(tmp_path / "a")],
         )  # fmt: skip
-        await _until(lambda: "tftp:a.xml.sgn" in later)
+        await until(lambda: "tftp:a.xml.sgn" in later, limit=10.0)
         later["tftp:a.xml.sgn"].callback(MemoryBody(b"signed later\n"))
         await fetch
         assert (tmp_path / "a").read_bytes() == b"signed later\n"
@@ -266,7 +267,7 @@ async def test_tftp_and_http_answer_a_file_that_is_opened_later(tmp_path: Path) 
                 "curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}",
                          f"http://127.0.0.1:{http}/c.xml"]
             )  # fmt: skip
-            await _until(lambda: "http:b.xml" in later and "http:c.xml" in later)
+            await until(lambda: "http:b.xml" in later and "http:c.xml" in later, limit=10.0)
             later["http:b.xml"].callback(MemoryBody(b"body"))
             later["http:c.xml"].errback(FileNotFound("c.xml"))
             assert (await ok)[0] == b"body 200"
@@ -276,14 +277,3 @@ async def test_tftp_and_http_answer_a_file_that_is_opened_later(tmp_path: Path) 
     finally:
         await sock.stopListening()
         await service.stopService()
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    from twisted.internet.task import deferLater
-
-    waited = 0.0
-    while not condition():
-        if waited > timeout:
-            raise AssertionError("condition not met in time")
-        await deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02

@@ -14,20 +14,10 @@ from typing import Any
 
 import pytest
 from callboard.daemon import certs
-from e2e.phone_e2e_support import boot, make_lab, mic_files
+from e2e.phone_e2e_support import boot, mic_files
 from support.harness import Daemon
 
 HTTPS = "endpoints.https=tcp:0:interface=127.0.0.1"
-
-
-@pytest.fixture
-def lab_dir(tmp_path: Path) -> Path:
-    return tmp_path / "lab"
-
-
-@pytest.fixture
-def lab(lab_dir: Path) -> certs.LabCA:
-    return make_lab(lab_dir)
 
 
 @pytest.fixture

@@ -11,20 +11,10 @@ from typing import Any
 
 import pytest
 from callboard.daemon import certs
-from e2e.phone_e2e_support import boot, device, http_get, make_lab, mic_files
+from e2e.phone_e2e_support import boot, device, http_get, mic_files
 from support.harness import Daemon
 
 BAT_MAC = "00AABBCC0101"
-
-
-@pytest.fixture
-def lab_dir(tmp_path: Path) -> Path:
-    return tmp_path / "lab"
-
-
-@pytest.fixture
-def lab(lab_dir: Path) -> certs.LabCA:
-    return make_lab(lab_dir)
 
 
 @pytest.fixture

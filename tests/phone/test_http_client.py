@@ -21,6 +21,7 @@ from callboard.phone.tls_client import MicClientOptions
 from callboard.protocols import tls
 from callboard.protocols.tvs import labpki
 from cryptography.hazmat.primitives import serialization
+from support.waiting import until
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import wrapClientTLS
@@ -196,20 +197,10 @@ async def test_a_silent_server_times_out_and_the_connection_is_dropped() -> None
     try:
         with pytest.raises(defer.TimeoutError):
             await http.fetch("127.0.0.1", listening.getHost().port, "a", timeout=0.3)
-        await _until(lambda: raw.lost == 1)
+        await until(lambda: raw.lost == 1)
     finally:
         await http.close()
         await listening.stopListening()
-
-
-async def _until(condition: Callable[[], bool], limit: float = 5.0) -> None:
-    waited = 0.0
-    while not condition():
-        assert waited < limit, "condition not met in time"
-        d: defer.Deferred[None] = defer.Deferred()
-        reactor.callLater(0.02, d.callback, None)
-        await d
-        waited += 0.02
 
 
 # TLS: pins and the MIC on the shared context ---------------------------------------------
@@ -271,7 +262,7 @@ async def test_https_pinned_answers_only_from_the_pinned_certificate(
     for pins in ([(2, hashlib.sha256(b"other").digest())], [(1, hashlib.sha256(der).digest())]):
         with pytest.raises(PinMismatch, match="not the ITL's"):
             await http.fetch_pinned("127.0.0.1", port, "SEP0A.cnf.xml", pins, timeout=5)
-    await _until(lambda: raw.lost == raw.connections)
+    await until(lambda: raw.lost == raw.connections)
     assert raw.received == b""  # the handshake failed: not a byte of the request was sent
     await http.close()
 
@@ -290,7 +281,7 @@ async def test_each_phone_presents_its_own_mic_on_the_shared_context(
         proto = await connect_protocol(endpoint, Protocol())
         assert proto.transport is not None
         proto.transport.write(b"GET / HTTP/1.1\r\n\r\n")  # handshake done once the server reads
-        await _until(lambda n=i: len(raw.peers) > n and raw.received.count(b"GET") > n)
+        await until(lambda n=i: len(raw.peers) > n and raw.received.count(b"GET") > n)
         presented.append(raw.peers[i].peer_chain_der())
         proto.transport.loseConnection()
     ders = [m.cert.public_bytes(serialization.Encoding.DER) for m in mics]

@@ -8,7 +8,6 @@ also pin that a session is offered only under the pins it was verified with.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from callboard.phone.http_client import HttpFetcher, PinMismatch, SecureSessions
 from callboard.protocols import tls
 from callboard.protocols.tvs import labpki
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer
+from support.waiting import until
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import Factory, Protocol
 
@@ -103,7 +102,7 @@ async def test_the_phone_keeps_its_https_connection_for_its_next_fetch(
     assert server.connections == 1
     assert (sessions.handshakes, sessions.resumed, sessions.reused) == (1, 0, 1)
     assert all(b"\r\nConnection: keep-alive\r\n" in r for r in server.requests)
-    await _until(lambda: server.lost == 1)  # closed when the phone's boot ends
+    await until(lambda: server.lost == 1)  # closed when the phone's boot ends
 
 
 @pytest_twisted.ensureDeferred
@@ -165,13 +164,3 @@ async def test_without_sessions_every_fetch_is_a_new_connection_asking_to_close(
         await listening.stopListening()
     assert server.connections == 2
     assert all(b"\r\nConnection: close\r\n" in r for r in server.requests)
-
-
-async def _until(condition: Callable[[], bool], limit: float = 5.0) -> None:
-    waited = 0.0
-    while not condition():
-        assert waited < limit, "condition not met in time"
-        d: defer.Deferred[None] = defer.Deferred()
-        reactor.callLater(0.02, d.callback, None)
-        await d
-        waited += 0.02
