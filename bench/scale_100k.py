@@ -50,11 +50,21 @@ def load() -> str:
     return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def free_sip_port() -> int:
+    """A port free for both UDP and TCP: the daemon listens for SIP on both. A UDP-only probe
+    once handed out a port whose TCP side was still held (TIME-WAIT of an earlier bench)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port: int = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no port free for both UDP and TCP")
 
 
 def mac_of(i: int) -> str:
@@ -116,7 +126,8 @@ class Daemon:
         try:
             while (ready is None or answered is None) and time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"daemon exited {self.proc.returncode}")
+                    tail = (self.base / "daemon.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{tail}")
                 if answered is None:
                     probe.sendto(options, ("127.0.0.1", self.sip_port))
                 readable, _, _ = select.select([notify, probe], [], [], 0.01)
@@ -257,7 +268,7 @@ def one_run(
         base = Path(tmp)
         csv_path = base / "phones.csv"
         write_csv(csv_path, size)
-        daemon = Daemon(base, free_udp_port())
+        daemon = Daemon(base, free_sip_port())
         daemon.start()
         try:
             took, cpu = daemon.cli("import", str(csv_path))
