@@ -8,15 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.ports import free_port
 
 SIPP = "/usr/bin/sipp"
 SCENARIOS = Path(__file__).resolve().parents[1] / "sipp"
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sipp(daemon: Any, tmp_path: Path, scenario: str, dn: str, mac: str, transport: str) -> None:

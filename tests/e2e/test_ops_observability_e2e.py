@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from callboard.daemon import certs
 from e2e.phone_e2e_support import boot, make_lab, mic_files
+from support.ports import free_port
 
 MAC = "00AABBCC0303"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def scrape(port: int) -> dict[str, float]:

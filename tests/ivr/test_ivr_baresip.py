@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from support.harness import Daemon
+from support.ports import free_port
 
 BARESIP = "/usr/bin/baresip"
 MODULES = Path("/usr/lib/baresip/modules")
@@ -36,13 +37,6 @@ def _baresip_is_installed() -> None:
         assert (MODULES / f"{module}.so").exists(), f"baresip module {module} is missing"
 
 
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 class Baresip:
     """One headless baresip with its config directory, driven over ctrl_tcp (netstrings)."""
 
@@ -55,8 +49,8 @@ class Baresip:
                         "signed-integer", str(silence), "trim", "0", "60"],
                        check=True, timeout=30)  # fmt: skip
         # baresip listens for SIP on the port given (UDP and TCP) and TLS on the next one.
-        self.sip_port = _free_port(socket.SOCK_DGRAM)
-        self.ctrl_port = _free_port(socket.SOCK_STREAM)
+        self.sip_port = free_port(socket.SOCK_DGRAM)
+        self.ctrl_port = free_port(socket.SOCK_STREAM)
         (home / "config").write_text(
             "poll_method epoll\n"
             "net_interface 127.0.0.1\n"

@@ -19,19 +19,13 @@ from typing import Any
 
 import pytest
 from support.harness import Daemon, run_cli, serve_args, systemd_launcher
+from support.ports import free_port
 
 
 def high_fd(sock: socket.socket) -> int:
     """A duplicate numbered 10 or more, clear of the 3, 4, ... systemd hands out."""
     fd: int = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 10)
     return fd
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class NotifySocket:

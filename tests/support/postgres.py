@@ -14,12 +14,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from support.ports import free_port
 
 
 def _bin(name: str) -> str:
@@ -34,17 +35,11 @@ def _bin(name: str) -> str:
     return candidates[-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PGServer:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="callboard-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "callboard"
         self._as: list[str] = []
         if os.geteuid() == 0:

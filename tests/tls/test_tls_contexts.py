@@ -8,7 +8,6 @@ certificate after the handshake. A refused certificate must never end the handsh
 from __future__ import annotations
 
 import datetime as dt
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from support.ports import free_port
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet import reactor as _reactor
 from twisted.internet.interfaces import IHandshakeListener
@@ -219,13 +219,6 @@ async def test_our_client_against_openssl_server_presents_its_certificate(
             process.signalProcess("TERM")
     # s_server prints the subject of the client certificate it was given (and could not verify).
     assert b"depth=0 CN = CP-8841-SEP00AABBCCDDEE" in peer.output, peer.output
-
-
-def free_port() -> int:
-    """A free loopback TCP port, for a peer that needs a number before it starts."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_private_key_from_pem_accepts_signing_keys_only() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import email
 import email.policy
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from support.harness import Daemon
+from support.ports import free_port
 from web.web_support import WebClient, add_user, new_token
 
 
@@ -25,12 +25,6 @@ class Inbox:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from callboard.protocols.tvs.client import activate
 from callboard.protocols.tvs.codec import DeviceName
 from prometheus_client.parser import text_string_to_metric_families
 from support.harness import Daemon, run_cli, serve_args, systemd_launcher
+from support.ports import free_port
 from support.probes import http_status, tvs_pin
 from twisted.internet import defer, reactor
 
@@ -52,13 +53,6 @@ def start(daemon_factory: Any, *extra: str, state_dir: Path | None = None) -> Da
     daemon: Daemon = daemon_factory(*WORKERS, *extra, state_dir=state_dir)
     all_workers(daemon)
     return daemon
-
-
-def free_port() -> int:
-    """A TCP port for ``/metrics`` (its port 0 means off)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def worker_pids(status: dict[str, Any]) -> list[int]:
