@@ -674,7 +674,10 @@ class TFTPService(AtomicMultiService):
             opened = self.source.open(request.name, Requester(host, port, "tftp"))
         except (FileNotFound, AccessViolation) as exc:
             return admission.refusal_for(request.filename, exc)
-        if isinstance(opened, Deferred):
+        if isinstance(opened, _IN_MEMORY):  # first: the common case, and a cheaper check
+            if plan is not None and opened.data is plan.data:
+                return self._start(key, request.filename, opened, plan.terms, plan.packets)
+        elif isinstance(opened, Deferred):
             self._pending.add(key)
             opened.addCallbacks(
                 lambda body: self._opened_later(key, request, body),
@@ -683,8 +686,6 @@ class TFTPService(AtomicMultiService):
                 self._failed_later, key, request.filename
             )
             return None
-        if plan is not None and isinstance(opened, _IN_MEMORY) and opened.data is plan.data:
-            return self._start(key, request.filename, opened, plan.terms, plan.packets)
         return self._agree_and_start(key, request, opened, datagram)
 
     def _opened_later(

@@ -196,7 +196,7 @@ class Transfer:
         self._arm(now)
         if self._oack is not None:
             return (self._oack,)
-        return self._window(now)
+        return self._block(now) if self._windowsize == 1 else self._window(now)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -255,7 +255,8 @@ class Transfer:
             interval = self._timeout
         else:
             interval = min(self._timeout * (1 << min(self._retries, 8)), max(self._timeout, 8.0))
-        self.timer_at = min(now + interval, self._deadline)
+        at = now + interval
+        self.timer_at = at if at < self._deadline else self._deadline  # min(), one call less
 
     def _retransmit(self, now: float) -> Sequence[bytes]:
         self._retries += 1
