@@ -21,7 +21,9 @@ scaled-out daemon has its own) and shared by all transfers there: :mod:`.demux` 
 port's datagrams by client address and port, so no socket, epoll registration or close is
 paid per transfer. It is one port, and grows (up to ``pool_size``) only for a client that
 reuses its TID while its previous transfer lingers. The listener asks :mod:`.admission`
-whether to serve a request (and on what terms) and opens the file; the per-packet path is a
+whether to serve a request (and on what terms) and opens the file; what a request's bytes
+were granted (the agreed options, the encoded packets) is kept as their plan and reused for
+as long as the file source hands out the same file bytes. The per-packet path is a
 dictionary lookup, one state-machine call and direct ``sendto`` calls; one service-wide
 ``DelayedCall`` keeps every retransmit timer.
 """
