@@ -17,7 +17,8 @@ supervisor and its N worker processes sharing the TFTP port through ``SO_REUSEPO
 next to the one-worker daemon in every round; its CPU is the sum over the supervisor and its
 workers, and its ratios against one worker and the reference servers are printed. With
 ``--baseline PYTHONPATH`` another tree of Callboard runs next to it (``baseline``), and with
-both options that tree also runs with N workers (``baseline-wN``): the same-run A/B of a change.
+both options that tree also runs with N workers (``baseline-wN``): the same-run A/B of a change,
+whose server CPU per transfer is printed as a ratio (of the medians, and round by round).
 Bounded: each run lasts ``--seconds`` (≤ 30), at most 9 runs. Needs root (namespaces).
 
     python bench/tftp_c_load.py [--seconds 4] [--runs 3] [--profile] [--workers 2] \
@@ -486,6 +487,21 @@ def main() -> int:
                 if ref in medians and ref != name:
                     ratio = medians[name] / medians[ref]
                     print(f"  {name} / {ref}: {ratio:.2f}")
+        by_name = {s.name: s for s in servers}
+        workers = f"-w{args.workers}"
+        for name, before in (
+            ("callboard", "baseline"),
+            ("callboard" + workers, "baseline" + workers),
+        ):
+            if name in by_name and before in by_name:  # the same-run A/B of a change
+                after_ms = [r.server_cpu_ms for r in by_name[name].runs]
+                before_ms = [r.server_cpu_ms for r in by_name[before].runs]
+                paired = " / ".join(
+                    f"{a / b:.2f}" for a, b in zip(after_ms, before_ms, strict=True)
+                )
+                ratio = statistics.median(after_ms) / statistics.median(before_ms)
+                print(f"  {name} server CPU per transfer / {before}'s: {ratio:.2f} "
+                      f"(medians; round by round {paired})")  # fmt: skip
         for server in servers:
             if server.name.startswith(("callboard-w", "baseline-w")):
                 print(f"  {server.name} transfers served per worker (SO_REUSEPORT spread): "

@@ -261,11 +261,10 @@ class DirectorySource:
             # The common case, a file at the top: the root is already resolved and
             # O_NOFOLLOW refuses a symlink, so one open() is safe. A symlink takes the
             # resolving path below, which allows it only if it stays inside the root.
-            path = self._prefix + relative
             held = self._held.get(relative)
-            if held is not None and self._unchanged(relative, held, path):
+            if held is not None and self._unchanged(relative, held):
                 return held
-            fd = self._open(path, relative, symlink_ok=True)
+            fd = self._open(self._prefix + relative, relative, symlink_ok=True)
         if fd is None:
             top = False  # a symlink: resolved each time, never held
             path = os.path.realpath(os.path.join(self._root, *relative.split("/")))
@@ -285,11 +284,11 @@ class DirectorySource:
             return self._hold(relative, body, file_identity(status))
         return body
 
-    def _unchanged(self, relative: str, held: HeldBody, path: str) -> bool:
+    def _unchanged(self, relative: str, held: HeldBody) -> bool:
         """Is the held file still what is on disk? (See the class docstring.)"""
         watch = self._watch
         if watch is None:
-            return held.identity() == _regular_identity(path)
+            return held.identity() == _regular_identity(self._prefix + relative)
         if watch.pending():
             self._forget(watch.changed())
             if self._held.get(relative) is not held:
@@ -297,7 +296,7 @@ class DirectorySource:
         now = self._now()
         if now < self._fresh_until.get(relative, 0.0):
             return True
-        if held.identity() != _regular_identity(path):
+        if held.identity() != _regular_identity(self._prefix + relative):
             return False
         self._fresh_until[relative] = now + self.recheck_after
         return True

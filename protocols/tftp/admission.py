@@ -20,7 +20,17 @@ from callboard.protocols.filesource import AccessViolation, FileNotFound, normal
 from callboard.protocols.tftp import codec
 from callboard.protocols.tftp.codec import ErrorCode
 
-__all__ = ["Admitted", "Limits", "Load", "Refusal", "Terms", "admit", "agree", "refusal_for"]
+__all__ = [
+    "Admitted",
+    "Limits",
+    "Load",
+    "Refusal",
+    "Terms",
+    "admit",
+    "agree",
+    "over_limits",
+    "refusal_for",
+]
 
 
 class Limits(Protocol):
@@ -95,9 +105,14 @@ def admit(datagram: bytes, load: Load, limits: Limits) -> Admitted | Refusal | N
         screened = _screen(datagram)  # a large datagram is junk: not worth its memory
     if not isinstance(screened, _Named):
         return screened  # refused or ignored before the load matters
-    if load.total >= limits.max_transfers or load.client >= limits.max_transfers_per_client:
+    if over_limits(load.total, load.client, limits):
         return Refusal(screened.filename, ErrorCode.NOT_DEFINED, "server busy")
     return screened.verdict
+
+
+def over_limits(total: int, client: int, limits: Limits) -> bool:
+    """Is there no room for one more transfer (``total`` live, ``client`` from its address)?"""
+    return total >= limits.max_transfers or client >= limits.max_transfers_per_client
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,9 @@ scaled-out daemon has its own) and shared by all transfers there: :mod:`.demux` 
 port's datagrams by client address and port, so no socket, epoll registration or close is
 paid per transfer. It is one port, and grows (up to ``pool_size``) only for a client that
 reuses its TID while its previous transfer lingers. The listener asks :mod:`.admission`
-whether to serve a request (and on what terms) and opens the file; the per-packet path is a
+whether to serve a request (and on what terms) and opens the file; what a request's bytes
+were granted (the agreed options, the encoded packets) is kept as their plan and reused for
+as long as the file source hands out the same file bytes. The per-packet path is a
 dictionary lookup, one state-machine call and direct ``sendto`` calls; one service-wide
 ``DelayedCall`` keeps every retransmit timer.
 """
@@ -36,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from callboard.protocols.filesource import (
     AccessViolation,
@@ -119,6 +121,22 @@ _GSO_MAX_SEGMENTS = 64
 _GSO_MAX_BYTES = 65000
 _GSO_REFUSED = (errno.EINVAL, errno.ENOPROTOOPT, errno.EIO, errno.EOPNOTSUPP)
 _gso_works = sys.platform.startswith("linux")
+
+
+class _Plan(NamedTuple):
+    """What every transfer asked for by the same RRQ bytes shares, while the file is the same.
+
+    The screening of those bytes (:func:`~.admission.admit` but for the load), the options
+    agreed for the file's size and its encoded DATA packets are decided by the first such
+    request; a later one still asks the source for the file and the load for room, and uses
+    the plan only if the source hands out the very ``data`` it was made for.
+    """
+
+    request: admission.Admitted
+    settings: TFTPSettings
+    data: bytes
+    terms: admission.Terms
+    packets: tuple[bytes, ...] | None
 
 
 class TransferSocket(Protocol):
@@ -237,14 +255,14 @@ class _PoolPort:
 
     def __init__(self, clock: IReactorTime, linger: float) -> None:
         self._clock = clock
-        self.table: PortTable[_TransferProtocol] = PortTable(linger)
+        self.table: PortTable[_PooledTransfer] = PortTable(linger)
         self.socket: TransferSocket | None = None
 
     def datagram_received(self, datagram: bytes, addr: Address) -> None:
         """A datagram on this port: to its transfer, or error 5 for a TID it does not serve."""
         transfer = self.table.live.get(addr)
         if transfer is not None:
-            transfer.datagram_received(datagram)
+            transfer.on_datagram(datagram)
             return
         answer = self.table.stray(datagram, addr, self._clock.seconds())
         if answer is not None and self.socket is not None:
@@ -263,7 +281,7 @@ class _TransferPool:
 
     def __init__(self, service: TFTPService, local: str, size: int, linger: float) -> None:
         self.ports: list[_PoolPort] = []
-        self._tables: list[PortTable[_TransferProtocol]] = []
+        self._tables: list[PortTable[_PooledTransfer]] = []
         self._next = 0
         self._service = service
         self._clock = service.clock
@@ -279,8 +297,8 @@ class _TransferPool:
         self._tables.append(port.table)
         return len(self.ports) - 1
 
-    def pick(self, client: Address) -> _PoolPort:
-        index = free_port(self._tables, self._next, client, self._clock.seconds())
+    def pick(self, client: Address, now: float) -> _PoolPort:
+        index = free_port(self._tables, self._next, client, now)
         if index is None:
             index = self._grown() if len(self.ports) < self._size else None
             if index is None:  # as many ports as allowed: share one (the TID tells apart)
@@ -302,35 +320,52 @@ class _TransferPool:
                 port.socket = None
 
 
-class _TransferProtocol:
-    """One transfer on a pooled port: the client's datagrams in, the machine's datagrams out.
+class _PooledTransfer(Transfer):
+    """One transfer on a pooled port: the sans-I/O machine plus where its datagrams go.
 
-    The per-packet path is one dictionary lookup in the port, one state-machine call and the
-    sends; timing is the service's single timer (see :meth:`TFTPService._timers_due`).
+    A subclass rather than a wrapper around a :class:`Transfer`: one object per transfer
+    instead of two, and the per-packet path reads the machine's state without a hop. The
+    machine itself stays free of I/O; the ``on_*`` methods are the adapter's: the client's
+    datagrams in, the machine's datagrams out through the port's socket. Timing is the
+    service's single timer (see :meth:`TFTPService._timers_due`).
     """
 
-    __slots__ = ("_seconds", "_service", "body", "client", "key", "name", "port", "transfer")
+    __slots__ = ("_seconds", "_service", "client", "key", "name", "port")
 
     def __init__(
         self,
         service: TFTPService,
         key: tuple[str, str, int],
-        transfer: Transfer,
-        body: FileBody,
+        client: Address,
         name: str,
         port: _PoolPort,
+        body: FileBody,
+        terms: admission.Terms,
+        packets: tuple[bytes, ...] | None,
+        now: float,
     ) -> None:
+        settings = service.settings
+        super().__init__(
+            body,
+            now=now,
+            blksize=terms.blksize,
+            windowsize=terms.windowsize,
+            timeout=terms.timeout,
+            fixed_timeout=terms.fixed_timeout,
+            max_retries=settings.max_retries,
+            deadline=settings.transfer_deadline,
+            oack=terms.oack,
+            packets=packets,
+        )
         self._service = service
         self._seconds = service.clock.seconds
         self.key = key
-        self.client: Address = (key[1], key[2])
-        self.transfer = transfer
-        self.body = body
+        self.client = client
         self.name = name
         self.port = port
 
     def begin(self, now: float) -> None:
-        self._emit(self.transfer.start(now))
+        self._emit(self.start(now))
         self._settle()
 
     def _emit(self, datagrams: Sequence[bytes]) -> None:
@@ -347,20 +382,18 @@ class _TransferProtocol:
 
     def _settle(self) -> None:
         """Finish, or make sure the service's timer fires no later than this transfer's."""
-        transfer = self.transfer
-        if transfer.outcome is not None:
+        if self.outcome is not None:
             self.close()
-        elif transfer.timer_at < self._service._timer_at:
-            self._service._timer_needed(transfer.timer_at)
+        elif self.timer_at < self._service._timer_at:
+            self._service._timer_needed(self.timer_at)
 
-    def datagram_received(self, datagram: bytes) -> None:
+    def on_datagram(self, datagram: bytes) -> None:
         """A datagram from this transfer's client TID on its port.
 
         The per-packet path, so :meth:`_emit` (lock-step case) and :meth:`_settle` are
         written out here: the same calls, two Python frames fewer per ACK.
         """
-        transfer = self.transfer
-        out = transfer.datagram_received(datagram, self._seconds())
+        out = self.datagram_received(datagram, self._seconds())
         if out:
             sock = self.port.socket
             if len(out) == 1 and sock is not None:
@@ -370,27 +403,28 @@ class _TransferProtocol:
                     pass  # a lost packet: the timer retries
             else:
                 self._emit(out)
-        if transfer.outcome is not None:
+        if self.outcome is not None:
             self.close()
-        elif transfer.timer_at < self._service._timer_at:
-            self._service._timer_needed(transfer.timer_at)
+        elif self.timer_at < self._service._timer_at:
+            self._service._timer_needed(self.timer_at)
 
-    def timer_due(self, now: float) -> None:
-        self._emit(self.transfer.timer_fired(now))
-        if self.transfer.outcome is not None:
+    def on_timer(self, now: float) -> None:
+        self._emit(self.timer_fired(now))
+        if self.outcome is not None:
             self.close()
 
-    def rrq_repeated(self) -> None:
-        self._emit(self.transfer.rrq_repeated(self._seconds()))
+    def on_rrq_repeated(self) -> None:
+        self._emit(self.rrq_repeated(self._seconds()))
         self._settle()
 
     def close(self, reason: str | None = None) -> None:
         now = self._seconds()
         if reason is not None:
-            self.transfer.abort(now, reason)
-        if self.port.table.live.get(self.client) is not self:
+            self.abort(now, reason)
+        table = self.port.table
+        if table.live.get(self.client) is not self:
             return  # closed already
-        self.port.table.remove(self.client, now)
+        table.remove(self.client, now)
         try:
             self.body.close()
         finally:
@@ -455,6 +489,10 @@ class TFTPService(AtomicMultiService):
     # bytes (a held file, a rendered config); this many kept, then all forgotten: at most
     # about 2 x 64 KiB each.
     encoded_files: int = 64
+    # Plans (see _Plan) for this many distinct RRQs of at most planned_size bytes, then all
+    # forgotten: each holds a reference to bytes the file source holds anyway.
+    plans_kept: int = 64
+    planned_size: int = 512
     log_each_transfer: bool = False
     # Told of every finished or refused request, once, at its end (metrics): the file name
     # asked for, the outcome as logged ("ok", "timeout", "client error N", "error N", ...),
@@ -486,7 +524,7 @@ class TFTPService(AtomicMultiService):
             raise ValueError("TFTPService needs at least one listener")
         self.clock: IReactorTime = reactor
         self.descriptors: IReactorFDSet = reactor  # transfer sockets are bare read descriptors
-        self._transfers: dict[tuple[str, str, int], _TransferProtocol] = {}
+        self._transfers: dict[tuple[str, str, int], _PooledTransfer] = {}
         self._pools: dict[str, _TransferPool] = {}
         # One timer for all transfers, due no later than the earliest transfer's timer_at.
         self._timer: IDelayedCall | None = None
@@ -500,6 +538,7 @@ class TFTPService(AtomicMultiService):
         self._pending: set[tuple[str, str, int]] = set()
         # (id of the bytes, blksize) -> (the bytes, kept so the id stays theirs; packets)
         self._encoded: dict[tuple[int, int], tuple[bytes, tuple[bytes, ...]]] = {}
+        self._plans: dict[bytes, _Plan] = {}
         for spec in specs:
             # An RRQ is small, but a stray large datagram must not be read truncated as one.
             spec = spec.with_options(max_packet_size=65536)
@@ -561,10 +600,9 @@ class TFTPService(AtomicMultiService):
         now = self.clock.seconds()
         due_by = now + 1e-9  # a DelayedCall may land a hair before the float it was set for
         soonest = math.inf
-        for protocol in list(self._transfers.values()):
-            transfer = protocol.transfer
+        for transfer in list(self._transfers.values()):
             if transfer.timer_at <= due_by:
-                protocol.timer_due(now)
+                transfer.on_timer(now)
                 if transfer.outcome is not None:
                     continue
             if transfer.timer_at < soonest:
@@ -592,17 +630,28 @@ class TFTPService(AtomicMultiService):
         live = self._transfers.get(key)
         if live is not None:
             if codec.opcode(datagram) == codec.Opcode.RRQ:
-                live.rrq_repeated()
+                live.on_rrq_repeated()
             return
         if key in self._pending:
             return  # the first RRQ's file is still being prepared; it will be answered
         started = time.monotonic()
-        load = admission.Load(
-            len(self._transfers) + len(self._pending), self._per_client.get(addr[0], 0)
+        total, of_client = (
+            len(self._transfers) + len(self._pending),
+            self._per_client.get(addr[0], 0),
         )
-        verdict = admission.admit(datagram, load, self.settings)
-        if isinstance(verdict, admission.Admitted):
-            verdict = self._open_and_start(key, verdict, reply, started)
+        plan = self._plans.get(datagram)
+        if (
+            plan is not None
+            and plan.settings is self.settings
+            and not admission.over_limits(total, of_client, self.settings)
+        ):
+            verdict: admission.Admitted | admission.Refusal | None = self._open_and_start(
+                key, plan.request, reply, started, datagram, plan
+            )
+        else:  # a request not seen yet, or one to refuse: the whole screening
+            verdict = admission.admit(datagram, admission.Load(total, of_client), self.settings)
+            if isinstance(verdict, admission.Admitted):
+                verdict = self._open_and_start(key, verdict, reply, started, datagram, None)
         if isinstance(verdict, admission.Refusal):
             reply(verdict.packet, addr)
             self._log_refusal(addr, verdict, started)
@@ -613,17 +662,24 @@ class TFTPService(AtomicMultiService):
         request: admission.Admitted,
         reply: Callable[[bytes, Address], None],
         started: float,
+        datagram: bytes,
+        plan: _Plan | None,
     ) -> admission.Refusal | None:
         """Open the admitted file, agree on the options, then start the transfer.
 
         A file the source prepares off the reactor (a Deferred) is answered when it is ready.
+        With the ``plan`` of an earlier request of the same bytes, and the source handing out
+        the very bytes that plan was made for, the options are not negotiated again.
         """
         _local, host, port = key
         try:
             opened = self.source.open(request.name, Requester(host, port, "tftp"))
         except (FileNotFound, AccessViolation) as exc:
             return admission.refusal_for(request.filename, exc)
-        if isinstance(opened, Deferred):
+        if isinstance(opened, _IN_MEMORY):  # first: the common case, and a cheaper check
+            if plan is not None and opened.data is plan.data:
+                return self._start(key, request.filename, opened, plan.terms, plan.packets)
+        elif isinstance(opened, Deferred):
             self._pending.add(key)
             opened.addCallbacks(
                 lambda body: self._opened_later(key, request, body),
@@ -632,7 +688,7 @@ class TFTPService(AtomicMultiService):
                 self._failed_later, key, request.filename
             )
             return None
-        return self._agree_and_start(key, request, opened)
+        return self._agree_and_start(key, request, opened, datagram)
 
     def _opened_later(
         self, key: tuple[str, str, int], request: admission.Admitted, body: FileBody
@@ -641,7 +697,7 @@ class TFTPService(AtomicMultiService):
         if not self.running:
             body.close()
             return None
-        return self._agree_and_start(key, request, body)
+        return self._agree_and_start(key, request, body)  # prepared afresh: no plan
 
     def _refused_later(self, request: admission.Admitted, failure: Failure) -> admission.Refusal:
         error = failure.check(FileNotFound, AccessViolation)
@@ -670,21 +726,50 @@ class TFTPService(AtomicMultiService):
         log.failure("tftp: could not start {file}", failure, file=printable_name(filename))
 
     def _agree_and_start(
-        self, key: tuple[str, str, int], request: admission.Admitted, body: FileBody
+        self,
+        key: tuple[str, str, int],
+        request: admission.Admitted,
+        body: FileBody,
+        datagram: bytes | None = None,
     ) -> admission.Refusal | None:
+        """Negotiate, then start; remember the outcome as the plan for ``datagram``, if any."""
         terms = admission.agree(request, body.size, self.settings)
         if isinstance(terms, admission.Refusal):
             body.close()
             return terms
+        in_memory = isinstance(body, _IN_MEMORY)
         if request.netascii:
             body = NetasciiBody(body)
-        elif body.size <= self.small_file and not isinstance(body, _IN_MEMORY):
+        elif body.size <= self.small_file and not in_memory:
             whole = self._read_whole(body)
             if whole is None:
                 code = codec.ErrorCode.NOT_DEFINED
                 return admission.Refusal(request.filename, code, "read error")
             body = whole
-        return self._start(key, request.filename, body, terms)
+        packets = self._packets_for(body, terms.blksize)
+        if datagram is not None and in_memory and not request.netascii:
+            self._remember_plan(datagram, request, body, terms, packets)
+        return self._start(key, request.filename, body, terms, packets)
+
+    def _remember_plan(
+        self,
+        datagram: bytes,
+        request: admission.Admitted,
+        body: FileBody,
+        terms: admission.Terms,
+        packets: tuple[bytes, ...] | None,
+    ) -> None:
+        """The plan for the next requests of these bytes, while the source serves these bytes.
+
+        Only for a file the source holds in memory (a held file, a rendered config): its
+        bytes object is the same for as long as the file is, which is what the plan checks.
+        """
+        if len(datagram) > self.planned_size or type(datagram) is not bytes:
+            return
+        assert isinstance(body, _IN_MEMORY)
+        if len(self._plans) >= self.plans_kept:
+            self._plans.clear()
+        self._plans[datagram] = _Plan(request, self.settings, body.data, terms, packets)
 
     @staticmethod
     def _read_whole(body: FileBody) -> MemoryBody | None:
@@ -723,33 +808,27 @@ class TFTPService(AtomicMultiService):
         return pool
 
     def _start(
-        self, key: tuple[str, str, int], filename: str, body: FileBody, terms: admission.Terms
+        self,
+        key: tuple[str, str, int],
+        filename: str,
+        body: FileBody,
+        terms: admission.Terms,
+        packets: tuple[bytes, ...] | None,
     ) -> admission.Refusal | None:
         """A transfer on a pooled port, counted against the limits, sending its first reply."""
         now = self.clock.seconds()
-        transfer = Transfer(
-            body,
-            now=now,
-            blksize=terms.blksize,
-            windowsize=terms.windowsize,
-            timeout=terms.timeout,
-            fixed_timeout=terms.fixed_timeout,
-            max_retries=self.settings.max_retries,
-            deadline=self.settings.transfer_deadline,
-            oack=terms.oack,
-            packets=self._packets_for(body, terms.blksize),
-        )
+        client = (key[1], key[2])
         try:
-            port = self._pool(key[0]).pick((key[1], key[2]))
+            port = self._pool(key[0]).pick(client, now)
         except OSError:
             body.close()
             return admission.Refusal(filename, codec.ErrorCode.NOT_DEFINED, "server busy")
-        protocol = _TransferProtocol(self, key, transfer, body, filename, port)
-        port.table.add(protocol.client, protocol)
-        self._transfers[key] = protocol
+        transfer = _PooledTransfer(self, key, client, filename, port, body, terms, packets, now)
+        port.table.add(client, transfer)
+        self._transfers[key] = transfer
         host = key[1]
         self._per_client[host] = self._per_client.get(host, 0) + 1
-        protocol.begin(now)
+        transfer.begin(now)
         return None
 
     def _log_refusal(self, addr: Address, refusal: admission.Refusal, started: float) -> None:
@@ -771,10 +850,10 @@ class TFTPService(AtomicMultiService):
             windowsize=None,
         )
 
-    def _transfer_done(self, protocol: _TransferProtocol) -> None:
-        if self._transfers.get(protocol.key) is protocol:
-            del self._transfers[protocol.key]
-            host = protocol.client[0]
+    def _transfer_done(self, transfer: _PooledTransfer) -> None:
+        if self._transfers.get(transfer.key) is transfer:
+            del self._transfers[transfer.key]
+            host = transfer.client[0]
             left = self._per_client.get(host, 1) - 1
             if left > 0:
                 self._per_client[host] = left
@@ -782,12 +861,12 @@ class TFTPService(AtomicMultiService):
                 self._per_client.pop(host, None)
             if not self._transfers:
                 self._cancel_timer()
-        outcome: Outcome | None = protocol.transfer.outcome
+        outcome: Outcome | None = transfer.outcome
         if outcome is None:
             return
         if self.on_transfer_end is not None:
             reason = "ok" if outcome.ok else outcome.reason
-            self.on_transfer_end(protocol.name, reason, outcome.duration, outcome.bytes)
+            self.on_transfer_end(transfer.name, reason, outcome.duration, outcome.bytes)
         if outcome.ok:
             self._served += 1
             self._served_bytes += outcome.bytes
@@ -796,22 +875,22 @@ class TFTPService(AtomicMultiService):
                 self._summary = self.clock.callLater(self.summary_interval, self._log_summary)
             if not self.log_each_transfer:
                 return
-        self._log_transfer(protocol, outcome)
+        self._log_transfer(transfer, outcome)
 
-    def _log_transfer(self, protocol: _TransferProtocol, outcome: Outcome) -> None:
+    def _log_transfer(self, transfer: _PooledTransfer, outcome: Outcome) -> None:
         """One transfer's line: every failure at info; a success only at debug, when asked."""
         emit = log.info if not outcome.ok else log.debug
         emit(
             "tftp {client_host}:{client_port} {file} {outcome} {bytes} bytes in {duration:.3f}s",
-            client_host=protocol.client[0],
-            client_port=protocol.client[1],
-            file=printable_name(protocol.name),
+            client_host=transfer.client[0],
+            client_port=transfer.client[1],
+            file=printable_name(transfer.name),
             outcome="ok" if outcome.ok else outcome.reason,
             error_code=outcome.error_code,
             bytes=outcome.bytes,
             duration=outcome.duration,
-            blksize=protocol.transfer.blksize,
-            windowsize=protocol.transfer.windowsize,
+            blksize=transfer.blksize,
+            windowsize=transfer.windowsize,
         )
 
     def _log_summary(self) -> None:

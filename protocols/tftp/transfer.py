@@ -134,7 +134,6 @@ class Transfer:
     __slots__ = (
         "_base",
         "_blksize",
-        "_body",
         "_deadline",
         "_fixed_timeout",
         "_last",
@@ -147,6 +146,7 @@ class Transfer:
         "_started",
         "_timeout",
         "_windowsize",
+        "body",
         "outcome",
         "timer_at",
     )
@@ -165,7 +165,7 @@ class Transfer:
         oack: bytes | None = None,
         packets: Sequence[bytes] | None = None,
     ) -> None:
-        self._body = body
+        self.body = body
         self._packets = packets
         self._blksize = blksize
         self._windowsize = windowsize
@@ -196,7 +196,7 @@ class Transfer:
         self._arm(now)
         if self._oack is not None:
             return (self._oack,)
-        return self._window(now)
+        return self._block(now) if self._windowsize == 1 else self._window(now)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -255,7 +255,8 @@ class Transfer:
             interval = self._timeout
         else:
             interval = min(self._timeout * (1 << min(self._retries, 8)), max(self._timeout, 8.0))
-        self.timer_at = min(now + interval, self._deadline)
+        at = now + interval
+        self.timer_at = at if at < self._deadline else self._deadline  # min(), one call less
 
     def _retransmit(self, now: float) -> Sequence[bytes]:
         self._retries += 1
@@ -303,7 +304,7 @@ class Transfer:
         size = self._blksize
         try:
             # One read for the whole window, sliced per block.
-            chunk = memoryview(self._body.read_at((block - 1) * size, (end - block) * size))
+            chunk = memoryview(self.body.read_at((block - 1) * size, (end - block) * size))
         except OSError:
             self._finish(now, False, "read error", codec.ErrorCode.NOT_DEFINED)
             return [codec.encode_error(codec.ErrorCode.NOT_DEFINED, "read error")]
@@ -348,7 +349,7 @@ class Transfer:
                 self._sent = block
             return (packet,)
         try:
-            payload = self._body.read_at((block - 1) * size, size)
+            payload = self.body.read_at((block - 1) * size, size)
         except OSError:
             self._finish(now, False, "read error", codec.ErrorCode.NOT_DEFINED)
             return [codec.encode_error(codec.ErrorCode.NOT_DEFINED, "read error")]

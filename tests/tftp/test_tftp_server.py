@@ -19,7 +19,7 @@ import pytest
 import pytest_twisted
 import tftpy
 from callboard.protocols.filesource import DirectorySource
-from callboard.protocols.tftp import codec
+from callboard.protocols.tftp import admission, codec
 from callboard.protocols.tftp.server import TFTPService, TFTPSettings
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, DeferredQueue
@@ -376,6 +376,82 @@ def test_shutdown_aborts_live_transfers(clocked: Callable[..., Clocked]) -> None
     c.service.stopService()
     assert all(s is not None and s.closed for s in socks)
     assert c.service.live_transfers == 0 and c.clock.getDelayedCalls() == []
+
+
+# -- plans: a request of bytes seen before skips its negotiation, never its checks ------------
+
+
+def fetch_clocked(c: Clocked, datagram: bytes, client: Addr) -> list[Any]:
+    """Every packet one transfer sends, acknowledging each DATA (and an OACK with ACK 0)."""
+    sock = c.request(datagram, client)
+    assert sock is not None
+    seen: list[Any] = []
+    while not sock.closed:
+        packets = sock.take()
+        seen += packets
+        last = packets[-1]
+        c.ack(sock, 0 if isinstance(last, codec.OptionAck) else last.block, client)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "datagram",
+    [
+        rrq("SEP001122334455.cnf.xml"),
+        rrq("SEP001122334455.cnf.xml", blksize="600", tsize="0"),
+        rrq("SEP001122334455.cnf.xml", windowsize="4", blksize="512", timeout="3"),
+        rrq("SEP001122334455.cnf.xml", blksize="8"),  # packets too small to keep encoded
+    ],
+)
+def test_a_planned_request_is_answered_exactly_like_the_first(
+    clocked: Callable[..., Clocked], datagram: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = clocked()
+    agreed: list[Any] = []
+    agree = admission.agree
+    monkeypatch.setattr(admission, "agree", lambda *a: agreed.append(a) or agree(*a))
+    first = fetch_clocked(c, datagram, ("192.0.2.70", 1000))
+    again = [fetch_clocked(c, datagram, ("192.0.2.71", 1000 + n)) for n in range(3)]
+    assert again == [first] * 3
+    assert len(agreed) == 1  # the later ones used the first one's plan
+    assert b"".join(p.payload for p in first if isinstance(p, codec.Data)) == SMALL
+
+
+def test_a_plan_is_dropped_once_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "XMLDefault.cnf.xml").write_bytes(b"one" * 200)
+    c = Clocked(tmp_path)
+    datagram = rrq("XMLDefault.cnf.xml", tsize="0")
+    first = fetch_clocked(c, datagram, ("192.0.2.72", 1))
+    assert first[0] == codec.OptionAck({"tsize": "600"})
+    (tmp_path / "XMLDefault.cnf.xml").write_bytes(b"two" * 300)
+    after = fetch_clocked(c, datagram, ("192.0.2.72", 2))
+    assert after[0] == codec.OptionAck({"tsize": "900"})
+    assert b"".join(p.payload for p in after[1:]) == b"two" * 300
+
+
+def test_a_plan_is_dropped_when_the_settings_change(clocked: Callable[..., Clocked]) -> None:
+    c = clocked(max_blksize=1024)
+    datagram = rrq("SEP001122334455.cnf.xml", blksize="1400")
+    assert fetch_clocked(c, datagram, ("192.0.2.73", 1))[0] == codec.OptionAck({"blksize": "1024"})
+    c.service.settings = TFTPSettings(max_blksize=700)  # a reload
+    assert fetch_clocked(c, datagram, ("192.0.2.73", 2))[0] == codec.OptionAck({"blksize": "700"})
+
+
+def test_a_planned_request_is_still_refused_when_busy_or_missing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a.cnf.xml").write_bytes(b"a" * 100)
+    c = Clocked(tmp_path, max_transfers_per_client=1)
+    datagram = rrq("a.cnf.xml")
+    fetch_clocked(c, datagram, ("192.0.2.74", 1))  # planned
+    assert c.request(datagram, ("192.0.2.74", 2)) is not None
+    assert c.request(datagram, ("192.0.2.74", 3)) is None  # over the per-client limit
+    assert c.replies == [(codec.encode_error(0, "server busy"), ("192.0.2.74", 3))]
+    (tmp_path / "a.cnf.xml").unlink()
+    assert c.request(datagram, ("192.0.2.75", 1)) is None
+    assert c.replies[-1] == (codec.encode_error(1, "file not found"), ("192.0.2.75", 1))
 
 
 # -- refusals -------------------------------------------------------------------------------
