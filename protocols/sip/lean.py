@@ -20,9 +20,16 @@ two to it).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from callboard.protocols.sip.message import CANONICAL_NAMES, SIPParseError, field_key, is_number
+from callboard.protocols.sip.message import (
+    CANONICAL_NAMES,
+    NameAddr,
+    SIPParseError,
+    field_key,
+    is_number,
+)
 
 #: The headers a response copies from its request (RFC 3261 §8.2.6.2), each with the way a
 #: response writes its name.
@@ -145,3 +152,39 @@ def _register_lines(uri: str, fields: dict[str, str]) -> RegisterLines | None:
         expires=None if expires is None else min(int(expires), 2**32 - 1),
         user_agent=fields.get("user-agent"),
     )
+
+
+# --- the common shapes of To and Contact, each read by one regular expression -------------
+#
+# What :func:`~callboard.protocols.sip.message.parse_name_addr` and ``parse_uri`` would give
+# for them, read without splitting, stripping and checking piece by piece; anything else
+# (a display name, spaces, escapes, a port in the To...) gives None and the caller uses
+# those general readers.
+
+_TOKEN = r"[A-Za-z0-9.!%*_+`'~-]+"
+_PLAIN_TO_RE = re.compile(
+    r"<sip:([A-Za-z0-9._~!*'()+-]+)@([A-Za-z0-9.-]+)>(?:;tag=" + _TOKEN + ")?"
+)
+_VALUE = r'(?:"[^"\\\x00-\x1f]*"|[A-Za-z0-9.!%*_+`\'~:/\[\]-]+)'
+_PLAIN_CONTACT_RE = re.compile(r'<(sip:[^\s<>"]+)>((?:;' + _TOKEN + "(?:=" + _VALUE + ")?)*)")
+_PARAM_RE = re.compile(";(" + _TOKEN + ")(?:=(" + _VALUE + "))?")
+
+
+def read_plain_to(value: str) -> tuple[str, str] | None:
+    """``<sip:user@host>`` (perhaps with a tag): its user and its AoR (``sip:user@host``,
+    the host in lower case); None for any other form."""
+    m = _PLAIN_TO_RE.fullmatch(value)
+    if m is None:
+        return None
+    user = m.group(1)
+    return user, f"sip:{user}@{m.group(2).lower()}"
+
+
+def read_plain_contact(value: str) -> NameAddr | None:
+    """``<sip:...>;name=value;name="quoted";flag``: the address, as ``parse_name_addr``
+    reads it (so ``str()`` of it is ``value`` itself); None for any other form."""
+    m = _PLAIN_CONTACT_RE.fullmatch(value)
+    if m is None:
+        return None
+    params = tuple((k, v or None) for k, v in _PARAM_RE.findall(m.group(2)))
+    return NameAddr(None, m.group(1), params)

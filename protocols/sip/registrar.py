@@ -78,7 +78,13 @@ from callboard.protocols.sip.cisco import (
     shown,
 )
 from callboard.protocols.sip.digest import DigestAuthenticator, Verdict
-from callboard.protocols.sip.lean import COPIED, RegisterLines, scan_register
+from callboard.protocols.sip.lean import (
+    COPIED,
+    RegisterLines,
+    read_plain_contact,
+    read_plain_to,
+    scan_register,
+)
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
 from callboard.protocols.sip.message import (
     DEFAULT_MAX_MESSAGE,
@@ -607,6 +613,7 @@ class Registrar:
         # one is pending), each with the Deferred its answer goes to.
         self._waiting: dict[str, deque[tuple[_Register, Deferred[Response]]]] = {}
         self._shared_values: dict[str, str] = {}
+        self._uri_hosts: dict[str, str] = {}  # Request-URI → its host (lean path)
         #: Methods other than REGISTER, OPTIONS and REFER go here; None: 405.
         self.request_handler: RequestHandler | None = None
 
@@ -1127,15 +1134,22 @@ class Registrar:
     def _read_lean(self, lines: RegisterLines, source: Source) -> _LeanRegister | None:
         """Step 1 for the common shape: None for anything the general path must see (an
         error to answer, a removal, a keep-alive, an AoR waiting on its policy...)."""
+        s = self.settings
+        host = self._uri_host(lines.uri)
+        if not host or (s.domains and host not in s.domains):
+            return None
         try:
             via = parse_via(lines.via)
-            ruri = parse_uri(lines.uri)
-            to_uri = parse_uri(parse_name_addr(lines.to).uri)
-            contact = parse_name_addr(lines.contact)
+            to = read_plain_to(lines.to)
+            if to is None:
+                to_uri = parse_uri(parse_name_addr(lines.to).uri)
+                to = (to_uri.user or "", to_uri.aor)
+            plain = read_plain_contact(lines.contact)
+            contact = plain or parse_name_addr(lines.contact)
         except SIPParseError:
             return None
-        s = self.settings
-        if (s.domains and ruri.host not in s.domains) or not to_uri.user:
+        aor_user, aor = to
+        if not aor_user:
             return None
         named = params_by_name(contact.params)
         raw = named.get("expires")
@@ -1145,20 +1159,37 @@ class Registrar:
             expires = min(int(raw), 2**32 - 1)
         else:
             return None
-        if expires < s.min_expires or KEEPALIVE_PARAM in named or to_uri.aor in self._waiting:
+        if expires < s.min_expires or KEEPALIVE_PARAM in named or aor in self._waiting:
             return None
         return _LeanRegister(
             lines=lines,
             via=via,
             tkey=_transaction_key("REGISTER", via, source),
-            aor=to_uri.aor,
-            aor_user=to_uri.user,
-            contact=_bound_contact(contact),
+            aor=aor,
+            aor_user=aor_user,
+            contact=(
+                lines.contact  # as sent: what ``str()`` of a plain one gives
+                if plain is not None and not any(p in named for p in _UNBOUND_PARAMS)
+                else _bound_contact(contact)
+            ),
             key=_instance_key(contact, named),
             expires=min(expires, s.max_expires),
             identity=CiscoIdentity.of_params([named]),
             user_agent=self._shared(lines.user_agent),
         )
+
+    def _uri_host(self, uri: str) -> str:
+        """The host of a Request-URI ("": not a SIP URI). Phones send the few this registrar
+        answers at, each read once."""
+        host = self._uri_hosts.get(uri)
+        if host is None:
+            try:
+                host = parse_uri(uri).host
+            except SIPParseError:
+                host = ""
+            if len(self._uri_hosts) < 64:
+                self._uri_hosts[uri] = host
+        return host
 
     def _lean_register(self, lean: _LeanRegister, data: bytes, source: Source) -> Answer:
         """A retransmission gets its answer again; else the policy is asked, and the

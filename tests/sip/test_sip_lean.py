@@ -17,7 +17,8 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from callboard.protocols.sip.lean import scan_register
+from callboard.protocols.sip.lean import read_plain_contact, read_plain_to, scan_register
+from callboard.protocols.sip.message import parse_name_addr, parse_uri
 from callboard.protocols.sip.registrar import (
     PolicyDecision,
     Registrar,
@@ -264,3 +265,49 @@ def test_generated_registers_get_the_same_answers_and_state_on_both_paths(
         pair.lean.sweep()
         pair.general.sweep()
         assert state(pair.lean) == state(pair.general)
+
+
+# --- the plain To and Contact readers against the general ones ------------------------------
+
+_PIECES = st.sampled_from(
+    ("sip:", "sips:", "a", "B", "1", ".", "-", "@", ":", ";", "=", '"', "<", ">", " ", "%41",
+     "\\", "tag", "x1", "+sip.instance", "<urn:uuid:1>", "expires", ",", "[::1]", "*", "\t")
+)  # fmt: skip
+
+
+@st.composite
+def addresses(draw: st.DrawFn) -> str:
+    """Mostly near the plain forms, with a piece of anything anywhere."""
+    user = "".join(draw(st.lists(_PIECES, max_size=3))) or "u"
+    host = draw(st.sampled_from(("192.0.2.10", "Example.COM", "h", "")))
+    params = "".join(
+        f";{draw(st.sampled_from(('tag', 'x', '+u.sip!m.c', 'expires', 'lr')))}"
+        + draw(st.sampled_from(("", "=1", '="<a;b>"', "=a:b", '=""', "=")))
+        for _ in range(draw(st.integers(0, 3)))
+    )
+    noise = draw(st.lists(_PIECES, max_size=2))
+    text = f"<sip:{user}@{host}>{params}"
+    at = draw(st.integers(0, len(text)))
+    return text[:at] + "".join(noise) + text[at:]
+
+
+@settings(max_examples=int(os.environ.get("SIP_LEAN_EXAMPLES", "300")), deadline=None)
+@given(addresses())
+def test_plain_readers_read_as_the_general_ones(value: str) -> None:
+    to = read_plain_to(value)
+    if to is not None:
+        uri = parse_uri(parse_name_addr(value).uri)
+        assert to == (uri.user, uri.aor)
+    contact = read_plain_contact(value)
+    if contact is not None:
+        assert contact == parse_name_addr(value)
+        assert str(contact) == value
+
+
+def test_plain_readers_read_the_cisco_forms() -> None:
+    assert read_plain_to("<sip:2000001@Example.com>;tag=x") == (
+        "2000001",
+        "sip:2000001@example.com",
+    )
+    cisco = f"<sip:{'a' * 8}@192.0.2.50:5060;transport=udp>{CISCO}"
+    assert read_plain_contact(cisco) == parse_name_addr(cisco)
