@@ -60,12 +60,12 @@ _VERSION = " SIP/2.0"
 class RegisterLines:
     """What a common REGISTER says, each value stripped as the general parser strips it.
 
-    ``copied`` holds the Via, From, To, Call-ID and CSeq fields as (key, value), in the
-    order they came (the order a response repeats them in).
+    ``fields`` holds the fields read by key, in the order they came: a response repeats
+    the Via, From, To, Call-ID and CSeq ones (:data:`COPIED`) in that order.
     """
 
     uri: str
-    copied: tuple[tuple[str, str], ...]
+    fields: dict[str, str]
     via: str
     to: str
     call_id: str
@@ -103,21 +103,34 @@ def _fields(lines: list[str]) -> dict[str, str] | None:
     """The header fields the registrar reads, by key, in arrival order; None when one is
     unusual, repeated, folded or malformed."""
     fields: dict[str, str] = {}
+    keys = _KEYS
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or line[0] == " ":
             return None
-        try:
-            key = field_key(name)
-        except SIPParseError:
-            return None
+        key = keys.get(name) or _key(name)
         if key in _SINGLE:
             if key in fields:
                 return None
             fields[key] = value.strip()
-        elif key in _UNUSUAL:
+        elif not key or key in _UNUSUAL:
             return None
     return fields
+
+
+#: Field names as they arrive → their key ("": not a token), the dozen a phone sends
+#: looked up once.
+_KEYS: dict[str, str] = {}
+
+
+def _key(name: str) -> str:
+    try:
+        key = field_key(name)
+    except SIPParseError:
+        key = ""
+    if len(_KEYS) < 4096:
+        _KEYS[name] = key
+    return key
 
 
 def _register_lines(uri: str, fields: dict[str, str]) -> RegisterLines | None:
@@ -143,7 +156,7 @@ def _register_lines(uri: str, fields: dict[str, str]) -> RegisterLines | None:
         return None
     return RegisterLines(
         uri=uri,
-        copied=tuple((k, v) for k, v in fields.items() if k in COPIED),
+        fields=fields,
         via=via,
         to=to,
         call_id=call_id,

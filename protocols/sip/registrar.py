@@ -1258,7 +1258,9 @@ class Registrar:
         if stamped is not None:
             out.append("Via: " + stamped)
         tag = self._to_tag()
-        for key, value in lines.copied:
+        for key, value in lines.fields.items():
+            if key not in COPIED:
+                continue
             if key == "via":
                 if stamped is None:
                     out.append("Via: " + value)
