@@ -1632,7 +1632,9 @@ def _contact_values(after: Mapping[str, Binding], now: float, own: frozenset[str
     remaining ``expires`` (and ``x-cisco-newreg`` on the ``own`` keys). The bound contact is
     kept formatted: its parameters, then these, as text."""
     out: list[str] = []
-    for key, b in sorted(after.items(), key=lambda kv: kv[1].expires_at):
+    items = after.items()
+    ordered = sorted(items, key=lambda kv: kv[1].expires_at) if len(after) > 1 else items
+    for key, b in ordered:
         value = f"{b.contact};expires={max(0, round(b.expires_at - now))}"
         out.append(value + ";x-cisco-newreg" if key in own else value)
     return out
@@ -1659,7 +1661,9 @@ def _registration_request(
         client_cert_fingerprint=source.client_cert_fingerprint,
         client_certs=source.client_certs,
         is_removal=is_removal,
-        bound_devices=tuple(sorted({b.device_name for b in live.values() if b.device_name})),
+        bound_devices=(
+            tuple(sorted({b.device_name for b in live.values() if b.device_name})) if live else ()
+        ),
         authorization=authorization,
     )
 
