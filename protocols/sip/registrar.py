@@ -38,6 +38,12 @@ applies RFC 3261 §10.3 around it, one named step each:
    a refresh, not its other lines), CUCM's ``Supported``, and the optionsind response body
    (``application/x-cisco-remotecc-response+xml``) when the phone sent an optionsind.
 
+The common REGISTER (a phone binding or refreshing its one contact, no credentials, no body)
+is answered by a lean path over the datagram's lines (:mod:`~callboard.protocols.sip.lean`),
+its 200 made by concatenation; it hands anything else to these steps, before anything is
+counted or asked, or with the policy's answer when it was asked (once per REGISTER). Both
+give the same bytes and leave the same state (``tests/sip/test_sip_lean.py``).
+
 Bindings are keyed per AoR by ``+sip.instance`` when present (a rebooted Cisco phone with a
 new random contact user replaces its old binding) and by contact URI otherwise. They expire
 through :meth:`Registrar.sweep` (the service calls it every second).
