@@ -119,6 +119,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory", type=int, default=0, help="bindings for the memory figure")
     parser.add_argument(
+        "--general",
+        action="store_true",
+        help="every REGISTER through the general pipeline (the lean path off), for an A/B "
+        "of the two paths in one tree",
+    )
+    parser.add_argument(
         "--before",
         metavar="PYTHONPATH",
         help="compare with the tree this PYTHONPATH imports ('': the installed package)",
@@ -138,7 +144,10 @@ def main() -> int:
     location = SharedLocationService()
     sync = BindingsSync(location, journal, "bench", now, global_reactor)
     policy = ivr.BootstrapPolicy(RegistryPolicy(registry, None), None)  # type: ignore[arg-type]
-    registrar = Registrar(policy, RegistrarSettings(), now=now, wall_now=now, location=location)
+    lean = {"lean": False} if opts.general else {}
+    registrar = Registrar(
+        policy, RegistrarSettings(), now=now, wall_now=now, location=location, **lean
+    )
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     port = sink.getsockname()[1]

@@ -42,6 +42,12 @@ _SHOWN = (
 )
 
 
+#: One binding as :meth:`BindingJournal.replace` writes it: its columns after ``holder``
+#: (``node`` to ``client_cert_sha256``, in :data:`_COLUMNS` order). A tuple, not a
+#: :class:`StoredBinding`: a flush makes thousands, on the reactor.
+Row = tuple[Any, ...]
+
+
 @dataclass(frozen=True)
 class StoredBinding:
     """One binding as the table holds it (and as another node shows it)."""
@@ -86,7 +92,7 @@ class BindingJournal:
     def replace(
         self,
         holder: str,
-        aors: Mapping[str, Sequence[StoredBinding]],
+        aors: Mapping[str, Sequence[Row]],
         purge_before: float,
         unstored: Collection[str] = (),
     ) -> Deferred[None]:
@@ -101,10 +107,11 @@ class BindingJournal:
         insert = self._sql(f"INSERT INTO bindings ({_COLUMNS}) VALUES ({', '.join(['?'] * 12)})")
         purge = self._sql("DELETE FROM bindings WHERE expires_at < ?")
         skip = frozenset(unstored)
-        gone = [(holder, aor) for aor in aors if aor not in skip]
-        rows = [_row(holder, b) for bindings in aors.values() for b in bindings]
 
         def write(db: Any) -> None:
+            # The statements' parameters are made here, on the journal's thread.
+            gone = [(holder, aor) for aor in aors if aor not in skip]
+            rows = [(holder, *row) for bindings in aors.values() for row in bindings]
             cursor = db.cursor()
             if gone:
                 cursor.executemany(delete, gone)
@@ -163,23 +170,6 @@ class BindingJournal:
 
     def close(self) -> Deferred[None]:
         return self._side.close()
-
-
-def _row(holder: str, b: StoredBinding) -> tuple[Any, ...]:
-    return (
-        holder,
-        b.node,
-        b.aor,
-        b.key,
-        b.device_name,
-        b.contact,
-        b.transport,
-        b.source,
-        b.user_agent,
-        b.registered_at,
-        b.expires_at,
-        b.client_cert_sha256,
-    )
 
 
 def _stored(r: Sequence[Any]) -> StoredBinding:

@@ -105,6 +105,11 @@ class Binding:
     def source(self) -> str:
         return self._text.rsplit("\n", 2)[2]
 
+    def parts(self) -> tuple[str, str, str]:
+        """The contact, Call-ID and source at once (one split of the string they share)."""
+        contact, call_id, source = self._text.rsplit("\n", 2)
+        return _expanded(contact), call_id, source
+
     def replace(self, **changes: Any) -> Binding:
         """A copy with some fields changed (``dataclasses.replace`` for this record)."""
         fields = self._fields()

@@ -463,6 +463,12 @@ def _field_key(raw_name: str, line: str, partial: Request | None) -> str:
     return key
 
 
+def field_key(raw_name: str) -> str:
+    """The canonical key of a header name as it arrived, read as the parser reads it
+    (:class:`SIPParseError` when it is not a token): for a scan that reads lines itself."""
+    return _field_key(raw_name, raw_name, None)
+
+
 def _read_fields(
     lines: list[str], headers: Headers, partial: Request | None, may_have_ctl: bool
 ) -> None:

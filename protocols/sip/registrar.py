@@ -38,6 +38,12 @@ applies RFC 3261 §10.3 around it, one named step each:
    a refresh, not its other lines), CUCM's ``Supported``, and the optionsind response body
    (``application/x-cisco-remotecc-response+xml``) when the phone sent an optionsind.
 
+The common REGISTER (a phone binding or refreshing its one contact, no credentials, no body)
+is answered by a lean path over the datagram's lines (:mod:`~callboard.protocols.sip.lean`),
+its 200 made by concatenation; it hands anything else to these steps, before anything is
+counted or asked, or with the policy's answer when it was asked (once per REGISTER). Both
+give the same bytes and leave the same state (``tests/sip/test_sip_lean.py``).
+
 Bindings are keyed per AoR by ``+sip.instance`` when present (a rebooted Cisco phone with a
 new random contact user replaces its old binding) and by contact URI otherwise. They expire
 through :meth:`Registrar.sweep` (the service calls it every second).
@@ -78,6 +84,13 @@ from callboard.protocols.sip.cisco import (
     shown,
 )
 from callboard.protocols.sip.digest import DigestAuthenticator, Verdict
+from callboard.protocols.sip.lean import (
+    COPIED,
+    RegisterLines,
+    read_plain_contact,
+    read_plain_to,
+    scan_register,
+)
 from callboard.protocols.sip.location import Binding, LocationService, MemoryLocationService
 from callboard.protocols.sip.message import (
     DEFAULT_MAX_MESSAGE,
@@ -417,6 +430,28 @@ class _Register:
 
 
 @dataclass(slots=True)
+class _LeanRegister:
+    """A common REGISTER read by the lean path (one contact that binds, no body, no
+    credentials); everything the general path's step 1 would check has passed."""
+
+    lines: RegisterLines
+    via: Via
+    tkey: str | None  # its transaction (:func:`_transaction_key`)
+    aor: str
+    aor_user: str
+    contact: str  # as bound (:func:`_bound_contact`)
+    key: str  # its binding key (:func:`instance_key`)
+    expires: int  # the granted expiry (> 0)
+    identity: CiscoIdentity
+    user_agent: str | None
+
+
+#: What the lean path hands the general one when the policy's answer is not the common one:
+#: that answer, when it was asked, and the AoR's live bindings it was asked with.
+_Decided: TypeAlias = "tuple[PolicyDecision | Deferred[PolicyDecision], float, dict[str, Binding]]"
+
+
+@dataclass(slots=True)
 class _Change:
     """What a REGISTER does to its AoR's bindings (step 4), before it is applied."""
 
@@ -558,8 +593,12 @@ class Registrar:
         now: Callable[[], float],
         wall_now: Callable[[], float],
         location: LocationService | None = None,
+        lean: bool = True,
     ) -> None:
         self.policy = policy
+        #: Whether common REGISTERs take the lean path (False: every one the general path,
+        #: which the tests compare it with).
+        self.lean = lean
         self.settings = settings or RegistrarSettings()
         self.now = now
         self.wall_now = wall_now
@@ -580,14 +619,29 @@ class Registrar:
         # one is pending), each with the Deferred its answer goes to.
         self._waiting: dict[str, deque[tuple[_Register, Deferred[Response]]]] = {}
         self._shared_values: dict[str, str] = {}
+        self._uri_hosts: dict[str, str] = {}  # Request-URI → its host (lean path)
         #: Methods other than REGISTER, OPTIONS and REFER go here; None: 405.
         self.request_handler: RequestHandler | None = None
 
     # --- entry points ---------------------------------------------------------------------
 
     def handle_bytes(self, data: bytes, source: Source) -> Answer:
-        """One datagram or one framed stream message in; the reply (if any) out."""
+        """One datagram or one framed stream message in; the reply (if any) out.
+
+        The common REGISTER takes the lean path (:meth:`_lean_register`); anything else, or
+        anything it meets that is not common, the general one."""
         self.counters.requests += 1
+        if self.lean:
+            lines = scan_register(data, self.settings.max_message_size)
+            lean = None if lines is None else self._read_lean(lines, source)
+            if lean is not None:
+                return self._lean_register(lean, data, source)
+        return self._parse_and_handle(data, source)
+
+    def _parse_and_handle(
+        self, data: bytes, source: Source, decided: _Decided | None = None
+    ) -> Answer:
+        """The general path: parse, then answer (``decided``: the policy was asked already)."""
         try:
             msg = parse_message(data, self.settings.max_message_size)
         except MessageTooLarge as exc:
@@ -595,7 +649,9 @@ class Registrar:
             return self.error_reply(exc.partial, 513, source, exc.reason)
         except SIPParseError as exc:
             return self.error_reply(exc.partial, 400, source, exc.reason)
-        return self._handle(msg, source)
+        if isinstance(msg, Response):
+            return self._handle(msg, source)
+        return self.handle_request(msg, source, decided)
 
     def handle_message(self, msg: Message, source: Source) -> Answer:
         """One message a stream framer has already cut and parsed."""
@@ -609,7 +665,11 @@ class Registrar:
             return None  # responses to what the handler sent; stray ones are dropped
         return self.handle_request(msg, source)
 
-    def handle_request(self, req: Request, source: Source) -> Answer:
+    def handle_request(
+        self, req: Request, source: Source, decided: _Decided | None = None
+    ) -> Answer:
+        """Answer one request (``decided``: a REGISTER the lean path has asked the policy about,
+        with what it answered)."""
         try:
             via = parse_via(req.headers.values("via")[0])
             cseq = parse_cseq(req.headers.get("cseq") or "")
@@ -625,26 +685,30 @@ class Registrar:
             if self.request_handler is not None:
                 self.request_handler.handle_request(req, source, self._responder(req, source, via))
             return None
-        branch = via.branch
-        tkey: str | None = None
-        # Only UDP retransmits: on TCP/TLS Timer J is 0 (RFC 3261 §17.2.2), nothing is kept.
-        if branch and branch.startswith("z9hG4bK") and source.transport == "udp":
-            tkey = f"{method} {via.host}:{via.port} {branch}"
-            if tkey in self._transactions:
-                self.counters.retransmissions += 1
-                return self._transactions.get(tkey)  # None while pending: absorbed
+        tkey = _transaction_key(method, via, source)
+        if tkey is not None and tkey in self._transactions:
+            self.counters.retransmissions += 1
+            return self._transactions.get(tkey)  # None while pending: absorbed
         answer: Answer
         if cseq.method.upper() != method:
             answer = self.error_reply(req, 400, source, "CSeq method does not match")
         else:
-            answer = self._answer(req, method, source, via, cseq.number)
+            answer = self._answer(req, method, source, via, cseq.number, decided)
         if tkey is not None:
             self._remember(tkey, answer)
         return answer
 
-    def _answer(self, req: Request, method: str, source: Source, via: Via, cseq: int) -> Answer:
+    def _answer(
+        self,
+        req: Request,
+        method: str,
+        source: Source,
+        via: Via,
+        cseq: int,
+        decided: _Decided | None = None,
+    ) -> Answer:
         try:
-            response = self._dispatch(req, method, source, cseq)
+            response = self._dispatch(req, method, source, cseq, decided)
         except _Reject as exc:
             response = exc.response
         if isinstance(response, Deferred):
@@ -667,7 +731,7 @@ class Registrar:
         answer.addCallback(answered)
 
     def _dispatch(
-        self, req: Request, method: str, source: Source, cseq: int
+        self, req: Request, method: str, source: Source, cseq: int, decided: _Decided | None
     ) -> Response | Deferred[Response] | None:
         if method == "OPTIONS":
             self.counters.options += 1
@@ -685,7 +749,7 @@ class Registrar:
                 raise _Reject(self._response(req, 483))
         if method == "REGISTER":
             self.counters.register += 1
-            return self._register(req, source, cseq)
+            return self._register(req, source, cseq, decided)
         if method == "REFER":
             self.counters.refer += 1
             return self._refer(req, source)
@@ -709,14 +773,19 @@ class Registrar:
 
     # --- REGISTER: the pipeline -----------------------------------------------------------
 
-    def _register(self, req: Request, source: Source, cseq: int) -> Response | Deferred[Response]:
-        """RFC 3261 §10.3, one named step at a time; asynchronous only when the policy is."""
+    def _register(
+        self, req: Request, source: Source, cseq: int, decided: _Decided | None = None
+    ) -> Response | Deferred[Response]:
+        """RFC 3261 §10.3, one named step at a time; asynchronous only when the policy is.
+
+        ``decided``: the lean path asked the policy already (it is asked once per REGISTER),
+        and hands over what it answered, when, and the AoR's live bindings it was asked with."""
         reg = self._read_register(req, source, cseq)
         if reg.keepalive:
             return self._keepalive_ok(reg)
         waiting = self._waiting.get(reg.aor)
         if waiting is None:
-            outcome = self._decide(reg)
+            outcome = self._decide(reg, decided)
             if not isinstance(outcome, Deferred):
                 return outcome  # the fast path: the policy answered at once
             self._waiting[reg.aor] = deque()
@@ -727,11 +796,16 @@ class Registrar:
         waiting.append((reg, turn))
         return turn
 
-    def _decide(self, reg: _Register) -> Response | Deferred[Response]:
-        """Steps 2 to 5: ask the policy, then finish when it has answered."""
-        now = self.now()
-        live = self.location.lookup(reg.aor, now)
-        decision = self.policy.decide(self._policy_request(reg, live))
+    def _decide(
+        self, reg: _Register, decided: _Decided | None = None
+    ) -> Response | Deferred[Response]:
+        """Steps 2 to 5: ask the policy (unless ``decided``), then finish when it has answered."""
+        if decided is None:
+            now = self.now()
+            live = self.location.lookup(reg.aor, now)
+            decision = self.policy.decide(self._policy_request(reg, live))
+        else:
+            decision, now, live = decided
         if isinstance(decision, Deferred):
             d = decision.addCallback(self._after_policy, reg)
             return d.addErrback(self._policy_failed, reg)
@@ -864,24 +938,15 @@ class Registrar:
         return tuple(planned)
 
     def _policy_request(self, reg: _Register, live: dict[str, Binding]) -> RegistrationRequest:
-        return RegistrationRequest(
-            device_name=reg.identity.device_name,
-            mac=reg.identity.mac,
-            model_id=reg.identity.model_id,
-            aor_user=reg.aor_user,
-            source=reg.source.address,
-            transport=reg.source.transport,
-            user_agent=reg.user_agent,
-            client_cert_fingerprint=reg.source.client_cert_fingerprint,
-            client_certs=reg.source.client_certs,
-            is_removal=reg.is_removal,
-            bound_devices=tuple(sorted({b.device_name for b in live.values() if b.device_name})),
-            authorization=tuple(
-                (name, value)
-                for name in ("authorization", "proxy-authorization")
-                for value in reg.req.headers.get_all(name)
-            ),
+        authorization = tuple(
+            (name, value)
+            for name in ("authorization", "proxy-authorization")
+            for value in reg.req.headers.get_all(name)
         )
+        return _registration_request(
+            reg.identity, reg.aor_user, reg.source, reg.user_agent, reg.is_removal, live,
+            authorization,
+        )  # fmt: skip
 
     def _authenticate(
         self,
@@ -933,7 +998,10 @@ class Registrar:
                     continue
                 added = True
                 bound.append(key)
-                after[key] = self._binding(reg, c, key, now + exp, owner)
+                after[key] = self._binding(
+                    reg.aor, key, _bound_contact(c), reg.call_id, reg.cseq, now + exp, owner,
+                    reg.source, reg.user_agent,
+                )  # fmt: skip
             if len(after) > self.settings.max_contacts:
                 raise _Reject(self._bad(reg.req, "too many bindings for this address"))
         newreg = added and owner is not None and not self._holds_binding(owner, live, now)
@@ -947,21 +1015,30 @@ class Registrar:
         )
 
     def _binding(
-        self, reg: _Register, c: NameAddr, key: str, expires_at: float, owner: str | None
+        self,
+        aor: str,
+        key: str,
+        contact: str,
+        call_id: str,
+        cseq: int,
+        expires_at: float,
+        owner: str | None,
+        source: Source,
+        user_agent: str | None,
     ) -> Binding:
         return Binding(
-            aor=reg.aor,
+            aor=aor,
             key=key,
-            contact=_bound_contact(c),
-            call_id=reg.call_id,
-            cseq=reg.cseq,
+            contact=contact,
+            call_id=call_id,
+            cseq=cseq,
             expires_at=expires_at,
             registered_at=self.wall_now(),
             device_name=owner,
-            transport=reg.source.transport,
-            source=reg.source.address,
-            user_agent=reg.user_agent,
-            client_cert_fingerprint=reg.source.client_cert_fingerprint,
+            transport=source.transport,
+            source=source.address,
+            user_agent=user_agent,
+            client_cert_fingerprint=source.client_cert_fingerprint,
         )
 
     def _apply(self, reg: _Register, change: _Change, owner: str | None) -> None:
@@ -980,22 +1057,27 @@ class Registrar:
             )
         if change.added:
             self.counters.registrations += 1
-            # A new binding is news for operators; a refresh of one (every phone, every few
-            # minutes) is not: it is counted, and logged at debug level only.
             fresh = any(key not in change.before for key in change.after)
-            emit = self.log.info if fresh else self.log.debug
-            emit(
-                "SIP registered {aor} device={device} via {transport} from {source}",
-                aor=reg.aor,
-                device=owner,
-                transport=reg.source.transport,
-                source=reg.source.address,
-                new_registration=change.newreg,
-            )
+            self._log_registered(reg.aor, owner, reg.source, fresh, change.newreg)
             if reg.alarm is not None:
                 self._log_reason_alarm(reg, owner, reg.alarm)
         elif not reg.planned and not reg.wildcard:
             self.counters.queries += 1
+
+    def _log_registered(
+        self, aor: str, owner: str | None, source: Source, fresh: bool, newreg: bool
+    ) -> None:
+        """A new binding is news for operators; a refresh of one (every phone, every few
+        minutes) is not: it is counted, and logged at debug level only."""
+        emit = self.log.info if fresh else self.log.debug
+        emit(
+            "SIP registered {aor} device={device} via {transport} from {source}",
+            aor=aor,
+            device=owner,
+            transport=source.transport,
+            source=source.address,
+            new_registration=newreg,
+        )
 
     def _log_reason_alarm(self, reg: _Register, owner: str | None, alarm: ReasonAlarm) -> None:
         """What the phone says about itself in ``Reason`` (information only: the device is the
@@ -1018,10 +1100,8 @@ class Registrar:
         self.counters.ok += 1
         resp = self._response(reg.req, 200)
         own_keys = change.bound_keys if change.newreg else frozenset()
-        for key, b in sorted(change.after.items(), key=lambda kv: kv[1].expires_at):
-            # The bound contact is kept formatted: its parameters then these, as text.
-            value = f"{b.contact};expires={max(0, round(b.expires_at - now))}"
-            resp.headers.add("Contact", value + ";x-cisco-newreg" if key in own_keys else value)
+        for value in _contact_values(change.after, now, own_keys):
+            resp.headers.add("Contact", value)
         if change.added:
             resp.headers.add("Expires", str(self.settings.keepalive_expires))
         resp.headers.add("Supported", CUCM_SUPPORTED)
@@ -1046,6 +1126,161 @@ class Registrar:
             source=reg.source.address,
         )
         return self._response(reg.req, 200)
+
+    # --- REGISTER: the lean path ---------------------------------------------------------
+    #
+    # Nearly every REGISTER is a phone binding or refreshing its one contact: read from the
+    # datagram's lines (:func:`~callboard.protocols.sip.lean.scan_register`), answered by
+    # concatenating them, with no message, header map or response object built. Whatever is
+    # not that shape goes to the general pipeline before anything is counted or asked; a
+    # policy answer other than "allowed, no credentials" goes there with the answer (the
+    # policy is asked once per REGISTER). ``tests/sip/test_sip_lean.py`` holds both paths
+    # to the same bytes and the same state.
+
+    def _read_lean(self, lines: RegisterLines, source: Source) -> _LeanRegister | None:
+        """Step 1 for the common shape: None for anything the general path must see (an
+        error to answer, a removal, a keep-alive, an AoR waiting on its policy...)."""
+        s = self.settings
+        host = self._uri_host(lines.uri)
+        if not host or (s.domains and host not in s.domains):
+            return None
+        try:
+            via = parse_via(lines.via)
+            to = read_plain_to(lines.to)
+            if to is None:
+                to_uri = parse_uri(parse_name_addr(lines.to).uri)
+                to = (to_uri.user or "", to_uri.aor)
+            plain = read_plain_contact(lines.contact)
+            contact = plain or parse_name_addr(lines.contact)
+        except SIPParseError:
+            return None
+        aor_user, aor = to
+        if not aor_user:
+            return None
+        named = params_by_name(contact.params)
+        raw = named.get("expires")
+        if raw is None:
+            expires = s.default_expires if lines.expires is None else lines.expires
+        elif is_number(raw):
+            expires = min(int(raw), 2**32 - 1)
+        else:
+            return None
+        if expires < s.min_expires or KEEPALIVE_PARAM in named or aor in self._waiting:
+            return None
+        return _LeanRegister(
+            lines=lines,
+            via=via,
+            tkey=_transaction_key("REGISTER", via, source),
+            aor=aor,
+            aor_user=aor_user,
+            contact=(
+                lines.contact  # as sent: what ``str()`` of a plain one gives
+                if plain is not None and not any(p in named for p in _UNBOUND_PARAMS)
+                else _bound_contact(contact)
+            ),
+            key=_instance_key(contact, named),
+            expires=min(expires, s.max_expires),
+            identity=CiscoIdentity.of_params([named]),
+            user_agent=self._shared(lines.user_agent),
+        )
+
+    def _uri_host(self, uri: str) -> str:
+        """The host of a Request-URI ("": not a SIP URI). Phones send the few this registrar
+        answers at, each read once."""
+        host = self._uri_hosts.get(uri)
+        if host is None:
+            try:
+                host = parse_uri(uri).host
+            except SIPParseError:
+                host = ""
+            if len(self._uri_hosts) < 64:
+                self._uri_hosts[uri] = host
+        return host
+
+    def _lean_register(self, lean: _LeanRegister, data: bytes, source: Source) -> Answer:
+        """A retransmission gets its answer again; else the policy is asked, and the
+        REGISTER answered here when it is allowed as it stands, else by the general path."""
+        tkey = lean.tkey
+        if tkey is not None and tkey in self._transactions:
+            self.counters.retransmissions += 1
+            return self._transactions.get(tkey)
+        now = self.now()
+        live = self.location.lookup(lean.aor, now)
+        request = _registration_request(
+            lean.identity, lean.aor_user, source, lean.user_agent, False, live
+        )
+        decision = self.policy.decide(request)
+        reply = None
+        if _plain(decision):
+            assert isinstance(decision, PolicyDecision)
+            reply = self._lean_ok(lean, decision.device_name, source, now, live)
+        if reply is None:
+            return self._parse_and_handle(data, source, (decision, now, live))
+        if tkey is not None:
+            self._remember(tkey, reply)
+        return reply
+
+    def _lean_ok(
+        self,
+        lean: _LeanRegister,
+        device_name: str | None,
+        source: Source,
+        now: float,
+        live: dict[str, Binding],
+    ) -> Reply | None:
+        """Steps 4 and 5 for the common case: bind, count, log, answer 200. None (nothing
+        changed) when the binding cannot be made as asked (a stale CSeq, too many)."""
+        lines = lean.lines
+        old = live.get(lean.key)
+        if old is not None and old.call_id == lines.call_id and lines.cseq <= old.cseq:
+            return None
+        owner = device_name or lean.identity.device_name
+        after = dict(live)
+        after[lean.key] = self._binding(
+            lean.aor, lean.key, lean.contact, lines.call_id, lines.cseq, now + lean.expires,
+            owner, source, lean.user_agent,
+        )  # fmt: skip
+        if len(after) > self.settings.max_contacts:
+            return None
+        newreg = owner is not None and not self._holds_binding(owner, live, now)
+        c = self.counters
+        c.register += 1
+        self.location.replace(lean.aor, after)
+        c.registrations += 1
+        self._log_registered(lean.aor, owner, source, lean.key not in live, newreg)
+        c.ok += 1
+        if self.on_register_answer is not None:
+            self.on_register_answer(200)
+        stamped, port = _stamped_via(lean.via, source)
+        own = frozenset((lean.key,)) if newreg else frozenset()
+        text = self._lean_answer(lines, stamped, _contact_values(after, now, own))
+        return Reply(text.encode(), source.host, port)
+
+    def _lean_answer(self, lines: RegisterLines, stamped: str | None, contacts: list[str]) -> str:
+        """The 200, by concatenation, as ``_ok`` and ``_route`` make it: the request's Via
+        (first when stamped), From, To (tagged), Call-ID and CSeq lines in their order, then
+        ours."""
+        out = ["SIP/2.0 200 OK"]
+        if stamped is not None:
+            out.append("Via: " + stamped)
+        tag = self._to_tag()
+        for key, value in lines.fields.items():
+            if key not in COPIED:
+                continue
+            if key == "via":
+                if stamped is None:
+                    out.append("Via: " + value)
+            elif key == "to" and ";tag=" not in value.replace(" ", "").lower():
+                out.append(f"To: {value};tag={tag}")
+            else:
+                out.append(COPIED[key] + value)
+        out.append("Date: " + self._date())
+        out.append("Server: " + self.settings.server_name)
+        out.extend("Contact: " + value for value in contacts)
+        out.append(f"Expires: {self.settings.keepalive_expires}")
+        out.append("Supported: " + CUCM_SUPPORTED)
+        out.append("Content-Length: 0\r\n\r\n")
+        return "\r\n".join(out)
 
     # --- REFER: the alarm Cisco phones send before registering -----------------------------
 
@@ -1356,30 +1591,87 @@ class Registrar:
             self.on_register_answer(resp.status)
         if top is None:
             top = parse_via(req.headers.values("via")[0])
-        params = list(top.params)
-        has_rport = False
-        out: list[tuple[str, str | None]] = []
-        for k, v in params:
-            lk = k.lower()
-            if lk == "rport":
-                has_rport = True
-                continue
-            if lk == "received":
-                continue
-            out.append((k, v))
-        if top.host.strip("[]") != source.host:
-            out.append(("received", source.host))
-        if has_rport:
-            out.append(("rport", str(source.port)))
-        if out != params:
+        stamped, port = _stamped_via(top, source)
+        if stamped is not None:
             # The Via list first, one value a line, then the response's other headers.
             rest = req.headers.values("via")[1:]
-            resp.headers.put_first("via", [_via_text(top, out), *rest])
-        if source.transport != "udp" or has_rport:
-            port = source.port
-        else:
-            port = top.port or _sent_by_port(top.transport)
+            resp.headers.put_first("via", [stamped, *rest])
         return Reply(resp.to_bytes(), source.host, port)
+
+
+def _stamped_via(top: Via, source: Source) -> tuple[str | None, int]:
+    """RFC 3261 §18.2.2 + RFC 3581: the top Via with received/rport stamped (None: it stays
+    as it came), and the port the reply goes to."""
+    params = list(top.params)
+    has_rport = False
+    out: list[tuple[str, str | None]] = []
+    for k, v in params:
+        lk = k.lower()
+        if lk == "rport":
+            has_rport = True
+            continue
+        if lk == "received":
+            continue
+        out.append((k, v))
+    if top.host.strip("[]") != source.host:
+        out.append(("received", source.host))
+    if has_rport:
+        out.append(("rport", str(source.port)))
+    stamped = _via_text(top, out) if out != params else None
+    if source.transport != "udp" or has_rport:
+        return stamped, source.port
+    return stamped, top.port or _sent_by_port(top.transport)
+
+
+def _transaction_key(method: str, via: Via, source: Source) -> str | None:
+    """What a retransmission of this request repeats (method, sent-by, branch); None when
+    nothing is kept for it: only UDP retransmits (on TCP/TLS Timer J is 0, RFC 3261
+    §17.2.2), and only an RFC 3261 branch identifies a transaction."""
+    branch = via.branch
+    if branch and branch.startswith("z9hG4bK") and source.transport == "udp":
+        return f"{method} {via.host}:{via.port} {branch}"
+    return None
+
+
+def _contact_values(after: Mapping[str, Binding], now: float, own: frozenset[str]) -> list[str]:
+    """The Contact values of a 200: every live binding, soonest expiry first, with its
+    remaining ``expires`` (and ``x-cisco-newreg`` on the ``own`` keys). The bound contact is
+    kept formatted: its parameters, then these, as text."""
+    out: list[str] = []
+    items = after.items()
+    ordered = sorted(items, key=lambda kv: kv[1].expires_at) if len(after) > 1 else items
+    for key, b in ordered:
+        value = f"{b.contact};expires={max(0, round(b.expires_at - now))}"
+        out.append(value + ";x-cisco-newreg" if key in own else value)
+    return out
+
+
+def _registration_request(
+    identity: CiscoIdentity,
+    aor_user: str,
+    source: Source,
+    user_agent: str | None,
+    is_removal: bool,
+    live: Mapping[str, Binding],
+    authorization: tuple[tuple[str, str], ...] = (),
+) -> RegistrationRequest:
+    """What the policy is told about a REGISTER (the same from either path)."""
+    return RegistrationRequest(
+        device_name=identity.device_name,
+        mac=identity.mac,
+        model_id=identity.model_id,
+        aor_user=aor_user,
+        source=source.address,
+        transport=source.transport,
+        user_agent=user_agent,
+        client_cert_fingerprint=source.client_cert_fingerprint,
+        client_certs=source.client_certs,
+        is_removal=is_removal,
+        bound_devices=(
+            tuple(sorted({b.device_name for b in live.values() if b.device_name})) if live else ()
+        ),
+        authorization=authorization,
+    )
 
 
 def _via_text(via: Via, params: list[tuple[str, str | None]]) -> str:
@@ -1398,6 +1690,16 @@ def _bound_contact(c: NameAddr) -> str:
         params = tuple((k, v) for k, v in params if k.lower() not in _UNBOUND_PARAMS)
         c = NameAddr(c.display, c.uri, params)
     return str(c)
+
+
+def _plain(decision: PolicyDecision | Deferred[PolicyDecision]) -> bool:
+    """Allowed now, as it stands: no credentials to check, no cap on the expiry."""
+    return (
+        isinstance(decision, PolicyDecision)
+        and decision.allowed
+        and decision.credentials is None
+        and decision.max_expires is None
+    )
 
 
 def _capped(reg: _Register, seconds: int) -> _Register:
