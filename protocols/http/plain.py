@@ -43,11 +43,15 @@ __all__ = ["PlainFront", "PlainGet", "PlainRequest", "parse_plain_get"]
 log = Logger(namespace="callboard.http")
 
 PLAIN_LIMIT = 8192  # bytes of one plain request (a phone's GET: a few hundred)
-_TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin form, printable ASCII (as twisted.web)
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# One complete GET in origin form (printable ASCII target), HTTP/1.1, each header line a token,
+# a colon and a value without CR or LF (so no folded lines), then the empty line.
+_PLAIN_GET = re.compile(
+    rb"GET (/[\x21-\x7e]*) HTTP/1\.1\r\n"
+    rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n)*)\r\n"
+)
+_HEADER = re.compile(rb"([^:]+):([^\r\n]*)\r\n")
 # Headers that make twisted.web do more than store them: a body, an interim answer, a switch.
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade"})
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
 _EAGER_READ = 0x4000  # as twisted.web: buffer this much behind an answer, then pause reading
 
 
@@ -78,27 +82,17 @@ class PlainGet:
 def parse_plain_get(data: bytes) -> PlainGet | None:
     """``data`` as exactly one complete HTTP/1.1 GET with nothing twisted.web would treat
     specially, else None (twisted.web then parses it, answering errors as it does)."""
-    if len(data) > PLAIN_LIMIT or not data.startswith(b"GET /") or not data.endswith(b"\r\n\r\n"):
+    if len(data) > PLAIN_LIMIT or b"\x00" in data:
         return None
-    lines = data[:-4].split(b"\r\n")
-    request_line = lines[0].split(b" ")
-    if (
-        len(request_line) != 3
-        or request_line[2] != b"HTTP/1.1"
-        or not _TARGET.fullmatch(request_line[1])
-    ):
+    match = _PLAIN_GET.fullmatch(data)
+    if match is None:
         return None
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-            return None  # no header, a folded line, a stray CR or LF, a NUL: twisted.web's
-        headers[name.lower()] = value.strip(b" \t")
+    headers = {name.lower(): value.strip(b" \t") for name, value in _HEADER.findall(match.group(2))}
     if not _NOT_PLAIN.isdisjoint(headers):
         return None
     if b"close" in [t.lower() for t in headers.get(b"connection", b"").split(b" ")]:
         return None
-    return PlainGet(request_line[1], headers)
+    return PlainGet(match.group(1), headers)
 
 
 class PlainRequest:
