@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -249,7 +249,7 @@ class PlainFront(Protocol):
         self.channel.resetTimeout()  # what its own parser does with every read
         self._answer(PlainRequest(self, get))
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         answering, self._answering = self._answering, None
         if answering is not None and not answering.finished:
             answering.connection_lost(reason)
