@@ -4,7 +4,8 @@ Each run, alternating, in one invocation: (a) a fresh ``callboard serve`` (defau
 lab manufacturing CA as its trust store) and one ``callboard phone storm --provision`` of N
 phones through the whole path (trust list, XMLDefault, TVS ACTIVATE over mutual TLS, SEP
 config, REGISTER), the daemon's CPU (utime+stime from /proc) counted from the moment the storm
-starts booting (after its bulk import) to its end; (b) ``openssl s_server -Verify 1`` with the
+starts booting (after its bulk import) to its end, and its main (reactor) thread's alone
+(the rest is the store thread's and other helpers'); (b) ``openssl s_server -Verify 1`` with the
 daemon's own TVS certificate and the same lab chain, N mutual-TLS handshakes (one small request
 each, from the same MIC), its CPU per handshake. Prints the core count, the openssl version,
 each run, the medians and the ratio. Loopback only, bounded in count and time.
@@ -61,9 +62,18 @@ MAX_PHONES = 100_000
 LAST = re.compile(r"^phones=(\d+) ok=(\d+) failed=(\d+) phones_per_s=([0-9.]+) ")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, stat: str = "") -> float:
+    """utime+stime of a process (or, with ``stat``, of the file named: one thread's)."""
+    fields = Path(stat or f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reactor_cpu_seconds(pid: int) -> float:
+    """The CPU of a process's main thread (the reactor's; the store and other threads not)."""
+    try:
+        return cpu_seconds(pid, f"/proc/{pid}/task/{pid}/stat")
+    except OSError:
+        return 0.0
 
 
 def daemon_env(pythonpath: str | None) -> dict[str, str] | None:
@@ -117,6 +127,7 @@ class StormResult:
     last: str
     generator_cpu_ms: float  # the storm command and its client processes, per phone
     profile: Path | None
+    reactor_cpu_ms: float = 0.0  # the daemon's main thread alone, per phone (one process)
 
 
 def storm_run(
@@ -149,10 +160,11 @@ def storm_run(
             stdout=subprocess.PIPE, text=True, env=daemon_env(phone_code),
         )  # fmt: skip
         assert storm.stdout is not None
-        cpu0, gen0, last = None, 0.0, ""
+        cpu0, gen0, reactor0, last = None, 0.0, 0.0, ""
         for line in storm.stdout:
             if cpu0 is None and re.match(r"^storm: \d+ phone\(s\) of model", line):
                 cpu0 = _tree_cpu(proc.pid)  # provisioning done: booting starts
+                reactor0 = reactor_cpu_seconds(proc.pid)
                 gen0 = _tree_cpu(storm.pid)
                 if profile:
                     spy = subprocess.Popen(
@@ -165,6 +177,7 @@ def storm_run(
         _, _, usage = os.wait4(storm.pid, 0)  # its own CPU and its reaped client processes'
         storm.returncode = 0
         cpu = _tree_cpu(proc.pid) - (cpu0 or 0.0)  # a supervisor's workers included
+        reactor = reactor_cpu_seconds(proc.pid) - reactor0 if workers == 1 else 0.0
         generator = usage.ru_utime + usage.ru_stime - gen0 if cpu0 is not None else 0.0
         if spy is not None:
             spy.wait(timeout=max(60.0, profile * 3))
@@ -177,7 +190,7 @@ def storm_run(
     ok, failed, rate = int(match[2]), int(match[3]), float(match[4])
     return StormResult(
         rate, cpu / max(ok, 1) * 1000, failed, last, generator / max(ok, 1) * 1000,
-        raw if spy is not None and raw.exists() else None,
+        raw if spy is not None and raw.exists() else None, reactor / max(ok, 1) * 1000,
     )  # fmt: skip
 
 
@@ -322,7 +335,8 @@ def main() -> int:
                 )  # fmt: skip
                 storms[level].append(result)
                 print(f"run {run + 1} storm at {level}: {result.last} daemon_cpu_ms_per_phone="
-                      f"{result.daemon_cpu_ms:.2f} generator_cpu_ms_per_phone="
+                      f"{result.daemon_cpu_ms:.2f} reactor_thread_cpu_ms_per_phone="
+                      f"{result.reactor_cpu_ms:.2f} generator_cpu_ms_per_phone="
                       f"{result.generator_cpu_ms:.2f} (load {os.getloadavg()[0]:.1f})",
                       flush=True)  # fmt: skip
                 if args.profile and run == 0 and result.profile is None:
@@ -351,6 +365,7 @@ def main() -> int:
                     baseline[level].append(before)
                     print(f"run {run + 1} baseline storm at {level}: {before.last} "
                           f"daemon_cpu_ms_per_phone={before.daemon_cpu_ms:.2f} "
+                          f"reactor_thread_cpu_ms_per_phone={before.reactor_cpu_ms:.2f} "
                           f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
                 tvs = (
                     base / f"state{run}-{level}" / "certs" / "tvs.pem",
@@ -372,7 +387,8 @@ def main() -> int:
         ceiling = 1000 / gen * min(cores, args.processes + 1) if gen else 0.0
         print(
             f"storm of {args.phones} at {level} in flight, {args.processes} client process(es), "
-            f"median of {args.runs}: {rate:.1f} phones/s, daemon CPU {cpu:.2f} ms per phone, "
+            f"median of {args.runs}: {rate:.1f} phones/s, daemon CPU {cpu:.2f} ms per phone "
+            f"(reactor thread {statistics.median(r.reactor_cpu_ms for r in results):.2f}), "
             f"{sum(r.failed for r in results)} failed; generator CPU {gen:.2f} ms per phone "
             f"(its ceiling on {cores} cores: ~{ceiling:.0f} phones/s); "
             f"ratio daemon CPU per phone / openssl CPU per handshake: {cpu / ocpu:.2f}x"
@@ -401,8 +417,9 @@ def main() -> int:
             print(
                 f"baseline ({args.baseline_parts} from {args.baseline or 'installed package'}) "
                 f"at {level} in flight, median "
-                f"of {args.runs}: daemon CPU {before:.2f} ms per phone "
-                f"({before / ocpu:.2f}x openssl); this tree / baseline: {cpu / before:.2f}"
+                f"of {args.runs}: daemon CPU {before:.2f} ms per phone (reactor thread "
+                f"{statistics.median(r.reactor_cpu_ms for r in baseline[level]):.2f}; "
+                f"{before / ocpu:.2f}x openssl); this tree / baseline: {cpu / before:.2f}"
             )
     print(f"load averages (1 min) after each openssl run: {', '.join(loads)}")
     return 0 if failed == 0 else 1

@@ -20,6 +20,7 @@ import mimetypes
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from callboard.protocols.filesource import (
@@ -32,11 +33,22 @@ from callboard.protocols.filesource import (
     printable_name,
 )
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IAddress, IPullProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
+from twisted.web.http import (
+    FORBIDDEN,
+    INTERNAL_SERVER_ERROR,
+    NOT_ALLOWED,
+    NOT_FOUND,
+    OK,
+    PARTIAL_CONTENT,
+    REQUESTED_RANGE_NOT_SATISFIABLE,
+)
 from zope.interface import implementer
+
+from .plain import PlainFront
 
 __all__ = ["ProvisioningResource", "provisioning_site"]
 
@@ -154,7 +166,7 @@ class ProvisioningResource(resource.Resource):
         exchange = _Exchange(request, self._transport, self.on_finish)
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"Allow", b"GET, HEAD")
-            return exchange.plain(http.NOT_ALLOWED, b"method not allowed\n")
+            return exchange.plain(NOT_ALLOWED, b"method not allowed\n")
         try:
             normalised = normalise_name(exchange.name)
             opened = self._source.open(
@@ -225,13 +237,13 @@ class _Exchange:
 
     def refused(self, exc: BaseException) -> bytes:
         if isinstance(exc, FileNotFound):
-            return self.plain(http.NOT_FOUND, b"not found\n")
+            return self.plain(NOT_FOUND, b"not found\n")
         if isinstance(exc, AccessViolation):
-            return self.plain(http.FORBIDDEN, b"forbidden\n")
+            return self.plain(FORBIDDEN, b"forbidden\n")
         log.failure(
             "http: file source failed for {file}", Failure(exc), file=printable_name(self.name)
         )
-        return self.plain(http.INTERNAL_SERVER_ERROR, b"internal error\n")
+        return self.plain(INTERNAL_SERVER_ERROR, b"internal error\n")
 
     def finish_now(self, answer: bytes | int) -> None:
         """Send what :meth:`respond` or :meth:`refused` returned, after NOT_DONE_YET."""
@@ -246,17 +258,17 @@ class _Exchange:
         request = self.request
         size = body.size
         first, last = 0, size - 1
-        status = http.OK
+        status = OK
         range_header = request.getHeader(b"Range")
         if range_header is not None:
             wanted = parse_range(range_header.decode("latin-1"), size)
             if wanted is False:
                 body.close()
                 request.setHeader(b"Content-Range", f"bytes */{size}".encode())
-                return self.plain(http.REQUESTED_RANGE_NOT_SATISFIABLE, b"range not satisfiable\n")
+                return self.plain(REQUESTED_RANGE_NOT_SATISFIABLE, b"range not satisfiable\n")
             if isinstance(wanted, tuple):
                 first, last = wanted
-                status = http.PARTIAL_CONTENT
+                status = PARTIAL_CONTENT
                 request.setHeader(b"Content-Range", f"bytes {first}-{last}/{size}".encode())
         length = last - first + 1
         request.setResponseCode(status)
@@ -305,10 +317,20 @@ class _Exchange:
 
 
 class _QuietSite(server.Site):
-    """A Site without the combined access log: the resource logs each request itself."""
+    """A Site without the combined access log: the resource logs each request itself.
+
+    Its connections answer plain GETs without twisted.web's request machinery
+    (:class:`~callboard.protocols.http.plain.PlainFront`); twisted.web takes the rest.
+    """
 
     def log(self, request: http.Request) -> None:
         pass
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        inner = super().buildProtocol(addr)
+        if inner is None:
+            return None
+        return PlainFront(inner, self.resource.render)
 
 
 def provisioning_site(
