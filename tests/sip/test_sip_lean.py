@@ -31,28 +31,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 
-from .test_sip_register_corpus import CASES, CISCO, DEVICE, register
+from .test_sip_register_corpus import CASES, CISCO, DEVICE, CorpusPolicy, register
 
 NONCE = re.compile(rb'nonce="[^"]*"')
 TAGS = bytes(range(256)) * 16  # the To tags both registrars draw, in the same order
 
 
-class RecordingPolicy:
-    """The corpus policy, plus a capped line (1005) and one answered later (1009), noting
-    every request it is asked."""
+class RecordingPolicy(CorpusPolicy):
+    """The corpus policy, plus a capped line (1005), one answered later (1009) and one that
+    names no device (1006), noting every request it is asked."""
 
     def __init__(self) -> None:
         self.asked: list[RegistrationRequest] = []
 
-    def decide(self, request: RegistrationRequest) -> PolicyDecision | Deferred[PolicyDecision]:
+    def decide(  # type: ignore[override]
+        self, request: RegistrationRequest
+    ) -> PolicyDecision | Deferred[PolicyDecision]:
         self.asked.append(request)
-        name = request.device_name or (request.bound_devices or (None,))[0]
-        if name != DEVICE:
-            return PolicyDecision.refuse(404, f"{name} is not a known device")
-        if request.aor_user == "1002":
-            return PolicyDecision.allow(DEVICE, ("a1002", "secret"))
-        if request.aor_user == "1003":
-            return PolicyDecision.refuse(403, "1003 is not a directory number of it")
+        decision = super().decide(request)
+        if not decision.allowed or request.aor_user == "1002":
+            return decision
         if request.aor_user == "1005":
             return PolicyDecision(True, device_name=DEVICE, max_expires=300)
         if request.aor_user == "1009":
