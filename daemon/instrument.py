@@ -19,7 +19,7 @@ from callboard.protocols.tvs import codec
 from callboard.protocols.tvs.activation import ActivationAuthority, Redemption, ThrottleStore
 from twisted.internet.defer import Deferred
 
-from .metrics import CallboardMetrics, http_outcome, transfer_outcome
+from .metrics import CallboardMetrics, http_outcome
 
 __all__ = ["CountingAuthority", "ObservedThrottle", "instrument", "tvs_answer"]
 
@@ -83,9 +83,7 @@ def instrument(service: Any, metrics: CallboardMetrics) -> None:
     """Hook ``metrics`` into every part of a wired :class:`~.service.CallboardService`."""
     tftp = getattr(service, "tftp", None)
     if tftp is not None:
-        tftp.on_transfer_end = lambda name, outcome, seconds, size: metrics.record_transfer(
-            "tftp", name, transfer_outcome(outcome), seconds, size
-        )
+        tftp.on_transfer_end = metrics.record_tftp_transfer  # once per transfer: no lambda
     service.http_resource.on_finish = lambda name, status, seconds, size: metrics.record_transfer(
         "http", name, http_outcome(status), seconds, size
     )

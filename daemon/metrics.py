@@ -287,6 +287,9 @@ _LE = tuple(floatToGoString(bound) for bound in TRANSFER_BOUNDS)  # type: ignore
 _TransferChildren = tuple[list[float], _KindSeries]
 _TRANSFER_CHILDREN_CACHE = 4096
 _REMEMBERED_NAME = 256
+# The first field of a remembered key holding a TFTP reason as the server gives it ("error 1",
+# "client error 8"...), not a label: apart from record_transfer's (protocol, name, label).
+_TFTP_REASON = "tftp reason"
 
 
 class CallboardMetrics:
@@ -380,22 +383,41 @@ class CallboardMetrics:
         self, protocol: str, name: str, outcome: str, seconds: float, size: int = 0
     ) -> None:
         """One finished transfer; ``outcome`` from :func:`transfer_outcome`/:func:`http_outcome`."""
-        children = self._transfer_children.get((protocol, name, outcome))
+        key = (protocol, name, outcome)
+        children = self._transfer_children.get(key)
         if children is None:
-            children = self._children_for(protocol, name, outcome)
+            children = self._children_for(key, protocol, name, outcome)
+        self._add_transfer(children, seconds, size)
+
+    def record_tftp_transfer(self, name: str, reason: str, seconds: float, size: int) -> None:
+        """TFTP's ``on_transfer_end`` itself: :meth:`record_transfer` for the reason as given.
+
+        The series are remembered per (name, reason as the server gives it), so the reason is
+        mapped to its label (:func:`transfer_outcome`) once, not once per transfer.
+        """
+        key = (_TFTP_REASON, name, reason)
+        children = self._transfer_children.get(key)
+        if children is None:
+            children = self._children_for(key, "tftp", name, transfer_outcome(reason))
+        self._add_transfer(children, seconds, size)
+
+    def _add_transfer(self, children: _TransferChildren, seconds: float, size: int) -> None:
         count, series = children
         count[0] += 1
         if size > 0:
             series.bytes += size
             series.sent = True
-        seconds = max(seconds, 0.0)
+        if seconds < 0.0:
+            seconds = 0.0
         series.buckets[bisect.bisect_left(TRANSFER_BOUNDS, seconds)] += 1
         series.seconds += seconds
         if not series.observed:
             self._transfer_counts.observed_first(series)
 
-    def _children_for(self, protocol: str, name: str, outcome: str) -> _TransferChildren:
-        """Find the series once and remember them (forgetting all past a bound)."""
+    def _children_for(
+        self, key: tuple[str, str, str], protocol: str, name: str, outcome: str
+    ) -> _TransferChildren:
+        """Find the series once and remember them under ``key`` (forgetting all past a bound)."""
         proto = _bounded(protocol, TRANSFER_PROTOCOLS)
         kind = file_kind(name)
         counts = self._transfer_counts
@@ -408,7 +430,7 @@ class CallboardMetrics:
             return children  # names are the clients' choice: the memory stays bounded
         if len(cache) >= _TRANSFER_CHILDREN_CACHE:
             cache.clear()
-        cache[(protocol, name, outcome)] = children
+        cache[key] = children
         return children
 
     def tvs_connection_opened(self) -> None:

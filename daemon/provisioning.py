@@ -57,6 +57,9 @@ _RENDERED_ONLY = re.compile(
     r"^(sep|bat)[0-9a-f]{12}\.cnf\.xml(\.sgn|\.enc\.sgn)?$|^sepdefault\.cnf$"
 )
 _SIGNED_NEVER = re.compile(r"\.(sgn|enc|tlv)$")  # no .sgn of a .sgn, an .enc or a trust list
+# What every name the four patterns above match starts with (lower-cased): a name that starts
+# otherwise (firmware, most of a boot storm's requests) goes to the disk without trying them.
+_RENDERED_STEMS = frozenset({"sep", "bat", "itl", "ctl"})
 # Rendered device configs kept, least recently served dropped first: a booting phone fetches
 # its file again within seconds (TFTP then HTTP, retries), but keeping every device's file
 # (a few KB each) would hold hundreds of MB with 100,000 devices.
@@ -323,6 +326,8 @@ class ProvisioningTree:
             return MemoryBody(self.xml_default())
         if lowered in self.generated:
             return MemoryBody(self.generated[lowered]())
+        if lowered[:3] not in _RENDERED_STEMS:
+            return self._root.open(name, requester)
         match = _SEP_CONFIG.match(lowered)
         if match:
             return MemoryBody(self._device_config(match.group(1).upper(), requester))

@@ -10,6 +10,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 import pytest_twisted
+from callboard.daemon import provisioning
 from callboard.daemon.provisioning import ProvisioningSettings, ProvisioningTree
 from callboard.daemon.registry.model import Line, Onboarding
 from callboard.daemon.registry.registry import DeviceSpec, Registry
@@ -125,6 +126,32 @@ def test_trust_lists_and_files_from_the_root(tree: ProvisioningTree) -> None:
         fetch(tree, "../etc/passwd")
     with pytest.raises(FileNotFound):
         fetch(tree, "missing.bin")
+
+
+def test_names_rendered_or_refused_by_name_never_come_from_disk(
+    tree: ProvisioningTree, tmp_path: Path
+) -> None:
+    """The stem screen before the patterns: on disk or not, these names answer as before."""
+    refused = [
+        "CTLFile.tlv", "ctlsep001122334455.tlv", "SEPDefault.cnf", "sepdefault.cnf",
+        "BAT001122334455.cnf.xml", "bat001122334455.cnf.xml.sgn", "SEP001122334455.cnf.xml",
+        "SEP001122334455.cnf.xml.enc.sgn",
+    ]  # fmt: skip
+    served = ["sepx.bin", "ctl.bin", "batch.loads", "itl.txt", "SEPDefault.cnf.bak", "xm.bin"]
+    for name in refused + served:
+        (tmp_path / "tftp" / name).write_bytes(b"on disk")
+    for name in refused:
+        with pytest.raises(FileNotFound):
+            fetch(tree, name)
+    assert fetch(tree, "ITLFile.tlv") == b"ITL-BYTES"
+    assert fetch(tree, "ITLSEP001122334455.tlv") == b"ITL-BYTES"
+    for name in served:
+        assert fetch(tree, name) == b"on disk"
+    patterns = (provisioning._SEP_CONFIG, provisioning._ITL, provisioning._CTL)
+    patterns += (provisioning._RENDERED_ONLY,)
+    for name in [n.lower() for n in refused] + ["itlfile.tlv", "itlsep001122334455.tlv"]:
+        assert any(p.match(name) for p in patterns), name
+        assert name[:3] in provisioning._RENDERED_STEMS, name
 
 
 def test_a_broken_template_override_stops_start_up(tmp_path: Path, registry: Registry) -> None:

@@ -170,6 +170,38 @@ def test_transfer_families_expose_exactly_what_prometheus_client_children_would(
     )
 
 
+def test_tftp_reasons_as_given_count_as_their_labels_would() -> None:
+    """The TFTP hook (``record_tftp_transfer``, remembered per reason) == the labelled call."""
+    reasons = ["ok", "timeout", "deadline", "client error 8", "client error 0", "error 1"]
+    reasons += ["error 2", "read error", "illegal operation", "shutdown", " OK "]
+    names = ["SEP00AABBCCDDEE.cnf.xml", "sip88xx.loads", "x" * 300, "ITLFile.tlv"]
+    events = [
+        (name, reason, seconds, size)
+        for name in names
+        for reason in reasons
+        for seconds, size in ((0.02, 1500), (-1.0, 0), (700.0, 10))
+    ]
+    ours, labelled = CallboardMetrics(process=False), CallboardMetrics(process=False)
+    for _ in range(2):  # the second time from the remembered series
+        for name, reason, seconds, size in events:
+            ours.record_tftp_transfer(name, reason, seconds, size)
+            labelled.record_transfer("tftp", name, transfer_outcome(reason), seconds, size)
+
+    def transfer_lines(metrics: CallboardMetrics) -> list[str]:
+        text = generate_latest(metrics.registry).decode()
+        return [
+            re.sub(r"_created(\{.*\})? .*", r"_created\1 T", line)
+            for line in text.splitlines()
+            if line.startswith("callboard_transfer")
+        ]
+
+    assert transfer_lines(ours) == transfer_lines(labelled)
+    get = ours.registry.get_sample_value
+    labels = {"protocol": "tftp", "kind": "sep_config"}
+    assert get("callboard_transfers_total", {**labels, "outcome": "not_found"}) == 6
+    assert get("callboard_transfers_total", {**labels, "outcome": "timeout"}) == 12
+
+
 # -- scraped over loopback ---------------------------------------------------------------------
 
 
