@@ -57,8 +57,8 @@ _RENDERED_ONLY = re.compile(
     r"^(sep|bat)[0-9a-f]{12}\.cnf\.xml(\.sgn|\.enc\.sgn)?$|^sepdefault\.cnf$"
 )
 _SIGNED_NEVER = re.compile(r"\.(sgn|enc|tlv)$")  # no .sgn of a .sgn, an .enc or a trust list
-# What every name the four patterns above match starts with (lower-cased): a name that starts
-# otherwise (firmware, most of a boot storm's requests) goes to the disk without trying them.
+# What every name _SEP_CONFIG, _ITL, _CTL and _RENDERED_ONLY match starts with (lower-cased):
+# any other name (firmware, files under the TFTP root) goes to the disk without trying them.
 _RENDERED_STEMS = frozenset({"sep", "bat", "itl", "ctl"})
 # Rendered device configs kept, least recently served dropped first: a booting phone fetches
 # its file again within seconds (TFTP then HTTP, retries), but keeping every device's file
