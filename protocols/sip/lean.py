@@ -50,8 +50,9 @@ _UNUSUAL = frozenset(
     }
 )
 #: The control characters a line may not hold, tabs included (the general parser refuses
-#: most of them and reads tabs its own way: left to it); CR and LF only as CRLF pairs.
-_CONTROLS = bytes([*range(0x0A), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+#: most of them and reads tabs its own way: left to it), CR and LF among them: once the
+#: CRLF pairs are taken out, none may be left.
+_CONTROLS = bytes([*range(0x20), 0x7F])
 _START = "REGISTER "
 _VERSION = " SIP/2.0"
 
@@ -81,11 +82,9 @@ def scan_register(data: bytes, max_size: int) -> RegisterLines | None:
     if end < 0 or end + 4 != len(data) or len(data) > max_size or not data.isascii():
         return None  # a body, no blank line, too large, not ASCII
     head = data[:end]
-    pairs = head.count(b"\r\n")
-    if head.count(b"\r") != pairs or head.count(b"\n") != pairs:
-        return None  # a bare CR or LF
-    if len(head.translate(None, _CONTROLS)) != len(head):
-        return None
+    unpaired = head.replace(b"\r\n", b"")
+    if len(unpaired.translate(None, _CONTROLS)) != len(unpaired):
+        return None  # a control character, or a CR or LF outside a CRLF pair
     lines = head.decode("ascii").split("\r\n")
     start = lines[0]
     if not (start.startswith(_START) and start.endswith(_VERSION)):

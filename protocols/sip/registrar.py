@@ -63,7 +63,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
-from functools import cached_property
 from itertools import islice
 from typing import Any, Protocol, TypeAlias
 
@@ -301,9 +300,11 @@ class Source:
     #: chain it presented; for a policy that checks the chain itself (a MIC's).
     client_certs: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
-    @cached_property
+    @property
     def address(self) -> str:
-        """``host:port`` (``[host]:port`` for IPv6): asked several times per REGISTER."""
+        """``host:port`` (``[host]:port`` for IPv6). Made when asked: a source lives for one
+        datagram, and ``functools.cached_property`` takes a lock to fill itself in (3.11),
+        which costs more than the few times a REGISTER asks."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
@@ -583,7 +584,7 @@ class Registrar:
     bindings (in this process's memory unless another service is given).
     """
 
-    log = Logger(namespace="callboard.sip.registrar")
+    log: Logger
 
     def __init__(
         self,
@@ -595,6 +596,9 @@ class Registrar:
         location: LocationService | None = None,
         lean: bool = True,
     ) -> None:
+        # One logger, its source this registrar: as a class attribute, Twisted's Logger
+        # makes a new one each time ``self.log`` is read (once per REGISTER).
+        self.log = Logger(namespace="callboard.sip.registrar", source=self)
         self.policy = policy
         #: Whether common REGISTERs take the lean path (False: every one the general path,
         #: which the tests compare it with).
