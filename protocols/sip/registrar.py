@@ -1221,7 +1221,7 @@ class Registrar:
         if reply is None:
             return self._parse_and_handle(data, source, (decision, now, live))
         if tkey is not None:
-            self._remember(tkey, reply)
+            self._transactions.keep(tkey, reply, now)  # answered now: nothing pending
         return reply
 
     def _lean_ok(
