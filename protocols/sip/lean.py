@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from callboard.protocols.sip.message import (
     CANONICAL_NAMES,
-    NameAddr,
     SIPParseError,
     field_key,
     is_number,
+    unquote,
 )
 
 #: The headers a response copies from its request (RFC 3261 §8.2.6.2), each with the way a
@@ -192,11 +192,15 @@ def read_plain_to(value: str) -> tuple[str, str] | None:
     return user, f"sip:{user}@{m.group(2).lower()}"
 
 
-def read_plain_contact(value: str) -> NameAddr | None:
-    """``<sip:...>;name=value;name="quoted";flag``: the address, as ``parse_name_addr``
-    reads it (so ``str()`` of it is ``value`` itself); None for any other form."""
+def read_plain_contact(value: str) -> tuple[str, dict[str, str]] | None:
+    """``<sip:...>;name=value;name="quoted";flag``: its URI and its parameters by lower-case
+    name, as ``parse_name_addr`` and ``params_by_name`` read them (no address object made:
+    the binding keeps ``value`` itself, which is what ``str()`` of that address gives); None
+    for any other form."""
     m = _PLAIN_CONTACT_RE.fullmatch(value)
     if m is None:
         return None
-    params = tuple((k, v or None) for k, v in _PARAM_RE.findall(m.group(2)))
-    return NameAddr(None, m.group(1), params)
+    named: dict[str, str] = {}
+    for name, quoted in _PARAM_RE.findall(m.group(2)):  # "": a flag (a value is never empty)
+        named.setdefault(name.lower(), unquote(quoted) if quoted else "")
+    return m.group(1), named

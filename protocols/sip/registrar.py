@@ -877,7 +877,7 @@ class Registrar:
             wildcard=wildcard,
             planned=planned,
             identity=CiscoIdentity.of_params(named),
-            keys=tuple(_instance_key(c, n) for c, n in zip(listed, named, strict=True)),
+            keys=tuple(_instance_key(c.uri, n) for c, n in zip(listed, named, strict=True)),
             user_agent=self._shared(req.headers.get("user-agent")),
             keepalive=bool(listed) and all(KEEPALIVE_PARAM in n for n in named),
             remotecc=self._read_remotecc(req),
@@ -1155,13 +1155,20 @@ class Registrar:
                 to_uri = parse_uri(parse_name_addr(lines.to).uri)
                 to = (to_uri.user or "", to_uri.aor)
             plain = read_plain_contact(lines.contact)
-            contact = plain or parse_name_addr(lines.contact)
+            if plain is not None:
+                uri, named = plain
+                bound = lines.contact  # as sent: what ``str()`` of its address gives
+                if not named.keys().isdisjoint(_UNBOUND_PARAMS):
+                    bound = _bound_contact(parse_name_addr(lines.contact))
+            else:
+                contact = parse_name_addr(lines.contact)
+                uri, named = contact.uri, params_by_name(contact.params)
+                bound = _bound_contact(contact)
         except SIPParseError:
             return None
         aor_user, aor = to
         if not aor_user:
             return None
-        named = params_by_name(contact.params)
         raw = named.get("expires")
         if raw is None:
             expires = s.default_expires if lines.expires is None else lines.expires
@@ -1177,12 +1184,8 @@ class Registrar:
             tkey=_transaction_key("REGISTER", via, source),
             aor=aor,
             aor_user=aor_user,
-            contact=(
-                lines.contact  # as sent: what ``str()`` of a plain one gives
-                if plain is not None and not any(p in named for p in _UNBOUND_PARAMS)
-                else _bound_contact(contact)
-            ),
-            key=_instance_key(contact, named),
+            contact=bound,
+            key=_instance_key(uri, named),
             expires=min(expires, s.max_expires),
             identity=CiscoIdentity.of_params([named]),
             user_agent=self._shared(lines.user_agent),
@@ -1714,15 +1717,15 @@ def _capped(reg: _Register, seconds: int) -> _Register:
 
 def instance_key(contact: NameAddr) -> str:
     """Binding key: the ``+sip.instance`` when present, else the contact URI (normalised)."""
-    return _instance_key(contact, params_by_name(contact.params))
+    return _instance_key(contact.uri, params_by_name(contact.params))
 
 
-def _instance_key(contact: NameAddr, params: dict[str, str]) -> str:
-    """:func:`instance_key`, given the contact's :func:`params_by_name`."""
+def _instance_key(uri: str, params: dict[str, str]) -> str:
+    """:func:`instance_key`, given the contact's URI and :func:`params_by_name`."""
     inst = params.get("+sip.instance")
     if inst:
         return "instance:" + inst.strip().strip("<>").lower()
     try:
-        return "uri:" + str(parse_uri(contact.uri))
+        return "uri:" + str(parse_uri(uri))
     except SIPParseError:
-        return "uri:" + contact.uri
+        return "uri:" + uri
