@@ -28,7 +28,6 @@ from callboard.protocols.sip.message import (
     SIPParseError,
     field_key,
     is_number,
-    unquote,
 )
 
 #: The headers a response copies from its request (RFC 3261 §8.2.6.2), each with the way a
@@ -177,9 +176,12 @@ _TOKEN = r"[A-Za-z0-9.!%*_+`'~-]+"
 _PLAIN_TO_RE = re.compile(
     r"<sip:([A-Za-z0-9._~!*'()+-]+)@([A-Za-z0-9.-]+)>(?:;tag=" + _TOKEN + ")?"
 )
-_VALUE = r'(?:"[^"\\\x00-\x1f]*"|[A-Za-z0-9.!%*_+`\'~:/\[\]-]+)'
+_QUOTED = r'[^"\\\x00-\x1f]*'  # inside the quotes: no escapes, no controls
+_WORD = r"[A-Za-z0-9.!%*_+`'~:/\[\]-]+"
+_VALUE = f'(?:"{_QUOTED}"|{_WORD})'
 _PLAIN_CONTACT_RE = re.compile(r'<(sip:[^\s<>"]+)>((?:;' + _TOKEN + "(?:=" + _VALUE + ")?)*)")
-_PARAM_RE = re.compile(";(" + _TOKEN + ")(?:=(" + _VALUE + "))?")
+#: One parameter: its name, then its value unquoted (a quoted one) or as written.
+_PARAM_RE = re.compile(f';({_TOKEN})(?:=(?:"({_QUOTED})"|({_WORD})))?')
 
 
 def read_plain_to(value: str) -> tuple[str, str] | None:
@@ -201,6 +203,7 @@ def read_plain_contact(value: str) -> tuple[str, dict[str, str]] | None:
     if m is None:
         return None
     named: dict[str, str] = {}
-    for name, quoted in _PARAM_RE.findall(m.group(2)):  # "": a flag (a value is never empty)
-        named.setdefault(name.lower(), unquote(quoted) if quoted else "")
+    # A flag reads "", as ``=""`` does; a quoted value holds no escape to undo.
+    for name, quoted, word in _PARAM_RE.findall(m.group(2)):
+        named.setdefault(name.lower(), quoted or word)
     return m.group(1), named
