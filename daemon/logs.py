@@ -98,8 +98,10 @@ def _finish_event(
     """
     event["level"] = _LEVEL_OF_METHOD.get(name, name)
     event["timestamp"] = utc_timestamp(time.time_ns())
-    _device_from_file(logger, name, event)
-    _redact(logger, name, event)
+    if "device" not in event:
+        _device_from_file(logger, name, event)
+    if not SECRET_KEYS.isdisjoint(event):  # no set made for the lines with no secret
+        _redact(logger, name, event)
     if "exc_info" in event:
         structlog.processors.format_exc_info(logger, name, event)
     return event
@@ -316,6 +318,20 @@ def twisted_chatter(event: Mapping[str, Any]) -> str | None:
 _TWISTED_OWN_KEYS = frozenset({"format", "message", "isError", "system", "time"})
 
 
+class _KeptKeys(dict[str, bool]):
+    """Event keys → whether a line shows them (not ``log_*``, not Twisted's own): the few
+    dozen names events use, each judged once, on first sight."""
+
+    def __missing__(self, key: str) -> bool:
+        kept = not key.startswith("log_") and key not in _TWISTED_OWN_KEYS
+        if len(self) < 4096:
+            self[key] = kept
+        return kept
+
+
+_KEPT_KEYS = _KeptKeys()
+
+
 def event_text(event: Mapping[str, Any]) -> str:
     """The event's message, as Twisted's ``formatEvent`` writes it, for less.
 
@@ -392,11 +408,8 @@ def twisted_to_structlog(event: dict[str, Any]) -> None:
     if chatter == "drop":
         return
     level = "debug" if chatter == "debug" else _LEVELS.get(event.get("log_level"), "info")
-    fields: dict[str, Any] = {
-        key: value
-        for key, value in event.items()
-        if not key.startswith("log_") and key not in _TWISTED_OWN_KEYS
-    }
+    kept = _KEPT_KEYS
+    fields: dict[str, Any] = {key: value for key, value in event.items() if kept[key]}
     namespace = event.get("log_namespace")
     if namespace:
         fields["logger"] = namespace

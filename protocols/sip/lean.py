@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from callboard.protocols.sip.message import (
     CANONICAL_NAMES,
-    NameAddr,
     SIPParseError,
     field_key,
     is_number,
@@ -50,8 +49,9 @@ _UNUSUAL = frozenset(
     }
 )
 #: The control characters a line may not hold, tabs included (the general parser refuses
-#: most of them and reads tabs its own way: left to it); CR and LF only as CRLF pairs.
-_CONTROLS = bytes([*range(0x0A), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+#: most of them and reads tabs its own way: left to it), CR and LF among them: once the
+#: CRLF pairs are taken out, none may be left.
+_CONTROLS = bytes([*range(0x20), 0x7F])
 _START = "REGISTER "
 _VERSION = " SIP/2.0"
 
@@ -81,11 +81,9 @@ def scan_register(data: bytes, max_size: int) -> RegisterLines | None:
     if end < 0 or end + 4 != len(data) or len(data) > max_size or not data.isascii():
         return None  # a body, no blank line, too large, not ASCII
     head = data[:end]
-    pairs = head.count(b"\r\n")
-    if head.count(b"\r") != pairs or head.count(b"\n") != pairs:
-        return None  # a bare CR or LF
-    if len(head.translate(None, _CONTROLS)) != len(head):
-        return None
+    unpaired = head.replace(b"\r\n", b"")
+    if len(unpaired.translate(None, _CONTROLS)) != len(unpaired):
+        return None  # a control character, or a CR or LF outside a CRLF pair
     lines = head.decode("ascii").split("\r\n")
     start = lines[0]
     if not (start.startswith(_START) and start.endswith(_VERSION)):
@@ -178,9 +176,12 @@ _TOKEN = r"[A-Za-z0-9.!%*_+`'~-]+"
 _PLAIN_TO_RE = re.compile(
     r"<sip:([A-Za-z0-9._~!*'()+-]+)@([A-Za-z0-9.-]+)>(?:;tag=" + _TOKEN + ")?"
 )
-_VALUE = r'(?:"[^"\\\x00-\x1f]*"|[A-Za-z0-9.!%*_+`\'~:/\[\]-]+)'
+_QUOTED = r'[^"\\\x00-\x1f]*'  # inside the quotes: no escapes, no controls
+_WORD = r"[A-Za-z0-9.!%*_+`'~:/\[\]-]+"
+_VALUE = f'(?:"{_QUOTED}"|{_WORD})'
 _PLAIN_CONTACT_RE = re.compile(r'<(sip:[^\s<>"]+)>((?:;' + _TOKEN + "(?:=" + _VALUE + ")?)*)")
-_PARAM_RE = re.compile(";(" + _TOKEN + ")(?:=(" + _VALUE + "))?")
+#: One parameter: its name, then its value unquoted (a quoted one) or as written.
+_PARAM_RE = re.compile(f';({_TOKEN})(?:=(?:"({_QUOTED})"|({_WORD})))?')
 
 
 def read_plain_to(value: str) -> tuple[str, str] | None:
@@ -193,11 +194,16 @@ def read_plain_to(value: str) -> tuple[str, str] | None:
     return user, f"sip:{user}@{m.group(2).lower()}"
 
 
-def read_plain_contact(value: str) -> NameAddr | None:
-    """``<sip:...>;name=value;name="quoted";flag``: the address, as ``parse_name_addr``
-    reads it (so ``str()`` of it is ``value`` itself); None for any other form."""
+def read_plain_contact(value: str) -> tuple[str, dict[str, str]] | None:
+    """``<sip:...>;name=value;name="quoted";flag``: its URI and its parameters by lower-case
+    name, as ``parse_name_addr`` and ``params_by_name`` read them (no address object made:
+    the binding keeps ``value`` itself, which is what ``str()`` of that address gives); None
+    for any other form."""
     m = _PLAIN_CONTACT_RE.fullmatch(value)
     if m is None:
         return None
-    params = tuple((k, v or None) for k, v in _PARAM_RE.findall(m.group(2)))
-    return NameAddr(None, m.group(1), params)
+    named: dict[str, str] = {}
+    # A flag reads "", as ``=""`` does; a quoted value holds no escape to undo.
+    for name, quoted, word in _PARAM_RE.findall(m.group(2)):
+        named.setdefault(name.lower(), quoted or word)
+    return m.group(1), named

@@ -295,6 +295,8 @@ class MemoryLocationService:
         return {k: b for k, b in held.items() if b.expires_at > now}
 
     def replace(self, aor: str, bindings: Mapping[str, Binding]) -> None:
+        if len(bindings) == 1 and self._replace_single(aor, bindings):
+            return
         before = self._held(aor)
         self._store(aor, bindings)
         for key, b in bindings.items():
@@ -305,6 +307,26 @@ class MemoryLocationService:
         for device in devices:
             if device is not None:
                 self._index(device, aor)
+
+    def _replace_single(self, aor: str, bindings: Mapping[str, Binding]) -> bool:
+        """:meth:`replace` for the usual change, an AoR held by at most one binding getting
+        one (a phone line binding or refreshing): what the general steps do, without their
+        dicts and sets. False (nothing done) for any other change."""
+        held = self._bindings.get(aor)
+        if held is not None and not isinstance(held, Binding):
+            return False
+        ((key, new),) = bindings.items()
+        if key != new.key:
+            return False
+        self._bindings[aor] = new
+        if held is None or held.key != key or new.expires_at < held.expires_at:
+            self._file(aor, new.expires_at)  # else: filed at or before the old expiry
+        device = new.device_name
+        if held is not None and held.device_name != device and held.device_name is not None:
+            self._index(held.device_name, aor)  # that device's binding here is gone
+        if device is not None and (held is None or held.device_name != device):
+            self._index(device, aor)  # else: indexed here already, with the old binding
+        return True
 
     def _file(self, aor: str, expires_at: float) -> None:
         """Look at ``aor`` again in the second ``expires_at`` falls in."""

@@ -63,7 +63,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
-from functools import cached_property
 from itertools import islice
 from typing import Any, Protocol, TypeAlias
 
@@ -301,9 +300,11 @@ class Source:
     #: chain it presented; for a policy that checks the chain itself (a MIC's).
     client_certs: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
-    @cached_property
+    @property
     def address(self) -> str:
-        """``host:port`` (``[host]:port`` for IPv6): asked several times per REGISTER."""
+        """``host:port`` (``[host]:port`` for IPv6). Made when asked: a source lives for one
+        datagram, and ``functools.cached_property`` takes a lock to fill itself in (3.11),
+        which costs more than the few times a REGISTER asks."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
@@ -583,7 +584,7 @@ class Registrar:
     bindings (in this process's memory unless another service is given).
     """
 
-    log = Logger(namespace="callboard.sip.registrar")
+    log: Logger
 
     def __init__(
         self,
@@ -595,6 +596,9 @@ class Registrar:
         location: LocationService | None = None,
         lean: bool = True,
     ) -> None:
+        # One logger, its source this registrar: as a class attribute, Twisted's Logger
+        # makes a new one each time ``self.log`` is read (once per REGISTER).
+        self.log = Logger(namespace="callboard.sip.registrar", source=self)
         self.policy = policy
         #: Whether common REGISTERs take the lean path (False: every one the general path,
         #: which the tests compare it with).
@@ -873,7 +877,7 @@ class Registrar:
             wildcard=wildcard,
             planned=planned,
             identity=CiscoIdentity.of_params(named),
-            keys=tuple(_instance_key(c, n) for c, n in zip(listed, named, strict=True)),
+            keys=tuple(_instance_key(c.uri, n) for c, n in zip(listed, named, strict=True)),
             user_agent=self._shared(req.headers.get("user-agent")),
             keepalive=bool(listed) and all(KEEPALIVE_PARAM in n for n in named),
             remotecc=self._read_remotecc(req),
@@ -1151,13 +1155,20 @@ class Registrar:
                 to_uri = parse_uri(parse_name_addr(lines.to).uri)
                 to = (to_uri.user or "", to_uri.aor)
             plain = read_plain_contact(lines.contact)
-            contact = plain or parse_name_addr(lines.contact)
+            if plain is not None:
+                uri, named = plain
+                bound = lines.contact  # as sent: what ``str()`` of its address gives
+                if not named.keys().isdisjoint(_UNBOUND_PARAMS):
+                    bound = _bound_contact(parse_name_addr(lines.contact))
+            else:
+                contact = parse_name_addr(lines.contact)
+                uri, named = contact.uri, params_by_name(contact.params)
+                bound = _bound_contact(contact)
         except SIPParseError:
             return None
         aor_user, aor = to
         if not aor_user:
             return None
-        named = params_by_name(contact.params)
         raw = named.get("expires")
         if raw is None:
             expires = s.default_expires if lines.expires is None else lines.expires
@@ -1173,12 +1184,8 @@ class Registrar:
             tkey=_transaction_key("REGISTER", via, source),
             aor=aor,
             aor_user=aor_user,
-            contact=(
-                lines.contact  # as sent: what ``str()`` of a plain one gives
-                if plain is not None and not any(p in named for p in _UNBOUND_PARAMS)
-                else _bound_contact(contact)
-            ),
-            key=_instance_key(contact, named),
+            contact=bound,
+            key=_instance_key(uri, named),
             expires=min(expires, s.max_expires),
             identity=CiscoIdentity.of_params([named]),
             user_agent=self._shared(lines.user_agent),
@@ -1217,7 +1224,7 @@ class Registrar:
         if reply is None:
             return self._parse_and_handle(data, source, (decision, now, live))
         if tkey is not None:
-            self._remember(tkey, reply)
+            self._transactions.keep(tkey, reply, now)  # answered now: nothing pending
         return reply
 
     def _lean_ok(
@@ -1710,15 +1717,15 @@ def _capped(reg: _Register, seconds: int) -> _Register:
 
 def instance_key(contact: NameAddr) -> str:
     """Binding key: the ``+sip.instance`` when present, else the contact URI (normalised)."""
-    return _instance_key(contact, params_by_name(contact.params))
+    return _instance_key(contact.uri, params_by_name(contact.params))
 
 
-def _instance_key(contact: NameAddr, params: dict[str, str]) -> str:
-    """:func:`instance_key`, given the contact's :func:`params_by_name`."""
+def _instance_key(uri: str, params: dict[str, str]) -> str:
+    """:func:`instance_key`, given the contact's URI and :func:`params_by_name`."""
     inst = params.get("+sip.instance")
     if inst:
         return "instance:" + inst.strip().strip("<>").lower()
     try:
-        return "uri:" + str(parse_uri(contact.uri))
+        return "uri:" + str(parse_uri(uri))
     except SIPParseError:
-        return "uri:" + contact.uri
+        return "uri:" + uri

@@ -111,3 +111,28 @@ async def test_a_shared_registry_reads_the_feed_before_refusing_a_phone(tmp_path
     finally:
         for store in stores:
             await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_instance_mac_must_be_the_devices_own(registry: Registry) -> None:
+    """The MAC check (read from the SEP name at once) agrees with ``Device.mac`` in every
+    case: either case matches, another MAC or none is refused."""
+    await registry.add_device(
+        DeviceSpec(
+            model="8841", mac="00112233AABB", lines=(Line("1001"),), requires_activation=False
+        )
+    )
+    policy = RegistryPolicy(registry, None)
+    for mac in ("00112233aabb", "00112233AABB"):
+        request = RegistrationRequest(
+            "SEP00112233AABB", mac, MODEL_ID_8841, "1001", "192.0.2.1:5060", "udp"
+        )
+        decision = policy.decide(request)
+        assert isinstance(decision, PolicyDecision) and decision.allowed, mac
+    for mac in ("00112233aabc", None, ""):
+        request = RegistrationRequest(
+            "SEP00112233AABB", mac, MODEL_ID_8841, "1001", "192.0.2.1:5060", "udp"
+        )
+        decision = policy.decide(request)
+        assert isinstance(decision, PolicyDecision) and decision.status == 403, mac
+        assert "MAC does not match" in decision.warning

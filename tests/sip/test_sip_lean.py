@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from callboard.protocols.sip.lean import read_plain_contact, read_plain_to, scan_register
-from callboard.protocols.sip.message import parse_name_addr, parse_uri
+from callboard.protocols.sip.message import params_by_name, parse_name_addr, parse_uri
 from callboard.protocols.sip.registrar import (
     PolicyDecision,
     Registrar,
@@ -298,8 +298,9 @@ def test_plain_readers_read_as_the_general_ones(value: str) -> None:
         assert to == (uri.user, uri.aor)
     contact = read_plain_contact(value)
     if contact is not None:
-        assert contact == parse_name_addr(value)
-        assert str(contact) == value
+        address = parse_name_addr(value)
+        assert contact == (address.uri, params_by_name(address.params))
+        assert str(address) == value
 
 
 def test_plain_readers_read_the_cisco_forms() -> None:
@@ -308,4 +309,6 @@ def test_plain_readers_read_the_cisco_forms() -> None:
         "sip:2000001@example.com",
     )
     cisco = f"<sip:{'a' * 8}@192.0.2.50:5060;transport=udp>{CISCO}"
-    assert read_plain_contact(cisco) == parse_name_addr(cisco)
+    address = parse_name_addr(cisco)
+    assert read_plain_contact(cisco) == (address.uri, params_by_name(address.params))
+    assert str(address) == cisco

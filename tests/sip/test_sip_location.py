@@ -159,6 +159,39 @@ def test_sweep_agrees_with_a_plain_scan_of_every_binding() -> None:
     assert sum(len(aors) for aors in loc._due.values()) <= 4 * loc.count() + 3 * 40
 
 
+def test_the_device_index_agrees_with_a_plain_scan() -> None:
+    """Random replaces (one binding or several, same device or another, keys kept or
+    changed, expiries earlier or later) and removals: ``by_device`` and the index give what
+    a scan of every held binding gives, and each binding is filed by its expiry."""
+    rng = random.Random(7)
+    loc = MemoryLocationService()
+    held: dict[str, dict[str, Binding]] = {}
+    devices = ("SEPA", "SEPB", "SEPC", None)
+    for _ in range(4000):
+        aor = f"sip:{rng.randrange(12)}@h"
+        op = rng.random()
+        if op < 0.6:  # one binding: a line binding or refreshing, or its key changing
+            key = rng.choice("ab")
+            bindings = {key: binding(aor, key, rng.choice((5.0, 50.0, 500.0)), rng.choice(devices))}
+        elif op < 0.9:
+            bindings = dict(held.get(aor, {}))
+            key = rng.choice("abc")
+            bindings[key] = binding(aor, key, rng.choice((5.0, 50.0, 500.0)), rng.choice(devices))
+        else:
+            bindings = {}
+        loc.replace(aor, bindings)
+        held[aor] = bindings
+        for device in devices[:-1]:
+            scan = [b for a in sorted(held) for b in held[a].values() if b.device_name == device]
+            assert loc.by_device(device, 0.0) == scan
+            indexed = loc._by_device.get(device, ())
+            indexed = {indexed} if isinstance(indexed, str) else set(indexed)
+            assert indexed == {b.aor for b in scan}
+        for b in bindings.values():  # filed at or before its expiry, so the sweep sees it
+            assert any(second <= b.expires_at and aor in aors for second, aors in loc._due.items())
+    assert loc.count() == sum(len(bs) for bs in held.values())
+
+
 CISCO_CONTACT = (
     "<sip:1001@192.0.2.1:5060;transport=udp>"
     ';+sip.instance="<urn:uuid:00000000-0000-0000-0000-00ab00000001>"'
