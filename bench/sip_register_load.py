@@ -17,6 +17,11 @@ processes each time; medians over ``--runs``. Everything listens on 127.0.0.1 on
 
     python bench/sip_register_load.py [--runs 3] [--seconds 2] [--step 2000] [--resolution 250]
 
+With ``--at RATE --baseline PYTHONPATH`` it measures no ceiling: the real daemon (one process,
+``--devices`` imported) answers ``--seconds`` of REGISTERs at that fixed rate, this tree and
+the baseline's in turn, ``--runs`` times, and prints the daemon's CPU per answered REGISTER and
+the ratio of the medians (a rate both can sustain compares their cost within one run).
+
 With ``--workers N`` the Callboard side is the real daemon instead of the bare registrar:
 ``callboard serve`` with one worker and ``callboard serve --workers N`` (the supervisor and
 its workers sharing the SIP port through ``SO_REUSEPORT``), each started once with
@@ -408,13 +413,19 @@ def measure_generator(
 class Daemon:
     """``callboard serve [--workers N]`` on loopback with ``devices`` phones imported."""
 
-    def __init__(self, workdir: Path, workers: int, devices: int) -> None:
+    def __init__(
+        self, workdir: Path, workers: int, devices: int, pythonpath: str | None = None
+    ) -> None:
         self.name = f"callboard-w{workers}"
         self.base = workdir / self.name
         self.base.mkdir()
         self.state = self.base / "state"
         self.workers = workers
         self.devices = devices
+        # The tree the daemon and its CLI import (None: as this process does).
+        self.env = dict(os.environ)
+        if pythonpath is not None:
+            self.env["PYTHONPATH"] = pythonpath
         self.port = free_udp_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -436,7 +447,7 @@ class Daemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=dict(os.environ, NOTIFY_SOCKET=str(notify_path)),
+                env=dict(self.env, NOTIFY_SOCKET=str(notify_path)),
             )
         try:
             notify.settimeout(timeout)
@@ -458,7 +469,7 @@ class Daemon:
     def cli(self, *args: str) -> str:
         out = subprocess.run(
             [*CALLBOARD, "--admin-socket", str(self.state / "admin.sock"), *args],
-            capture_output=True, text=True, timeout=300, check=False,
+            capture_output=True, text=True, timeout=300, check=False, env=self.env,
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"callboard {' '.join(args)}: {out.stderr.strip()[-2000:]}")
@@ -519,6 +530,14 @@ def main() -> int:
     ap.add_argument(
         "--transport", choices=("u1", "un"), default="un", help="sipp UDP mode (--workers)"
     )
+    ap.add_argument(
+        "--at",
+        type=int,
+        metavar="RATE",
+        help="instead of ceilings: the real daemon's CPU per answered REGISTER at this fixed rate "
+        "(one process, --devices imported), this tree and --baseline alternately, --runs times",
+    )
+    ap.add_argument("--baseline", metavar="PYTHONPATH", help="the tree --at compares with")
     opts = ap.parse_args()
     if opts.serve:
         serve(opts.serve)
@@ -531,6 +550,10 @@ def main() -> int:
         return 2
     if not (1 <= opts.runs <= 5 and 0 < opts.seconds <= 10 and 100 <= opts.resolution <= opts.step):
         ap.error("--runs 1..5, --seconds up to 10, 100 <= --resolution <= --step")
+    if opts.at is not None:
+        if not (100 <= opts.at <= 20_000 and opts.baseline and 100 <= opts.devices <= 200_000):
+            ap.error("--at 100..20000 needs --baseline; --devices 100..200000")
+        return main_fixed_rate(opts)
     if opts.workers:
         if not (2 <= opts.workers <= 8 and 1 <= opts.sipp_processes <= 8):
             ap.error("--workers 2..8, --sipp-processes 1..8")
@@ -583,6 +606,42 @@ def main() -> int:
         f = med(v.rate for v in found["floor"])
         print(f"ratio Python floor/Kamailio: {f / k:.2f}; Callboard/Python floor: {c / f:.2f}")
     print(f"load averages after each run: {', '.join(loads)}")
+    return 0
+
+
+def main_fixed_rate(opts: argparse.Namespace) -> int:
+    """The daemon's CPU per answered REGISTER at ``--at`` per second, this tree against
+    ``--baseline``, interleaved; a fixed rate below both ceilings compares the cost of a
+    REGISTER in one run where ceilings would compare the box's mood."""
+    print(f"cores: {os.cpu_count()}; {_version(['sipp', '-v'])}; Python {sys.version.split()[0]}")
+    load = Load(DEVICES_SCENARIO, opts.devices, 1, opts.transport)
+    trees = {"this tree": os.environ.get("PYTHONPATH"), "baseline": opts.baseline}
+    cost: dict[str, list[float]] = {name: [] for name in trees}
+    with tempfile.TemporaryDirectory(prefix="sipbench") as tmp:
+        for i in range(opts.runs):
+            for name, pythonpath in trees.items():
+                work = Path(tmp) / f"{i}-{name.replace(' ', '-')}"
+                work.mkdir()
+                daemon = Daemon(work, 1, opts.devices, pythonpath)
+                daemon.start()
+                try:
+                    before = tree_cpu(daemon.pid)
+                    step = run_step(daemon.port, opts.at, opts.seconds, work, load)
+                    used = tree_cpu(daemon.pid) - before
+                finally:
+                    daemon.stop()
+                if step.failed or not step.ok:
+                    print(f"run {i + 1} {name}: {step.failed} of {step.calls} failed", flush=True)
+                    return 1
+                cost[name].append(used / step.ok * 1000)
+                print(
+                    f"run {i + 1} {name}: {step.ok}/{step.calls} answered at {opts.at}/s, "
+                    f"{cost[name][-1]:.3f} ms CPU per REGISTER (load {_uptime()})",
+                    flush=True,
+                )
+    now, then = (statistics.median(cost[name]) for name in trees)
+    print(f"median of {opts.runs}: this tree {now:.3f} ms, baseline {then:.3f} ms per REGISTER; "
+          f"this tree / baseline: {now / then:.2f}")  # fmt: skip
     return 0
 
 
