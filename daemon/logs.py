@@ -174,8 +174,17 @@ class _JSONLines:
             return None
         # Its arguments as JSONEncoder.iterencode passes them: circular check (markers),
         # default, ASCII strings, no indent, ": " and ", ", unsorted, no skipping, NaN allowed.
+        # ``c_make_encoder`` is the json module's own, not a public API: one that does not
+        # take these arguments or encode like the general one is not used.
         ascii_strings = json.encoder.encode_basestring_ascii
-        return make({}, str, ascii_strings, None, ": ", ", ", False, False, True)
+        probe = {"a": [1, "é", None], "b": object}
+        try:
+            encode = make({}, str, ascii_strings, None, ": ", ", ", False, False, True)
+            if "".join(encode(probe, 0)) != json.JSONEncoder(default=str).encode(probe):
+                return None
+        except Exception:
+            return None
+        return encode
 
     def __call__(self, event: MutableMapping[str, Any]) -> str:
         local = self._local
