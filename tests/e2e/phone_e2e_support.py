@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from callboard.daemon import certs
 from support.harness import Daemon, run_cli
 
@@ -16,6 +17,18 @@ def make_lab(directory: Path, name: str = "Callboard Lab") -> certs.LabCA:
     lab = certs.make_lab_ca(root_cn=f"{name} Root", ca_cn=f"{name} CA")
     certs.write_lab_ca(directory, lab)
     return lab
+
+
+@pytest.fixture
+def lab_dir(tmp_path: Path) -> Path:
+    """Where the lab manufacturing CA (and the MICs it issues) is kept."""
+    return tmp_path / "lab"
+
+
+@pytest.fixture
+def lab(lab_dir: Path) -> certs.LabCA:
+    """A lab manufacturing CA the daemon under test is told to trust."""
+    return make_lab(lab_dir)
 
 
 def mic_files(lab: certs.LabCA, out: Path, *, model: str, mac: str) -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from callboard.daemon import certs
-from e2e.phone_e2e_support import boot, make_lab, mic_files
+from e2e.phone_e2e_support import boot, mic_files
 from support.harness import Daemon
 from web.web_support import add_user
 
@@ -69,16 +69,6 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture
-def lab_dir(tmp_path: Path) -> Path:
-    return tmp_path / "lab"
-
-
-@pytest.fixture
-def lab(lab_dir: Path) -> certs.LabCA:
-    return make_lab(lab_dir)
 
 
 @pytest.fixture
