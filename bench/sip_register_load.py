@@ -20,7 +20,8 @@ processes each time; medians over ``--runs``. Everything listens on 127.0.0.1 on
 With ``--at RATE --baseline PYTHONPATH`` it measures no ceiling: the real daemon (one process,
 ``--devices`` imported) answers ``--seconds`` of REGISTERs at that fixed rate, this tree and
 the baseline's in turn, ``--runs`` times, and prints the daemon's CPU per answered REGISTER and
-the ratio of the medians (a rate both can sustain compares their cost within one run).
+the ratio of the medians (a rate both can sustain compares their cost within one run), with
+sipp's own CPU at each step to show the generator is far from its limit.
 
 With ``--workers N`` the Callboard side is the real daemon instead of the bare registrar:
 ``callboard serve`` with one worker and ``callboard serve --workers N`` (the supervisor and
@@ -636,7 +637,8 @@ def main_fixed_rate(opts: argparse.Namespace) -> int:
                 cost[name].append(used / step.ok * 1000)
                 print(
                     f"run {i + 1} {name}: {step.ok}/{step.calls} answered at {opts.at}/s, "
-                    f"{cost[name][-1]:.3f} ms CPU per REGISTER (load {_uptime()})",
+                    f"{cost[name][-1]:.3f} ms CPU per REGISTER, sipp {step.sipp_cpu:.2f} of a "
+                    f"core (load {_uptime()})",
                     flush=True,
                 )
     now, then = (statistics.median(cost[name]) for name in trees)
