@@ -134,12 +134,28 @@ def free_udp_port() -> int:
         return port
 
 
-def serve_floor(port: int) -> None:
+def serve_floor(port: int, processes: int = 1) -> None:
     """The floor of any Python registrar on Twisted: each REGISTER answered 200 by copying its
     Via, From, To (plus a tag), Call-ID, CSeq and Contact lines, with no parsing, no policy, no
     binding kept and no logging. What this process spends per REGISTER is the cost of the
     reactor, the two system calls and a few string operations: no real registrar in Python
-    on Twisted can be cheaper."""
+    on Twisted can be cheaper.
+
+    ``processes`` > 1: that many such processes (this one and forked children, before the
+    reactor is imported) share the port through ``SO_REUSEPORT``, as ``--workers`` do.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if processes > 1:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    for _ in range(processes - 1):
+        if os.fork() == 0:  # a child: its own socket in the same reuse group
+            sock.close()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", port))
+            break
+    sock.setblocking(False)
     from twisted.internet import reactor
     from twisted.internet.protocol import DatagramProtocol
 
@@ -158,7 +174,8 @@ def serve_floor(port: int) -> None:
             lines.append(b"Content-Length: 0\r\n\r\n")
             self.transport.write(b"\r\n".join(lines), addr)
 
-    reactor.listenUDP(port, Floor(), interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.adoptDatagramPort(sock.fileno(), socket.AF_INET, Floor())  # type: ignore[attr-defined]
+    sock.close()  # the reactor holds its own duplicate
     reactor.run()  # type: ignore[attr-defined]
 
 
@@ -359,15 +376,17 @@ def measure_callboard(
     workdir: Path,
     mode: str = "--serve",
     load: Load | None = None,
+    processes: int = 1,
 ) -> Ceiling:
-    """The bare registrar (``--serve``) or the Python floor (``--serve-floor``)."""
+    """The bare registrar (``--serve``) or the Python floor (``--serve-floor``, in
+    ``processes`` processes sharing the port)."""
     port = free_udp_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, mode, str(port)],
+        [sys.executable, __file__, mode, str(port), "--floor-processes", str(processes)],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
     )
-    name = "callboard" if mode == "--serve" else "floor"
+    name = "callboard" if mode == "--serve" else f"floor{processes}"
     try:
         wait_udp(port)
         return sustained(port, step, resolution, seconds, workdir, name, load, proc.pid)
@@ -512,6 +531,7 @@ def main() -> int:
         action="store_true",
         help="also measure the cheapest possible Python/Twisted responder (copies 5 headers)",
     )
+    ap.add_argument("--floor-processes", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--step", type=int, default=2000, help="coarse rate step, per second")
     ap.add_argument("--resolution", type=int, default=250, help="bisect down to this, per second")
     ap.add_argument("--seconds", type=float, default=2.0, help="length of each rate step")
@@ -544,7 +564,7 @@ def main() -> int:
         serve(opts.serve)
         return 0
     if opts.serve_floor:
-        serve_floor(opts.serve_floor)
+        serve_floor(opts.serve_floor, opts.floor_processes)
         return 0
     if shutil.which("sipp") is None:
         print("sipp not found (Debian package sip-tester)", file=sys.stderr)
@@ -665,7 +685,8 @@ def main_workers(opts: argparse.Namespace) -> int:
         work = Path(tmp)
         daemons = [Daemon(work, 1, opts.devices), Daemon(work, opts.workers, opts.devices)]
         found: dict[str, list[Ceiling]] = {d.name: [] for d in daemons}
-        found |= {"kamailio": [], "sipp": [], "python floor": []}
+        floors = {"python floor": 1, f"python floor x{opts.workers}": opts.workers}
+        found |= {"kamailio": [], "sipp": []} | {name: [] for name in floors}
         loads: list[str] = []
         try:
             for daemon in daemons:
@@ -680,9 +701,9 @@ def main_workers(opts: argparse.Namespace) -> int:
                         sustained(daemon.port, *args, work, daemon.name, load, daemon.pid)
                     )
                 found["kamailio"].append(measure_kamailio(*args, work, load))
-                if opts.floor:
-                    found["python floor"].append(
-                        measure_callboard(*args, work, "--serve-floor", load)
+                for name, processes in (floors if opts.floor else {}).items():
+                    found[name].append(
+                        measure_callboard(*args, work, "--serve-floor", load, processes)
                     )
                 if not opts.no_generator:
                     found["sipp"].append(measure_generator(*args, work, load))
@@ -713,7 +734,7 @@ def main_workers(opts: argparse.Namespace) -> int:
     rates = {k: med(v.rate for v in values) for k, values in found.items() if values}
     many = daemons[1].name
     for ours in (many, daemons[0].name):
-        for ref in (daemons[0].name, "kamailio", "python floor"):
+        for ref in (daemons[0].name, "kamailio", *floors):
             if ref != ours and rates.get(ref):
                 print(f"ratio {ours}/{ref}: {rates[ours] / rates[ref]:.2f}")
     print(f"uptime after each run: {'; '.join(loads)}")
