@@ -242,8 +242,12 @@ def hot_spots(raw: Path, top: int = 40) -> list[str]:
     )
 
 
-def openssl_run(base: Path, lab: Path, tvs: tuple[Path, Path], count: int) -> tuple[float, float]:
-    """(handshakes/s, server CPU ms per handshake) of ``openssl s_server -Verify 1``."""
+def openssl_run(
+    base: Path, lab: Path, pair: tuple[Path, Path], count: int, *, mutual: bool = True
+) -> tuple[float, float]:
+    """(handshakes/s, server CPU ms per handshake) of ``openssl s_server``: with ``-Verify 1``
+    (the TVS's mutual handshake: the phone shows its MIC) or, ``mutual=False``, without asking
+    for a certificate (the phone's first HTTPS 6971 connection, on the EC certificate)."""
     cafile = base / "cafile.pem"
     cafile.write_bytes((lab / "lab-root.pem").read_bytes() + (lab / "lab-ca.pem").read_bytes())
     mic_paths = certs.write_mic(
@@ -253,10 +257,10 @@ def openssl_run(base: Path, lab: Path, tvs: tuple[Path, Path], count: int) -> tu
     mic = (str(mic_paths[0]), str(mic_paths[1]))
     frame = ActivateRequest(1, DeviceName("8841", "00AABBCCDDEE"), "1234567812345678").encode()
     port = _free_port()
+    verify = ["-Verify", "1", "-CAfile", str(cafile)] if mutual else []
     ossl = subprocess.Popen(
-        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-Verify", "1",
-         "-cert", str(tvs[0]), "-key", str(tvs[1]), "-CAfile", str(cafile),
-         "-rev", "-quiet", "-no_ticket"],
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", *verify,
+         "-cert", str(pair[0]), "-key", str(pair[1]), "-rev", "-quiet", "-no_ticket"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -313,6 +317,7 @@ def main() -> int:
     baseline: dict[int, list[StormResult]] = {c: [] for c in levels}
     no_reuse: dict[int, list[StormResult]] = {c: [] for c in levels}
     ossl: list[tuple[float, float]] = []
+    ossl_https: list[tuple[float, float]] = []  # the phone's other full handshake (6971)
     loads: list[str] = []
     with tempfile.TemporaryDirectory(prefix="callboard-stormcpu-") as tmp:
         base = Path(tmp)
@@ -367,18 +372,23 @@ def main() -> int:
                           f"daemon_cpu_ms_per_phone={before.daemon_cpu_ms:.2f} "
                           f"reactor_thread_cpu_ms_per_phone={before.reactor_cpu_ms:.2f} "
                           f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
-                tvs = (
-                    base / f"state{run}-{level}" / "certs" / "tvs.pem",
-                    base / f"state{run}-{level}" / "certs" / "tvs.key",
-                )
+                state_certs = base / f"state{run}-{level}" / "certs"
+                tvs = (state_certs / "tvs.pem", state_certs / "tvs.key")
                 ossl.append(openssl_run(base, lab, tvs, args.handshakes))
+                https = (state_certs / "https-tftp.pem", state_certs / "https-tftp.key")
+                ossl_https.append(openssl_run(base, lab, https, args.handshakes, mutual=False))
                 loads.append(f"{os.getloadavg()[0]:.1f}")
                 print(f"run {run + 1} openssl: {ossl[-1][0]:.0f} handshakes/s, "
-                      f"{ossl[-1][1]:.2f} ms CPU per handshake (load {loads[-1]})",
+                      f"{ossl[-1][1]:.2f} ms CPU per handshake; HTTPS (EC, no client "
+                      f"certificate): {ossl_https[-1][1]:.2f} ms (load {loads[-1]})",
                       flush=True)  # fmt: skip
     ocpu = statistics.median(o[1] for o in ossl)
     failed = 0
     print(f"openssl s_server -Verify 1: {ocpu:.2f} ms CPU per handshake (median of {len(ossl)})")
+    hcpu = statistics.median(o[1] for o in ossl_https)
+    print(f"openssl s_server, HTTPS 6971's EC certificate, no client certificate: {hcpu:.2f} ms "
+          f"CPU per handshake; the phone's two full handshakes (TVS + HTTPS) in openssl: "
+          f"{ocpu + hcpu:.2f} ms = {(ocpu + hcpu) / ocpu:.2f}x one TVS handshake")  # fmt: skip
     for level, results in storms.items():
         rate = statistics.median(r.rate for r in results)
         cpu = statistics.median(r.daemon_cpu_ms for r in results)
@@ -391,7 +401,8 @@ def main() -> int:
             f"(reactor thread {statistics.median(r.reactor_cpu_ms for r in results):.2f}), "
             f"{sum(r.failed for r in results)} failed; generator CPU {gen:.2f} ms per phone "
             f"(its ceiling on {cores} cores: ~{ceiling:.0f} phones/s); "
-            f"ratio daemon CPU per phone / openssl CPU per handshake: {cpu / ocpu:.2f}x"
+            f"ratio daemon CPU per phone / openssl CPU per handshake: {cpu / ocpu:.2f}x; "
+            f"/ openssl CPU for both of the phone's handshakes: {cpu / (ocpu + hcpu):.2f}x"
         )
         for workers in worker_counts[1:]:
             multi = by_workers[(level, workers)]
