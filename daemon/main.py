@@ -31,38 +31,112 @@ def package_version() -> str:
 
 
 SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--state-dir", "state_dir", {"help": "where the database, keys and sockets live"}),
+    (
+        "--state-dir",
+        "state_dir",
+        {
+            "metavar": "DIR",
+            "help": "where the database, keys and sockets live (default /var/lib/callboard)",
+        },
+    ),
     (
         "--listen-address",
         "network.listen_addresses",
-        {"action": "append", "help": "an address to listen on (repeatable)"},
+        {
+            "action": "append",
+            "metavar": "ADDRESS",
+            "help": "an address to listen on (repeatable; default 127.0.0.1)",
+        },
     ),
     (
         "--advertise-address",
         "network.advertise_address",
-        {"help": "the address written into phone configs"},
+        {
+            "metavar": "ADDRESS",
+            "help": "the address written into phone configs (default the first listen address)",
+        },
     ),
-    ("--tftp-port", "network.tftp_port", {"type": int}),
-    ("--http-port", "network.http_port", {"type": int}),
-    ("--tvs-port", "network.tvs_port", {"type": int}),
-    ("--sip-port", "network.sip_port", {"type": int}),
-    ("--sip-tls-port", "network.sip_tls_port", {"type": int}),
+    (
+        "--tftp-port",
+        "network.tftp_port",
+        {"type": int, "metavar": "PORT", "help": "TFTP, UDP (default 69)"},
+    ),
+    (
+        "--http-port",
+        "network.http_port",
+        {"type": int, "metavar": "PORT", "help": "HTTP provisioning (default 6970)"},
+    ),
+    (
+        "--tvs-port",
+        "network.tvs_port",
+        {"type": int, "metavar": "PORT", "help": "TVS, TLS (default 2445)"},
+    ),
+    (
+        "--sip-port",
+        "network.sip_port",
+        {"type": int, "metavar": "PORT", "help": "SIP over UDP and TCP (default 5060)"},
+    ),
+    (
+        "--sip-tls-port",
+        "network.sip_tls_port",
+        {"type": int, "metavar": "PORT", "help": "SIP over TLS (default 5061)"},
+    ),
     (
         "--https-port",
         "network.https_port",
-        {"type": int, "help": "HTTPS provisioning for ITL 1.1 phones (default 6971; 0 = off)"},
+        {
+            "type": int,
+            "metavar": "PORT",
+            "help": "HTTPS provisioning for ITL 1.1 phones (default 6971; 0 = off)",
+        },
     ),
-    ("--edge-port", "edge.port", {"type": int, "help": "HTTPS edge for remote activation"}),
-    ("--sip-oauth-port", "edge.sip_oauth_port", {"type": int, "help": "SIP over TLS, bearer"}),
-    ("--web-port", "network.web_port", {"type": int, "help": "HTTPS web and REST API port"}),
-    ("--tftp-root", "tftp_root", {"help": "firmware and other served files"}),
-    ("--admin-socket", "admin_socket", {"help": "the admin API's UNIX socket"}),
+    (
+        "--edge-port",
+        "edge.port",
+        {
+            "type": int,
+            "metavar": "PORT",
+            "help": "HTTPS edge for remote activation, docs/REMOTE.md (off unless set)",
+        },
+    ),
+    (
+        "--sip-oauth-port",
+        "edge.sip_oauth_port",
+        {
+            "type": int,
+            "metavar": "PORT",
+            "help": "the edge's SIP over TLS with bearer tokens (off unless set)",
+        },
+    ),
+    (
+        "--web-port",
+        "network.web_port",
+        {"type": int, "metavar": "PORT", "help": "HTTPS web console and REST API (off unless set)"},
+    ),
+    (
+        "--tftp-root",
+        "tftp_root",
+        {"metavar": "DIR", "help": "firmware and other served files (default <state-dir>/tftp)"},
+    ),
+    (
+        "--admin-socket",
+        "admin_socket",
+        {"metavar": "PATH", "help": "the admin API's UNIX socket (default <state-dir>/admin.sock)"},
+    ),
     (
         "--manufacturing-trust",
         "tvs.manufacturing_trust",
-        {"help": "directory of manufacturing root/intermediate PEM files"},
+        {
+            "metavar": "DIR",
+            "help": "directory of manufacturing root/intermediate PEM files "
+            "(default <state-dir>/manufacturing-trust)",
+        },
     ),
-    ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error"]}),
+    (
+        "--log-level",
+        "log_level",
+        {"choices": ["debug", "info", "warning", "error"], "help": "default info"},
+    ),
     (
         "--log-format",
         "log_format",
@@ -71,17 +145,25 @@ SERVE_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "--metrics-port",
         "metrics.port",
-        {"type": int, "help": "serve Prometheus /metrics on this port (off unless set)"},
+        {
+            "type": int,
+            "metavar": "PORT",
+            "help": "serve Prometheus /metrics on this port (off unless set)",
+        },
     ),
     (
         "--metrics-address",
         "metrics.address",
-        {"help": "the address /metrics listens on (default 127.0.0.1)"},
+        {"metavar": "ADDRESS", "help": "the address /metrics listens on (default 127.0.0.1)"},
     ),
     (
         "--workers",
         "workers",
-        {"type": int, "help": "reactor processes sharing every listener (default 1; 1-64)"},
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "reactor processes sharing every listener (default 1; 1-64)",
+        },
     ),
     (
         "--registry",
@@ -119,7 +201,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the daemon", description="Run the daemon.")
-    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    serve.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML configuration file (none by default)"
+    )
     for flag, key, extra in SERVE_FLAGS:
         serve.add_argument(flag, dest="serve." + key, default=None, **extra)
     serve.add_argument(
