@@ -312,14 +312,17 @@ def _network_arguments() -> argparse.ArgumentParser:
         "--server",
         type=_servers,
         metavar="ADDR[,ADDR…]",
-        help="provisioning servers in DHCP option-150 order (or learn them with --dhcp)",
+        help="provisioning servers, in DHCP option-150 order",
     )
-    net.add_argument("--tftp-port", type=int, default=69)
-    net.add_argument("--http-port", type=int, default=6970)
+    net.add_argument("--tftp-port", type=int, default=69, metavar="PORT", help="TFTP (default 69)")
+    net.add_argument(
+        "--http-port", type=int, default=6970, metavar="PORT", help="HTTP (default 6970)"
+    )
     net.add_argument(
         "--https-port",
         type=int,
         default=6971,
+        metavar="PORT",
         help="HTTPS for SEP<MAC>.cnf.xml when the ITL is version 1.1 (default 6971; 0 = never)",
     )
     net.add_argument(
@@ -329,10 +332,18 @@ def _network_arguments() -> argparse.ArgumentParser:
         help="auto: HTTP first, then TFTP (as current Cisco firmware)",
     )
     net.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds per network step (default 10)"
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds per network step (default 10)",
     )
     net.add_argument(
-        "--config-retries", type=int, default=5, help="SEP config polls after activation"
+        "--config-retries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="SEP config polls after activation (default 5)",
     )
     reg = net.add_mutually_exclusive_group()
     reg.add_argument(
@@ -343,7 +354,13 @@ def _network_arguments() -> argparse.ArgumentParser:
         default=None,
         help="REGISTER the lines (default: when the config names a SIP server)",
     )
-    reg.add_argument("--no-register", dest="register", action="store_const", const=False)
+    reg.add_argument(
+        "--no-register",
+        dest="register",
+        action="store_const",
+        const=False,
+        help="stop once configured (activated if needed)",
+    )
     net.add_argument("--unregister", action="store_true", help="unregister after registering")
     net.add_argument(
         "--no-reuse",
@@ -377,10 +394,19 @@ def _add_boot(
         epilog=EXIT_CODES_HELP,
     )
     p.add_argument("--model", required=True, type=_checked(normalise_model), help="e.g. 8841")
-    p.add_argument("--mac", required=True, type=_checked(normalise_mac))
-    p.add_argument("--mic", required=True, help="the MIC certificate (PEM; chain may follow)")
-    p.add_argument("--mic-key", required=True, help="the MIC private key (PEM)")
-    p.add_argument("--code", help="the 16-digit activation code, as keyed in by a user")
+    p.add_argument("--mac", required=True, type=_checked(normalise_mac), help="12 hex digits")
+    p.add_argument(
+        "--mic",
+        required=True,
+        metavar="PEM",
+        help="the MIC certificate (PEM; chain may follow)",
+    )
+    p.add_argument("--mic-key", required=True, metavar="PEM", help="the MIC private key (PEM)")
+    p.add_argument(
+        "--code",
+        metavar="CODE",
+        help="the 16-digit activation code, as keyed in by a user (dashes allowed)",
+    )
     p.add_argument(
         "--dhcp",
         metavar="IFACE",
@@ -410,7 +436,7 @@ def _add_storm(
     )
     p.add_argument("--model", required=True, help="the BAT devices' model, e.g. 8841")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--codes", help="CSV written by `callboard codes export`")
+    source.add_argument("--codes", metavar="FILE", help="CSV written by `callboard codes export`")
     source.add_argument(
         "--provision",
         action="store_true",
@@ -421,27 +447,52 @@ def _add_storm(
         "--admin-socket",
         dest="storm_admin_socket",
         metavar="PATH",
-        help="with --provision: the daemon's admin socket (else $CALLBOARD_ADMIN_SOCKET)",
+        help="with --provision: the daemon's admin socket (else $CALLBOARD_ADMIN_SOCKET, "
+        "else <state-dir>/admin.sock of `callboard --state-dir DIR`, else "
+        "/var/lib/callboard/admin.sock)",
     )
-    p.add_argument("--lab-ca", required=True, help="directory made by `callboard certs lab-ca`")
+    p.add_argument(
+        "--lab-ca",
+        required=True,
+        metavar="DIR",
+        help="directory made by `callboard certs lab-ca`",
+    )
     p.add_argument(
         "--count",
         type=int,
+        metavar="N",
         help=f"how many phones, at most {MAX_STORM_PHONES} (default: one per code)",
     )
-    p.add_argument("--first-mac", default="0A0000000000", help="first MAC; the rest follow")
-    p.add_argument("--concurrency", type=int, default=64, help="phones booting at once")
     p.add_argument(
-        "--processes", type=int, default=1, help="client processes to spread the phones over"
+        "--first-mac",
+        default="0A0000000000",
+        metavar="MAC",
+        help="first MAC; the rest follow (default 0A0000000000)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        metavar="N",
+        help="phones booting at once (default 64)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="client processes to spread the phones over (default 1)",
     )
     p.add_argument(
         "--mic-cache",
+        metavar="DIR",
         help="where issued MICs are kept by MAC (default ~/.cache/callboard/storm-mics)",
     )
     p.add_argument(
         "--time-limit",
         type=float,
         default=3600.0,
+        metavar="SECONDS",
         help="seconds after which phones not yet started are not booted (default 3600)",
     )
     p.add_argument(
