@@ -32,6 +32,21 @@ DEMO_MAC = "00000C0FFEE1"
 DEMO_USER = "demo"
 
 
+LAB_DIR = "lab-ca"
+
+
+def trust_demo_lab(state_dir: Path, trust_dir: Path) -> None:
+    """Before the daemon starts: the demo's lab manufacturing CA (made once, in the state
+    directory) in the trust store, so that the demo phone's MIC is accepted from the start
+    (and the daemon does not first warn that the store is empty)."""
+    lab_dir = state_dir / LAB_DIR
+    if not (lab_dir / "lab-root.pem").exists():
+        certs.write_lab_ca(lab_dir, certs.make_lab_ca())
+    trust_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name in ("lab-root.pem", "lab-ca.pem"):
+        shutil.copyfile(lab_dir / name, trust_dir / name)
+
+
 def provision_demo(service: CallboardService, out: TextIO) -> Deferred[None]:
     """Add the demo phone (once the registry has stored it, print how to onboard it)."""
     registry = service.registry
@@ -50,15 +65,8 @@ def provision_demo(service: CallboardService, out: TextIO) -> Deferred[None]:
             print(f"  https://{place}/self-care/ (the demo user's password was shown at", file=out)
             print("  first start; `callboard user set-password demo --password-stdin`)", file=out)
         return succeed(None)
-    lab_dir = state_dir / "lab-ca"
-    if not (lab_dir / "lab-root.pem").exists():
-        certs.write_lab_ca(lab_dir, certs.make_lab_ca())
+    lab_dir = state_dir / LAB_DIR
     lab = certs.load_lab_ca(lab_dir)
-    trust_dir = service.config.manufacturing_trust_path
-    trust_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name in ("lab-root.pem", "lab-ca.pem"):
-        shutil.copyfile(lab_dir / name, trust_dir / name)
-    service.reload()
     mic_cert, mic_key = certs.write_mic(
         state_dir / "demo-phone", certs.issue_mic(lab, model=DEMO_MODEL, mac=DEMO_MAC)
     )
@@ -105,6 +113,8 @@ def _announce(
     log.info("demo phone provisioned", device=device.name, model=DEMO_MODEL)
     tftp_host, tftp_port = where.tftp[0]
     http = where.streams["http"][0].rsplit(":", 1)[1]
+    https_listeners = where.streams.get("https") or ["off:0"]
+    https = https_listeners[0].rsplit(":", 1)[1]  # 0: the phone asks HTTP only
     print(
         f"""
 Demo phone: {device.name} (Cisco {DEMO_MODEL}, line 1001), activation code {group_code(code.code)}
@@ -112,7 +122,8 @@ A lab manufacturing CA in {lab_dir} is trusted by this daemon; the demo phone's 
 {mic_cert}. Onboard it with the emulated phone:
 
   callboard phone boot --server {tftp_host} --tftp-port {tftp_port} --http-port {http} \\
-      --model {DEMO_MODEL} --mac {DEMO_MAC} --mic {mic_cert} --mic-key {mic_key} \\
+      --https-port {https} --model {DEMO_MODEL} --mac {DEMO_MAC} \\
+      --mic {mic_cert} --mic-key {mic_key} \\
       --code {group_code(code.code)}
 """,
         file=out,

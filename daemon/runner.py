@@ -22,7 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 
 from .config import Config, ConfigError
-from .demo import provision_demo
+from .demo import provision_demo, trust_demo_lab
 from .inherited import InheritedSockets
 from .lifecycle import Supervision
 from .logs import configure_logging, get_logger
@@ -65,6 +65,8 @@ def run_daemon(
     def started() -> None:
         supervision.status("starting: opening the registry and binding listeners")
         try:
+            if config.demo:
+                trust_demo_lab(config.state_dir, config.manufacturing_trust_path)
             service.startService()
         except CannotListenError as exc:
             log.error("a listener failed to start", error=str(exc))

@@ -57,6 +57,7 @@ def test_there_is_a_unit_for_each_listener() -> None:
     assert SERVICES == ["callboard-standalone.service", "callboard.service"]
     assert SOCKETS == [
         "callboard-http.socket",
+        "callboard-https.socket",
         "callboard-sip-tcp.socket",
         "callboard-sip-tls.socket",
         "callboard-sip-udp.socket",
@@ -142,6 +143,7 @@ def test_socket_ports() -> None:
     assert ports == {
         "tftp": "0.0.0.0:69",
         "http": "0.0.0.0:6970",
+        "https": "0.0.0.0:6971",
         "tvs": "0.0.0.0:2445",
         "sip-udp": "0.0.0.0:5060",
         "sip-tcp": "0.0.0.0:5060",
