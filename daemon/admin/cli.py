@@ -462,7 +462,7 @@ def _render(command: str, result: Any) -> str:
         rows = [
             {"listener": label, "address": place}
             for label, places in result.items()
-            if isinstance(places, list) and label != "warnings"
+            if isinstance(places, list) and label not in ("warnings", "workers")
             for place in places
         ]
         counters = result.get("counters", {})
@@ -471,6 +471,7 @@ def _render(command: str, result: Any) -> str:
         return (
             _status_summary(result)
             + _table(rows, ["listener", "address"])
+            + _workers_table(result.get("workers"))
             + (f"\ncounters: {live}" if live else "")
             + warnings
         )
@@ -505,6 +506,24 @@ def _status_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _workers_table(workers: list[dict[str, Any]] | None) -> str:
+    """``serve --workers N``: what each worker process answered, one row each."""
+    if not workers:
+        return ""
+    rows = [
+        {
+            "worker": w.get("index"),
+            "pid": w.get("pid"),
+            "uptime": _duration(float(w.get("uptime_seconds", 0))),
+            "registrations": w.get("registrations"),
+            **{key: n for key, n in (w.get("served") or {}).items()},
+        }
+        for w in workers
+    ]
+    served = sorted({key for w in workers for key in (w.get("served") or {})})
+    return "\n\n" + _table(rows, ["worker", "pid", "uptime", "registrations", *served])
+
+
 def _cluster_registrations(result: dict[str, Any]) -> str:
     """`` here, N in the cluster (node n, …)`` when the daemon shares bindings."""
     if result.get("cluster_registrations") is None:
@@ -528,7 +547,11 @@ def register_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    p = sub.add_parser("status", parents=[output], help="where the daemon listens")
+    p = sub.add_parser(
+        "status",
+        parents=[output],
+        help="what the daemon serves: devices, codes, registrations, lockouts, listeners",
+    )
     p.set_defaults(func=_run_admin, admin_func=cmd_status, command="status")
 
     def leaf(

@@ -213,6 +213,9 @@ def test_status_aggregates_the_workers_and_a_second_daemon_is_refused(
     assert status["registrations"] == sum(w["registrations"] for w in status["workers"])
     text = daemon.cli("status")
     assert text.returncode == 0 and f"workers: 2/2 (PIDs {pids[0]}, {pids[1]})" in text.stdout
+    rows = [line.split() for line in text.stdout.splitlines() if line.startswith(("0 ", "1 "))]
+    assert [row[:2] for row in rows] == [["0", str(pids[0])], ["1", str(pids[1])]]  # a row each
+    assert "{" not in text.stdout  # tables, not Python dicts
     # One daemon per state directory, workers or not.
     second = run_cli(*serve_args(daemon.state_dir), *WORKERS, timeout=60)
     assert second.returncode == 1
