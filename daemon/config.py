@@ -32,6 +32,7 @@ from .ivr import IVRSettings
 from .provisioning import PhoneSettings, ProvisioningSettings
 from .registry.engines import StoreSettings
 from .registry.registry import RegistrySettings
+from .shared_throttle import AttemptRetention
 from .sip_policy import AutoRegistration
 from .web.settings import SelfCareSettings, SMTPSettings, WebSettings
 
@@ -169,6 +170,7 @@ class Config:
     tftp: TFTPSettings = field(default_factory=TFTPSettings)
     tvs: TVSSettings = field(default_factory=TVSSettings)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    attempts: AttemptRetention = field(default_factory=AttemptRetention)  # [tvs] retention
     sip: RegistrarSettings = field(default_factory=RegistrarSettings)
     sip_transport: SIPTransportSettings = field(default_factory=SIPTransportSettings)
     autoregistration: AutoRegistration = field(default_factory=AutoRegistration)
@@ -213,7 +215,7 @@ SECTIONS: dict[str, tuple[tuple[str, type[Any]], ...]] = {
     "endpoints": (("endpoints", EndpointsConfig),),
     "registry": (("registry", RegistrySettings), ("store", StoreSettings)),
     "tftp": (("tftp", TFTPSettings),),
-    "tvs": (("tvs", TVSSettings), ("trust", TrustConfig)),
+    "tvs": (("tvs", TVSSettings), ("trust", TrustConfig), ("attempts", AttemptRetention)),
     "sip": (
         ("sip", RegistrarSettings),
         ("sip_transport", SIPTransportSettings),

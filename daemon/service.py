@@ -56,7 +56,7 @@ from .registry.engines import open_store, wake_on_notify
 from .registry.model import Device, DeviceState
 from .registry.registry import Registry
 from .registry.store import SQLiteStore, Store
-from .shared_throttle import open_journal, share_tvs_throttles
+from .shared_throttle import DAY, open_journal, share_tvs_throttles
 from .signing import SgnSigner
 from .sip_policy import RegistryPolicy
 from .web import site as web_site
@@ -74,6 +74,8 @@ _ROLES = {
     "web": "web",
 }
 THROTTLE_SYNC_INTERVAL = 0.5  # seconds between shared-throttle write-through and read
+FEED_PRUNE_INTERVAL = 60.0  # seconds between change-feed retention passes
+ATTEMPTS_PRUNE_INTERVAL = 3600.0  # seconds between failed-attempt retention passes
 
 
 @dataclass
@@ -181,6 +183,10 @@ class CallboardService(AtomicMultiService):
         follower.clock = self.reactor
         follower.setServiceParent(self)
         wake_on_notify(self.store, self.registry.follow)  # PostgreSQL: at once, not next poll
+        # The feed is bounded: rows no live follower needs go (see Registry.prune_feed).
+        pruner = TimerService(FEED_PRUNE_INTERVAL, self.registry.prune_feed)
+        pruner.clock = self.reactor
+        pruner.setServiceParent(self)
         admin = self.config.endpoints.spec("admin") or ListenerSpec.unix(
             str(self.config.admin_socket_path), mode=0o600, lockfile=True
         )
@@ -324,9 +330,15 @@ class CallboardService(AtomicMultiService):
         nodes on one registry share one failure budget (see :mod:`.shared_throttle`)."""
         journal = open_journal(self.config.store.url, self.config.state_dir, self.reactor)
         self.throttle_sync = share_tvs_throttles(
-            self.tvs.handler, journal, self.now, self.config.tvs.throttle_window
+            self.tvs.handler,
+            journal,
+            self.now,
+            self.config.tvs.throttle_window,
+            retention=self.config.attempts.days * DAY,
         )
         self.throttle_sync.service(THROTTLE_SYNC_INTERVAL, self.reactor).setServiceParent(self)
+        sync = self.throttle_sync
+        sync.prune_service(ATTEMPTS_PRUNE_INTERVAL, self.reactor).setServiceParent(self)
         self._closing.append(journal.close)
 
     def _wire_registrar(self) -> None:

@@ -14,6 +14,10 @@ every ``interval`` seconds). So N nodes give a guesser one budget plus at most w
 other nodes let through during one interval, not N budgets; once a key is locked on one
 node, every node has it locked one interval later. A database outage only delays the
 sharing: failures wait in memory (bounded) and are written when it returns.
+
+Retention: rows older than ``[tvs] attempts_retention_days`` (default 30) are deleted
+periodically (:meth:`ThrottleSync.prune`, through the journal's own connection), never
+sooner than the throttle's window, which the shared budget reads back.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import contextlib
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from callboard.protocols.settings import check_range, config_key
 from callboard.protocols.tvs.activation import Throttle
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
@@ -39,6 +44,20 @@ from .registry.side import SideConnection
 log = get_logger("callboard.throttle")
 
 MAX_PENDING = 10_000  # failures kept for a write-through while the database is away
+PRUNE_CHUNK = 10_000  # attempts deleted per statement (other writers wait no longer)
+PRUNE_ROUNDS = 100  # statements per prune pass at most
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class AttemptRetention:
+    """The shared throttle's part of [tvs]: how long failed attempts are kept (the audit),
+    in days; never less than the throttle's window in effect (the budget reads that far)."""
+
+    days: float = field(default=30.0, metadata=config_key("attempts_retention_days"))
+
+    def validate(self) -> None:
+        check_range("days", self.days, 1, 3650)
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,26 @@ class AttemptJournal:
 
         return self._side.submit(read)
 
+    def prune(self, older_than: float) -> Deferred[int]:
+        """Delete attempts from before ``older_than``, a bounded chunk per statement (each
+        its own autocommit transaction); fires with how many went."""
+        m = self._mark
+        delete = (
+            "DELETE FROM attempts WHERE id IN"
+            f" (SELECT id FROM attempts WHERE at < {m} ORDER BY id LIMIT {m})"
+        )
+
+        def prune(db: Any) -> int:
+            total = 0
+            for _ in range(PRUNE_ROUNDS):
+                deleted = int(db.execute(delete, (older_than, PRUNE_CHUNK)).rowcount)
+                total += deleted
+                if deleted < PRUNE_CHUNK:
+                    break
+            return total
+
+        return self._side.submit(prune)
+
     def close(self) -> Deferred[None]:
         return self._side.close()
 
@@ -161,11 +200,14 @@ class ThrottleSync:
         now: Callable[[], float],
         window: float,
         origin: str | None = None,
+        *,
+        retention: float = AttemptRetention().days * DAY,
     ) -> None:
         self.journal = journal
         self.origin = origin or uuid.uuid4().hex[:12]
         self.now = now
         self.window = window
+        self.retention = max(retention, window)  # the budget reads a window back
         self.pending: list[Attempt] = []
         self.throttles: dict[str, SharedThrottle] = {}
         self._position: int | None = None
@@ -215,12 +257,42 @@ class ThrottleSync:
         timer.clock = reactor
         return timer
 
+    def prune(self) -> Deferred[int]:
+        """Delete the attempts older than the retention; a failure is logged and the next
+        pass tries again. Fires with how many rows went."""
+        older_than = self.now() - self.retention
+
+        def pruned(deleted: int) -> int:
+            if deleted:
+                log.info(
+                    "failed attempts: pruned old rows",
+                    rows=deleted,
+                    retention_days=round(self.retention / DAY, 3),
+                )
+            return deleted
+
+        def failed(failure: Failure) -> int:
+            log.warning("failed attempts prune failed", error=str(failure.value))
+            return 0
+
+        return self.journal.prune(older_than).addCallbacks(pruned, failed)
+
+    def prune_service(self, interval: float, reactor: Any) -> TimerService:
+        timer = TimerService(interval, self.prune)
+        timer.clock = reactor
+        return timer
+
 
 def share_tvs_throttles(
-    handler: Any, journal: AttemptJournal, now: Callable[[], float], window: float
+    handler: Any,
+    journal: AttemptJournal,
+    now: Callable[[], float],
+    window: float,
+    *,
+    retention: float = AttemptRetention().days * DAY,
 ) -> ThrottleSync:
     """Replace a TVS handler's in-memory throttles by shared ones (same budgets)."""
-    sync = ThrottleSync(journal, now, window)
+    sync = ThrottleSync(journal, now, window, retention=retention)
     if isinstance(handler.throttle, Throttle):
         handler.throttle = sync.wrap("dev:", handler.throttle)
     if isinstance(handler.source_throttle, Throttle):

@@ -178,6 +178,27 @@ class AccountStore:
         """Re-read the users and tokens the registry's change feed says others changed."""
         feed.on_feed("user", lambda names: self.reread(users=names))
         feed.on_feed("token", lambda names: self.reread(tokens=names))
+        feed.on_resync(self.reread_all)  # the feed's rows were pruned: names may be missed
+
+    def reread_all(self) -> Deferred[None]:
+        """Re-read every user and token, the ones held and the ones stored (after a change
+        feed resync, when the names of what others changed may have been pruned)."""
+
+        def names(db: Any) -> tuple[list[str], list[str]]:
+            users = [r[0] for r in db.execute("SELECT name FROM users")]
+            tokens = [r[0] for r in db.execute("SELECT name FROM api_tokens")]
+            return users, tokens
+
+        def reread(found: tuple[list[str], list[str]]) -> Deferred[None]:
+            users, tokens = found
+            return self.reread(
+                users=set(users) | set(self.users), tokens=set(tokens) | set(self.tokens)
+            )
+
+        def failed(failure: Any) -> None:
+            log.warning("users and tokens could not be re-read", error=str(failure.value)[:200])
+
+        return self._store.transaction(names).addCallback(reread).addErrback(failed)
 
     def reread(self, users: Iterable[str] = (), tokens: Iterable[str] = ()) -> Deferred[None]:
         """Read the named rows as they stand now (a missing one was deleted), off the
@@ -331,6 +352,8 @@ class FeedSource(Protocol):
     """The registry's change feed, as the accounts follow it."""
 
     def on_feed(self, kind: str, listener: Callable[[list[str]], object]) -> None: ...
+
+    def on_resync(self, listener: Callable[[], object]) -> None: ...
 
 
 def _user(r: Sequence[Any]) -> User:

@@ -20,6 +20,10 @@ and the same semantics:
   later with a smaller number. The same transaction sends ``NOTIFY callboard_changes``; a
   listener thread with a connection of its own wakes the registry, and after losing that
   connection it reconnects and wakes it once more, which reads everything it missed.
+- The feed is bounded as on SQLite (:func:`~callboard.daemon.registry.store.prune_feed_rows`,
+  the same statements): pruning deletes only rows numbered below every row still to commit
+  (those hold the feed lock and get higher numbers), and moves ``feed_horizon`` in the same
+  transaction, so a reader sees either the rows or the horizon that replaced them.
 - The database unreachable (or lost mid-transaction) fails the Deferred with
   :class:`StoreUnavailable`; nothing of the transaction is applied to memory. A connection
   lost during ``COMMIT`` leaves the outcome unknown: memory is not updated and the feed
@@ -37,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -53,6 +58,7 @@ from .store import (
     _CODE_COLUMNS,
     _DEVICE_COLUMNS,
     ABSENT,
+    PRUNE_CHUNK,
     SCHEMA_VERSION,
     Change,
     CodeExpectation,
@@ -73,6 +79,7 @@ from .store import (
     _loaded_codes,
     _StoreThread,
     _wanted_keys,
+    prune_feed_rows,
 )
 
 log = get_logger("callboard.registry.pg")
@@ -188,8 +195,24 @@ CREATE INDEX bindings_by_device ON bindings(device_name);
 CREATE INDEX bindings_by_expiry ON bindings(expires_at)
 """
 
+_PG_V9 = """
+ALTER TABLE changes ADD COLUMN at DOUBLE PRECISION;
+CREATE TABLE feed_horizon (pruned_through BIGINT NOT NULL);
+INSERT INTO feed_horizon (pruned_through) VALUES (0)
+"""
+
 # In lockstep with store.MIGRATIONS: the same versions, the same tables and columns.
-PG_MIGRATIONS: list[str] = [_PG_V1, _PG_V2, _PG_V3, _PG_V4, _PG_V5, _PG_V6, _PG_V7, _PG_V8]
+PG_MIGRATIONS: list[str] = [
+    _PG_V1,
+    _PG_V2,
+    _PG_V3,
+    _PG_V4,
+    _PG_V5,
+    _PG_V6,
+    _PG_V7,
+    _PG_V8,
+    _PG_V9,
+]
 assert len(PG_MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -270,6 +293,7 @@ class PostgreSQLStore:
         *,
         connect_timeout: float = 5.0,
         listen: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -278,6 +302,7 @@ class PostgreSQLStore:
         assert reactor is not None
         self._reactor = reactor
         self.dsn = dsn
+        self._clock = clock  # stamps feed rows (``at``), which retention keeps by age
         self.where = describe_dsn(dsn)
         self._connect_timeout = connect_timeout
         self.origin = uuid.uuid4().hex[:12]  # this store's NOTIFY payloads say it wrote them
@@ -336,6 +361,9 @@ class PostgreSQLStore:
     def load(self) -> Snapshot:
         return self._thread.call_blocking(lambda: self._with_conn(self._load))
 
+    def snapshot(self) -> Deferred[Snapshot]:
+        return self._thread.submit(lambda: self._with_conn(self._load))
+
     def apply(self, changes: Sequence[Change]) -> Deferred[Committed]:
         if not changes:
             return succeed(Committed((), 0, 0))
@@ -344,6 +372,16 @@ class PostgreSQLStore:
 
     def changes_since(self, seq: int) -> Deferred[FeedBatch]:
         return self._thread.submit(lambda: self._with_conn(lambda c: self._changes_since(c, seq)))
+
+    def prune_feed(
+        self, keep_rows: int, keep_seconds: float, limit: int = PRUNE_CHUNK
+    ) -> Deferred[int]:
+        def prune(conn: psycopg.Connection[Any]) -> int:
+            cutoff = self._clock() - keep_seconds
+            with conn.transaction():
+                return prune_feed_rows(conn, "%s", keep_rows, cutoff, limit)
+
+        return self._thread.submit(lambda: self._with_conn(prune))
 
     # Tables the Store interface does not model (the web's users and tokens), in SQL both
     # engines speak; parameters are written as ``paramstyle``.
@@ -369,11 +407,7 @@ class PostgreSQLStore:
         if not keys:
             return
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_FEED_LOCK,))
-        rows = conn.execute(
-            "INSERT INTO changes (kind, key)"
-            " SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING seq",
-            ([k for k, _ in keys], [v for _, v in keys]),
-        ).fetchall()
+        rows = _insert_feed_rows(conn, keys, self._clock())
         last = max(r[0] for r in rows)
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin}:{last}"))
 
@@ -450,11 +484,7 @@ class PostgreSQLStore:
             keys = _feed_keys(changes)
             # Numbered under the lock, held to the commit: feed order is commit order.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_FEED_LOCK,))
-            rows = conn.execute(
-                "INSERT INTO changes (kind, key)"
-                " SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING seq",
-                ([k for k, _ in keys], [v for _, v in keys]),
-            ).fetchall()
+            rows = _insert_feed_rows(conn, keys, self._clock())
             first, last = min(r[0] for r in rows), max(r[0] for r in rows)
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin}:{last}"))
         self._own.append((first, last))
@@ -466,6 +496,8 @@ class PostgreSQLStore:
         self._own = [(first, last) for first, last in self._own if last > after]
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            if after < _pruned_through(conn):
+                return FeedBatch(after, behind_horizon=True)
             rows = conn.execute(
                 "SELECT seq, kind, key FROM changes WHERE seq > %s ORDER BY seq", (after,)
             ).fetchall()
@@ -544,8 +576,26 @@ _CODE_UPSERT_SET = ", ".join(
 
 
 def _feed_position(conn: psycopg.Connection[Any]) -> int:
+    """The newest feed position (never behind the horizon, even with every row pruned)."""
     row = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+    return max(int(row[0]) if row else 0, _pruned_through(conn))
+
+
+def _pruned_through(conn: psycopg.Connection[Any]) -> int:
+    """The feed position up to which rows may have been pruned (0: none ever were)."""
+    row = conn.execute("SELECT pruned_through FROM feed_horizon").fetchone()
     return int(row[0]) if row else 0
+
+
+def _insert_feed_rows(
+    conn: psycopg.Connection[Any], keys: Sequence[tuple[str, str]], now: float
+) -> list[tuple[Any, ...]]:
+    """One feed row per key, stamped ``now``, under the feed lock the caller holds."""
+    return conn.execute(
+        "INSERT INTO changes (kind, key, at)"
+        " SELECT k, v, %s FROM unnest(%s::text[], %s::text[]) AS t(k, v) RETURNING seq",
+        (now, [k for k, _ in keys], [v for _, v in keys]),
+    ).fetchall()
 
 
 def _select_any(

@@ -10,6 +10,13 @@ Other writers (processes sharing the file) reach this view through the store's c
 :meth:`Registry.refresh` re-reads what they changed. Listeners hear of each device change,
 whoever made it (the registrar drops bindings, the file service re-renders).
 
+The feed is bounded (:meth:`Registry.prune_feed`, run periodically): a row is kept while it
+is among the newest ``feed_keep_rows`` or younger than ``feed_keep_seconds``. A view whose
+position fell behind the kept rows (a process stopped for longer, a node cut off) cannot
+trust the feed; it resynchronises from a full snapshot read off the reactor, diffs it
+against memory (listeners hear of every difference as of any other change) and tells the
+followers of other kinds (:meth:`Registry.on_resync`) to re-read everything.
+
 Writes return Deferreds and never block the reactor.
 """
 
@@ -29,7 +36,7 @@ from typing import ParamSpec, TypeVar
 
 from callboard.protocols.models import MODELS
 from callboard.protocols.settings import check_range
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.python.failure import Failure
 
 from ..logs import get_logger
@@ -54,6 +61,7 @@ from .model import (
 )
 from .store import (
     ABSENT,
+    PRUNE_CHUNK,
     Change,
     CodeExpectation,
     Committed,
@@ -63,6 +71,7 @@ from .store import (
     PutCode,
     PutDefault,
     PutDevice,
+    Snapshot,
     Store,
 )
 
@@ -82,10 +91,19 @@ class RegistrySettings:
     code_ttl_hours: float = 168.0
     unique_directory_numbers: bool = False
     feed_interval: float = 1.0  # seconds between change-feed polls (other writers' changes)
+    # Change-feed retention: a row is kept while it is among the newest feed_keep_rows OR
+    # younger than feed_keep_seconds; a follower behind that resynchronises from a snapshot.
+    feed_keep_rows: int = 100_000
+    feed_keep_seconds: float = 3600.0
 
     def validate(self) -> None:
         check_range("code_ttl_hours", self.code_ttl_hours, 0.01, 24 * 3650)
         check_range("feed_interval", self.feed_interval, 0.01, 3600)
+        check_range("feed_keep_rows", self.feed_keep_rows, 1, 10**9)
+        # A live follower polls every feed_interval: keep its rows ten polls at least.
+        check_range(
+            "feed_keep_seconds", self.feed_keep_seconds, max(60.0, 10 * self.feed_interval), 1e9
+        )
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,7 @@ class Registry:
         self.settings = settings or RegistrySettings()
         self._listeners: list[DeviceListener] = []
         self._feed_listeners: dict[str, list[Callable[[list[str]], object]]] = {}
+        self._resync_listeners: list[Callable[[], object]] = []
         self._index_key = secrets.token_bytes(32)
         self._devices: dict[str, Device] = {}
         self._by_name: dict[str, str] = {}
@@ -212,6 +231,12 @@ class Registry:
         """Have ``listener`` told the keys of ``kind`` rows (``user``, ``token``) other writers
         changed, as the change feed brings them (the registry keeps no such rows)."""
         self._feed_listeners.setdefault(kind, []).append(listener)
+
+    def on_resync(self, listener: Callable[[], object]) -> None:
+        """Have ``listener`` told when this view resynchronised from a snapshot: the feed's
+        rows it missed were pruned, so keys of other kinds (:meth:`on_feed`) may have been
+        missed too and whoever keeps such rows must re-read them all."""
+        self._resync_listeners.append(listener)
 
     def subscribe(self, listener: DeviceListener) -> None:
         self._listeners.append(listener)
@@ -634,7 +659,7 @@ class Registry:
                 self.refresh().addBoth(_fan_out, waiters)
             return result
 
-        d = self._store.changes_since(self._seq).addCallback(self._apply_feed)
+        d = self._store.changes_since(self._seq).addCallback(self._apply_or_resync)
         return d.addBoth(done)
 
     def follow(self) -> Deferred[None]:
@@ -648,6 +673,89 @@ class Registry:
 
     def _catch_up(self) -> None:
         self.follow()
+
+    def prune_feed(self) -> Deferred[int]:
+        """One retention pass over the change feed, for a timer: delete the rows no live
+        follower needs (in bounded transactions on the store thread, so writes interleave);
+        fires with how many went. A failure is logged, never raised (the next pass retries)."""
+
+        def failed(failure: Failure) -> int:
+            log.error("change feed prune failed", error=str(failure.value))
+            return 0
+
+        return ensureDeferred(self._prune_feed()).addErrback(failed)
+
+    async def _prune_feed(self) -> int:
+        keep_rows, keep_seconds = self.settings.feed_keep_rows, self.settings.feed_keep_seconds
+        total = 0
+        for _ in range(_PRUNE_ROUNDS):
+            deleted = await self._store.prune_feed(keep_rows, keep_seconds, PRUNE_CHUNK)
+            total += deleted
+            if deleted < PRUNE_CHUNK:
+                break
+        if total:
+            log.info(
+                "change feed: pruned old rows",
+                rows=total,
+                keep_rows=keep_rows,
+                keep_seconds=keep_seconds,
+            )
+        return total
+
+    def _apply_or_resync(self, batch: FeedBatch) -> Deferred[int]:
+        """A batch as usual; a position behind the kept rows: a resync from a snapshot."""
+        if batch.behind_horizon:
+            return self._store.snapshot().addCallback(self._resync)
+        return succeed(self._apply_feed(batch))
+
+    def _resync(self, snapshot: Snapshot) -> int:
+        """Make this view the snapshot: put what differs, delete what is gone, tell the
+        listeners of each device change and the resync listeners; continue the feed from
+        the snapshot's position."""
+        events: list[Event] = []
+        counts: Counter[str] = Counter()
+        with _no_cyclic_gc():
+            present: set[str] = set()
+            for device in snapshot.devices:
+                present.add(device.id)
+                if self._devices.get(device.id) != device:
+                    events += self._remember([PutDevice(device)])
+                    counts["devices_changed"] += 1
+            for device_id in [i for i in self._devices if i not in present]:
+                events += self._remember([DeleteDevice(device_id)])
+                counts["devices_deleted"] += 1
+            counts["codes_changed"] = self._resync_codes(snapshot.codes)
+            for model, onboarding in snapshot.defaults.items():
+                if self._defaults.get(model) != onboarding:
+                    self._remember([PutDefault(model, onboarding)])
+                    counts["defaults_changed"] += 1
+        self._seq = max(self._seq, snapshot.seq)
+        log.info(
+            "change feed: fell behind the kept rows; resynchronised from a snapshot",
+            seq=snapshot.seq,
+            devices=len(snapshot.devices),
+            **{key: counts[key] for key in _RESYNC_COUNTS},
+        )
+        self._publish(events)
+        for listener in self._resync_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("change feed resync listener failed", listener=repr(listener))
+        return sum(counts.values())
+
+    def _resync_codes(self, codes: Iterable[ActivationCode]) -> int:
+        """Each device's latest code as the snapshot has it (as a start-up load picks it)."""
+        latest: dict[str, ActivationCode] = {}
+        for code in sorted(codes, key=lambda c: c.issued_at):
+            latest[code.device_id] = code
+        changed = 0
+        for device_id, code in latest.items():
+            held = self._codes.get(self._code_of_device.get(device_id, ""))
+            if device_id in self._devices and held != code:
+                self._remember([PutCode(code)])
+                changed += 1
+        return changed
 
     def _apply_feed(self, batch: FeedBatch) -> int:
         """Merge rows as other writers left them; skip what this view already holds."""
@@ -873,6 +981,10 @@ class Registry:
                 users[dn] = left
             else:
                 users.pop(dn, None)
+
+
+_PRUNE_ROUNDS = 50  # prune transactions per pass at most (a million rows a pass)
+_RESYNC_COUNTS = ("devices_changed", "devices_deleted", "codes_changed", "defaults_changed")
 
 
 def _numbers_of(device: Device) -> Iterable[str]:

@@ -11,6 +11,12 @@ be added without touching callers:
 - :meth:`Store.changes_since` is the change feed: what *other* writers (processes, nodes)
   committed after a position, re-read as the rows stand now. SQLite keeps a ``changes`` table
   written in the same transaction; PostgreSQL would use ``LISTEN/NOTIFY`` to wake the reader.
+- The feed is bounded (:meth:`Store.prune_feed`): rows are kept while they are among the
+  newest ``keep_rows`` *or* younger than ``keep_seconds``, and only the oldest run of rows is
+  ever deleted, so what is kept is always every row after one position, ``feed_horizon``.
+  A follower whose position is older than that horizon gets a :class:`FeedBatch` with
+  ``behind_horizon`` set (never a batch with rows silently missing) and re-reads everything
+  (:meth:`Store.snapshot`).
 
 :class:`SQLiteStore` runs every statement on one store thread (never the reactor) in WAL mode
 with ``synchronous=FULL``, so a commit has reached the disk when its Deferred fires. Feed reads
@@ -26,6 +32,7 @@ import queue
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -38,9 +45,11 @@ from twisted.python.failure import Failure
 
 from .model import ActivationCode, CodeState, Device, DeviceState, Line, Onboarding
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 T = TypeVar("T")
+
+PRUNE_CHUNK = 20_000  # feed rows deleted per prune transaction (writes wait no longer)
 
 # -- what is stored, and what changes --------------------------------------------------------
 
@@ -129,10 +138,18 @@ class FeedBatch:
     # Keys of kinds the registry does not model (``user``, ``token``: the web's accounts),
     # by kind, for whoever keeps those rows to re-read.
     others: dict[str, list[str]] = field(default_factory=dict)
+    # The position asked from is older than the feed's kept rows (they were pruned): nothing
+    # else is in this batch, and the follower must resynchronise from :meth:`Store.snapshot`.
+    behind_horizon: bool = False
 
     def __bool__(self) -> bool:
         return bool(
-            self.devices or self.deleted_devices or self.codes or self.defaults or self.others
+            self.devices
+            or self.deleted_devices
+            or self.codes
+            or self.defaults
+            or self.others
+            or self.behind_horizon
         )
 
 
@@ -152,13 +169,26 @@ class Store(Protocol):
         """Everything, at start-up (it blocks: call it before serving)."""
         ...
 
+    def snapshot(self) -> Deferred[Snapshot]:
+        """Everything, as :meth:`load`, but read on the store thread (a follower that fell
+        behind the feed's kept rows resynchronises from it while serving)."""
+        ...
+
     def apply(self, changes: Sequence[Change]) -> Deferred[Committed]:
         """Write all changes in one durable transaction, or none of them (the Deferred fails;
         with :class:`ConditionFailed` when a change's condition does not hold)."""
         ...
 
     def changes_since(self, seq: int) -> Deferred[FeedBatch]:
-        """Rows other writers changed after ``seq`` (this store's own commits left out)."""
+        """Rows other writers changed after ``seq`` (this store's own commits left out);
+        a batch with ``behind_horizon`` set if rows after ``seq`` were pruned already."""
+        ...
+
+    def prune_feed(
+        self, keep_rows: int, keep_seconds: float, limit: int = PRUNE_CHUNK
+    ) -> Deferred[int]:
+        """Delete at most ``limit`` of the oldest feed rows that are neither among the newest
+        ``keep_rows`` nor younger than ``keep_seconds``; fires with how many went."""
         ...
 
     def close(self) -> Deferred[None]: ...
@@ -301,6 +331,20 @@ def _v6_to_v7(db: sqlite3.Connection) -> None:
     _run_script(db, "ALTER TABLE devices ADD COLUMN onboarding TEXT")
 
 
+def _v8_to_v9_feed_retention(db: sqlite3.Connection) -> None:
+    """Version 9 bounds the change feed: each row records when it was written (``at``;
+    NULL for rows from before, which count as old) and ``feed_horizon`` the position up to
+    which rows were pruned (a follower behind it resynchronises from a snapshot)."""
+    _run_script(db, _FEED_RETENTION)
+
+
+_FEED_RETENTION = """
+ALTER TABLE changes ADD COLUMN at REAL;
+CREATE TABLE feed_horizon (pruned_through INTEGER NOT NULL);
+INSERT INTO feed_horizon (pruned_through) VALUES (0)
+"""
+
+
 def _v7_to_v8_bindings(db: sqlite3.Connection) -> None:
     """Version 8: SIP bindings visible cluster-wide (soft state, see
     :mod:`callboard.daemon.registry.bindings`): one row per binding a process holds in
@@ -338,6 +382,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v5_to_v6_accounts,
     _v6_to_v7,
     _v7_to_v8_bindings,
+    _v8_to_v9_feed_retention,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -496,6 +541,7 @@ class SQLiteStore:
         reactor: IReactorFromThreads | None = None,
         *,
         busy_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -503,6 +549,7 @@ class SQLiteStore:
             reactor = global_reactor  # type: ignore[assignment]
         assert reactor is not None
         self.path = path
+        self._clock = clock  # stamps feed rows (``at``), which retention keeps by age
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not path.exists():
             # Create it owner-only before SQLite does, so it is never world-readable.
@@ -543,6 +590,9 @@ class SQLiteStore:
     def load(self) -> Snapshot:
         return self._thread.call_blocking(self._load)
 
+    def snapshot(self) -> Deferred[Snapshot]:
+        return self._thread.submit(self._load)
+
     def apply(self, changes: Sequence[Change]) -> Deferred[Committed]:
         if not changes:
             return succeed(Committed((), 0, 0))
@@ -550,6 +600,11 @@ class SQLiteStore:
 
     def changes_since(self, seq: int) -> Deferred[FeedBatch]:
         return self._thread.submit(lambda: self._changes_since(seq))
+
+    def prune_feed(
+        self, keep_rows: int, keep_seconds: float, limit: int = PRUNE_CHUNK
+    ) -> Deferred[int]:
+        return self._thread.submit(lambda: self._prune_feed(keep_rows, keep_seconds, limit))
 
     def backup(self, path: Path) -> Deferred[None]:
         """A consistent copy of the database at ``path``, while the daemon runs.
@@ -585,11 +640,11 @@ class SQLiteStore:
         """Run a read on the store thread and wait for it (start-up only, like :meth:`load`)."""
         return self._thread.call_blocking(lambda: work(self._db))
 
-    @staticmethod
-    def note_changes(db: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> None:
+    def note_changes(self, db: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> None:
         """Inside :meth:`transaction`: name changed rows of other kinds (``user``, ``token``)
         in the change feed, so other processes re-read them (:attr:`FeedBatch.others`)."""
-        db.executemany("INSERT INTO changes (kind, key) VALUES (?, ?)", keys)
+        now = self._clock()
+        db.executemany(_INSERT_CHANGE, [(kind, key, now) for kind, key in keys])
 
     def close(self) -> Deferred[None]:
         """Finish the queued work, close the file and end the store thread."""
@@ -633,9 +688,10 @@ class SQLiteStore:
         write of the group fails.
         """
         db = self._db
+        now = self._clock()
         db.execute("BEGIN IMMEDIATE")
         try:
-            outcomes = [self._apply_one(db, changes) for changes in group]
+            outcomes = [self._apply_one(db, changes, now) for changes in group]
             db.execute("COMMIT")
         except BaseException:
             _roll_back(db)
@@ -651,14 +707,16 @@ class SQLiteStore:
         return outcomes
 
     @staticmethod
-    def _apply_one(db: sqlite3.Connection, changes: tuple[Change, ...]) -> Committed | Exception:
+    def _apply_one(
+        db: sqlite3.Connection, changes: tuple[Change, ...], now: float
+    ) -> Committed | Exception:
         db.execute("SAVEPOINT write")
         try:
             for batch in _batches(changes):
                 _write(db, batch)
             keys = _feed_keys(changes)
-            db.executemany("INSERT INTO changes (kind, key) VALUES (?, ?)", keys)
-            last = _feed_position(db)
+            db.executemany(_INSERT_CHANGE, [(kind, key, now) for kind, key in keys])
+            last = int(db.execute("SELECT MAX(seq) FROM changes").fetchone()[0])
         except (ConditionFailed, sqlite3.IntegrityError) as exc:
             db.execute("ROLLBACK TO write")
             db.execute("RELEASE write")
@@ -673,6 +731,8 @@ class SQLiteStore:
         db = self._db
         db.execute("BEGIN")  # one read transaction: a consistent view of the rows
         try:
+            if after < _pruned_through(db):
+                return FeedBatch(after, behind_horizon=True)
             rows = db.execute(
                 "SELECT seq, kind, key FROM changes WHERE seq > ? ORDER BY seq", (after,)
             ).fetchall()
@@ -692,6 +752,61 @@ class SQLiteStore:
 
     def _is_own(self, seq: int) -> bool:
         return any(first <= seq <= last for first, last in self._own)
+
+    def _prune_feed(self, keep_rows: int, keep_seconds: float, limit: int) -> int:
+        db = self._db
+        cutoff = self._clock() - keep_seconds
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = prune_feed_rows(db, "?", keep_rows, cutoff, limit)
+            db.execute("COMMIT")
+        except BaseException:
+            _roll_back(db)
+            raise
+        return deleted
+
+
+_INSERT_CHANGE = "INSERT INTO changes (kind, key, at) VALUES (?, ?, ?)"
+
+
+def prune_feed_rows(db: Any, mark: str, keep_rows: int, cutoff: float, limit: int) -> int:
+    """Inside a write transaction (either engine; ``mark`` its placeholder): delete the
+    oldest feed rows, at most ``limit``, that are neither among the newest ``keep_rows`` nor
+    written at or after ``cutoff``, and move ``feed_horizon`` past them.
+
+    Only a run of the oldest rows goes (everything below one position), so the kept feed
+    has no holes: a follower is either past the horizon and sees every row after it, or
+    behind it and told so. A row with no time (written before version 9) counts as old.
+    """
+    m = mark
+    newest = db.execute(
+        f"SELECT seq FROM changes ORDER BY seq DESC LIMIT 1 OFFSET {m}", (max(keep_rows, 1) - 1,)
+    ).fetchone()
+    if newest is None:
+        return 0  # fewer rows than keep_rows
+    young = db.execute(
+        f"SELECT MIN(seq) FROM changes WHERE seq < {m} AND at >= {m}", (newest[0], cutoff)
+    ).fetchone()
+    below = young[0] if young and young[0] is not None else newest[0]
+    chunk_end = db.execute(
+        f"SELECT seq FROM changes WHERE seq < {m} ORDER BY seq LIMIT 1 OFFSET {m}",
+        (below, limit),
+    ).fetchone()
+    if chunk_end is not None:
+        below = chunk_end[0]
+    deleted = int(db.execute(f"DELETE FROM changes WHERE seq < {m}", (below,)).rowcount)
+    if deleted:
+        db.execute(
+            f"UPDATE feed_horizon SET pruned_through = {m} WHERE pruned_through < {m}",
+            (below - 1, below - 1),
+        )
+    return deleted
+
+
+def _pruned_through(db: sqlite3.Connection) -> int:
+    """The feed position up to which rows may have been pruned (0: none ever were)."""
+    row = db.execute("SELECT pruned_through FROM feed_horizon").fetchone()
+    return int(row[0]) if row else 0
 
 
 def _wanted_keys(rows: Sequence[Any], is_own: Callable[[int], bool]) -> dict[str, dict[str, None]]:
@@ -774,7 +889,9 @@ def _roll_back(db: sqlite3.Connection) -> None:
 
 
 def _feed_position(db: sqlite3.Connection) -> int:
-    return int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+    """The newest feed position (never behind the horizon, even with every row pruned)."""
+    latest = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+    return max(latest, _pruned_through(db))
 
 
 def _feed_keys(changes: Iterable[Change]) -> list[tuple[str, str]]:

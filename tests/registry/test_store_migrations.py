@@ -47,7 +47,7 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -
     path = tmp_path / "old.sqlite3"
     make_v1_file(path)
     store = SQLiteStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 8
+    assert store.schema_version == SCHEMA_VERSION == 9
     registry = Registry(store, lambda: 200.0)
     device = registry.get("BAT0123456789AB")
     assert device.description == "lobby" and device.lines[0].display_name == "Lobby"
