@@ -784,16 +784,19 @@ def prune_feed_rows(db: Any, mark: str, keep_rows: int, cutoff: float, limit: in
     ).fetchone()
     if newest is None:
         return 0  # fewer rows than keep_rows
-    young = db.execute(
-        f"SELECT MIN(seq) FROM changes WHERE seq < {m} AND at >= {m}", (newest[0], cutoff)
-    ).fetchone()
-    below = young[0] if young and young[0] is not None else newest[0]
+    # At most ``limit`` rows below the newest kept ones; then the first young row among
+    # them, if any (each query walks the primary key from the oldest row and stops early).
     chunk_end = db.execute(
         f"SELECT seq FROM changes WHERE seq < {m} ORDER BY seq LIMIT 1 OFFSET {m}",
-        (below, limit),
+        (newest[0], limit),
     ).fetchone()
-    if chunk_end is not None:
-        below = chunk_end[0]
+    below = chunk_end[0] if chunk_end is not None else newest[0]
+    young = db.execute(
+        f"SELECT seq FROM changes WHERE seq < {m} AND at >= {m} ORDER BY seq LIMIT 1",
+        (below, cutoff),
+    ).fetchone()
+    if young is not None:
+        below = young[0]
     deleted = int(db.execute(f"DELETE FROM changes WHERE seq < {m}", (below,)).rowcount)
     if deleted:
         db.execute(
