@@ -260,7 +260,9 @@ class ThrottleSync:
     def prune(self) -> Deferred[int]:
         """Delete the attempts older than the retention; a failure is logged and the next
         pass tries again. Fires with how many rows went."""
-        older_than = self.now() - self.retention
+        # Never within a window a throttle reads back (the window in effect, after a reload).
+        windows = [t.local.window for t in self.throttles.values()]
+        older_than = self.now() - max([self.retention, self.window, *windows])
 
         def pruned(deleted: int) -> int:
             if deleted:

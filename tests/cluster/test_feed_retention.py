@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 import structlog
+from callboard.daemon.provisioning import ProvisioningSettings, ProvisioningTree
 from callboard.daemon.registry.accounts import AccountStore, User
 from callboard.daemon.registry.model import CodeState, Device, DeviceState, Onboarding
 from callboard.daemon.registry.pgstore import PostgreSQLStore
 from callboard.daemon.registry.registry import DeviceSpec, Registry, RegistrySettings
 from callboard.daemon.registry.store import SQLiteStore
+from callboard.protocols.filesource import DirectorySource, FileNotFound, Requester
 from support.postgres import PGServer
 from twisted.internet import defer, reactor, task
 
@@ -96,6 +98,15 @@ def settle(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
 def plain(n: int) -> DeviceSpec:
     """A device that needs no code: one feed row per add."""
     return DeviceSpec(model="8841", mac=f"00112233{n:04X}", requires_activation=False)
+
+
+def served(tree: ProvisioningTree, device: Device) -> bytes | None:
+    """The device's config file as a phone would get it (None: not served)."""
+    try:
+        body = tree.open(f"{device.name}.cnf.xml", Requester("127.0.0.1", 50000, "tftp"))
+    except FileNotFound:
+        return None
+    return body.read_at(0, body.size)
 
 
 class Heard:
@@ -199,7 +210,7 @@ async def test_a_follower_within_the_horizon_sees_every_change_as_before(
 
 @pytest_twisted.ensureDeferred
 async def test_a_follower_behind_the_horizon_resynchronises_from_a_snapshot(
-    engine: Engine,
+    engine: Engine, tmp_path: Path
 ) -> None:
     a = engine.registry()
     to_change = await a.add_device(plain(1))
@@ -215,6 +226,10 @@ async def test_a_follower_behind_the_horizon_resynchronises_from_a_snapshot(
     b_accounts.follow(b)
     heard = Heard(b)
     assert b.devices() == a.devices() and set(b_accounts.users) == {"gone"}
+    files = ProvisioningTree(
+        b, ProvisioningSettings(address="192.0.2.10"), DirectorySource(str(tmp_path))
+    )
+    assert served(files, to_delete) is not None
 
     # While B is not looking: one added, one changed, one deleted, a code redeemed, a
     # model default changed, a user added and one deleted; then the feed is pruned.
@@ -232,6 +247,7 @@ async def test_a_follower_behind_the_horizon_resynchronises_from_a_snapshot(
     assert await settle(a._store.prune_feed(1, HOUR)) > 0
     assert engine.horizon(a._store) > b.seq
 
+    assert served(files, added) is None  # B does not know it yet
     with structlog.testing.capture_logs() as logs:
         await settle(b.refresh())
     (line,) = [e for e in logs if e["event"].startswith("change feed")]
@@ -257,6 +273,9 @@ async def test_a_follower_behind_the_horizon_resynchronises_from_a_snapshot(
     assert held is not None and held.state is CodeState.USED
     assert b.outstanding_codes() == []
     assert b.onboarding("8841") is Onboarding.AUTOREGISTRATION
+    # The files follow: the deleted device's is no longer served, the new one's is.
+    assert served(files, to_delete) is None
+    assert served(files, added) is not None
     assert b.seq == engine.feed(a._store)[-1][0]  # the snapshot's position
     # Its listeners heard each difference (the file service drops the deleted SEP file and
     # renders the new one), and the accounts re-read everything.
