@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
 from callboard.protocols.models import MODELS
-from callboard.protocols.settings import check_range
+from callboard.protocols.settings import SettingError, check_range
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.python.failure import Failure
 
@@ -100,10 +100,12 @@ class RegistrySettings:
         check_range("code_ttl_hours", self.code_ttl_hours, 0.01, 24 * 3650)
         check_range("feed_interval", self.feed_interval, 0.01, 3600)
         check_range("feed_keep_rows", self.feed_keep_rows, 1, 10**9)
-        # A live follower polls every feed_interval: keep its rows ten polls at least.
-        check_range(
-            "feed_keep_seconds", self.feed_keep_seconds, max(60.0, 10 * self.feed_interval), 1e9
-        )
+        check_range("feed_keep_seconds", self.feed_keep_seconds, 60, 1e9)
+        if self.feed_keep_seconds < 10 * self.feed_interval:
+            # A live follower polls every feed_interval: its rows must outlive ten polls.
+            raise SettingError(
+                "feed_keep_seconds", "must be at least ten times feed_interval (ten polls)"
+            )
 
 
 @dataclass(frozen=True)
