@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from support.harness import Daemon
-from support.ports import free_port
+from support.ports import free_listen_port, free_port
 
 BARESIP = "/usr/bin/baresip"
 MODULES = Path("/usr/lib/baresip/modules")
@@ -49,7 +49,7 @@ class Baresip:
                         "signed-integer", str(silence), "trim", "0", "60"],
                        check=True, timeout=30)  # fmt: skip
         # baresip listens for SIP on the port given (UDP and TCP) and TLS on the next one.
-        self.sip_port = free_port(socket.SOCK_DGRAM)
+        self.sip_port = free_listen_port(span=2)
         self.ctrl_port = free_port(socket.SOCK_STREAM)
         (home / "config").write_text(
             "poll_method epoll\n"
