@@ -615,6 +615,21 @@ class StreamFramer:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def incomplete(self) -> bool:
+        """Part of a message has arrived and the rest has not (yet)."""
+        return self._error is None and (self._head is not None or bool(self._buf))
+
+    def give_up(self, reason: str) -> SIPParseError:
+        """End the stream on a message that never completed (a Content-Length larger than
+        what was sent, a header section never ended): the framing error to answer with,
+        carrying the request's head when it was read, as every later call returns it."""
+        partial = _as_partial(self._head[0]) if self._head is not None else None
+        self._error = SIPParseError(reason, partial)
+        self._buf.clear()
+        self._head = None
+        return self._error
+
 
 def _partial_request(head: bytes) -> Request | None:
     """The request in a header section, when readable (to answer 400/513)."""

@@ -52,9 +52,11 @@ from twisted.application.internet import TimerService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
     IPushProducer,
+    IReactorTime,
     ISSLTransport,
 )
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -66,6 +68,12 @@ log = Logger(namespace="callboard.sip.transports")
 
 
 _KEEPALIVE_BYTES = b"\r\n\x00 "  # all a keep-alive datagram holds
+
+#: Seconds a stream message may take from its first byte to its last (64*T1, RFC 3261's
+#: transaction timeout): a Content-Length larger than what is sent, or a header section that
+#: never ends, is then answered 400 (when its head was read) and the connection closed,
+#: instead of holding it forever. An idle connection between messages is never timed out.
+MESSAGE_TIMEOUT = 32.0
 
 
 class SIPDatagramProtocol(DatagramProtocol):
@@ -120,10 +128,19 @@ class SIPStreamProtocol(Protocol):
     the connection is then closed: nothing after it can be trusted to be a message.
     """
 
-    def __init__(self, registrar: Registrar, transport_name: str) -> None:
+    def __init__(
+        self,
+        registrar: Registrar,
+        transport_name: str,
+        clock: IReactorTime | None = None,
+        message_timeout: float = MESSAGE_TIMEOUT,
+    ) -> None:
         self.registrar = registrar
         self.transport_name = transport_name
         self.framer = StreamFramer(registrar.settings.max_message_size)
+        self._clock = clock
+        self._message_timeout = message_timeout
+        self._deadline: IDelayedCall | None = None  # for the message that has begun arriving
         self._source: Source | None = None
         self._inbox: deque[Message] = deque()
         self._framing_error: SIPParseError | None = None
@@ -164,7 +181,38 @@ class SIPStreamProtocol(Protocol):
         messages, error = self.framer.messages(data)
         self._inbox.extend(messages)
         self._framing_error = error
+        self._watch_incomplete(restart=bool(messages))
         self._work()
+
+    def _watch_incomplete(self, restart: bool) -> None:
+        """Time the message that has begun arriving (``restart``: a new one, the one before
+        completed); none arriving, no timer."""
+        if not self.framer.incomplete:
+            self._cancel_deadline()
+            return
+        if self._deadline is not None and not restart:
+            return
+        self._cancel_deadline()
+        clock: Any = self._clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._deadline = clock.callLater(self._message_timeout, self._message_overdue)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _message_overdue(self) -> None:
+        self._deadline = None
+        if self._closed:
+            return
+        if self._awaiting:  # the wait is ours (a reply being prepared), not the client's
+            self._watch_incomplete(restart=True)
+            return
+        why = f"incomplete message after {self._message_timeout:g} s"
+        self._framing_error = self.framer.give_up(why)
+        self._guarded(self._work)
 
     def _work(self) -> None:
         """Answer what is in the inbox, in order, until one reply has to be awaited."""
@@ -228,6 +276,7 @@ class SIPStreamProtocol(Protocol):
     def _close(self) -> None:
         self._closed = True
         self._inbox.clear()
+        self._cancel_deadline()
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -256,19 +305,28 @@ class SIPStreamProtocol(Protocol):
         self._closed = True
         self._inbox.clear()
         self._source = None
+        self._cancel_deadline()
 
 
 class SIPStreamFactory(Factory):
     """Builds :class:`SIPStreamProtocol`; works plain (TCP) or wrapped in TLS."""
 
-    def __init__(self, registrar: Registrar, transport_name: str = "tcp") -> None:
+    def __init__(
+        self,
+        registrar: Registrar,
+        transport_name: str = "tcp",
+        clock: IReactorTime | None = None,
+        message_timeout: float = MESSAGE_TIMEOUT,
+    ) -> None:
         if transport_name not in ("tcp", "tls"):
             raise ValueError("transport_name is 'tcp' or 'tls'")
         self.registrar = registrar
         self.transport_name = transport_name
+        self.clock = clock
+        self.message_timeout = message_timeout
 
     def buildProtocol(self, addr: Any) -> SIPStreamProtocol:
-        p = SIPStreamProtocol(self.registrar, self.transport_name)
+        p = SIPStreamProtocol(self.registrar, self.transport_name, self.clock, self.message_timeout)
         p.factory = self
         return p
 
@@ -277,8 +335,13 @@ def make_udp_protocol(registrar: Registrar) -> SIPDatagramProtocol:
     return SIPDatagramProtocol(registrar)
 
 
-def make_stream_factory(registrar: Registrar, transport: str = "tcp") -> SIPStreamFactory:
-    return SIPStreamFactory(registrar, transport)
+def make_stream_factory(
+    registrar: Registrar,
+    transport: str = "tcp",
+    clock: IReactorTime | None = None,
+    message_timeout: float = MESSAGE_TIMEOUT,
+) -> SIPStreamFactory:
+    return SIPStreamFactory(registrar, transport, clock, message_timeout)
 
 
 def certificate_identity(cert: Any) -> tuple[str, str | None]:
@@ -385,7 +448,7 @@ class SIPRegistrarService(AtomicMultiService):
         if tls and tls_options is None:
             raise ValueError("SIP over TLS needs tls_options")
         tcp_listeners = [
-            self._add("sip", spec, make_stream_factory(registrar, "tcp")) for spec in tcp
+            self._add("sip", spec, make_stream_factory(registrar, "tcp", reactor)) for spec in tcp
         ]
         for spec in udp:
             listener = _FollowingUDPListener(spec, make_udp_protocol(registrar), reactor)
@@ -393,7 +456,8 @@ class SIPRegistrarService(AtomicMultiService):
             listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         for spec in tls:
             assert tls_options is not None
-            factory = TLSMemoryBIOFactory(tls_options, False, make_stream_factory(registrar, "tls"))
+            stream = make_stream_factory(registrar, "tls", reactor)
+            factory = TLSMemoryBIOFactory(tls_options, False, stream)
             self._add("sip-tls", spec, factory)
         # Bindings expire through one periodic sweep, not a timer per binding.
         sweeper = TimerService(registrar.settings.sweep_interval, registrar.sweep)

@@ -1,0 +1,148 @@
+"""A SIP stream message that never completes (a Content-Length larger than what was sent, a
+header section never ended) is answered 400 and closed after the message timeout, instead of
+holding the connection forever; a connection idle between messages is left alone."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import pytest_twisted
+from callboard.protocols.sip.message import Response, StreamFramer, parse_message
+from callboard.protocols.sip.registrar import (
+    PolicyDecision,
+    Registrar,
+    RegistrarSettings,
+    RegistrationRequest,
+)
+from callboard.protocols.sip.transports import (
+    MESSAGE_TIMEOUT,
+    SIPStreamProtocol,
+    make_stream_factory,
+)
+from twisted.internet import reactor, task, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+
+class _RefuseAll:
+    def decide(self, request: RegistrationRequest) -> PolicyDecision:
+        return PolicyDecision.refuse(404, "unknown device")
+
+
+def _registrar() -> Registrar:
+    return Registrar(_RefuseAll(), RegistrarSettings(), now=lambda: 1000.0, wall_now=time.time)
+
+
+def _options(content_length: int, body: bytes = b"") -> bytes:
+    return (
+        b"OPTIONS sip:192.0.2.10 SIP/2.0\r\n"
+        b"Via: SIP/2.0/TCP 192.0.2.50:50057;branch=z9hG4bK-w8-1\r\n"
+        b"From: <sip:1001@192.0.2.10>;tag=a\r\n"
+        b"To: <sip:1001@192.0.2.10>\r\n"
+        b"Call-ID: w8-timeout@192.0.2.50\r\n"
+        b"CSeq: 7 OPTIONS\r\n"
+        b"Content-Length: " + str(content_length).encode() + b"\r\n\r\n" + body
+    )
+
+
+def _open(clock: task.Clock) -> tuple[SIPStreamProtocol, StringTransport]:
+    proto = SIPStreamProtocol(_registrar(), "tcp", clock)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 50057))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def _responses(data: bytes) -> list[Response]:
+    out = []
+    for raw in StreamFramer().feed(data):
+        msg = parse_message(raw)
+        assert isinstance(msg, Response)
+        out.append(msg)
+    return out
+
+
+def test_a_body_shorter_than_content_length_is_answered_400_then_closed() -> None:
+    clock = task.Clock()
+    proto, transport = _open(clock)
+    proto.dataReceived(_options(100, b"only ten!!"))
+    clock.advance(MESSAGE_TIMEOUT - 1)
+    assert transport.value() == b"" and not transport.disconnecting  # still within its time
+    clock.advance(1.5)
+    [answer] = _responses(transport.value())
+    assert (answer.status, answer.headers.get("cseq")) == (400, "7 OPTIONS")
+    assert "incomplete message" in (answer.headers.get("warning") or "")
+    assert transport.disconnecting
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_header_section_never_ended_is_closed_without_an_answer() -> None:
+    clock = task.Clock()
+    proto, transport = _open(clock)
+    proto.dataReceived(b"OPTIONS sip:192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/TCP x")
+    clock.advance(MESSAGE_TIMEOUT + 1)
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_the_time_is_per_message_not_per_byte() -> None:
+    """A trickle of bytes does not keep an incomplete message alive (slowloris)."""
+    clock = task.Clock()
+    proto, transport = _open(clock)
+    whole = _options(4, b"abcd")
+    for i in range(len(whole) - 1):
+        proto.dataReceived(whole[i : i + 1])
+        clock.advance(MESSAGE_TIMEOUT / len(whole))
+    clock.advance(1)
+    assert transport.disconnecting
+
+
+def test_whole_messages_and_an_idle_connection_are_never_timed_out() -> None:
+    clock = task.Clock()
+    proto, transport = _open(clock)
+    proto.dataReceived(_options(4, b"ab"))
+    clock.advance(MESSAGE_TIMEOUT - 1)
+    proto.dataReceived(b"cd")  # completed in time
+    proto.dataReceived(b"\r\n\r\n")  # a keep-alive ping
+    assert clock.getDelayedCalls() == []
+    clock.advance(10 * MESSAGE_TIMEOUT)
+    [answer] = _responses(transport.value())
+    assert answer.status == 200 and not transport.disconnecting
+    # A second message gets a full timeout of its own.
+    proto.dataReceived(_options(4, b"a"))
+    clock.advance(MESSAGE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+
+
+def test_a_lost_connection_leaves_no_timer() -> None:
+    clock = task.Clock()
+    proto, _ = _open(clock)
+    proto.dataReceived(_options(100))
+    proto.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def _lying_client(port: int) -> tuple[bytes, float]:
+    """Send an OPTIONS promising 100 body bytes and none; read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        started = time.monotonic()
+        s.sendall(_options(100))
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        return got, time.monotonic() - started
+
+
+@pytest_twisted.inlineCallbacks
+def test_over_loopback_the_lie_is_answered_and_the_socket_closed() -> None:
+    factory = make_stream_factory(_registrar(), "tcp", reactor, message_timeout=0.5)
+    listen: Any = reactor.listenTCP
+    port = listen(0, factory, interface="127.0.0.1")
+    try:
+        got, took = yield threads.deferToThread(_lying_client, port.getHost().port)
+    finally:
+        yield port.stopListening()
+    [answer] = _responses(got)
+    assert answer.status == 400 and 0.4 < took < 5
