@@ -125,6 +125,8 @@ class SIPParseError(ValueError):
     400 can still be formed from it; ``None`` means the input can only be dropped.
     """
 
+    status = 400  # the answer, when ``partial`` allows one
+
     def __init__(self, reason: str, partial: Request | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -133,6 +135,14 @@ class SIPParseError(ValueError):
 
 class MessageTooLarge(SIPParseError):
     """Larger than the configured limit: answered 513 (datagram) or closed (stream)."""
+
+    status = 513
+
+
+class VersionNotSupported(SIPParseError):
+    """A request line naming another SIP version than 2.0: answered 505 (RFC 3261 §8.2.2)."""
+
+    status = 505
 
 
 _KEY_CACHE: dict[str, str] = {}
@@ -408,12 +418,34 @@ def parse_head(head: bytes) -> Message:
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
-        raise SIPParseError("header section is not UTF-8") from None
+        # Refused, but answered when the rest is readable: the bad bytes read as U+FFFD.
+        raise SIPParseError("header section is not UTF-8", _readable_request(head)) from None
+    return _parse_head_text(text)
+
+
+def _parse_head_text(text: str) -> Message:
     text = text.replace("\r\n", "\n")
     lines = text.split("\n")
-    msg = _parse_start_line(lines[0].strip())
+    try:
+        msg = _parse_start_line(lines[0].strip())
+    except VersionNotSupported as exc:
+        if exc.partial is not None:  # read its header fields too, to answer 505
+            try:
+                _read_fields(lines[1:], exc.partial.headers, None, True)
+            except SIPParseError:
+                exc.partial = None
+        raise
     _read_fields(lines[1:], msg.headers, _as_partial(msg), _CTL_ANY_RE.search(text) is not None)
     return msg
+
+
+def _readable_request(head: bytes) -> Request | None:
+    """The request in a header section that is not UTF-8, read with the bad bytes replaced,
+    to answer it; None when even so it is not a readable request."""
+    try:
+        return _as_partial(_parse_head_text(head.decode("utf-8", "replace")))
+    except SIPParseError as exc:
+        return exc.partial
 
 
 def parse_fields(block: bytes) -> Headers:
@@ -440,7 +472,7 @@ def _parse_start_line(start: str) -> Message:
             raise SIPParseError("bad request line")
         request = Request(method, uri, version=version)
         if version.upper() != "SIP/2.0":
-            raise SIPParseError("unsupported SIP version", request)
+            raise VersionNotSupported("unsupported SIP version", request)
         return request
     raise SIPParseError("bad start line")
 

@@ -652,7 +652,7 @@ class Registrar:
             self.counters.too_large_513 += 1
             return self.error_reply(exc.partial, 513, source, exc.reason)
         except SIPParseError as exc:
-            return self.error_reply(exc.partial, 400, source, exc.reason)
+            return self.error_reply(exc.partial, exc.status, source, exc.reason)
         if isinstance(msg, Response):
             return self._handle(msg, source)
         return self.handle_request(msg, source, decided)
@@ -737,11 +737,16 @@ class Registrar:
     def _dispatch(
         self, req: Request, method: str, source: Source, cseq: int, decided: _Decided | None
     ) -> Response | Deferred[Response] | None:
+        if method in ("OPTIONS", "REGISTER") and req.headers.values("require"):
+            # RFC 3261 §8.2.2.3: no extension is supported here, so one required is refused.
+            self.counters.bad_extension_420 += 1
+            resp = self._response(req, 420)
+            resp.headers.add("Unsupported", ", ".join(req.headers.values("require")))
+            return resp
         if method == "OPTIONS":
             self.counters.options += 1
             resp = self._response(req, 200)
-            handler = self.request_handler
-            resp.headers.add("Allow", f"{ALLOW}, {handler.allow}" if handler else ALLOW)
+            resp.headers.add("Allow", self._allow())
             resp.headers.add("Accept", "application/sdp")
             return resp
         mf = req.headers.get("max-forwards")
@@ -760,11 +765,20 @@ class Registrar:
         if self.request_handler is not None:
             via = parse_via(req.headers.values("via")[0])
             respond = self._responder(req, source, via)
-            return self.request_handler.handle_request(req, source, respond)
+            answer = self.request_handler.handle_request(req, source, respond)
+            if answer is not None and answer.status == 405:
+                answer.headers.remove("allow")  # every method answered, not the handler's
+                answer.headers.add("Allow", self._allow())
+            return answer
         self.counters.not_allowed_405 += 1
         resp = self._response(req, 405)
         resp.headers.add("Allow", ALLOW)
         return resp
+
+    def _allow(self) -> str:
+        """Every method answered here: the registrar's, then its request handler's."""
+        handler = self.request_handler
+        return f"{ALLOW}, {handler.allow}" if handler else ALLOW
 
     def _responder(self, req: Request, source: Source, via: Via) -> Callable[[Response], None]:
         """Send a response to ``req`` later, routed as an immediate reply would be."""

@@ -43,7 +43,7 @@ from callboard.protocols.listening import (
     listeners_in,
 )
 from callboard.protocols.settings import check_range
-from callboard.protocols.sip.message import Message, MessageTooLarge, SIPParseError, StreamFramer
+from callboard.protocols.sip.message import Message, SIPParseError, StreamFramer
 from callboard.protocols.sip.registrar import Registrar, Reply, Source
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -260,8 +260,8 @@ class SIPStreamProtocol(Protocol):
         log.failure("SIP/{t} message dropped", failure, t=self.transport_name)
 
     def _refuse_stream(self, error: SIPParseError, source: Source) -> None:
-        """A framing error: answer 400 (513 when too large) when possible, then close."""
-        status = 513 if isinstance(error, MessageTooLarge) else 400
+        """A framing error: answer it (400, 513, 505: its status) when possible, then close."""
+        status = error.status  # 400; 513 when too large, 505 for another SIP version
         reply = self.registrar.error_reply(error.partial, status, source, error.reason)
         if reply is not None and self.transport is not None:
             self.transport.write(reply.data)
