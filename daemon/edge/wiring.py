@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from callboard.protocols.filesource import DirectorySource, FileNotFound, Requester
+from callboard.protocols.http.channel import bounded_lines
 from callboard.protocols.listening import ListenerSpec, listeners_in
 from callboard.protocols.sip.registrar import Registrar, RegistrationPolicy
 from callboard.protocols.sip.transports import make_stream_factory
@@ -230,7 +231,7 @@ def wire_edge(service: CallboardService) -> Edge | None:
         root = edge_root(
             issuer=issuer, tokens=tokens, endpoint=endpoint, config=config_resource, now=service.now
         )
-        site = _QuietSite(root, timeout=60)  # type: ignore[no-untyped-call]
+        site = bounded_lines(_QuietSite(root, timeout=60))  # type: ignore[no-untyped-call]
         site.displayTracebacks = False
         site.noisy = False
         for address in config.network.listen_addresses:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from callboard.protocols.http.channel import bounded_lines
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -159,7 +160,7 @@ def build_web_root(
 
 def web_factory(root: WebRoot, options: ssl.CertificateOptions) -> IProtocolFactory:
     """HTTPS only: the site behind TLS (a plain-HTTP client gets a failed handshake)."""
-    site = Site(root)
+    site = bounded_lines(Site(root))
     site.displayTracebacks = False
     site.noisy = False
     return TLSMemoryBIOFactory(options, False, site)

@@ -48,6 +48,7 @@ from twisted.web.http import (
 )
 from zope.interface import implementer
 
+from .channel import bounded_lines
 from .plain import PlainFront
 
 __all__ = ["ProvisioningResource", "provisioning_site"]
@@ -340,7 +341,7 @@ def provisioning_site(
 
     The same Site serves HTTPS 6971 behind a TLS listener with ``transport="https"``.
     """
-    site = _QuietSite(ProvisioningResource(source, transport), timeout=timeout)
+    site = bounded_lines(_QuietSite(ProvisioningResource(source, transport), timeout=timeout))
     site.displayTracebacks = False
     site.noisy = False
     return site

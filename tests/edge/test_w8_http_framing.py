@@ -1,0 +1,53 @@
+"""Requests twisted.web cannot read get a status and a reason, never a silent close: curl
+against the real daemon's provisioning HTTP (6970) and HTTPS web/REST API with a request line
+or a header line over 16 KiB (414, 431; curl used to see "Empty reply from server"), and
+headers over 16 KiB in all (400, which had no body). Each refusal is an RFC 9457 problem."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+LONG = "a" * 20_000
+
+
+def _curl(url: str, *args: str) -> tuple[int, str, str]:
+    """(status, Content-Type, body) as curl got them; status 0: no HTTP answer at all."""
+    done = subprocess.run(
+        ["curl", "-sk", "--max-time", "10", "-w", "\n%{http_code}\n%{content_type}", *args, url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    body, status, content_type = done.stdout.rsplit("\n", 2)
+    return int(status), content_type, body
+
+
+@pytest.mark.parametrize(
+    ("extra", "query", "status"),
+    [
+        (("-H", f"X-Long: {LONG}"), "", 431),
+        ((), "?" + LONG, 414),
+        (("-H", f"X-A: {LONG[:10_000]}", "-H", f"X-B: {LONG[:10_000]}"), "", 400),
+    ],
+    ids=["header-line", "request-line", "all-headers"],
+)
+def test_unreadable_requests_are_answered_with_a_problem(
+    daemon_factory: Any, extra: tuple[str, ...], query: str, status: int
+) -> None:
+    daemon = daemon_factory("--web-port", "0")
+    for base in (
+        f"http://127.0.0.1:{daemon.port('http')}/XMLDefault.cnf.xml",
+        f"https://127.0.0.1:{daemon.port('web')}/api/v1/status",
+    ):
+        got, content_type, body = _curl(base + query, *extra)
+        assert got == status, (base, body)
+        assert content_type == "application/problem+json"
+        problem = json.loads(body)
+        assert problem["status"] == status and problem["detail"]
+        assert _curl(base)[0] in (200, 401)  # the daemon still answers
+    assert "Traceback" not in daemon.log()
