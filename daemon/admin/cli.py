@@ -76,10 +76,24 @@ class AdminClient:
         if response.status >= 400:
             body = result if isinstance(result, dict) else {}
             raise CLIError(
-                body.get("error") or body.get("detail") or f"the daemon answered {response.status}",
+                (
+                    body.get("error")
+                    or body.get("detail")
+                    or f"the daemon answered {response.status}"
+                )
+                + _what_was_wrong(body.get("errors")),
                 body.get("problems", []),
             )
         return result
+
+
+def _what_was_wrong(errors: Any) -> str:
+    """The fields a refused request got wrong, as the problem lists them (``at``: where,
+    ``message``: what), for the one line the CLI prints; '' when it lists none."""
+    if not isinstance(errors, list):
+        return ""
+    said = [f"{e.get('at', '?')}: {e.get('message', '?')}" for e in errors if isinstance(e, dict)]
+    return f" ({'; '.join(said)})" if said else ""
 
 
 def _whoami() -> str:
