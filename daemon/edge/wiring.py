@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from callboard.protocols.filesource import DirectorySource, FileNotFound, Requester
-from callboard.protocols.http.channel import bounded_lines
+from callboard.protocols.http.channel import bounded
 from callboard.protocols.listening import ListenerSpec, listeners_in
 from callboard.protocols.sip.registrar import Registrar, RegistrationPolicy
 from callboard.protocols.sip.transports import make_stream_factory
@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 log = get_logger("callboard.edge")
 
 EDGE_STEM = "edge"
+#: Bytes of a request body the edge reads before refusing it 413: a token request is a form of
+#: a few hundred bytes.
+EDGE_MAX_BODY = 64 * 1024
 
 
 @dataclass
@@ -231,7 +234,8 @@ def wire_edge(service: CallboardService) -> Edge | None:
         root = edge_root(
             issuer=issuer, tokens=tokens, endpoint=endpoint, config=config_resource, now=service.now
         )
-        site = bounded_lines(_QuietSite(root, timeout=60))  # type: ignore[no-untyped-call]
+        site = _QuietSite(root, timeout=60)  # type: ignore[no-untyped-call]
+        bounded(site, max_body=EDGE_MAX_BODY)
         site.displayTracebacks = False
         site.noisy = False
         for address in config.network.listen_addresses:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from callboard.protocols.http.channel import bounded_lines
+from callboard.protocols.http.channel import bounded
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -39,7 +39,7 @@ from ..registry.accounts import AccountStore, Transactions
 from ..registry.registry import Registry
 from .api import ApiArea
 from .auth import WebAuth
-from .core import Ctx, WebRoot, problem_response
+from .core import MAX_BODY, Ctx, WebRoot, problem_response
 from .pages import PagesArea
 from .sessions import SessionStore, SignInThrottle
 from .settings import SelfCareSettings, SMTPSettings, WebSettings
@@ -160,7 +160,7 @@ def build_web_root(
 
 def web_factory(root: WebRoot, options: ssl.CertificateOptions) -> IProtocolFactory:
     """HTTPS only: the site behind TLS (a plain-HTTP client gets a failed handshake)."""
-    site = bounded_lines(Site(root))
+    site = bounded(Site(root), max_body=MAX_BODY)
     site.displayTracebacks = False
     site.noisy = False
     return TLSMemoryBIOFactory(options, False, site)

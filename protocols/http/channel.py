@@ -1,25 +1,31 @@
 # mypy: allow-untyped-calls
 # (twisted.web.http is not annotated upstream.)
-"""twisted.web's HTTP/1.1 channel with its framing refusals answered in words.
+"""twisted.web's HTTP/1.1 channel with its refusals answered in words, and bodies bounded.
 
 twisted.web drops the connection without a status when a request line or a header line is
-longer than its line limit (16 KiB), and answers a bare ``400`` without a body for the other
-framing errors (headers over 16 KiB in all, too many headers, a malformed line). A client
-then sees an empty reply or a status with no reason. Here the first is answered ``414 URI
-Too Long`` (the request line) or ``431 Request Header Fields Too Large`` (a header line), and
-each carries an RFC 9457 problem body saying why, as every other 4xx of the REST API does.
+longer than its line limit (16 KiB), answers a bare ``400`` without a body for the other
+framing errors (headers over 16 KiB in all, too many headers, a malformed line), and reads
+any request body whole, to memory or a temporary file, before a resource can refuse it: one
+client could fill the disk. Here the first is answered ``414 URI Too Long`` (the request line)
+or ``431 Request Header Fields Too Large`` (a header line), a body over the site's limit
+``413 Content Too Large`` as soon as its Content-Length (or a chunked body's bytes) says so,
+and each carries an RFC 9457 problem body saying why, as every other 4xx of the REST API does.
 
-``bounded_lines(site)`` makes a Site build its connections with this channel.
+``bounded(site, max_body)`` makes a Site build its connections with this channel.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
 from twisted.web import http, server
 
-__all__ = ["AnsweringHTTPChannel", "bounded_lines"]
+__all__ = ["AnsweringHTTPChannel", "bounded"]
+
+#: Chunk-size lines and CRLFs a chunked body may add to its bytes before it is refused.
+_CHUNKED_SLACK = 64 * 1024
 
 
 def _refusal(status: int, title: str, detail: str) -> bytes:
@@ -37,47 +43,86 @@ def _refusal(status: int, title: str, detail: str) -> bytes:
 
 
 class AnsweringHTTPChannel(http.HTTPChannel):
-    """An HTTPChannel whose framing refusals carry a status line, a reason and a body."""
+    """An HTTPChannel whose refusals carry a status line, a reason and a body, and which
+    refuses a request body over ``max_body`` bytes (None: any size) before reading it."""
+
+    max_body: int | None = None
+    _refused = False
+    _chunked_seen: int | None = None  # raw bytes of a chunked body so far; None: not chunked
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:  # after a refusal nothing more is read
+            super().dataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A request or header line over the limit: 414 or 431, then close (was a silent
         close)."""
         if getattr(self, "_HTTPChannel__first_line", 0):
-            answer = _refusal(
+            self._refuse(
                 414, "URI Too Long", f"the request line is longer than {self.MAX_LENGTH} bytes"
             )
         else:
-            answer = _refusal(
+            self._refuse(
                 431,
                 "Request Header Fields Too Large",
                 f"a header line is longer than {self.MAX_LENGTH} bytes",
             )
-        self._refuse(answer)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         """twisted.web's answer to a request it cannot read (a bare 400), with a reason."""
         self._refuse(
-            _refusal(
-                400,
-                "Bad Request",
-                "the request could not be read as HTTP/1.1 "
-                f"(malformed, or headers over {self.totalHeadersSize} bytes or "
-                f"{self.maxHeaders} fields)",
-            )
+            400,
+            "Bad Request",
+            "the request could not be read as HTTP/1.1 "
+            f"(malformed, or headers over {self.totalHeadersSize} bytes or "
+            f"{self.maxHeaders} fields)",
         )
 
-    def _refuse(self, answer: bytes) -> None:
+    def allHeadersReceived(self) -> None:
+        limit = self.max_body
+        if limit is not None and self.length is not None and self.length > limit:
+            self._too_large(limit)  # before twisted.web says "100 Continue" or reads a byte
+            return
+        if limit is not None and self.length is None:  # chunked: counted as it arrives
+            self._chunked_seen = 0
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._chunked_seen is not None and not self._handlingRequest:
+            self._chunked_seen += len(data)
+            limit = self.max_body or 0
+            if self._chunked_seen > limit + _CHUNKED_SLACK:
+                self._too_large(limit)
+                return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._chunked_seen = None
+        super().allContentReceived()
+
+    def _too_large(self, limit: int) -> None:
+        self._refuse(413, "Content Too Large", f"the request body exceeds {limit} bytes")
+
+    def _refuse(self, status: int, title: str, detail: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
         if self.transport is not None:
-            self.transport.write(answer)
+            self.transport.write(_refusal(status, title, detail))
         self.loseConnection()
 
 
-def _channel_protocol() -> Any:
+def _channel_protocol(max_body: int | None) -> Any:
     # The same wrapper twisted.web builds (it switches to HTTP/2 on ALPN), around our channel.
-    return http._GenericHTTPChannelProtocol(AnsweringHTTPChannel())
+    channel = AnsweringHTTPChannel()
+    channel.max_body = max_body
+    return http._GenericHTTPChannelProtocol(channel)
 
 
-def bounded_lines(site: server.Site) -> server.Site:
-    """``site``, building its connections with :class:`AnsweringHTTPChannel`."""
-    site.protocol = _channel_protocol  # type: ignore[method-assign]
+def bounded(site: server.Site, max_body: int | None = None) -> server.Site:
+    """``site``, building its connections with :class:`AnsweringHTTPChannel` (request bodies
+    up to ``max_body`` bytes; None: any size)."""
+    site.protocol = functools.partial(_channel_protocol, max_body)  # type: ignore[method-assign]
     return site

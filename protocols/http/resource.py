@@ -48,7 +48,7 @@ from twisted.web.http import (
 )
 from zope.interface import implementer
 
-from .channel import bounded_lines
+from .channel import bounded
 from .plain import PlainFront
 
 __all__ = ["ProvisioningResource", "provisioning_site"]
@@ -334,6 +334,11 @@ class _QuietSite(server.Site):
         return PlainFront(inner, self.resource.render)
 
 
+#: Bytes of a request body read before it is refused 413: phones only GET, and any other
+#: method is refused 405 (after a small body is read, so the answer can say so).
+MAX_BODY = 64 * 1024
+
+
 def provisioning_site(
     source: FileSource, timeout: float = 60.0, *, transport: str = "http"
 ) -> server.Site:
@@ -341,7 +346,8 @@ def provisioning_site(
 
     The same Site serves HTTPS 6971 behind a TLS listener with ``transport="https"``.
     """
-    site = bounded_lines(_QuietSite(ProvisioningResource(source, transport), timeout=timeout))
+    site = _QuietSite(ProvisioningResource(source, transport), timeout=timeout)
+    bounded(site, max_body=MAX_BODY)
     site.displayTracebacks = False
     site.noisy = False
     return site
