@@ -74,6 +74,8 @@ _KEEPALIVE_BYTES = b"\r\n\x00 "  # all a keep-alive datagram holds
 #: never ends, is then answered 400 (when its head was read) and the connection closed,
 #: instead of holding it forever. An idle connection between messages is never timed out.
 MESSAGE_TIMEOUT = 32.0
+#: Bytes read of each datagram: any UDP payload whole (a larger message is then refused 513).
+UDP_READ_SIZE = 65536
 
 
 class SIPDatagramProtocol(DatagramProtocol):
@@ -442,7 +444,12 @@ class SIPRegistrarService(AtomicMultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         self.registrar = registrar
         self.reactor = reactor
-        udp = [*udp, *_shorthand("datagram", interface, udp_port, udp_receive_buffer)]
+        udp = [
+            # Read whole: Twisted reads 8 KiB of a datagram by default and drops the rest, so a
+            # larger message was parsed cut short as if it were whole (or refused for the cut).
+            spec.with_options(max_packet_size=max(spec.max_packet_size, UDP_READ_SIZE))
+            for spec in [*udp, *_shorthand("datagram", interface, udp_port, udp_receive_buffer)]
+        ]
         tcp = [*tcp, *_shorthand("stream", interface, tcp_port)]
         tls = [*tls, *_shorthand("stream", interface, tls_port)]
         if tls and tls_options is None:

@@ -113,3 +113,17 @@ def test_405_allows_what_options_allows(daemon: Any) -> None:
         answer = _udp(port, _request(method))
         assert _status(answer) == 405, method
         assert _header(answer, b"Allow") == allowed, method
+
+
+def test_a_datagram_over_8_kib_is_read_whole(daemon: Any) -> None:
+    """Twisted reads 8 KiB of a datagram unless told otherwise: a larger OPTIONS was cut and
+    answered 400 for what the cut lost (here its CSeq, after a large header)."""
+    port = daemon.port("sip-udp")
+    padded = _request("OPTIONS", extra=b"X-Pad: " + b"p" * 20_000 + b"\r\n")
+    padded = padded.replace(b"CSeq: 3 OPTIONS\r\n", b"").replace(
+        b"Content-Length: 0\r\n", b"CSeq: 3 OPTIONS\r\nContent-Length: 0\r\n"
+    )
+    answer = _udp(port, padded)
+    assert _status(answer) == 200, answer[:300]
+    assert _header(answer, b"CSeq") == b"3 OPTIONS"
+    _still_up(port)
