@@ -72,7 +72,9 @@ _KEEPALIVE_BYTES = b"\r\n\x00 "  # all a keep-alive datagram holds
 #: Seconds a stream message may take from its first byte to its last (64*T1, RFC 3261's
 #: transaction timeout): a Content-Length larger than what is sent, or a header section that
 #: never ends, is then answered 400 (when its head was read) and the connection closed,
-#: instead of holding it forever. An idle connection between messages is never timed out.
+#: instead of holding it forever. A new connection has as long for its first message (or
+#: keep-alive) to arrive, so one that never says anything (nor finishes its TLS handshake)
+#: is closed too. An idle connection between messages is never timed out.
 MESSAGE_TIMEOUT = 32.0
 #: Bytes read of each datagram: any UDP payload whole (a larger message is then refused 513).
 UDP_READ_SIZE = 65536
@@ -143,6 +145,7 @@ class SIPStreamProtocol(Protocol):
         self._clock = clock
         self._message_timeout = message_timeout
         self._deadline: IDelayedCall | None = None  # for the message that has begun arriving
+        self._heard = False  # anything at all has arrived
         self._source: Source | None = None
         self._inbox: deque[Message] = deque()
         self._framing_error: SIPParseError | None = None
@@ -151,6 +154,7 @@ class SIPStreamProtocol(Protocol):
         self._closed = False  # closing or lost: nothing more is processed or sent
 
     def connectionMade(self) -> None:
+        self._arm_deadline()  # for the first message
         # Each reply is one write the phone waits for: do not let Nagle hold it back.
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
@@ -176,6 +180,7 @@ class SIPStreamProtocol(Protocol):
         return self._source
 
     def dataReceived(self, data: bytes) -> None:
+        self._heard = True
         if not self._closed:
             self._guarded(self._receive, data)
 
@@ -194,6 +199,9 @@ class SIPStreamProtocol(Protocol):
             return
         if self._deadline is not None and not restart:
             return
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
         self._cancel_deadline()
         clock: Any = self._clock
         if clock is None:
@@ -212,7 +220,10 @@ class SIPStreamProtocol(Protocol):
         if self._awaiting:  # the wait is ours (a reply being prepared), not the client's
             self._watch_incomplete(restart=True)
             return
-        why = f"incomplete message after {self._message_timeout:g} s"
+        if self._heard:
+            why = f"incomplete message after {self._message_timeout:g} s"
+        else:
+            why = f"nothing received in {self._message_timeout:g} s"
         self._framing_error = self.framer.give_up(why)
         self._guarded(self._work)
 

@@ -1,6 +1,8 @@
 """A SIP stream message that never completes (a Content-Length larger than what was sent, a
 header section never ended) is answered 400 and closed after the message timeout, instead of
-holding the connection forever; a connection idle between messages is left alone."""
+holding the connection forever, and a connection that never says anything (or never finishes
+its TLS handshake) is closed after as long; a connection idle between messages is left
+alone."""
 
 from __future__ import annotations
 
@@ -116,6 +118,23 @@ def test_whole_messages_and_an_idle_connection_are_never_timed_out() -> None:
     assert transport.disconnecting
 
 
+def test_a_connection_that_says_nothing_is_closed() -> None:
+    clock = task.Clock()
+    _, transport = _open(clock)
+    clock.advance(MESSAGE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    clock.advance(1.5)
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_a_keepalive_is_enough_to_stay() -> None:
+    clock = task.Clock()
+    proto, transport = _open(clock)
+    proto.dataReceived(b"\r\n\r\n")
+    clock.advance(10 * MESSAGE_TIMEOUT)
+    assert not transport.disconnecting
+
+
 def test_a_lost_connection_leaves_no_timer() -> None:
     clock = task.Clock()
     proto, _ = _open(clock)
@@ -146,3 +165,25 @@ def test_over_loopback_the_lie_is_answered_and_the_socket_closed() -> None:
         yield port.stopListening()
     [answer] = _responses(got)
     assert answer.status == 400 and 0.4 < took < 5
+
+
+def _silent_client(port: int) -> tuple[bytes, float]:
+    """Connect, say nothing, and wait for the server to close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        started = time.monotonic()
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        return got, time.monotonic() - started
+
+
+@pytest_twisted.inlineCallbacks
+def test_over_loopback_a_silent_connection_is_closed() -> None:
+    factory = make_stream_factory(_registrar(), "tcp", reactor, message_timeout=0.5)
+    listen: Any = reactor.listenTCP
+    port = listen(0, factory, interface="127.0.0.1")
+    try:
+        got, took = yield threads.deferToThread(_silent_client, port.getHost().port)
+    finally:
+        yield port.stopListening()
+    assert got == b"" and 0.4 < took < 5
