@@ -281,6 +281,7 @@ class AdminApp:
 
         def start() -> Deferred[Device]:
             self._check_user(spec.owner_user)
+            _check_lengths(spec.description, spec.lines)
             return self._registry.add_device(spec)
 
         return self._change(actor, start, audit)
@@ -303,6 +304,7 @@ class AdminApp:
         def start() -> Deferred[Device]:
             if owner_user is not None:
                 self._check_user(owner_user)
+            _check_lengths(description, lines or ())
             kept: list[Line] | None = None
             if lines is not None:
                 old = {ln.directory_number: ln for ln in self._registry.get(name).lines}
@@ -453,6 +455,7 @@ class AdminApp:
             try:
                 spec = row_to_spec(row.cells, dummy_mac=dummy_mac)
                 self._check_user(spec.owner_user)
+                _check_lengths(spec.description, spec.lines)
                 specs.append(spec)
                 lines.append(row.line)
             except RegistryError as exc:
@@ -581,3 +584,21 @@ def _attempt(look: Callable[[], T]) -> Deferred[T]:
         problem = problem_from(exc)
         assert problem is not None
         return fail(problem)
+
+
+#: The longest description and line display name wherever a device is added or edited (CLI,
+#: console, REST API, CSV import), as the REST API's schema has them; the others took any
+#: length, and a description becomes the phone's label in its configuration file.
+MAX_DESCRIPTION = 200
+MAX_DISPLAY_NAME = 100
+
+
+def _check_lengths(description: str | None, lines: Sequence[Line]) -> None:
+    if description is not None and len(description) > MAX_DESCRIPTION:
+        raise RegistryError(f"the description is longer than {MAX_DESCRIPTION} characters")
+    for line in lines:
+        if len(line.display_name) > MAX_DISPLAY_NAME:
+            raise RegistryError(
+                f"line {line.directory_number}: the display name is longer than "
+                f"{MAX_DISPLAY_NAME} characters"
+            )
