@@ -15,6 +15,7 @@ from callboard.protocols.filesource import DirectorySource
 from callboard.protocols.http.resource import (
     CHUNK,
     content_type,
+    origin_form,
     parse_range,
     provisioning_site,
 )
@@ -93,6 +94,24 @@ async def test_curl_range(base: str) -> None:
     out, err, code = await d
     assert code == 0, err
     assert out == BIG[100:200] + b"206"
+
+
+@pytest_twisted.ensureDeferred
+async def test_curl_absolute_form_target(base: str) -> None:
+    """RFC 9112 §3.2.2: a server accepts a target in absolute form (as sent through proxies);
+    its path names the file, the authority and scheme do not."""
+    for target in (f"{base}/SEP001122334455.cnf.xml", "HTTP://elsewhere/SEP001122334455.cnf.xml"):
+        d = getProcessOutputAndValue(
+            "/usr/bin/curl",
+            ("-sS", "--request-target", target, "-w", "%{http_code}", f"{base}/ignored"),
+            env=dict(os.environ),
+        )
+        d.addTimeout(30, reactor)
+        out, err, code = await d
+        assert code == 0, err
+        assert out == CONFIG + b"200", target
+    assert origin_form(b"http://h:6970") == b"/" and origin_form(b"/a?b") == b"/a?b"
+    assert origin_form(b"https://h/x?y=1") == b"/x?y=1"
 
 
 @pytest.mark.parametrize(
