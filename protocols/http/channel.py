@@ -11,6 +11,11 @@ or ``431 Request Header Fields Too Large`` (a header line), a body over the site
 ``413 Content Too Large`` as soon as its Content-Length (or a chunked body's bytes) says so,
 and each carries an RFC 9457 problem body saying why, as every other 4xx of the REST API does.
 
+A request's header section must also arrive whole within ``HEADER_DEADLINE`` seconds of its
+first byte (``408 Request Timeout`` otherwise): twisted.web's idle timeout starts again with
+every byte, so a client trickling a header line every few seconds held a connection (and its
+descriptor) for as long as it liked.
+
 ``bounded(site, max_body)`` makes a Site build its connections with this channel.
 """
 
@@ -20,12 +25,16 @@ import functools
 import json
 from typing import Any
 
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http, server
 
 __all__ = ["AnsweringHTTPChannel", "bounded"]
 
 #: Chunk-size lines and CRLFs a chunked body may add to its bytes before it is refused.
 _CHUNKED_SLACK = 64 * 1024
+#: Seconds from a request's first byte to the end of its header section.
+HEADER_DEADLINE = 30.0
 
 
 def _refusal(status: int, title: str, detail: str) -> bytes:
@@ -47,12 +56,34 @@ class AnsweringHTTPChannel(http.HTTPChannel):
     refuses a request body over ``max_body`` bytes (None: any size) before reading it."""
 
     max_body: int | None = None
+    header_deadline: float = HEADER_DEADLINE
     _refused = False
     _chunked_seen: int | None = None  # raw bytes of a chunked body so far; None: not chunked
+    _header_timer: Any = None  # the running deadline of a header section being read
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._refused:  # after a refusal nothing more is read
-            super().dataReceived(data)
+        if self._refused:  # after a refusal nothing more is read
+            return
+        if data and self._header_timer is None and self.line_mode and not self._handlingRequest:
+            self._header_timer = self.callLater(self.header_deadline, self._headers_too_slow)
+        super().dataReceived(data)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        self._refuse(
+            408,
+            "Request Timeout",
+            f"the request's header section did not arrive within {self.header_deadline:g} s",
+        )
+
+    def _stop_header_timer(self) -> None:
+        timer, self._header_timer = self._header_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_header_timer()
+        super().connectionLost(reason)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """A request or header line over the limit: 414 or 431, then close (was a silent
@@ -79,6 +110,7 @@ class AnsweringHTTPChannel(http.HTTPChannel):
         )
 
     def allHeadersReceived(self) -> None:
+        self._stop_header_timer()
         limit = self.max_body
         if limit is not None and self.length is not None and self.length > limit:
             self._too_large(limit)  # before twisted.web says "100 Continue" or reads a byte
