@@ -148,12 +148,7 @@ def _apply(service: Any, config: Config) -> None:
     tvs = service.tvs.tvs
     tvs.settings = config.tvs
     tvs.handler.settings = config.tvs
-    _retune(tvs.handler.throttle, config.tvs.throttle_budget, config)
-    _retune(
-        tvs.handler.source_throttle,
-        config.tvs.throttle_source_budget or config.tvs.throttle_budget,
-        config,
-    )
+    retune_throttles(service, config)
     service.registry.settings = config.registry
     service.registrar.settings = config.sip
     p = config.provisioning
@@ -168,10 +163,21 @@ def _apply(service: Any, config: Config) -> None:
     )
 
 
+def retune_throttles(service: Any, config: Config) -> None:
+    """The TVS throttles' limits from the new settings (their strikes and lockouts stay), and
+    the window the shared budget reads back from the registry's ``attempts``."""
+    handler = service.tvs.tvs.handler
+    tvs = config.tvs
+    _retune(handler.throttle, tvs.throttle_budget, config)
+    _retune(handler.source_throttle, tvs.throttle_source_budget or tvs.throttle_budget, config)
+    sync = getattr(service, "throttle_sync", None)
+    if sync is not None:
+        sync.window = tvs.throttle_window
+
+
 def _retune(store: Any, budget: int, config: Config) -> None:
-    """A throttle's limits from the new settings; its strikes and lockouts stay."""
-    inner = getattr(store, "_inner", store)
-    if isinstance(inner, Throttle):
+    inner = _in_memory(store)
+    if inner is not None:
         s = config.tvs
         inner.budget = budget
         inner.window = s.throttle_window
@@ -179,4 +185,14 @@ def _retune(store: Any, budget: int, config: Config) -> None:
         inner.max_lockout = s.throttle_max_lockout
 
 
-__all__ = ["apply_reload", "changed_keys", "effective", "needs_restart"]
+def _in_memory(store: Any) -> Throttle | None:
+    """The in-memory :class:`Throttle` behind a store's wrappers: the metrics' (``_inner``)
+    and the shared budget's (``local``)."""
+    for _ in range(4):
+        if isinstance(store, Throttle):
+            return store
+        store = getattr(store, "_inner", None) or getattr(store, "local", None)
+    return None
+
+
+__all__ = ["apply_reload", "changed_keys", "effective", "needs_restart", "retune_throttles"]
