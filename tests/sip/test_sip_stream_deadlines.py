@@ -10,6 +10,7 @@ import socket
 import time
 from typing import Any
 
+import pytest
 import pytest_twisted
 from callboard.protocols.sip.message import Response, StreamFramer, parse_message
 from callboard.protocols.sip.registrar import (
@@ -143,47 +144,29 @@ def test_a_lost_connection_leaves_no_timer() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def _lying_client(port: int) -> tuple[bytes, float]:
-    """Send an OPTIONS promising 100 body bytes and none; read until the server closes."""
+def _until_closed(port: int, say: bytes) -> tuple[bytes, float]:
+    """Connect, send ``say`` (perhaps nothing), read until the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         started = time.monotonic()
-        s.sendall(_options(100))
+        s.sendall(say)
         got = b""
         while chunk := s.recv(4096):
             got += chunk
         return got, time.monotonic() - started
 
 
+@pytest.mark.parametrize(
+    ("say", "statuses"),
+    [(_options(100), [400]), (b"", [])],  # a body promised and never sent; silence
+    ids=["content-length-lie", "silent"],
+)
 @pytest_twisted.inlineCallbacks
-def test_over_loopback_the_lie_is_answered_and_the_socket_closed() -> None:
+def test_over_loopback_the_socket_is_answered_and_closed(say: bytes, statuses: list[int]) -> Any:
     factory = make_stream_factory(_registrar(), "tcp", reactor, message_timeout=0.5)
     listen: Any = reactor.listenTCP
     port = listen(0, factory, interface="127.0.0.1")
     try:
-        got, took = yield threads.deferToThread(_lying_client, port.getHost().port)
+        got, took = yield threads.deferToThread(_until_closed, port.getHost().port, say)
     finally:
         yield port.stopListening()
-    [answer] = _responses(got)
-    assert answer.status == 400 and 0.4 < took < 5
-
-
-def _silent_client(port: int) -> tuple[bytes, float]:
-    """Connect, say nothing, and wait for the server to close."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        started = time.monotonic()
-        got = b""
-        while chunk := s.recv(4096):
-            got += chunk
-        return got, time.monotonic() - started
-
-
-@pytest_twisted.inlineCallbacks
-def test_over_loopback_a_silent_connection_is_closed() -> None:
-    factory = make_stream_factory(_registrar(), "tcp", reactor, message_timeout=0.5)
-    listen: Any = reactor.listenTCP
-    port = listen(0, factory, interface="127.0.0.1")
-    try:
-        got, took = yield threads.deferToThread(_silent_client, port.getHost().port)
-    finally:
-        yield port.stopListening()
-    assert got == b"" and 0.4 < took < 5
+    assert [answer.status for answer in _responses(got)] == statuses and 0.4 < took < 5
