@@ -14,16 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from callboard.protocols.sip.message import Response, StreamFramer, parse_message
 from callboard.protocols.sip.registrar import (
     PolicyDecision,
     Registrar,
     RegistrarSettings,
     RegistrationRequest,
 )
+from callboard.protocols.sip.transports import SIPStreamProtocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
 ACTIVE = "SEP001122334455"
 ACTIVE_MAC = "001122334455"
@@ -211,3 +215,24 @@ def server_cert() -> tuple[bytes, bytes]:
 @pytest.fixture(scope="session")
 def phone_cert() -> tuple[bytes, bytes]:
     return make_self_signed("CP-8841-SEP001122334455")
+
+
+def open_stream(
+    registrar: Registrar, clock: Any = None
+) -> tuple[SIPStreamProtocol, StringTransport]:
+    """A SIP stream connection from 192.0.2.50:50057 over a StringTransport (``clock``: the
+    reactor its deadlines run on, if the test drives them)."""
+    proto = SIPStreamProtocol(registrar, "tcp", clock)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 50057))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def stream_responses(data: bytes) -> list[Response]:
+    """The SIP responses written on a stream, parsed (each must be a response)."""
+    out = []
+    for raw in StreamFramer().feed(data):
+        msg = parse_message(raw)
+        assert isinstance(msg, Response)
+        out.append(msg)
+    return out

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from callboard.protocols.sip.message import Response, StreamFramer, parse_message
+from callboard.protocols.sip.message import Response, parse_message
 from callboard.protocols.sip.registrar import (
     MAX_WAITING_PER_AOR,
     PolicyDecision,
@@ -26,16 +26,18 @@ from callboard.protocols.sip.registrar import (
 from callboard.protocols.sip.transports import (
     SIPDatagramProtocol,
     SIPRegistrarService,
-    SIPStreamProtocol,
     make_tls_server_options,
 )
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from .conftest import FakeClock, MemoryPolicy  # type: ignore[import-not-found]
+from .conftest import (  # type: ignore[import-not-found]
+    FakeClock,
+    MemoryPolicy,
+    open_stream,
+    stream_responses,
+)
 from .test_sip_loopback import TIMEOUT, Peer  # type: ignore[import-not-found]
 
 SRC = Source("udp", "192.0.2.50", 50057)
@@ -215,32 +217,16 @@ def test_an_already_fired_deferred_is_answered_at_once(
 # --- the transports send late replies ---------------------------------------------------
 
 
-def stream(registrar: Registrar) -> tuple[SIPStreamProtocol, StringTransport]:
-    proto = SIPStreamProtocol(registrar, "tcp")
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 50057))
-    proto.makeConnection(transport)
-    return proto, transport
-
-
-def responses(data: bytes) -> list[Response]:
-    out = []
-    for raw in StreamFramer().feed(data):
-        msg = parse_message(raw)
-        assert isinstance(msg, Response)
-        out.append(msg)
-    return out
-
-
 def test_stream_answers_in_order_and_pauses_reading(
     registrar: Registrar, hand: HandPolicy, make_register: Callable[..., bytes]
 ) -> None:
-    proto, transport = stream(registrar)
+    proto, transport = open_stream(registrar)
     register = make_register(transport="TCP")
     options = make_register(transport="TCP", method="OPTIONS", user="2001")
     proto.dataReceived(register + options)
     assert transport.value() == b"" and transport.producerState == "paused"
     hand.answer()
-    got = responses(transport.value())
+    got = stream_responses(transport.value())
     assert [(r.status, r.headers.get("cseq")) for r in got] == [
         (200, "101 REGISTER"),
         (200, "101 OPTIONS"),
@@ -251,7 +237,7 @@ def test_stream_answers_in_order_and_pauses_reading(
 def test_stream_late_reply_after_the_connection_is_gone(
     registrar: Registrar, hand: HandPolicy, make_register: Callable[..., bytes]
 ) -> None:
-    proto, transport = stream(registrar)
+    proto, transport = open_stream(registrar)
     proto.dataReceived(make_register(transport="TCP"))
     transport.loseConnection()
     proto.connectionLost(None)

@@ -12,33 +12,16 @@ from typing import Any
 import pytest
 from callboard.protocols.sip.message import (
     Request,
-    Response,
     SIPParseError,
     StreamFramer,
     parse_message,
 )
-from callboard.protocols.sip.registrar import Registrar
-from callboard.protocols.sip.transports import SIPStreamProtocol
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 
-from .conftest import smuggling  # type: ignore[import-not-found]
-
-
-def open_stream(registrar: Registrar) -> tuple[SIPStreamProtocol, StringTransport]:
-    proto = SIPStreamProtocol(registrar, "tcp")
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 50057))
-    proto.makeConnection(transport)
-    return proto, transport
-
-
-def responses(data: bytes) -> list[Response]:
-    out = []
-    for raw in StreamFramer().feed(data):
-        msg = parse_message(raw)
-        assert isinstance(msg, Response)
-        out.append(msg)
-    return out
+from .conftest import (  # type: ignore[import-not-found]
+    open_stream,
+    smuggling,
+    stream_responses,
+)
 
 
 def test_smuggled_request_is_not_processed(
@@ -47,13 +30,13 @@ def test_smuggled_request_is_not_processed(
     reg = make_registrar()
     proto, transport = open_stream(reg)
     proto.dataReceived(smuggling())
-    [answer] = responses(transport.value())
+    [answer] = stream_responses(transport.value())
     assert answer.status == 400 and "Content-Length" in (answer.headers.get("warning") or "")
     assert transport.disconnecting
     # Nothing of the body was read as a request: one message seen, no binding, no question.
     assert reg.counters.requests == 0 and reg.binding_count() == 0 and policy.seen == []
     proto.dataReceived(make_register(transport="TCP", cseq=900))  # late bytes: ignored
-    assert len(responses(transport.value())) == 1
+    assert len(stream_responses(transport.value())) == 1
 
 
 def test_framing_error_answered_after_the_messages_before_it(
@@ -66,7 +49,7 @@ def test_framing_error_answered_after_the_messages_before_it(
         b"Content-Length: 0", b"Content-Length: 0\r\nl: 0"
     )
     proto.dataReceived(good + bad + make_register(transport="TCP", cseq=6))
-    got = responses(transport.value())
+    got = stream_responses(transport.value())
     assert [(r.status, r.headers.get("cseq")) for r in got] == [
         (200, "101 OPTIONS"),
         (400, "5 REGISTER"),
@@ -87,7 +70,7 @@ def test_a_well_framed_bad_request_keeps_the_stream(
     proto, transport = open_stream(make_registrar())
     bad = make_register(transport="TCP").replace(b"CSeq: 101 REGISTER", b"CSeq: x REGISTER")
     proto.dataReceived(bad + make_register(transport="TCP", method="OPTIONS"))
-    assert [r.status for r in responses(transport.value())] == [400, 200]
+    assert [r.status for r in stream_responses(transport.value())] == [400, 200]
     assert not transport.disconnecting
 
 

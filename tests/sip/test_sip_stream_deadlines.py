@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from callboard.protocols.sip.message import Response, StreamFramer, parse_message
 from callboard.protocols.sip.registrar import (
     PolicyDecision,
     Registrar,
@@ -25,8 +24,9 @@ from callboard.protocols.sip.transports import (
     make_stream_factory,
 )
 from twisted.internet import reactor, task, threads
-from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+
+from .conftest import open_stream, stream_responses  # type: ignore[import-not-found]
 
 
 class _RefuseAll:
@@ -51,19 +51,7 @@ def _options(content_length: int, body: bytes = b"") -> bytes:
 
 
 def _open(clock: task.Clock) -> tuple[SIPStreamProtocol, StringTransport]:
-    proto = SIPStreamProtocol(_registrar(), "tcp", clock)
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.50", 50057))
-    proto.makeConnection(transport)
-    return proto, transport
-
-
-def _responses(data: bytes) -> list[Response]:
-    out = []
-    for raw in StreamFramer().feed(data):
-        msg = parse_message(raw)
-        assert isinstance(msg, Response)
-        out.append(msg)
-    return out
+    return open_stream(_registrar(), clock)
 
 
 def test_a_body_shorter_than_content_length_is_answered_400_then_closed() -> None:
@@ -73,7 +61,7 @@ def test_a_body_shorter_than_content_length_is_answered_400_then_closed() -> Non
     clock.advance(MESSAGE_TIMEOUT - 1)
     assert transport.value() == b"" and not transport.disconnecting  # still within its time
     clock.advance(1.5)
-    [answer] = _responses(transport.value())
+    [answer] = stream_responses(transport.value())
     assert (answer.status, answer.headers.get("cseq")) == (400, "7 OPTIONS")
     assert "incomplete message" in (answer.headers.get("warning") or "")
     assert transport.disconnecting
@@ -109,7 +97,7 @@ def test_whole_messages_and_an_idle_connection_are_never_timed_out() -> None:
     proto.dataReceived(b"\r\n\r\n")  # a keep-alive ping
     assert clock.getDelayedCalls() == []
     clock.advance(10 * MESSAGE_TIMEOUT)
-    [answer] = _responses(transport.value())
+    [answer] = stream_responses(transport.value())
     assert answer.status == 200 and not transport.disconnecting
     # A second message gets a full timeout of its own.
     proto.dataReceived(_options(4, b"a"))
@@ -169,4 +157,4 @@ def test_over_loopback_the_socket_is_answered_and_closed(say: bytes, statuses: l
         got, took = yield threads.deferToThread(_until_closed, port.getHost().port, say)
     finally:
         yield port.stopListening()
-    assert [answer.status for answer in _responses(got)] == statuses and 0.4 < took < 5
+    assert [answer.status for answer in stream_responses(got)] == statuses and 0.4 < took < 5
