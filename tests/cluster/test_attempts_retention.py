@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 import pytest_twisted
 import structlog
 from callboard.daemon.registry.engines import open_store
 from callboard.daemon.shared_throttle import DAY, Attempt, ThrottleSync, open_journal
 from callboard.protocols.tvs.activation import Throttle
-from support.postgres import PGServer
 from twisted.internet import reactor, task
 
 NOW = 1_800_000_000.0
@@ -34,16 +31,6 @@ class Node:
             lambda db: db.execute("SELECT key FROM attempts ORDER BY id").fetchall()
         )
         return [r[0] for r in rows]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry_url(request: Any, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/callboard.sqlite3"
-    server: PGServer = request.getfixturevalue("pg_server")
-    if not server.running():
-        server.start()
-    return server.new_database()
 
 
 class Cluster:

@@ -6,12 +6,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from callboard.daemon.registry.engines import open_store
 from callboard.daemon.shared_throttle import ThrottleSync, open_journal
 from callboard.protocols.tvs.activation import Throttle
-from support.postgres import PGServer
 from twisted.internet import reactor
 
 NOW = 1_800_000_000.0
@@ -23,16 +21,6 @@ class Node:
         self.sync = ThrottleSync(self.journal, lambda: NOW, window=900.0)
         self.devices = self.sync.wrap("dev:", Throttle(budget=3, window=900.0))
         self.sources = self.sync.wrap("src:", Throttle(budget=10, window=900.0))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def registry_url(request: Any, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/callboard.sqlite3"
-    server: PGServer = request.getfixturevalue("pg_server")
-    if not server.running():
-        server.start()
-    return server.new_database()
 
 
 @pytest_twisted.async_yield_fixture
