@@ -16,6 +16,10 @@ first byte (``408 Request Timeout`` otherwise): twisted.web's idle timeout start
 every byte, so a client trickling a header line every few seconds held a connection (and its
 descriptor) for as long as it liked.
 
+A request target in absolute form (``GET http://host:6970/SEP….cnf.xml``, as sent through a
+proxy), which RFC 9112 §3.2.2 has servers accept, is handed on as its path: twisted.web kept
+the whole URI as the request's path, and no resource matched it.
+
 ``bounded(site, max_body)`` makes a Site build its connections with this channel.
 """
 
@@ -23,13 +27,14 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+import re
+from typing import Any, TypeVar
 
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-__all__ = ["AnsweringHTTPChannel", "bounded"]
+__all__ = ["AnsweringHTTPChannel", "bounded", "origin_form"]
 
 #: Chunk-size lines and CRLFs a chunked body may add to its bytes before it is refused.
 _CHUNKED_SLACK = 64 * 1024
@@ -146,6 +151,33 @@ class AnsweringHTTPChannel(http.HTTPChannel):
         self.loseConnection()
 
 
+_ABSOLUTE_FORM = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def origin_form(target: bytes) -> bytes:
+    """The path (and query) of a request target, also when it is in absolute form."""
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        return target
+    rest = target[match.end() :]
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
+_R = TypeVar("_R", bound=http.Request)
+
+
+@functools.cache
+def _accepting_absolute_form(request_factory: type[_R]) -> type[_R]:
+    """``request_factory`` whose requests take an absolute-form target as its path."""
+
+    class Request(request_factory):  # type: ignore[valid-type,misc]
+        def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+            super().requestReceived(command, origin_form(path), version)
+
+    Request.__name__ = Request.__qualname__ = f"AbsoluteForm{request_factory.__name__}"
+    return Request
+
+
 def _channel_protocol(max_body: int | None) -> Any:
     # The same wrapper twisted.web builds (it switches to HTTP/2 on ALPN), around our channel.
     channel = AnsweringHTTPChannel()
@@ -155,6 +187,7 @@ def _channel_protocol(max_body: int | None) -> Any:
 
 def bounded(site: server.Site, max_body: int | None = None) -> server.Site:
     """``site``, building its connections with :class:`AnsweringHTTPChannel` (request bodies
-    up to ``max_body`` bytes; None: any size)."""
+    up to ``max_body`` bytes; None: any size) and taking absolute-form targets."""
     site.protocol = functools.partial(_channel_protocol, max_body)  # type: ignore[method-assign]
+    site.requestFactory = _accepting_absolute_form(site.requestFactory)
     return site

@@ -196,20 +196,6 @@ class ProvisioningResource(resource.Resource):
         return exchange.respond(opened, normalised)
 
 
-_ABSOLUTE_FORM = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
-
-
-def origin_form(target: bytes) -> bytes:
-    """The path (and query) of a request target, also when it is in absolute form
-    (``GET http://host:6970/SEP….cnf.xml``), which RFC 9112 §3.2.2 has servers accept:
-    twisted.web keeps such a target whole as the request's path."""
-    match = _ABSOLUTE_FORM.match(target)
-    if match is None:
-        return target
-    rest = target[match.end() :]
-    return rest if rest.startswith(b"/") else b"/" + rest
-
-
 class _Exchange:
     """One request's answer: status lines, the log line, the streamed body."""
 
@@ -224,7 +210,7 @@ class _Exchange:
         self.started = time.monotonic()
         self.host, self.port = _client(request)
         self.transport = transport
-        raw_path = origin_form(request.path or b"/")
+        raw_path = request.path or b"/"
         self.name = unquote_to_bytes(raw_path.split(b"?", 1)[0]).decode("utf-8", "surrogateescape")
 
     def finish(self, status: int, sent: int) -> None:

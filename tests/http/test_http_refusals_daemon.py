@@ -76,3 +76,17 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(
         # A small body still gets the answer it always got (no 413).
         assert _curl(url, "-X", "POST", "-d", "x=1")[0] in (400, 401, 405)
     assert "Traceback" not in daemon.log()
+
+
+def test_absolute_form_targets_are_answered_as_their_path(daemon_factory: Any) -> None:
+    """RFC 9112 §3.2.2: every HTTP listener takes ``GET http://host/path`` (as sent through a
+    proxy) as a request for ``/path``; twisted.web looked the whole URI up, and found nothing."""
+    daemon = daemon_factory("--web-port", "0")
+    for base, path in (
+        (f"http://127.0.0.1:{daemon.port('http')}", "/XMLDefault.cnf.xml"),
+        (f"https://127.0.0.1:{daemon.port('web')}", "/api/v1/status"),
+    ):
+        as_origin = _curl(base + path)
+        scheme = base.split(":", 1)[0]
+        as_absolute = _curl(base + "/elsewhere", "--request-target", f"{scheme}://any.host{path}")
+        assert as_origin[0] in (200, 401) and as_absolute == as_origin, (base, as_absolute)

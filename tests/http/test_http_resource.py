@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from callboard.protocols.filesource import DirectorySource
+from callboard.protocols.http.channel import origin_form
 from callboard.protocols.http.resource import (
     CHUNK,
     content_type,
-    origin_form,
     parse_range,
     provisioning_site,
 )
