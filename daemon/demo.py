@@ -113,8 +113,8 @@ def _announce(
     log.info("demo phone provisioned", device=device.name, model=DEMO_MODEL)
     tftp_host, tftp_port = where.tftp[0]
     http = where.streams["http"][0].rsplit(":", 1)[1]
-    https_listeners = where.streams.get("https") or ["off:0"]
-    https = https_listeners[0].rsplit(":", 1)[1]  # 0: the phone asks HTTP only
+    https_listeners = where.streams.get("https")
+    https = https_listeners[0].rsplit(":", 1)[1] if https_listeners else "0"  # 0: HTTP only
     print(
         f"""
 Demo phone: {device.name} (Cisco {DEMO_MODEL}, line 1001), activation code {group_code(code.code)}

@@ -530,7 +530,7 @@ def _workers_table(workers: list[dict[str, Any]] | None) -> str:
             "pid": w.get("pid"),
             "uptime": _duration(float(w.get("uptime_seconds", 0))),
             "registrations": w.get("registrations"),
-            **{key: n for key, n in (w.get("served") or {}).items()},
+            **(w.get("served") or {}),
         }
         for w in workers
     ]

@@ -156,6 +156,8 @@ _ABSOLUTE_FORM = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
 def origin_form(target: bytes) -> bytes:
     """The path (and query) of a request target, also when it is in absolute form."""
+    if target[:1] == b"/":  # origin form, nearly every request: as it is
+        return target
     match = _ABSOLUTE_FORM.match(target)
     if match is None:
         return target
